@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["log_filter", "log_margin", "PADDINGS", "IMPLS"]
+__all__ = ["log_filter", "log_kernels", "log_margin", "PADDINGS", "IMPLS"]
 
 PADDINGS = ("same", "valid")
 IMPLS = ("fast", "reference")
@@ -81,18 +81,14 @@ def _box_sum_(src: Tensor, dst: Tensor, dim: int) -> None:
 def _laplacian_(src: Tensor, dst: Tensor, scale: float | Tensor) -> None:
     """``dst = scale * Laplacian(src)`` with zero padding; ``scale`` is a number or broadcasts to ``src``."""
     ndim = src.ndim - 2
-    torch.mul(src, -2.0 * ndim * scale, out=dst)
+    torch.mul(src, -2.0 * ndim, out=dst)
     for dim in range(2, src.ndim):
         n = src.shape[dim]
-        if n == 1:
-            continue
-        lo, hi = dst.narrow(dim, 1, n - 1), dst.narrow(dim, 0, n - 1)
-        if isinstance(scale, Tensor):
-            lo.addcmul_(src.narrow(dim, 0, n - 1), scale)
-            hi.addcmul_(src.narrow(dim, 1, n - 1), scale)
-        else:
-            lo.add_(src.narrow(dim, 0, n - 1), alpha=scale)
-            hi.add_(src.narrow(dim, 1, n - 1), alpha=scale)
+        if n > 1:
+            dst.narrow(dim, 1, n - 1).add_(src.narrow(dim, 0, n - 1))
+            dst.narrow(dim, 0, n - 1).add_(src.narrow(dim, 1, n - 1))
+    # Scaling last keeps sums of a binary mask integral, so constant regions filter to exactly 0.
+    dst.mul_(scale)
 
 
 def _log_same_fast(x: Tensor, smoothing_passes: int, scale: float | Tensor = 1.0, owned: bool = False) -> Tensor:
@@ -171,7 +167,7 @@ class _LoGFilterFunction(torch.autograd.Function):
 # reference implementation: the paper's fixed convolutions
 
 
-def _reference_kernels(ndim: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+def log_kernels(ndim: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     size = (1, 1) + (3,) * ndim
     box = torch.full(size, 1.0 / 3**ndim, dtype=dtype, device=device)
     lap = torch.zeros(size, dtype=dtype, device=device)
@@ -191,7 +187,7 @@ def _log_reference(x: Tensor, smoothing_passes: int, padding: str) -> Tensor:
     conv = F.conv3d if ndim == 3 else F.conv2d
     pad = 1 if padding == "same" else 0
     b, c = x.shape[:2]
-    box, lap = _reference_kernels(ndim, x.dtype, x.device)
+    box, lap = log_kernels(ndim, x.dtype, x.device)
     # Single-channel convolutions applied to every (batch, channel) volume, as in the paper.
     out = x.reshape(b * c, 1, *x.shape[2:])
     for _ in range(smoothing_passes):

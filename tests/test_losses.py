@@ -1,0 +1,377 @@
+"""Tests of the BE filter and losses: exactness against an independent scipy computation, agreement
+of the two implementations (border included), gradients, MONAI conventions and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceLoss
+from scipy import ndimage
+
+from beseg import BoundaryEnhancementLoss, DiceBELoss, log_filter
+
+IMPLS = ("fast", "reference")
+
+
+def scipy_log(x: np.ndarray, passes: int, padding: str) -> np.ndarray:
+    """The paper's filter on one (H, W[, D]) volume with scipy.ndimage, in float64."""
+    out = x.astype(np.float64)
+    for _ in range(passes):
+        out = ndimage.uniform_filter(out, size=3, mode="constant", cval=0.0)
+    out = ndimage.laplace(out, mode="constant", cval=0.0)
+    if padding == "valid":
+        m = passes + 1
+        out = out[tuple(slice(m, s - m) for s in out.shape)]
+    return out
+
+
+def scipy_be(pred: np.ndarray, label: np.ndarray, passes: int, padding: str) -> np.ndarray:
+    """Per-(batch, channel) mean of (F(P) - F(Y))^2, shape (B, C)."""
+    b, c = pred.shape[:2]
+    out = np.empty((b, c))
+    for i in range(b):
+        for j in range(c):
+            d = scipy_log(pred[i, j], passes, padding) - scipy_log(label[i, j], passes, padding)
+            out[i, j] = np.mean(d**2)
+    return out
+
+
+def sample(shape, dtype=torch.float32, seed=0):
+    """Smooth-ish probabilities and a blob label, both non-zero up to the border."""
+    gen = torch.Generator().manual_seed(seed)
+    pred = torch.rand(shape, generator=gen, dtype=torch.float64)
+    grids = torch.meshgrid(*[torch.linspace(-1, 1, s, dtype=torch.float64) for s in shape[2:]], indexing="ij")
+    radius = sum(g**2 for g in grids).sqrt()
+    label = (radius < 0.8).to(torch.float64).expand(shape).clone()
+    return pred.to(dtype), label.to(dtype)
+
+
+SHAPES = [(2, 1, 9, 10, 11), (1, 3, 12, 12, 12), (2, 2, 11, 13)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("passes,padding", [(3, "same"), (1, "valid"), (0, "same"), (2, "valid")])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_filter_matches_scipy(shape, passes, padding, impl):
+    x, _ = sample(shape, torch.float64)
+    got = log_filter(x, passes, padding, impl).numpy()
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            np.testing.assert_allclose(got[i, j], scipy_log(x[i, j].numpy(), passes, padding), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("passes,padding", [(3, "same"), (1, "valid"), (3, "valid")])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_loss_matches_scipy(shape, passes, padding, impl):
+    pred, label = sample(shape, torch.float64)
+    loss = BoundaryEnhancementLoss(include_background=True, smoothing_passes=passes, padding=padding, impl=impl, reduction="none")
+    expected = scipy_be(pred.numpy(), label.numpy(), passes, padding)
+    np.testing.assert_allclose(loss(pred, label).numpy(), expected, rtol=1e-10)
+    # and in float32, to the precision float32 allows
+    loss32 = loss(pred.float(), label.float()).numpy()
+    np.testing.assert_allclose(loss32, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("passes,padding", [(3, "same"), (1, "valid"), (3, "valid")])
+def test_fast_and_reference_agree(dtype, rtol, shape, passes, padding):
+    values, grads = [], []
+    for impl in IMPLS:
+        pred, label = sample(shape, dtype)
+        pred.requires_grad_(True)
+        loss = BoundaryEnhancementLoss(include_background=True, smoothing_passes=passes, padding=padding, impl=impl)
+        value = loss(pred, label)
+        value.backward()
+        values.append(value.detach())
+        grads.append(pred.grad)
+    torch.testing.assert_close(values[0], values[1], rtol=rtol, atol=0)
+    # Gradients agree everywhere, the border voxels included, relative to their scale.
+    scale = grads[1].abs().max()
+    torch.testing.assert_close(grads[0], grads[1], rtol=rtol, atol=rtol * scale)
+    border = torch.ones_like(grads[0], dtype=torch.bool)
+    border[(slice(None), slice(None)) + (slice(1, -1),) * (len(shape) - 2)] = False
+    assert grads[0][border].abs().max() > 0.01 * scale  # the border is really exercised
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_filter_agreement_float32(impl):
+    pred, label = sample((2, 2, 16, 16, 16), torch.float32)
+    for x in (pred, label):
+        ref = log_filter(x.double(), impl="reference")
+        torch.testing.assert_close(log_filter(x, impl=impl).double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(1, 1, 12, 12, 12), (2, 2, 10, 9)])
+def test_perfect_prediction_has_zero_loss_and_gradient(impl, shape):
+    _, label = sample(shape)
+    pred = label.clone().requires_grad_(True)
+    loss = BoundaryEnhancementLoss(include_background=True, impl=impl)(pred, label)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert pred.grad.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_constant_regions_filter_to_zero_far_from_boundary(impl):
+    mask = torch.zeros(1, 1, 32, 32, 32)
+    mask[..., 8:24, 8:24, 8:24] = 1.0
+    out = log_filter(mask, smoothing_passes=3, impl=impl)[0, 0]
+    # With 3 box passes and a Laplacian, a voxel sees 4 voxels each way: farther is constant.
+    dist_in = ndimage.distance_transform_cdt(mask[0, 0].numpy(), metric="chessboard")
+    dist_out = ndimage.distance_transform_cdt(1 - mask[0, 0].numpy(), metric="chessboard")
+    far = torch.from_numpy((dist_in > 4) | (dist_out > 4))
+    assert out[far].abs().max().item() < 1e-6
+    profile = out[16, 16]  # a line through the cube's centre, across two faces
+    assert profile[7].item() > 1e-2 and profile[8].item() < -1e-2  # outside/inside the face
+    assert profile[23].item() < -1e-2 and profile[24].item() > 1e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("passes,padding", [(3, "same"), (1, "valid"), (0, "same")])
+@pytest.mark.parametrize("shape", [(2, 1, 6, 7, 6), (1, 2, 7, 8)])
+def test_gradcheck(impl, passes, padding, shape):
+    pred, label = sample(shape, torch.float64)
+    pred.requires_grad_(True)
+    label.requires_grad_(True)  # the gradient with respect to the label is checked too
+    loss = BoundaryEnhancementLoss(include_background=True, smoothing_passes=passes, padding=padding, impl=impl, reduction="none")
+    assert torch.autograd.gradcheck(loss, (pred, label), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_log_filter_gradcheck_and_double_backward(padding):
+    x = torch.rand(1, 2, 6, 6, 6, dtype=torch.float64, requires_grad=True)
+    fn = lambda t: log_filter(t, smoothing_passes=1, padding=padding)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_fast_loss_supports_double_backward_of_filter_and_retain_graph():
+    pred, label = sample((1, 1, 8, 8, 8), torch.float64)
+    pred.requires_grad_(True)
+    loss = BoundaryEnhancementLoss(include_background=True)(pred, label)
+    (g1,) = torch.autograd.grad(loss, pred, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, pred)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multiclass_softmax_onehot_with_and_without_background(impl):
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 10, 10, 10, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 1, 10, 10, 10), generator=gen)
+    probs = torch.softmax(logits, 1).numpy()
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 4, 1, 2, 3).double().numpy()
+    full = scipy_be(probs, onehot, 3, "same")
+    with_bg = BoundaryEnhancementLoss(include_background=True, softmax=True, to_onehot_y=True, impl=impl, reduction="none")
+    without_bg = BoundaryEnhancementLoss(softmax=True, to_onehot_y=True, impl=impl, reduction="none")
+    np.testing.assert_allclose(with_bg(logits, labels).numpy(), full, rtol=1e-10)
+    np.testing.assert_allclose(without_bg(logits, labels).numpy(), full[:, 1:], rtol=1e-10)
+
+
+def test_sigmoid_and_other_act():
+    logits = torch.randn(1, 2, 8, 8, 8, dtype=torch.float64)
+    _, label = sample((1, 2, 8, 8, 8), torch.float64)
+    plain = BoundaryEnhancementLoss(include_background=True)
+    torch.testing.assert_close(
+        BoundaryEnhancementLoss(include_background=True, sigmoid=True)(logits, label), plain(torch.sigmoid(logits), label)
+    )
+    torch.testing.assert_close(
+        BoundaryEnhancementLoss(include_background=True, other_act=torch.tanh)(logits, label), plain(torch.tanh(logits), label)
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reductions(impl):
+    pred, label = sample((3, 2, 8, 9, 10), torch.float64)
+    none = BoundaryEnhancementLoss(include_background=True, reduction="none", impl=impl)(pred, label)
+    assert none.shape == (3, 2)
+    mean = BoundaryEnhancementLoss(include_background=True, reduction="mean", impl=impl)(pred, label)
+    total = BoundaryEnhancementLoss(include_background=True, reduction="sum", impl=impl)(pred, label)
+    assert mean.ndim == 0 and total.ndim == 0
+    torch.testing.assert_close(mean, none.mean())
+    torch.testing.assert_close(total, none.sum())
+    without_bg = BoundaryEnhancementLoss(include_background=False, reduction="none", impl=impl)(pred, label)
+    assert without_bg.shape == (3, 1)
+    torch.testing.assert_close(without_bg, none[:, 1:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_items_are_independent(impl):
+    pred, label = sample((4, 1, 8, 8, 8), torch.float64, seed=3)
+    loss = BoundaryEnhancementLoss(include_background=True, reduction="none", impl=impl)
+    whole = loss(pred, label)
+    for i in range(4):
+        torch.testing.assert_close(whole[i], loss(pred[i : i + 1], label[i : i + 1])[0])
+
+
+def test_dice_be_is_dice_plus_weighted_be():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 2, 12, 12, 12, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 2, (2, 1, 12, 12, 12), generator=gen)
+    combo = DiceBELoss(softmax=True, to_onehot_y=True)
+    dice = DiceLoss(softmax=True, to_onehot_y=True)(logits, labels)
+    be = BoundaryEnhancementLoss(include_background=True, softmax=True, to_onehot_y=True)(logits, labels)
+    torch.testing.assert_close(combo(logits, labels), dice + 1000.0 * be)
+    weighted = DiceBELoss(softmax=True, to_onehot_y=True, include_background=False, lambda_dice=0.5, lambda_be=10.0)
+    dice_fg = DiceLoss(softmax=True, to_onehot_y=True, include_background=False)(logits, labels)
+    be_fg = BoundaryEnhancementLoss(softmax=True, to_onehot_y=True)(logits, labels)
+    torch.testing.assert_close(weighted(logits, labels), 0.5 * dice_fg + 10.0 * be_fg)
+
+
+def test_dice_be_gradients_flow_and_sum_reduction():
+    logits = torch.randn(1, 2, 10, 10, 10, requires_grad=True)
+    labels = torch.randint(0, 2, (1, 1, 10, 10, 10))
+    loss = DiceBELoss(softmax=True, to_onehot_y=True, reduction="sum")(logits, labels)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_autocast_on_cpu(impl):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+    image = torch.randn(2, 1, 16, 16, 16)
+    labels = (image > 0.3).long()
+    loss = DiceBELoss(softmax=True, to_onehot_y=True, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = conv(image)
+        assert logits.dtype == torch.bfloat16
+        value = loss(logits, labels)
+    value.backward()
+    assert torch.isfinite(value) and value.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in conv.parameters())
+    reference = loss(logits.detach().float(), labels)  # same bf16-rounded logits, float32 loss
+    torch.testing.assert_close(value.detach(), reference, rtol=1e-2, atol=0)
+    exact = loss(conv(image), labels)  # float32 end to end: differs only through the bf16 convolution
+    torch.testing.assert_close(value.detach(), exact.detach(), rtol=5e-2, atol=0)
+
+
+def test_half_precision_prediction_gives_float32_loss_and_input_dtype_gradient():
+    pred, label = sample((1, 1, 12, 12, 12))
+    half = pred.to(torch.bfloat16).requires_grad_(True)
+    value = BoundaryEnhancementLoss(include_background=True)(half, label)
+    value.backward()
+    assert value.dtype == torch.float32 and half.grad.dtype == torch.bfloat16
+    expected = BoundaryEnhancementLoss(include_background=True)(half.detach().float(), label)
+    torch.testing.assert_close(value.detach(), expected, rtol=1e-6, atol=0)
+
+
+def test_2d_and_3d_use_the_matching_stencil():
+    img2d = torch.zeros(1, 1, 9, 9, dtype=torch.float64)
+    img2d[0, 0, 4, 4] = 1.0
+    out = log_filter(img2d, smoothing_passes=0)
+    assert out[0, 0, 4, 4] == -4 and out[0, 0, 3, 4] == 1 and out[0, 0, 3, 3] == 0
+    img3d = torch.zeros(1, 1, 5, 5, 5, dtype=torch.float64)
+    img3d[0, 0, 2, 2, 2] = 1.0
+    out = log_filter(img3d, smoothing_passes=0)
+    assert out[0, 0, 2, 2, 2] == -6 and out[0, 0, 1, 2, 2] == 1 and out[0, 0, 1, 1, 2] == 0
+    box = log_filter(img3d, smoothing_passes=1)  # box then Laplacian of a point
+    assert box.sum().abs() < 1e-12  # interior: a Laplacian sums to zero
+
+
+def test_valid_padding_shape_and_interior():
+    x = torch.rand(1, 1, 12, 13, 14, dtype=torch.float64)
+    valid = log_filter(x, smoothing_passes=1, padding="valid")
+    assert valid.shape == (1, 1, 8, 9, 10)
+    torch.testing.assert_close(valid, log_filter(x, smoothing_passes=1)[..., 2:-2, 2:-2, 2:-2])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+GOOD_PRED = torch.rand(1, 2, 8, 8, 8)
+GOOD_LABEL = torch.randint(0, 2, (1, 1, 8, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "kwargs,pred,label,error,match",
+    [
+        ({}, torch.rand(2, 8, 8), torch.rand(2, 8, 8), ValueError, "input must have shape"),
+        ({}, torch.rand(1, 1, 2, 8, 8, 8), torch.rand(1, 1, 2, 8, 8, 8), ValueError, "6 dimensions"),
+        ({}, torch.rand(1, 1, 8, 8, 8), torch.rand(1, 8, 8, 8), ValueError, "same number of dimensions"),
+        ({}, torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 7), ValueError, "batch and spatial sizes"),
+        ({"to_onehot_y": True}, GOOD_PRED, torch.randint(0, 2, (1, 2, 8, 8, 8)), ValueError, "one channel of class indices"),
+        ({}, torch.rand(1, 2, 8, 8, 8), torch.rand(1, 3, 8, 8, 8), ValueError, "different shape"),
+        ({}, torch.ones(1, 1, 8, 8, 8, dtype=torch.long), torch.rand(1, 1, 8, 8, 8), TypeError, "floating-point"),
+        ({}, torch.ones(1, 1, 8, 8, 8, dtype=torch.bool), torch.rand(1, 1, 8, 8, 8), TypeError, "floating-point"),
+        ({}, [[1.0]], torch.rand(1, 1, 8, 8, 8), TypeError, "input must be a torch.Tensor"),
+        ({"to_onehot_y": True}, GOOD_PRED, torch.full((1, 1, 8, 8, 8), 2), ValueError, r"outside \[0, 1\]"),
+        ({"to_onehot_y": True}, GOOD_PRED, torch.full((1, 1, 8, 8, 8), -1), ValueError, r"outside \[0, 1\]"),
+        ({"to_onehot_y": True}, GOOD_PRED, torch.full((1, 1, 8, 8, 8), 0.5), ValueError, "non-integer"),
+        ({"to_onehot_y": True}, GOOD_PRED, torch.full((1, 1, 8, 8, 8), float("nan")), ValueError, "NaN or Inf"),
+        ({}, torch.full((1, 1, 8, 8, 8), float("nan")), torch.rand(1, 1, 8, 8, 8), ValueError, "input contains NaN or Inf"),
+        ({}, torch.full((1, 1, 8, 8, 8), float("inf")), torch.rand(1, 1, 8, 8, 8), ValueError, "input contains NaN or Inf"),
+        ({}, torch.rand(1, 1, 8, 8, 8), torch.full((1, 1, 8, 8, 8), float("-inf")), ValueError, "target contains NaN or Inf"),
+        ({"softmax": True}, torch.full((1, 2, 8, 8, 8), float("inf")), torch.rand(1, 2, 8, 8, 8), ValueError, "input contains NaN"),
+        ({"padding": "valid"}, torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8), ValueError, "needs every spatial size > 8"),
+    ],
+)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_input_is_rejected_clearly(kwargs, pred, label, error, match, impl):
+    loss = BoundaryEnhancementLoss(include_background=True, impl=impl, **kwargs)
+    with pytest.raises(error, match=match):
+        loss(pred, label)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"sigmoid": True, "softmax": True}, ValueError, "more than one of sigmoid"),
+        ({"softmax": True, "other_act": torch.tanh}, ValueError, "more than one of sigmoid"),
+        ({"other_act": "tanh"}, TypeError, "other_act must be None or callable"),
+        ({"smoothing_passes": -1}, ValueError, "smoothing_passes must be an integer >= 0"),
+        ({"smoothing_passes": 1.5}, ValueError, "smoothing_passes must be an integer >= 0"),
+        ({"padding": "reflect"}, ValueError, "padding must be one of"),
+        ({"impl": "cuda"}, ValueError, "impl must be one of"),
+        ({"reduction": "avg"}, ValueError, "avg"),
+    ],
+)
+def test_bad_arguments_are_rejected_clearly(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BoundaryEnhancementLoss(**kwargs)
+    if "reduction" not in kwargs:
+        with pytest.raises(error, match=match):
+            DiceBELoss(**kwargs)
+
+
+def test_log_filter_bad_arguments():
+    with pytest.raises(TypeError, match="floating-point"):
+        log_filter(torch.ones(1, 1, 4, 4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        log_filter(torch.ones(1, 4, 4))
+    with pytest.raises(ValueError, match="smoothing_passes"):
+        log_filter(torch.ones(1, 1, 4, 4, 4), smoothing_passes=-2)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        log_filter(torch.ones(1, 1, 4, 4, 4), padding="full")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        log_filter(torch.ones(1, 1, 4, 4, 4), impl="slow")
+
+
+def test_dice_be_rejects_none_reduction_and_negative_weights():
+    with pytest.raises(ValueError, match="reduction 'mean' or 'sum'"):
+        DiceBELoss(reduction="none")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        DiceBELoss(lambda_be=-1.0)
+
+
+def test_single_channel_warnings_follow_monai():
+    pred, label = sample((1, 1, 8, 8, 8))
+    with pytest.warns(UserWarning, match="include_background=False"):
+        BoundaryEnhancementLoss()(pred, label)
+    with pytest.warns(UserWarning, match="softmax=True"):
+        BoundaryEnhancementLoss(include_background=True, softmax=True)(pred, label)
+    with pytest.warns(UserWarning, match="to_onehot_y=True"):
+        BoundaryEnhancementLoss(include_background=True, to_onehot_y=True)(pred, label)
+
+
+def test_overflow_is_reported_not_hidden():
+    pred = torch.full((1, 1, 8, 8, 8), 3e38)
+    pred[..., 4, 4, 4] = -3e38
+    with pytest.raises(ValueError, match="overflowed"):
+        BoundaryEnhancementLoss(include_background=True)(pred, torch.zeros_like(pred))
+    value = BoundaryEnhancementLoss(include_background=True, check_finite=False)(pred, torch.zeros_like(pred))
+    assert not torch.isfinite(value)
