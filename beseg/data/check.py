@@ -1,0 +1,208 @@
+"""``beseg data check``: validate an MSD task folder before anyone spends GPU hours on it.
+
+Every problem is collected (not just the first): missing files, unreadable or corrupt NIfTI,
+image/label shape or affine mismatches, wrong channel counts, NaN/Inf voxels, non-integer or
+undeclared label values. Each problem names the file and says what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from beseg.data.msd import Case, MSDTask, is_apple_double, load_task
+from beseg.data.nifti import NiftiHeader, read_array
+from beseg.errors import DataError
+
+__all__ = ["CaseReport", "CheckReport", "check_task"]
+
+
+@dataclass
+class CaseReport:
+    """What was found for one training case.
+
+    Attributes:
+        id: the case id.
+        shape: spatial shape of the image (voxels), or ``None`` if unreadable.
+        spacing: voxel size (mm), or ``None``.
+        channels: image channels, or ``None``.
+        label_volumes: label value -> volume (mL) for each non-background declared label.
+        problems: one message per problem, each naming the file.
+    """
+
+    id: str
+    shape: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    channels: int | None = None
+    label_volumes: dict[int, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckReport:
+    """Result of :func:`check_task`.
+
+    Attributes:
+        root: the task folder.
+        task: the parsed ``dataset.json`` (``None`` if it could not be parsed).
+        cases: one :class:`CaseReport` per training case.
+        problems: folder-level problems (``dataset.json``, test images).
+        ignored: AppleDouble ``._`` files seen and ignored.
+        test_images: number of test images checked.
+    """
+
+    root: Path
+    task: MSDTask | None = None
+    cases: list[CaseReport] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    ignored: int = 0
+    test_images: int = 0
+
+    @property
+    def all_problems(self) -> list[str]:
+        """Folder-level problems followed by every case's problems."""
+        return self.problems + [p for c in self.cases for p in c.problems]
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.all_problems
+
+    def raise_for_problems(self) -> None:
+        """Raise one :class:`DataError` listing every problem (for ``beseg train`` before it starts)."""
+        if not self.ok:
+            probs = self.all_problems
+            raise DataError(f"{self.root}: {len(probs)} problem(s): " + "; ".join(probs))
+
+    def format_table(self) -> str:
+        """Per-case table: id, shape (voxels), spacing (mm), channels, label volumes (mL), status."""
+        labels = sorted(k for k in (self.task.labels if self.task else {}) if k != 0)
+        head = ["case", "shape", "spacing (mm)", "ch"] + [f"L{k} (mL)" for k in labels] + ["status"]
+        rows = [head]
+        for c in self.cases:
+            rows.append([
+                c.id,
+                "x".join(map(str, c.shape)) if c.shape else "?",
+                "x".join(f"{s:.2f}" for s in c.spacing) if c.spacing else "?",
+                str(c.channels) if c.channels is not None else "?",
+                *[f"{c.label_volumes[k]:.2f}" if k in c.label_volumes else "?" for k in labels],
+                "ok" if not c.problems else f"{len(c.problems)} problem(s)",
+            ])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+    def format_summary(self) -> str:
+        """A few lines: counts, shape and spacing ranges, and every problem."""
+        lines = [f"task folder: {self.root}"]
+        if self.task is not None:
+            lines.append(f"task: {self.task.name}; channels: {self.task.num_channels} "
+                         f"({', '.join(self.task.modality.values())}); labels: "
+                         + ", ".join(f"{k}={v}" for k, v in sorted(self.task.labels.items())))
+        good = [c for c in self.cases if c.shape]
+        lines.append(f"training cases: {len(self.cases)} ({len(self.cases) - sum(bool(c.problems) for c in self.cases)} ok); "
+                     f"test images: {self.test_images}; ignored AppleDouble '._' files: {self.ignored}")
+        if good:
+            shapes, spacings = np.array([c.shape for c in good]), np.array([c.spacing for c in good])
+            lines.append("shape (voxels) min " + "x".join(map(str, shapes.min(0))) + ", max "
+                         + "x".join(map(str, shapes.max(0))))
+            lines.append("spacing (mm) min " + "x".join(f"{s:.2f}" for s in spacings.min(0)) + ", max "
+                         + "x".join(f"{s:.2f}" for s in spacings.max(0)))
+        probs = self.all_problems
+        lines.append("OK: no problems found" if not probs else f"FAILED: {len(probs)} problem(s):")
+        lines += [f"  - {p}" for p in probs]
+        return "\n".join(lines)
+
+
+def _check_image(path: Path, num_channels: int, problems: list[str]) -> NiftiHeader | None:
+    """Read an image, append its problems (unreadable, channel count, NaN/Inf); its header or None."""
+    try:
+        array, header = read_array(path)
+    except DataError as err:
+        problems.append(str(err))
+        return None
+    if header.channels != num_channels:
+        problems.append(f"{path}: {header.channels} channel(s) but dataset.json 'modality' declares {num_channels}")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            n_nan = int(np.isnan(array).sum())
+            problems.append(f"{path}: {n_nan} NaN and {int(bad.sum()) - n_nan} Inf voxel(s)")
+    return header
+
+
+def _check_case(case: Case, task: MSDTask, affine_tol: float) -> CaseReport:
+    rep = CaseReport(case.id)
+    ih = _check_image(case.image, task.num_channels, rep.problems)
+    if ih is not None:
+        rep.shape, rep.spacing, rep.channels = ih.spatial_shape, ih.spacing, ih.channels
+    try:
+        label, lh = read_array(case.label)
+    except DataError as err:
+        rep.problems.append(str(err))
+        return rep
+    if len(lh.shape) != 3:
+        rep.problems.append(f"{case.label}: a label map must be 3D, got shape {lh.shape}")
+        return rep
+    if ih is not None:
+        if lh.spatial_shape != ih.spatial_shape:
+            rep.problems.append(f"{case.label}: shape {lh.spatial_shape} does not match image shape "
+                                f"{ih.spatial_shape} of {case.image.name}")
+        elif not np.allclose(lh.affine, ih.affine, atol=affine_tol, rtol=0):
+            diff = float(np.abs(lh.affine - ih.affine).max())
+            rep.problems.append(f"{case.label}: affine differs from the image's by up to {diff:.4g} "
+                                f"(tolerance {affine_tol:g})")
+    values = np.unique(label)
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.all(np.isfinite(values)):
+            rep.problems.append(f"{case.label}: NaN or Inf label values")
+            values = values[np.isfinite(values)]
+        frac = values[values != np.round(values)]
+        if frac.size:
+            rep.problems.append(f"{case.label}: non-integer label values, e.g. {', '.join(f'{v:g}' for v in frac[:5])}")
+            values = values[values == np.round(values)]
+    undeclared = sorted(int(v) for v in values if int(v) not in task.labels)
+    if undeclared:
+        rep.problems.append(f"{case.label}: label values {undeclared} are not declared in dataset.json "
+                            f"'labels' ({sorted(task.labels)})")
+    voxel_ml = float(np.prod(lh.spacing)) / 1000.0
+    counts = {int(v): int(n) for v, n in zip(*np.unique(label, return_counts=True)) if v == np.round(v)}
+    rep.label_volumes = {k: counts.get(k, 0) * voxel_ml for k in task.labels if k != 0}
+    return rep
+
+
+def check_task(root: str | Path, affine_tol: float = 1e-3, progress: bool | None = None) -> CheckReport:
+    """Check every training case and test image of an MSD task folder.
+
+    Args:
+        root: the task folder.
+        affine_tol: largest allowed absolute difference between image and label affine entries
+            (mm for the translation, mm/voxel for the rest).
+        progress: tqdm bar on stderr; ``None`` shows it only on a terminal.
+
+    Returns:
+        A :class:`CheckReport`; it never raises for problems in the data, it lists them.
+    """
+    root = Path(root)
+    report = CheckReport(root)
+    try:
+        task = load_task(root, check_files=False)
+    except DataError as err:
+        report.problems.append(str(err))
+        return report
+    report.task, report.root = task, task.root
+    report.ignored = sum(1 for sub in ("imagesTr", "labelsTr", "imagesTs") if (task.root / sub).is_dir()
+                         for p in (task.root / sub).iterdir() if is_apple_double(p))
+    for case in tqdm(task.training, desc="checking", unit="case", disable=None if progress is None else not progress):
+        missing = [p for p in (case.image, case.label) if not p.is_file()]
+        if missing:
+            report.cases.append(CaseReport(case.id, problems=[f"{p}: file not found (listed in dataset.json)"
+                                                              for p in missing]))
+            continue
+        report.cases.append(_check_case(case, task, affine_tol))
+    for path in task.test:
+        report.test_images += 1
+        _check_image(path, task.num_channels, report.problems)
+    return report

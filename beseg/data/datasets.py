@@ -1,0 +1,149 @@
+"""Train/validation datasets for a task folder, with the deterministic preprocessing cached.
+
+Usage (what ``beseg train`` does)::
+
+    task = load_task("Task09_Spleen")
+    preset = get_preset("task09")
+    data = build_task_data(task, preset, split_file="runs/split.json", cache_dir="/tmp/cache",
+                           patch_size=(96, 96, 96))
+    loader = monai.data.DataLoader(data.train, batch_size=2, shuffle=True, num_workers=2)
+    for batch in loader:  # batch["image"]: (B, C, 96, 96, 96), batch["label"]: (B, K, 96, 96, 96)
+        ...
+
+MONAI's ``DataLoader`` (its ``list_data_collate``) is needed when ``num_samples > 1``, because
+the patch sampler returns a list of patches per volume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+from monai.data import CacheDataset, Dataset, PersistentDataset
+
+from beseg.data.intensity import IntensityRange, default_cache_dir, foreground_percentiles
+from beseg.data.msd import MSDTask
+from beseg.data.presets import TaskPreset
+from beseg.data.splits import Split, load_or_make_split
+
+__all__ = ["TaskData", "build_task_data", "make_dataset", "CacheMode"]
+
+CacheMode = Literal["memory", "disk", "none"]
+
+
+@dataclass
+class TaskData:
+    """Everything the training engine needs for one task folder.
+
+    Attributes:
+        task: the parsed folder.
+        preset: the preset used.
+        split: the train/validation case ids.
+        stats: training-set intensity range (``None`` unless the preset needs it).
+        train: dataset of random patches (see :meth:`TaskPreset.train_transforms`).
+        val: dataset of whole resampled volumes (see :meth:`TaskPreset.val_transforms`).
+        cache_dir: the cache folder used.
+    """
+
+    task: MSDTask
+    preset: TaskPreset
+    split: Split
+    stats: IntensityRange | None
+    train: Dataset
+    val: Dataset
+    cache_dir: Path
+
+    @property
+    def out_channels(self) -> int:
+        """Network output channels."""
+        return self.preset.out_channels
+
+    @property
+    def activation(self) -> str:
+        """``"sigmoid"`` or ``"softmax"``."""
+        return self.preset.activation
+
+
+def make_dataset(items: Sequence[dict], transform, cache: CacheMode, cache_dir: Path | None,
+                 tag: str, cache_workers: int = 2, progress: bool = False) -> Dataset:
+    """Wrap ``items`` in a MONAI dataset that caches ``transform`` up to its first random step.
+
+    Args:
+        items: ``{"image": path, "label": path, ...}`` dicts.
+        transform: a ``Compose`` (its deterministic prefix is cached).
+        cache: ``"memory"`` (CacheDataset: fastest, holds every preprocessed volume in RAM; right for
+            the phantom and Task09), ``"disk"`` (PersistentDataset under ``cache_dir``: for Task01,
+            whose preprocessed volumes do not fit in RAM), or ``"none"``.
+        cache_dir: required for ``"disk"``.
+        tag: names the disk cache subfolder; it must change whenever the deterministic transforms do
+            (presets, stats), because PersistentDataset keys its files by the input dict only.
+        cache_workers: threads filling the memory cache.
+        progress: show MONAI's progress bar while filling the memory cache.
+    """
+    items = list(items)
+    if cache == "memory":
+        return CacheDataset(items, transform, cache_rate=1.0, num_workers=cache_workers, progress=progress)
+    if cache == "disk":
+        if cache_dir is None:
+            raise ValueError("cache='disk' needs a cache_dir")
+        folder = Path(cache_dir) / "persistent" / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform, cache_dir=folder)
+    if cache == "none":
+        return Dataset(items, transform)
+    raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
+
+
+def _tag(preset: TaskPreset, stats: IntensityRange | None) -> str:
+    blob = json.dumps([preset.name, preset.pixdim, preset.normalization, preset.label_mode,
+                       asdict(stats) if stats else None], sort_keys=True, default=str)
+    return f"{preset.name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+
+def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | None = None,
+                    cache_dir: str | Path | None = None, patch_size: Sequence[int] | None = None,
+                    cache: CacheMode = "memory", val_frac: float = 0.2, seed: int = 0,
+                    num_samples: int = 1, pos: float = 1.0, neg: float = 1.0,
+                    progress: bool = False) -> TaskData:
+    """Split the task, compute training-set statistics, and build the train and validation datasets.
+
+    Args:
+        task: from :func:`beseg.data.load_task`.
+        preset: from :func:`beseg.data.get_preset` or :func:`beseg.data.preset_for_task`.
+        split_file: JSON split to read, or to create if missing (default ``<cache_dir>/split.json``).
+        cache_dir: cache folder (intensity stats, disk cache); default
+            :func:`beseg.data.default_cache_dir`.
+        patch_size: training patch (voxels); default the preset's.
+        cache: see :func:`make_dataset`.
+        val_frac, seed: for a new split; the paper's validation size is used when the folder has
+            the paper's number of cases.
+        num_samples, pos, neg: patch sampling, see :meth:`TaskPreset.train_transforms`.
+        progress: show progress bars.
+
+    Returns:
+        The :class:`TaskData`.
+
+    Raises:
+        DataError: the task does not fit the preset, the split file is invalid, or the training
+            images cannot be read for the statistics.
+    """
+    preset.validate(task)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(task.root)
+    ids = [c.id for c in task.training]
+    split = load_or_make_split(split_file or cache_dir / "split.json", ids, val_frac=val_frac, seed=seed,
+                               n_val=preset.default_val_count(len(ids), val_frac))
+    train_cases = [task.case(i) for i in split.train]
+    stats = foreground_percentiles(train_cases, cache_dir, progress=progress) \
+        if preset.needs_intensity_stats else None
+    tag = _tag(preset, stats)
+    train = make_dataset([c.as_dict() for c in train_cases],
+                         preset.train_transforms(patch_size, stats, pos=pos, neg=neg, num_samples=num_samples),
+                         cache, cache_dir, f"{tag}-train", progress=progress)
+    # Separate disk folders: the cached prefix of the train and val chains differ in the label dtype,
+    # and a case may move between them when the split changes.
+    val = make_dataset([task.case(i).as_dict() for i in split.val], preset.val_transforms(stats),
+                       cache, cache_dir, f"{tag}-val", progress=progress)
+    return TaskData(task, preset, split, stats, train, val, cache_dir)

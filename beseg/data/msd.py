@@ -1,0 +1,225 @@
+"""Reader for Medical Segmentation Decathlon task folders (``dataset.json`` + ``imagesTr/`` ...).
+
+Only what ``dataset.json`` lists is data. The macOS ``._*.nii.gz`` AppleDouble files that ship
+inside the real MSD archives are never read: they are skipped when a folder is listed, and an
+entry of ``dataset.json`` that names one is an error. Every listed path must resolve inside the
+task folder (no absolute paths, no ``..`` or symlink that leads out of it).
+
+Every problem raises :class:`beseg.errors.DataError`, and the ``dataset.json`` parser raises
+nothing else, whatever the file contains.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from beseg.errors import DataError
+
+__all__ = ["Case", "MSDTask", "load_task", "is_apple_double", "list_nifti", "case_id"]
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_apple_double(path: str | Path) -> bool:
+    """True for macOS AppleDouble metadata files (``._name``), which are not images."""
+    return PurePosixPath(str(path)).name.startswith("._")
+
+
+def case_id(path: str | Path) -> str:
+    """The case name of an image or label file: ``imagesTr/spleen_2.nii.gz`` -> ``spleen_2``."""
+    name = PurePosixPath(str(path)).name
+    for suffix in _NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def list_nifti(folder: str | Path) -> list[Path]:
+    """NIfTI files in ``folder``, sorted, without AppleDouble ``._`` files; [] if it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.name.endswith(_NIFTI_SUFFIXES) and not is_apple_double(p) and p.is_file())
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case.
+
+    Attributes:
+        id: case name derived from the image file name (``spleen_2``).
+        image: absolute path of the image (3D, or 4D channel-last for multi-channel tasks).
+        label: absolute path of the label map (3D integer labels).
+    """
+
+    id: str
+    image: Path
+    label: Path
+
+    def as_dict(self) -> dict[str, str]:
+        """The ``{"image": ..., "label": ...}`` dict that MONAI dictionary transforms consume."""
+        return {"image": str(self.image), "label": str(self.label), "id": self.id}
+
+
+@dataclass(frozen=True)
+class MSDTask:
+    """A parsed MSD task folder.
+
+    Attributes:
+        root: the task folder (resolved).
+        name: ``dataset.json`` ``name``, e.g. ``"Spleen"``.
+        modality: channel index -> modality name, e.g. ``{0: "CT"}``.
+        labels: label value -> name, e.g. ``{0: "background", 1: "spleen"}``.
+        training: the labelled cases, in ``dataset.json`` order.
+        test: unlabelled test images.
+    """
+
+    root: Path
+    name: str
+    modality: dict[int, str]
+    labels: dict[int, str]
+    training: list[Case] = field(default_factory=list)
+    test: list[Path] = field(default_factory=list)
+
+    @property
+    def num_channels(self) -> int:
+        """Number of image channels declared by ``modality``."""
+        return len(self.modality)
+
+    def case(self, cid: str) -> Case:
+        """The training case called ``cid``.
+
+        Raises:
+            DataError: no such case.
+        """
+        for c in self.training:
+            if c.id == cid:
+                return c
+        raise DataError(f"{self.root / 'dataset.json'}: no training case named {cid!r}")
+
+
+def _resolve(root: Path, rel: Any, where: str) -> Path:
+    """Resolve a ``dataset.json`` path against the task folder, refusing anything outside it."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise DataError(f"{where}: expected a relative file path string, got {rel!r}")
+    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or (len(rel) > 1 and rel[1] == ":"):
+        raise DataError(f"{where}: absolute path {rel!r} is not allowed; paths must be relative to the task folder")
+    if is_apple_double(rel):
+        raise DataError(f"{where}: {rel!r} is a macOS AppleDouble '._' file, not an image")
+    # resolve() follows symlinks, so a link inside the folder that points outside is caught too.
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise DataError(f"{where}: path {rel!r} resolves to {path}, outside the task folder {root}")
+    return path
+
+
+def _expect(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise DataError(f"{where}: missing required key {key!r}")
+    value = obj[key]
+    # bool is an int subclass; a JSON true is never a count.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(f"{where}: key {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _int_keyed(mapping: dict, key: str, where: str) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for k, v in mapping.items():
+        try:
+            idx = int(k)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: {key!r} key {k!r} is not an integer") from None
+        if not isinstance(v, str):
+            raise DataError(f"{where}: {key!r}[{k!r}] must be a name string, got {type(v).__name__}")
+        out[idx] = v
+    return out
+
+
+def load_task(root: str | Path, check_files: bool = True) -> MSDTask:
+    """Parse ``root/dataset.json`` into an :class:`MSDTask`.
+
+    Args:
+        root: the task folder, e.g. ``Task09_Spleen``.
+        check_files: also verify that every listed image and label exists; all missing files are
+            reported together in one error.
+
+    Returns:
+        The parsed task, with absolute paths.
+
+    Raises:
+        DataError: the folder or ``dataset.json`` is missing or invalid JSON; a required key
+            (``name``, ``modality``, ``labels``, ``training``) is missing or of the wrong type;
+            ``numTraining`` disagrees with ``training``; a path is absolute, escapes the folder or
+            names a ``._`` file; a case is listed twice; or (``check_files``) files are missing.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: task folder not found")
+    root = root.resolve()
+    where = str(root / "dataset.json")
+    try:
+        text = (root / "dataset.json").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{where}: file not found; an MSD task folder must contain dataset.json") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{where}: cannot read ({err})") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: top level must be a JSON object, got {type(meta).__name__}")
+
+    name = _expect(meta, "name", str, where)
+    modality = _int_keyed(_expect(meta, "modality", dict, where), "modality", where)
+    labels = _int_keyed(_expect(meta, "labels", dict, where), "labels", where)
+    if not modality:
+        raise DataError(f"{where}: 'modality' is empty; it must name at least one channel")
+    if sorted(modality) != list(range(len(modality))):
+        raise DataError(f"{where}: 'modality' keys must be 0..{len(modality) - 1}, got {sorted(modality)}")
+    if 0 not in labels:
+        raise DataError(f"{where}: 'labels' must declare 0 (background), got {sorted(labels)}")
+    entries = _expect(meta, "training", list, where)
+
+    training: list[Case] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        ewhere = f"{where}: training[{i}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{ewhere} must be an object with 'image' and 'label', got {type(entry).__name__}")
+        image = _resolve(root, _expect(entry, "image", str, ewhere), ewhere)
+        label = _resolve(root, _expect(entry, "label", str, ewhere), ewhere)
+        cid = case_id(image)
+        if cid in seen:
+            raise DataError(f"{ewhere}: case {cid!r} is listed twice (also training[{seen[cid]}])")
+        seen[cid] = i
+        training.append(Case(cid, image, label))
+
+    if "numTraining" in meta:
+        num = _expect(meta, "numTraining", int, where)
+        if num != len(training):
+            raise DataError(f"{where}: numTraining is {num} but 'training' lists {len(training)} cases")
+
+    test_entries = meta.get("test", [])
+    if not isinstance(test_entries, list):
+        raise DataError(f"{where}: key 'test' must be list, got {type(test_entries).__name__}")
+    test: list[Path] = []
+    for i, entry in enumerate(test_entries):
+        # Some MSD variants list test cases as {"image": ...} objects instead of strings.
+        rel = entry.get("image") if isinstance(entry, dict) else entry
+        test.append(_resolve(root, rel, f"{where}: test[{i}]"))
+
+    task = MSDTask(root, name, modality, labels, training, test)
+    if check_files:
+        missing = [p for c in training for p in (c.image, c.label) if not p.is_file()]
+        missing += [p for p in test if not p.is_file()]
+        if missing:
+            listed = ", ".join(str(p.relative_to(root)) for p in missing)
+            raise DataError(f"{where}: {len(missing)} listed file(s) missing: {listed}")
+    return task

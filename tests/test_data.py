@@ -1,0 +1,400 @@
+"""Tests for beseg.data: the MSD reader, splits, presets, intensity statistics, the checker and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from beseg.cli import main
+from beseg.data import (
+    build_task_data,
+    check_task,
+    foreground_percentiles,
+    get_preset,
+    list_nifti,
+    load_or_make_split,
+    load_split,
+    load_task,
+    make_split,
+    msd_brats_regions,
+    preset_for_task,
+    save_split,
+)
+from beseg.data import intensity as intensity_mod
+from beseg.errors import DataError
+
+SPLEEN_LABELS = {"0": "background", "1": "spleen"}
+
+
+def write_nii(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def make_task(root: Path, n: int = 3, shape=(8, 8, 6), channels: int = 1, labels=None, name="Spleen",
+              rng_seed: int = 0, extra: dict | None = None) -> Path:
+    """A tiny valid MSD task folder: images with a bright cube, labels marking it."""
+    rng = np.random.default_rng(rng_seed)
+    training = []
+    for i in range(n):
+        label = np.zeros(shape, np.uint8)
+        label[2:5, 2:5, 1:4] = 1
+        image = rng.normal(0, 1, shape + ((channels,) if channels > 1 else ())).astype(np.float32)
+        image[label > 0] += 10
+        write_nii(root / "imagesTr" / f"case_{i}.nii.gz", image)
+        write_nii(root / "labelsTr" / f"case_{i}.nii.gz", label)
+        training.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
+    meta = {"name": name, "modality": {str(c): f"ch{c}" for c in range(channels)},
+            "labels": labels or SPLEEN_LABELS, "numTraining": n, "training": training, "test": []}
+    meta.update(extra or {})
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def edit_json(root: Path, fn) -> None:
+    meta = json.loads((root / "dataset.json").read_text())
+    fn(meta)
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+# ---- MSD reader -----------------------------------------------------------------------------
+
+def test_load_task_parses_paths_and_ignores_apple_double(tmp_path):
+    root = make_task(tmp_path / "T")
+    (root / "imagesTr" / "._case_0.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+    (root / "labelsTr" / "._case_0.nii.gz").write_bytes(b"junk")
+    task = load_task(root)
+    assert [c.id for c in task.training] == ["case_0", "case_1", "case_2"]
+    assert task.training[0].image == (root / "imagesTr" / "case_0.nii.gz").resolve()
+    assert task.num_channels == 1 and task.labels == {0: "background", 1: "spleen"}
+    assert [p.name for p in list_nifti(root / "imagesTr")] == ["case_0.nii.gz", "case_1.nii.gz", "case_2.nii.gz"]
+    report = check_task(root, progress=False)
+    assert report.ok, report.all_problems
+    assert report.ignored == 2
+
+
+def test_dataset_json_naming_apple_double_is_rejected(tmp_path):
+    root = make_task(tmp_path / "T")
+    edit_json(root, lambda m: m["training"][1].update(image="./imagesTr/._case_1.nii.gz"))
+    with pytest.raises(DataError, match=r"training\[1\].*AppleDouble"):
+        load_task(root)
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("../outside.nii.gz", "outside the task folder"),
+    ("./imagesTr/../../outside.nii.gz", "outside the task folder"),
+    ("/etc/passwd", "absolute path"),
+])
+def test_paths_escaping_the_folder_are_rejected(tmp_path, bad, expected):
+    root = make_task(tmp_path / "T")
+    edit_json(root, lambda m: m["training"][0].update(label=bad))
+    with pytest.raises(DataError, match=expected) as err:
+        load_task(root)
+    assert "dataset.json" in str(err.value) and "training[0]" in str(err.value)
+
+
+def test_symlink_escaping_the_folder_is_rejected(tmp_path):
+    root = make_task(tmp_path / "T")
+    outside = write_nii(tmp_path / "secret.nii.gz", np.zeros((8, 8, 6), np.uint8))
+    (root / "labelsTr" / "case_0.nii.gz").unlink()
+    os.symlink(outside, root / "labelsTr" / "case_0.nii.gz")
+    with pytest.raises(DataError, match="outside the task folder"):
+        load_task(root)
+
+
+def test_missing_files_are_listed_in_one_error(tmp_path):
+    root = make_task(tmp_path / "T")
+    (root / "labelsTr" / "case_0.nii.gz").unlink()
+    (root / "imagesTr" / "case_2.nii.gz").unlink()
+    with pytest.raises(DataError) as err:
+        load_task(root)
+    msg = str(err.value)
+    assert "2 listed file(s) missing" in msg
+    assert "labelsTr/case_0.nii.gz" in msg and "imagesTr/case_2.nii.gz" in msg
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda p: p.write_text("{not json"), "invalid JSON at line 1"),
+    (lambda p: p.write_text("[1, 2]"), "top level must be a JSON object"),
+    (lambda p: p.write_text(json.dumps({"name": "x", "modality": {"0": "CT"}, "labels": {"0": "bg"}})),
+     "missing required key 'training'"),
+    (lambda p: p.write_text(json.dumps({"name": "x", "modality": "CT", "labels": {"0": "bg"}, "training": []})),
+     "key 'modality' must be dict, got str"),
+    (lambda p: p.write_text(json.dumps({"name": "x", "modality": {"a": "CT"}, "labels": {"0": "bg"},
+                                        "training": []})), "'modality' key 'a' is not an integer"),
+    (lambda p: p.write_text(json.dumps({"name": "x", "modality": {"0": "CT"}, "labels": {"0": "bg"},
+                                        "training": [3]})), r"training\[0\] must be an object"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00"), "cannot read"),
+])
+def test_invalid_dataset_json_raises_data_error_only(tmp_path, mutate, expected):
+    root = make_task(tmp_path / "T")
+    mutate(root / "dataset.json")
+    with pytest.raises(DataError, match=expected) as err:
+        load_task(root)
+    assert str(root / "dataset.json") in str(err.value)
+
+
+def test_duplicate_cases_and_num_training_mismatch(tmp_path):
+    root = make_task(tmp_path / "T")
+    edit_json(root, lambda m: m["training"].append(dict(m["training"][0])))
+    with pytest.raises(DataError, match=r"case 'case_0' is listed twice \(also training\[0\]\)"):
+        load_task(root)
+    root = make_task(tmp_path / "U", extra={"numTraining": 7})
+    with pytest.raises(DataError, match="numTraining is 7 but 'training' lists 3 cases"):
+        load_task(root)
+
+
+def test_missing_folder_and_dataset_json(tmp_path):
+    with pytest.raises(DataError, match="task folder not found"):
+        load_task(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="must contain dataset.json"):
+        load_task(tmp_path / "empty")
+
+
+# ---- splits ----------------------------------------------------------------------------------
+
+def test_split_is_seeded_disjoint_and_has_paper_sizes():
+    ids = [f"c{i}" for i in range(41)]
+    a, b = make_split(ids, seed=3), make_split(list(reversed(ids)), seed=3)
+    assert a == b
+    assert make_split(ids, seed=4).val != a.val
+    assert (len(a.train), len(a.val)) == (33, 8) and not set(a.train) & set(a.val)
+    spleen, brain = get_preset("task09"), get_preset("task01")
+    assert spleen.default_val_count(41) == 9 and brain.default_val_count(484) == 96
+    assert spleen.default_val_count(40) is None
+    assert len(make_split([f"c{i}" for i in range(484)], n_val=96).train) == 388
+    with pytest.raises(ValueError, match="val_frac"):
+        make_split(ids, val_frac=1.5)
+
+
+def test_split_file_roundtrip_and_validation(tmp_path):
+    ids = [f"c{i}" for i in range(10)]
+    path = save_split(make_split(ids, seed=1), tmp_path / "s" / "split.json")
+    assert load_split(path, known_ids=ids) == make_split(ids, seed=1)
+    # An existing split file wins over new arguments: every loss sees the same cases.
+    assert load_or_make_split(path, ids, seed=99) == make_split(ids, seed=1)
+    with pytest.raises(DataError, match=r"split.json: case ids not in the task's dataset.json: c0"):
+        load_split(path, known_ids=ids[1:])
+    path.write_text(json.dumps({"train": ["a", "b"], "val": ["b"]}))
+    with pytest.raises(DataError, match="cases in both train and val: b"):
+        load_split(path)
+    path.write_text("{")
+    with pytest.raises(DataError, match="cannot read split file"):
+        load_split(path)
+
+
+# ---- presets: the paper's normalisation and label conversion --------------------------------
+
+def test_task09_foreground_percentile_normalisation(tmp_path):
+    # Foreground holds 0..100 (101 voxels), so the 5th/95th percentiles are exactly 5 and 95.
+    shape = (11, 11, 11)
+    image = np.full(shape, -500.0, np.float32)
+    label = np.zeros(shape, np.uint8)
+    flat_idx = np.arange(101)
+    image.reshape(-1)[flat_idx] = np.arange(101, dtype=np.float32)
+    label.reshape(-1)[flat_idx] = 1
+    image.reshape(-1)[200] = 50.0  # background voxel inside the range
+    image.reshape(-1)[201] = 1000.0  # above the range -> clipped to 1
+    root = tmp_path / "T"
+    write_nii(root / "imagesTr" / "a.nii.gz", image)
+    write_nii(root / "labelsTr" / "a.nii.gz", label)
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "Spleen", "modality": {"0": "CT"}, "labels": SPLEEN_LABELS, "numTraining": 1,
+        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
+    task = load_task(root)
+    stats = foreground_percentiles(task.training, tmp_path / "cache")
+    assert (stats.low, stats.high, stats.num_voxels) == (5.0, 95.0, 101)
+    out = get_preset("task09").val_transforms(stats)(task.training[0].as_dict())
+    img = out["image"].numpy().reshape(-1)  # 1 mm identity affine: no resampling, same voxel order
+    assert out["image"].shape == (1, 11, 11, 11) and out["label"].shape == (1, 11, 11, 11)
+    assert img[50] == pytest.approx(0.5) and img[5] == pytest.approx(0.0) and img[95] == pytest.approx(1.0)
+    assert img[200] == pytest.approx(0.5) and img[201] == 1.0 and img[300] == 0.0
+
+
+def test_foreground_percentiles_are_cached_and_invalidated(tmp_path, monkeypatch):
+    root = make_task(tmp_path / "T")
+    task = load_task(root)
+    first = foreground_percentiles(task.training, tmp_path / "cache")
+    assert (tmp_path / "cache" / "intensity_stats.json").is_file()
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(intensity_mod, "_compute", boom)
+    assert foreground_percentiles(task.training, tmp_path / "cache") == first
+    monkeypatch.undo()
+    write_nii(task.training[0].image, np.full((8, 8, 6), 7.0, np.float32))  # data changed: recompute
+    assert foreground_percentiles(task.training, tmp_path / "cache") != first
+
+
+def test_msd_brats_region_conversion():
+    label = np.array([0, 1, 2, 3], np.uint8).reshape(1, 4, 1, 1)
+    regions = msd_brats_regions(label)
+    assert regions.shape == (3, 4, 1, 1)
+    # channels (TC, WT, ET); MSD 1 = edema, 2 = non-enhancing tumour, 3 = enhancing tumour
+    np.testing.assert_array_equal(regions[:, :, 0, 0], [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]])
+    assert torch.equal(msd_brats_regions(torch.as_tensor(label)), torch.as_tensor(regions))
+
+
+def test_task01_preset_regions_and_nonzero_zscore(tmp_path):
+    root = tmp_path / "T"
+    shape = (6, 6, 6)
+    image = np.zeros(shape + (4,), np.float32)
+    image[1:5, 1:5, 1:5, :] = np.random.default_rng(0).uniform(1, 5, (4, 4, 4, 4)) * [1, 10, 100, 1000]
+    label = np.zeros(shape, np.uint8)
+    label[1:5, 1:5, 1:5] = 1
+    label[2:4, 2:4, 2:4] = 2
+    label[2, 2, 2] = 3
+    write_nii(root / "imagesTr" / "b.nii.gz", image)
+    write_nii(root / "labelsTr" / "b.nii.gz", label)
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "BrainTumour", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+        "training": [{"image": "./imagesTr/b.nii.gz", "label": "./labelsTr/b.nii.gz"}]}))
+    task = load_task(root)
+    preset = preset_for_task(task)
+    assert preset.name == "task01" and preset.out_channels == 3 and preset.activation == "sigmoid"
+    out = preset.val_transforms()(task.training[0].as_dict())
+    img, lab = out["image"].numpy(), out["label"].numpy()
+    assert img.shape == (4, 6, 6, 6) and lab.shape == (3, 6, 6, 6)
+    nz = image[..., 0] != 0
+    for c in range(4):  # zero mean, unit variance over the non-zero voxels of each channel; zeros stay 0
+        assert img[c][nz].mean() == pytest.approx(0.0, abs=1e-5)
+        assert img[c][nz].std() == pytest.approx(1.0, abs=1e-3)
+        assert np.all(img[c][~nz] == 0)
+    assert lab[0].sum() == 8 and lab[1].sum() == 64 and lab[2].sum() == 1  # TC, WT, ET
+
+
+@pytest.mark.filterwarnings("ignore:Num foregrounds:UserWarning")  # neg=0 on purpose
+def test_train_transforms_pad_sample_and_augment(tmp_path):
+    root = make_task(tmp_path / "T", n=2)
+    task = load_task(root)
+    stats = foreground_percentiles(task.training, None)
+    preset = get_preset("phantom-spleen")
+    tr = preset.train_transforms(patch_size=(10, 10, 4), stats=stats, pos=1, neg=0, num_samples=3)
+    tr.set_random_state(0)
+    patches = tr(task.training[0].as_dict())
+    assert len(patches) == 3
+    for p in patches:
+        # 8x8x6 volume padded to 10x10x6, patch 10x10x4; pos-only sampling always hits the cube
+        assert p["image"].shape == (1, 10, 10, 4) and p["label"].shape == (1, 10, 10, 4)
+        assert p["label"].dtype == torch.float32 and p["label"].sum() > 0
+        assert not isinstance(p["image"], MetaTensor)
+
+
+def test_infer_transforms_invert_to_original_geometry(tmp_path):
+    root = make_task(tmp_path / "T", n=2)
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])  # anisotropic, LPS-like: reorient + resample
+    image = np.random.default_rng(0).normal(size=(20, 20, 6)).astype(np.float32)
+    write_nii(root / "imagesTs" / "t.nii.gz", image, affine)
+    task = load_task(root)
+    preset = get_preset("task09")
+    infer = preset.infer_transforms(foreground_percentiles(task.training, None))
+    data = infer({"image": str(root / "imagesTs" / "t.nii.gz")})
+    assert data["image"].shape == (1, 16, 16, 14)  # 1 mm isotropic: MONAI keeps (n - 1) * spacing + 1
+    data["pred"] = MetaTensor(torch.rand(2, *data["image"].shape[1:]), affine=data["image"].affine)
+    back = preset.inverter(infer)(data)
+    assert back["pred"].shape == (2, 20, 20, 6)
+    np.testing.assert_allclose(back["pred"].affine.numpy(), affine, atol=1e-5)
+
+
+def test_build_task_data_end_to_end(tmp_path):
+    root = make_task(tmp_path / "T", n=5)
+    data = build_task_data(load_task(root), get_preset("phantom-spleen"), cache_dir=tmp_path / "cache",
+                           patch_size=(8, 8, 4))
+    assert (len(data.split.train), len(data.split.val)) == (4, 1)
+    assert (tmp_path / "cache" / "split.json").is_file()
+    assert data.out_channels == 2 and data.activation == "softmax"
+    sample = data.train[0][0]
+    assert sample["image"].shape == (1, 8, 8, 4)
+    assert data.val[0]["image"].shape == (1, 8, 8, 6)
+    disk = build_task_data(load_task(root), get_preset("phantom-spleen"), cache_dir=tmp_path / "cache",
+                           patch_size=(8, 8, 4), cache="disk")
+    assert disk.split == data.split and disk.train[1][0]["image"].shape == (1, 8, 8, 4)
+    assert any((tmp_path / "cache" / "persistent").rglob("*.pt"))
+
+
+def test_preset_validation_and_lookup(tmp_path):
+    task = load_task(make_task(tmp_path / "T", channels=2, name="Prostate"))
+    with pytest.raises(DataError, match=r"preset 'task09' expects 1 image channel\(s\), 'modality' declares 2"):
+        get_preset("task09").validate(task)
+    with pytest.raises(DataError, match="cannot tell the task preset"):
+        preset_for_task(task)
+    with pytest.raises(ValueError, match="unknown task preset 'task42'"):
+        get_preset("task42")
+    assert get_preset("PHANTOM-BRAIN").label_mode == "brats_regions"
+
+
+# ---- checker ---------------------------------------------------------------------------------
+
+def test_check_reports_every_problem_with_file_names(tmp_path):
+    root = make_task(tmp_path / "T", n=6)
+    img = lambda i: root / "imagesTr" / f"case_{i}.nii.gz"  # noqa: E731
+    lab = lambda i: root / "labelsTr" / f"case_{i}.nii.gz"  # noqa: E731
+    write_nii(lab(0), np.zeros((8, 8, 5), np.uint8))  # shape mismatch
+    nan = np.zeros((8, 8, 6), np.float32)
+    nan[0, 0, 0], nan[1, 0, 0] = np.nan, np.inf
+    write_nii(img(1), nan)  # NaN and Inf
+    bad = np.zeros((8, 8, 6), np.uint8)
+    bad[0, 0, 0] = 7
+    write_nii(lab(2), bad)  # undeclared label
+    half = np.zeros((8, 8, 6), np.float32)
+    half[0, 0, 0] = 0.5
+    write_nii(lab(3), half)  # non-integer label
+    write_nii(lab(4), np.zeros((8, 8, 6), np.uint8), np.diag([2.0, 1, 1, 1]))  # affine mismatch
+    img(5).unlink()  # missing
+    report = check_task(root, progress=False)
+    probs = report.all_problems
+    assert not report.ok and len(probs) == 6
+    expected = [
+        (lab(0), "shape (8, 8, 5) does not match image shape (8, 8, 6)"),
+        (img(1), "1 NaN and 1 Inf voxel(s)"),
+        (lab(2), "label values [7] are not declared"),
+        (lab(3), "non-integer label values, e.g. 0.5"),
+        (lab(4), "affine differs from the image's by up to 1"),
+        (img(5), "file not found"),
+    ]
+    for path, text in expected:
+        assert any(str(path.resolve()) in p and text in p for p in probs), (text, probs)
+    with pytest.raises(DataError, match="6 problem"):
+        report.raise_for_problems()
+
+
+def test_check_corrupt_and_wrong_channel_files(tmp_path):
+    root = make_task(tmp_path / "T", n=3, channels=2)
+    (root / "imagesTr" / "case_0.nii.gz").write_bytes(b"")
+    (root / "imagesTr" / "case_1.nii.gz").write_bytes(b"this is not nifti")
+    write_nii(root / "imagesTr" / "case_2.nii.gz", np.zeros((8, 8, 6), np.float32))
+    probs = check_task(root, progress=False).all_problems
+    assert any("case_0.nii.gz: file is empty" in p for p in probs)
+    assert any("case_1.nii.gz: not a readable NIfTI file" in p for p in probs)
+    assert any("case_2.nii.gz: 1 channel(s) but dataset.json 'modality' declares 2" in p for p in probs)
+
+
+def test_cli_data_check(tmp_path, capsys):
+    root = make_task(tmp_path / "T")
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "case_0" in out and "8x8x6" in out and "1.00x1.00x1.00" in out and "OK: no problems found" in out
+    write_nii(root / "labelsTr" / "case_1.nii.gz", np.full((8, 8, 6), 9, np.uint8))
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: 1 problem(s)" in out and "case_1.nii.gz: label values [9] are not declared" in out
+    assert main(["data", "check", str(tmp_path / "missing")]) == 1
+    assert "task folder not found" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    root = make_task(tmp_path / "T")
+    assert main(["data", "phantom", str(root), "--cases", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset.json: already exists" in err and "Traceback" not in err
