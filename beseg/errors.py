@@ -13,3 +13,7 @@ class ConfigError(BesegError):
 
 class DataError(BesegError):
     """A dataset folder, ``dataset.json`` or image/label file is missing, unreadable or inconsistent."""
+
+
+class ReportError(BesegError):
+    """A results folder cannot be turned into a report: missing, empty, or runs that disagree."""

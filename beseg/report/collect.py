@@ -1,0 +1,273 @@
+"""Read a ``beseg compare`` results folder into tidy per-run records.
+
+Layout read (nothing else is)::
+
+    RESULTS_DIR/<system>/seed<k>/config.yaml          system, network, loss (shown, not computed on)
+    RESULTS_DIR/<system>/seed<k>/metrics.jsonl        "train" lines (step, loss, step_time_s,
+                                                      loss_time_s) and "val" lines (step, dice_mean)
+    RESULTS_DIR/<system>/seed<k>/eval/per_case.csv    case,class,dice,hd95_mm,asd_mm,nsd
+    RESULTS_DIR/<system>/seed<k>/eval/summary.json    task, classes, split (and nsd_tolerance_mm if present)
+    RESULTS_DIR/<system>/seed<k>/eval/predictions/<case>.nii.gz   (used by the figures)
+
+A run without a readable ``eval/per_case.csv`` and ``eval/summary.json`` is unfinished: it is skipped
+with a note that the report prints. Problems in the optional parts (config, training log) become
+notes too. Only problems that leave nothing to report raise :class:`beseg.errors.ReportError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from beseg.errors import ReportError
+from beseg.metrics import METRIC_NAMES
+
+__all__ = ["Run", "Results", "collect_results", "read_run"]
+
+_SEED_DIR = re.compile(r"seed(\d+)")
+_CSV_COLUMNS = ("case", "class", *METRIC_NAMES)
+
+
+@dataclass
+class Run:
+    """One system trained and evaluated with one seed.
+
+    Attributes:
+        system: system name (the run's grandparent folder name).
+        seed: the ``k`` of its ``seed<k>`` folder.
+        path: the run folder.
+        task: task name from ``eval/summary.json`` (``task09``, ``phantom-spleen``...).
+        classes: scored class names, in the order of ``eval/summary.json``.
+        summary: the whole ``eval/summary.json`` object.
+        config: the parsed ``config.yaml`` ({} if missing or unreadable).
+        per_case: one dict per ``per_case.csv`` row: ``case``, ``class`` and the metrics as floats
+            (NaN where empty or ``nan``); distances in mm.
+        train: ``metrics.jsonl`` objects with ``"kind": "train"``, in file order.
+        val: ``metrics.jsonl`` objects with ``"kind": "val"``, in file order.
+    """
+
+    system: str
+    seed: int
+    path: Path
+    task: str
+    classes: list[str]
+    summary: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    per_case: list[dict[str, Any]] = field(default_factory=list)
+    train: list[dict[str, Any]] = field(default_factory=list)
+    val: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """``<system>/seed<k>``, as notes and figures name the run."""
+        return f"{self.system}/seed{self.seed}"
+
+    def prediction_path(self, case: str) -> Path:
+        """Where the run's predicted label map of ``case`` is (it may not exist)."""
+        return self.path / "eval" / "predictions" / f"{case}.nii.gz"
+
+    def values(self, cls: str, metric: str) -> dict[str, float]:
+        """``{case: value}`` of one class and metric."""
+        return {r["case"]: r[metric] for r in self.per_case if r["class"] == cls}
+
+
+@dataclass
+class Results:
+    """Every usable run of a results folder, and notes on what was skipped or incomplete.
+
+    Attributes:
+        root: the results folder.
+        runs: usable runs, sorted by system name and seed.
+        notes: one human-readable line per skipped run or problem found.
+    """
+
+    root: Path
+    runs: list[Run]
+    notes: list[str]
+
+    @property
+    def task(self) -> str:
+        """The task every run evaluated."""
+        return self.runs[0].task
+
+    @property
+    def classes(self) -> list[str]:
+        """The classes every run scored."""
+        return self.runs[0].classes
+
+    @property
+    def systems(self) -> list[str]:
+        """System names with at least one usable run, sorted."""
+        return sorted({r.system for r in self.runs})
+
+    def runs_of(self, system: str) -> list[Run]:
+        """The usable runs of ``system``, by seed."""
+        return [r for r in self.runs if r.system == system]
+
+
+class _Skip(Exception):
+    """A run folder that cannot be used; the message says why."""
+
+
+def _float(text: str | None) -> float:
+    """A CSV cell as float: empty or ``nan`` give NaN; anything else unparsable raises ValueError."""
+    if text is None or text.strip() == "":
+        return math.nan
+    return float(text)
+
+
+def _read_per_case(path: Path, classes: list[str]) -> list[dict[str, Any]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in _CSV_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise _Skip(f"{path}: missing column(s) {', '.join(missing)}")
+            rows = []
+            for i, row in enumerate(reader, start=2):
+                try:
+                    rows.append({"case": row["case"], "class": row["class"],
+                                 **{m: _float(row[m]) for m in METRIC_NAMES}})
+                except (TypeError, ValueError):
+                    raise _Skip(f"{path}, line {i}: a metric is not a number") from None
+    except OSError as exc:
+        raise _Skip(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not rows:
+        raise _Skip(f"{path}: no rows")
+    unknown = sorted({r["class"] for r in rows} - set(classes))
+    if unknown:
+        raise _Skip(f"{path}: class(es) {', '.join(unknown)} not in summary.json's classes {classes}")
+    return rows
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _Skip(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise _Skip(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def _read_log(path: Path, notes: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and val entries of ``metrics.jsonl``; unreadable lines are counted in a note."""
+    train: list[dict[str, Any]] = []
+    val: list[dict[str, Any]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        notes.append(f"{path}: missing or unreadable; no learning curve or cost for this run")
+        return train, val
+    bad = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(obj, dict) and obj.get("kind") == "train":
+            train.append(obj)
+        elif isinstance(obj, dict) and obj.get("kind") == "val":
+            val.append(obj)
+    if bad:
+        # A run killed mid-write leaves a truncated last line; the rest is still good.
+        notes.append(f"{path}: {bad} line(s) are not JSON and were ignored")
+    return train, val
+
+
+def _read_config(path: Path, notes: list[str]) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError:
+        notes.append(f"{path}: missing; network and loss are not shown for this run")
+        return {}
+    except yaml.YAMLError as exc:
+        notes.append(f"{path}: not valid YAML ({str(exc).splitlines()[0]})")
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def read_run(path: str | Path, system: str, seed: int, notes: list[str]) -> Run:
+    """Read one run folder.
+
+    Args:
+        path: the ``<system>/seed<k>`` folder.
+        system: the system name.
+        seed: the seed number.
+        notes: list that problems in the optional files are appended to.
+
+    Returns:
+        The :class:`Run`.
+
+    Raises:
+        ReportError: the evaluation output (``eval/summary.json``, ``eval/per_case.csv``) is
+            missing or malformed, so the run cannot be used.
+    """
+    path = Path(path)
+    try:
+        summary = _read_json(path / "eval" / "summary.json")
+        if not isinstance(summary, dict) or not isinstance(summary.get("task"), str) or not (
+            isinstance(summary.get("classes"), list) and summary["classes"]
+        ):
+            raise _Skip(f"{path / 'eval' / 'summary.json'}: needs a 'task' string and a non-empty 'classes' list")
+        classes = [str(c) for c in summary["classes"]]
+        per_case = _read_per_case(path / "eval" / "per_case.csv", classes)
+    except _Skip as exc:
+        raise ReportError(str(exc)) from None
+    run_notes: list[str] = []
+    config = _read_config(path / "config.yaml", run_notes)
+    train, val = _read_log(path / "metrics.jsonl", run_notes)
+    notes.extend(run_notes)
+    return Run(system, seed, path, summary["task"], classes, summary, config, per_case, train, val)
+
+
+def _run_dirs(root: Path) -> Iterator[tuple[str, int, Path]]:
+    for system_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "report"):
+        for seed_dir in sorted(system_dir.iterdir()):
+            m = _SEED_DIR.fullmatch(seed_dir.name)
+            if m and seed_dir.is_dir():
+                yield system_dir.name, int(m.group(1)), seed_dir
+
+
+def collect_results(results_dir: str | Path) -> Results:
+    """Read every ``<system>/seed<k>`` run of a results folder.
+
+    Args:
+        results_dir: the folder ``beseg compare`` wrote.
+
+    Returns:
+        :class:`Results` with the usable runs and a note for each skipped run or problem.
+
+    Raises:
+        ReportError: the folder does not exist, holds no usable run, or its runs evaluated
+            different tasks or classes (they would not be comparable).
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ReportError(f"{root}: results folder does not exist")
+    runs: list[Run] = []
+    notes: list[str] = []
+    for system, seed, path in _run_dirs(root):
+        try:
+            runs.append(read_run(path, system, seed, notes))
+        except ReportError as exc:
+            notes.append(f"skipped {system}/seed{seed}: {exc}")
+    if not runs:
+        detail = "; ".join(notes) if notes else "no <system>/seed<k>/ folders found"
+        raise ReportError(f"{root}: no finished run to report ({detail})")
+    kinds = {(r.task, tuple(r.classes)) for r in runs}
+    if len(kinds) > 1:
+        listing = ", ".join(f"{r.name}: {r.task} {r.classes}" for r in runs)
+        raise ReportError(f"{root}: runs evaluated different tasks or classes ({listing})")
+    runs.sort(key=lambda r: (r.system, r.seed))
+    return Results(root, runs, notes)

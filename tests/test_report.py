@@ -1,0 +1,356 @@
+"""Tests of beseg.report on a tiny fake results folder and MSD-like dataset written in tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import stats
+
+from beseg.errors import ReportError
+from beseg.metrics import METRIC_NAMES
+from beseg.report import collect_results, paired_comparison, write_report
+from beseg.report.document import N_RESAMPLES
+from beseg.report.paper import msd_task_key
+
+SYSTEMS = ("segresnet_dice", "segresnet_be")
+SEEDS = (0, 1)
+CASES = ("spleen_1", "spleen_2", "spleen_3", "spleen_4")
+SHAPE = (28, 28, 12)
+SPACING = (1.5, 1.5, 3.0)
+
+
+def _nifti(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([*SPACING, 1.0])), str(path))
+
+
+def _ellipsoid(centre: tuple[float, float, float], radius_mm: float) -> np.ndarray:
+    grid = np.indices(SHAPE).astype(float)
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, SPACING))
+    return (d2 <= radius_mm**2).astype(np.uint8)
+
+
+def make_dataset(root: Path) -> Path:
+    """An MSD-like task folder: dataset.json, imagesTr/, labelsTr/ with 4 small cases."""
+    rng = np.random.default_rng(0)
+    training = []
+    for i, case in enumerate(CASES):
+        label = _ellipsoid((14 + i, 13, 6), 9.0 + i)
+        image = (label * 100 + rng.normal(0, 20, SHAPE)).astype(np.float32)
+        _nifti(root / "imagesTr" / f"{case}.nii.gz", image)
+        _nifti(root / "labelsTr" / f"{case}.nii.gz", label)
+        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"name": "Spleen", "labels": {"0": "background", "1": "spleen"},
+                                                   "modality": {"0": "CT"}, "training": training}))
+    return root
+
+
+def write_run(run: Path, system: str, seed: int, rng: np.random.Generator, task: str = "task09") -> None:
+    """One run folder in the engine's layout, with made-up numbers."""
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"system: {system}\nnetwork: segresnet\nloss: {system.split('_', 1)[1]}\n"
+                                     f"task: {task}\nseed: {seed}\n")
+    lines = []
+    for step in range(1, 41):
+        lines.append({"kind": "train", "epoch": step // 10, "step": step, "loss": 1.0 / step + rng.uniform(0, 0.05),
+                      "step_time_s": 0.9 + rng.uniform(0, 0.2), "loss_time_s": rng.uniform(0.005, 0.02), "lr": 1e-4})
+        if step % 10 == 0:
+            lines.append({"kind": "val", "epoch": step // 10, "step": step, "dice_mean": 0.5 + step / 100,
+                          "dice": {"spleen": 0.5 + step / 100}})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with (run / "eval" / "per_case.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "class", *METRIC_NAMES])
+        boost = 0.03 if system == "segresnet_be" else 0.0
+        for i, case in enumerate(CASES):
+            hd95 = "nan" if (system, seed, case) == ("segresnet_dice", 1, "spleen_4") else f"{rng.uniform(2, 9):.6f}"
+            w.writerow([case, "spleen", f"{0.8 + boost + 0.02 * i + rng.uniform(0, 0.02):.6f}", hd95,
+                        f"{rng.uniform(0.5, 2):.6f}", f"{rng.uniform(0.6, 0.9):.6f}"])
+    (run / "eval" / "summary.json").write_text(json.dumps({"task": task, "classes": ["spleen"], "split": "val",
+                                                           "nsd_tolerance_mm": 2.0}))
+    for i, case in enumerate(CASES):
+        pred = _ellipsoid((14 + i + seed, 13, 6), 8.0 + i + (1 if system == "segresnet_be" else 0))
+        _nifti(run / "eval" / "predictions" / f"{case}.nii.gz", pred)
+
+
+def make_results(root: Path, task: str = "task09") -> Path:
+    rng = np.random.default_rng(1)
+    for system in SYSTEMS:
+        for seed in SEEDS:
+            write_run(root / system / f"seed{seed}", system, seed, rng, task)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(results folder, dataset folder, report.html) written once for the module."""
+    tmp = tmp_path_factory.mktemp("report")
+    data = make_dataset(tmp / "data")
+    results = make_results(tmp / "results")
+    return results, data, write_report(results, data)
+
+
+def _csv_values(results: Path, system: str, seed: int, metric: str) -> dict[str, float]:
+    with (results / system / f"seed{seed}" / "eval" / "per_case.csv").open() as f:
+        return {r["case"]: float(r[metric]) for r in csv.DictReader(f)}
+
+
+def _md_rows(md: str, caption: str) -> list[list[str]]:
+    """Body rows of the Markdown table under the bold ``caption``."""
+    block = md.split(f"**{caption}**", 1)[1].strip().split("\n\n", 1)[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:]]
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"[-+]?\d+\.\d+", cell)]
+
+
+# --------------------------------------------------------------------------- numbers from the runs
+
+
+def test_files_written(report):
+    results, _, html = report
+    out = results / "report"
+    assert html == out / "report.html"
+    assert (out / "report.md").is_file()
+    pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert pngs == ["figure1_contours.png", "figure1_filter.png", "learning_curves.png"]
+    for p in (out / "figures").glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("metric, col, caption", [
+    ("dice", 2, "Validation Dice on task09"),
+    ("hd95_mm", 1, "Boundary metrics (mean ± std over seeds)"),
+    ("asd_mm", 2, "Boundary metrics (mean ± std over seeds)"),
+    ("nsd", 3, "Boundary metrics (mean ± std over seeds)"),
+])
+def test_table_equals_mean_of_per_case_csv(report, metric, col, caption):
+    results, _, html = report
+    md = (html.parent / "report.md").read_text()
+    rows = {r[0]: r for r in _md_rows(md, caption)}
+    digits = 3 if metric in ("dice", "nsd") else 2
+    for system in SYSTEMS:
+        # mean over cases per seed (NaN skipped), then mean and sample std over seeds
+        run_means = [np.nanmean(list(_csv_values(results, system, s, metric).values())) for s in SEEDS]
+        got = _numbers(rows[system][col])
+        assert got[0] == pytest.approx(np.mean(run_means), abs=0.5 * 10**-digits + 1e-12)
+        assert got[1] == pytest.approx(np.std(run_means, ddof=1), abs=0.5 * 10**-digits + 1e-12)
+    if metric == "hd95_mm":
+        assert "(1 undef.)" in rows["segresnet_dice"][col]  # the NaN HD95 is counted, not averaged
+    if metric == "dice":
+        assert rows["segresnet_dice"][-1] == "0.95" and rows["segresnet_be"][-1] == "0.96"  # the paper's
+
+
+def test_comparison_equals_stats_on_csv(report):
+    results, _, html = report
+    md = (html.parent / "report.md").read_text()
+    table = md.split("## Paired comparison against segresnet_dice", 1)[1].split("\n## ", 1)[0]
+    rows = {r[2]: r for r in (
+        [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| segresnet_be")
+    )}
+    for metric, label in [("dice", "Dice"), ("nsd", "NSD"), ("hd95_mm", "HD95 (mm)")]:
+        def averaged(system):
+            per_seed = [_csv_values(results, system, s, metric) for s in SEEDS]
+            return np.array([np.nanmean([p[c] for p in per_seed]) for c in CASES])
+
+        d = averaged("segresnet_be") - averaged("segresnet_dice")
+        boot = stats.bootstrap((d,), np.mean, n_resamples=N_RESAMPLES, method="percentile",
+                               rng=np.random.default_rng(0))
+        row = rows[label]
+        assert row[3] == "4"
+        digits = 3 if metric != "hd95_mm" else 2
+        tol = 0.5 * 10**-digits + 1e-12
+        assert _numbers(row[4])[0] == pytest.approx(d.mean(), abs=tol)
+        lo, hi = _numbers(row[5])
+        assert lo == pytest.approx(boot.confidence_interval.low, abs=tol)
+        assert hi == pytest.approx(boot.confidence_interval.high, abs=tol)
+        assert float(row[6]) == pytest.approx(stats.wilcoxon(d).pvalue, rel=1e-2)
+
+
+def test_cost_table(report):
+    results, _, html = report
+    md = (html.parent / "report.md").read_text()
+    rows = {r[0]: r for r in _md_rows(md, "Training time per step and the share spent computing the loss")}
+    for system in SYSTEMS:
+        medians, shares = [], []
+        for s in SEEDS:
+            entries = [json.loads(x) for x in (results / system / f"seed{s}" / "metrics.jsonl").read_text().splitlines()]
+            train = [e for e in entries if e["kind"] == "train"]
+            medians.append(np.median([e["step_time_s"] for e in train]))
+            shares.append(sum(e["loss_time_s"] for e in train) / sum(e["step_time_s"] for e in train))
+        assert rows[system][1:3] == ["2", "80"]
+        assert float(rows[system][3]) == pytest.approx(np.mean(medians), abs=5e-4)
+        assert float(rows[system][5]) == pytest.approx(100 * np.mean(shares), abs=0.05)
+
+
+def test_html_is_self_contained(report):
+    _, _, html = report
+    text = html.read_text()
+    srcs = re.findall(r'<img src="([^"]*)"', text)
+    assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<link" not in text and "<script" not in text
+
+
+# --------------------------------------------------------------------------- statistics against scipy
+
+
+def test_paired_comparison_matches_scipy():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.7, 0.9, 12)
+    system = base + rng.normal(0.02, 0.03, 12)
+    r = paired_comparison(system, base, n_resamples=5000, seed=7)
+    d = system - base
+    boot = stats.bootstrap((d,), np.mean, n_resamples=5000, method="percentile", rng=np.random.default_rng(7))
+    assert r.n == 12 and r.mean_diff == pytest.approx(d.mean())
+    assert (r.ci_low, r.ci_high) == pytest.approx((boot.confidence_interval.low, boot.confidence_interval.high))
+    assert r.p_value == pytest.approx(stats.wilcoxon(d).pvalue)
+    assert r == paired_comparison(system, base, n_resamples=5000, seed=7)  # deterministic
+    assert r.ci_low < r.mean_diff < r.ci_high
+
+
+def test_bootstrap_interval_exact_on_two_cases():
+    # Resampled means of d = [0, 1] are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: the 2.5th and
+    # 97.5th percentiles are exactly 0 and 1, whatever the seed.
+    for seed in range(3):
+        r = paired_comparison([1.0, 2.0], [1.0, 1.0], seed=seed)
+        assert (r.ci_low, r.ci_high) == (0.0, 1.0)
+        assert r.mean_diff == 0.5
+
+
+def test_bootstrap_covers_true_mean():
+    # Coverage of the 95% interval over 200 normal samples of 30: near 95% (binomial 99.9% band).
+    rng = np.random.default_rng(11)
+    hits = sum(
+        r.ci_low <= 0.1 <= r.ci_high
+        for r in (paired_comparison(rng.normal(0.1, 1.0, 30), np.zeros(30), n_resamples=2000, seed=i)
+                  for i in range(200))
+    )
+    assert 0.86 * 200 <= hits <= 0.99 * 200
+
+
+def test_degenerate_inputs_give_nan_with_note():
+    r = paired_comparison([0.5, 0.7], [0.5, 0.7])
+    assert r.mean_diff == 0.0 and math.isnan(r.ci_low) and math.isnan(r.p_value) and "zero" in r.note
+    r = paired_comparison([0.9], [0.8])
+    assert r.n == 1 and r.mean_diff == pytest.approx(0.1) and math.isnan(r.p_value) and "one" in r.note
+    r = paired_comparison([math.nan, 0.9, 0.8, 0.7], [0.5, 0.5, math.nan, 0.6])
+    assert r.n == 2 and "2 case(s)" in r.note and r.mean_diff == pytest.approx(0.25)
+    r = paired_comparison([math.nan], [0.5])
+    assert r.n == 0 and math.isnan(r.mean_diff) and "no paired" in r.note
+    with pytest.raises(ValueError, match="equal length"):
+        paired_comparison([1.0, 2.0], [1.0])
+
+
+# --------------------------------------------------------------------------- missing and partial runs
+
+
+def test_unfinished_run_is_skipped_with_note(tmp_path):
+    results = make_results(tmp_path / "results")
+    shutil.rmtree(results / "segresnet_be" / "seed1" / "eval")
+    (results / "segresnet_be" / "seed1" / "metrics.jsonl").write_text("{truncated")
+    with (results / "segresnet_dice" / "seed0" / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "st')
+    html = write_report(results, None, out_dir=tmp_path / "out")
+    md = (html.parent / "report.md").read_text()
+    assert "skipped segresnet_be/seed1:" in md and "summary.json" in md
+    assert "1 line(s) are not JSON" in md
+    assert "no dataset folder given" in md
+    assert [r.name for r in collect_results(results).runs] == ["segresnet_be/seed0", "segresnet_dice/seed0",
+                                                               "segresnet_dice/seed1"]
+
+
+def test_missing_baseline_and_phantom_task(tmp_path):
+    results = make_results(tmp_path / "results", task="phantom-spleen")
+    shutil.rmtree(results / "segresnet_dice")
+    md = (write_report(results, make_dataset(tmp_path / "data")).parent / "report.md").read_text()
+    assert "Not computed: the baseline segresnet_dice has no run" in md
+    assert "paper" not in _md_rows(md, "Validation Dice on phantom-spleen")[0][-1]
+    assert "The paper's Table 1" not in md
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda r: shutil.rmtree(r), "does not exist"),
+    (lambda r: [shutil.rmtree(p) for p in r.iterdir()], "no <system>/seed<k>/ folders"),
+    (lambda r: [shutil.rmtree(p / "seed0" / "eval") or shutil.rmtree(p / "seed1" / "eval") for p in r.iterdir()],
+     "no finished run"),
+    (lambda r: (r / "segresnet_be" / "seed0" / "eval" / "summary.json").write_text(
+        json.dumps({"task": "task01", "classes": ["spleen"]})), "different tasks"),
+])
+def test_unusable_results_raise_report_error(tmp_path, damage, match):
+    results = make_results(tmp_path / "results")
+    damage(results)
+    with pytest.raises(ReportError, match=match):
+        write_report(results, None)
+
+
+def test_bad_per_case_csv_skipped(tmp_path):
+    results = make_results(tmp_path / "results")
+    (results / "segresnet_be" / "seed0" / "eval" / "per_case.csv").write_text("case,class,dice\nspleen_1,spleen,0.9\n")
+    res = collect_results(results)
+    assert len(res.runs) == 3 and "missing column(s) hd95_mm, asd_mm, nsd" in res.notes[0]
+
+
+def test_msd_task_key():
+    assert msd_task_key("task09") == "task09" and msd_task_key("Task01_BrainTumour") == "task01"
+    assert msd_task_key("phantom-spleen") is None and msd_task_key("task03") is None
+
+
+# --------------------------------------------------------------------------- the page in a browser
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _load_in_chromium(page: Path, tmp: Path, screenshot: Path | None = None) -> str:
+    binary = _chromium()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required in CI to check the report page: apt-get install -y chromium")
+        pytest.skip("chromium not installed (Debian: apt-get update && apt-get install -y chromium)")
+    args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=10000"]
+    if screenshot is not None:
+        args += ["--window-size=1280,4000", f"--screenshot={screenshot}"]
+    else:
+        args += ["--dump-dom"]
+    proc = subprocess.run([*args, page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_every_image_loads_in_headless_chromium(report, tmp_path):
+    _, _, html = report
+    # A copy of the page with a probe: on load, record for every image whether it decoded, and add a
+    # deliberately broken image first so the probe is shown to detect a broken one.
+    probe = (
+        '<img id="control" src="data:image/png;base64,AAAA">'
+        "<script>window.addEventListener('load', () => { document.body.setAttribute('data-images', "
+        "JSON.stringify([...document.images].map(i => i.complete && i.naturalWidth > 0))); });</script>"
+    )
+    page = tmp_path / "probe.html"
+    page.write_text(html.read_text().replace("</body>", probe + "</body>"))
+    dom = _load_in_chromium(page, tmp_path)
+    m = re.search(r'data-images="([^"]*)"', dom)
+    assert m, dom[-2000:]
+    loaded = json.loads(m.group(1).replace("&quot;", '"'))
+    assert loaded == [True, True, True, False]  # three report figures, then the broken control
+    shot = tmp_path / "shot.png"
+    _load_in_chromium(html, tmp_path, screenshot=shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
