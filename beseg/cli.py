@@ -111,6 +111,123 @@ def _run_data_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_engine(sub: argparse._SubParsersAction) -> None:
+    configs = sub.add_parser("configs", help="list the shipped config presets (the paper's Table 1 rows)")
+    configs.set_defaults(func=_run_configs)
+
+    train = sub.add_parser("train", help="train a config preset or YAML file on a task folder")
+    train.add_argument("config", nargs="?", metavar="CONFIG", help="preset name (see `beseg configs`) or YAML path")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=5")
+    train.add_argument("--data", metavar="DIR", help="MSD task folder (default for phantom tasks: a generated phantom)")
+    train.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<system>-seed<seed>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=_run_train)
+
+    evaluate = sub.add_parser("evaluate", help="Dice, HD95, ASD and NSD per case of a trained model")
+    evaluate.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
+    evaluate.add_argument("--data", metavar="DIR", help="the task folder (default for phantom tasks: the phantom)")
+    evaluate.add_argument("--split", choices=("val", "train", "all"), default="val")
+    evaluate.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/eval)")
+    evaluate.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
+                          help="surface Dice tolerance in mm")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(func=_run_evaluate)
+
+    predict = sub.add_parser("predict", help="segment NIfTI images into label maps in their own geometry")
+    predict.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="NIfTI images (.nii or .nii.gz)")
+    predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(func=_run_predict)
+
+
+def _run_configs(args: argparse.Namespace) -> int:
+    from beseg.engine.config import list_presets
+
+    for name, description in list_presets().items():
+        print(f"{name:<32} {description}")
+    return 0
+
+
+def _data_dir(data: str | None, task: str, progress: bool = True):
+    """The --data folder, or the generated phantom for phantom tasks."""
+    from pathlib import Path
+
+    from beseg.errors import ConfigError
+
+    if data:
+        return Path(data)
+    if task.startswith("phantom-"):
+        from beseg.data import ensure_phantom
+
+        return ensure_phantom(task.split("-", 1)[1], progress=progress)
+    raise ConfigError(f"--data DIR is required for task {task!r} (the folder holding dataset.json).")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from beseg.engine.config import load_config
+    from beseg.engine.trainer import train
+    from beseg.errors import ConfigError
+
+    progress = not args.no_progress
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume continues a run with its own saved config; give no CONFIG or overrides.")
+        from beseg.engine.checkpoint import load_checkpoint
+        from beseg.engine.rundir import RunDir
+
+        last = RunDir(args.resume).last
+        task = load_checkpoint(last)["config"]["data"]["task"] if last.is_file() else "phantom-spleen"
+        result = train(None, _data_dir(args.data, task, progress), args.resume, resume=True, progress=progress)
+    else:
+        if not args.config:
+            raise ConfigError("give a CONFIG (a preset name from `beseg configs`, or a YAML file), or --resume RUN_DIR.")
+        config, _ = load_config(args.config, args.overrides)
+        out = Path(args.out or f"runs/{config.system}-seed{config.train.seed}")
+        if (out / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"run folder {out} already holds a checkpoint; use --resume {out} or another --out.")
+        result = train(config, _data_dir(args.data, config.data.task, progress), out, progress=progress)
+    print(f"done: {result.run_dir} (best validation Dice {result.best_dice:.4f})")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from beseg.engine.evaluate import evaluate
+    from beseg.engine.predict import load_model
+
+    data = args.data
+    if data is None:
+        data = _data_dir(None, load_model(args.checkpoint, "cpu").preset.name)
+    result = evaluate(args.checkpoint, data, split=args.split, out=args.out,
+                      nsd_tolerance_mm=args.nsd_tolerance, device=args.device)
+    mean = result.summary["mean"]
+    print(f"{result.summary['cases']} case(s): " + ", ".join(
+        f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in mean.items()))
+    print(f"wrote {result.out_dir / 'per_case.csv'} and {result.out_dir / 'summary.json'}")
+    return _report_failures(result.failed)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from beseg.engine.predict import predict_files
+
+    result = predict_files(args.checkpoint, args.images, args.out, device=args.device)
+    for path in result.written:
+        print(f"wrote {path}")
+    return _report_failures(result.failed)
+
+
+def _report_failures(failed: list[tuple[str, str]]) -> int:
+    if not failed:
+        return 0
+    print(f"{len(failed)} input(s) failed:", file=sys.stderr)
+    for name, reason in failed:
+        print(f"  - {reason if reason.startswith(name) else f'{name}: {reason}'}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beseg", description="Boundary-enhanced 3D medical image segmentation."
@@ -119,12 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_bench(sub)
     _add_data(sub)
+    _add_engine(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides (KEY=VALUE) may come after options such as --out, which argparse alone rejects.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (BesegError, ValueError, TypeError, FileNotFoundError, PermissionError) as err:

@@ -15,13 +15,13 @@ from beseg.data.check import CaseReport, CheckReport, check_task
 from beseg.data.datasets import TaskData, build_task_data, make_dataset
 from beseg.data.intensity import IntensityRange, default_cache_dir, foreground_percentiles
 from beseg.data.msd import Case, MSDTask, case_id, is_apple_double, list_nifti, load_task
-from beseg.data.phantom import PhantomConfig, make_phantom, phantom_case
+from beseg.data.phantom import PhantomConfig, ensure_phantom, make_phantom, phantom_case
 from beseg.data.presets import PRESETS, MSDBratsRegionsd, TaskPreset, get_preset, msd_brats_regions, preset_for_task
 from beseg.data.splits import Split, load_or_make_split, load_split, make_split, save_split
 
 __all__ = [
     "Case", "CaseReport", "CheckReport", "IntensityRange", "MSDBratsRegionsd", "MSDTask", "PRESETS",
-    "PhantomConfig", "Split", "TaskData", "TaskPreset", "build_task_data", "case_id", "check_task",
+    "PhantomConfig", "Split", "ensure_phantom", "TaskData", "TaskPreset", "build_task_data", "case_id", "check_task",
     "default_cache_dir", "foreground_percentiles", "get_preset", "is_apple_double", "list_nifti",
     "load_or_make_split", "load_split", "load_task", "make_dataset", "make_phantom", "msd_brats_regions",
     "phantom_case", "preset_for_task", "save_split", "make_split",

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from beseg.data.nifti import write_nifti
 from beseg.errors import DataError
 
-__all__ = ["PhantomConfig", "make_phantom", "phantom_case"]
+__all__ = ["PhantomConfig", "ensure_phantom", "make_phantom", "phantom_case"]
 
 PhantomTask = Literal["spleen", "brain"]
 
@@ -292,3 +292,40 @@ def make_phantom(out: str | Path, config: PhantomConfig | None = None, progress:
     }
     (out / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def ensure_phantom(task: PhantomTask = "spleen", root: str | Path | None = None, progress: bool = True,
+                   **overrides) -> Path:
+    """The default phantom folder for ``task``, generated once and reused.
+
+    It lives under ``root`` (default ``$BESEG_CACHE_DIR`` or ``~/.cache/beseg``) in a folder named
+    by task and settings. It is written to a temporary folder and renamed when complete, so an
+    interrupted generation is never mistaken for a dataset.
+
+    Returns:
+        The task folder (contains ``dataset.json``).
+    """
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    cfg = PhantomConfig(**{**PhantomConfig().__dict__, "task": task, **overrides})
+    base = Path(root or os.environ.get("BESEG_CACHE_DIR")
+                or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "beseg").expanduser()
+    digest = hashlib.sha1(json.dumps(cfg.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    target = base / f"phantom-{task}-{digest}"
+    if (target / "dataset.json").is_file():
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=base))
+    try:
+        make_phantom(tmp, cfg, progress=progress)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / "dataset.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

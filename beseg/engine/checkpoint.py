@@ -1,0 +1,118 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``.
+
+A checkpoint holds the model, optimiser, scheduler and gradient-scaler states, the epoch and step
+counters, the best validation score, every RNG state and the resolved config (plain dicts), so
+that ``beseg train --resume`` continues exactly where it stopped and ``beseg evaluate``/``predict``
+need nothing but the file.
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
+target: a reader sees the old file or the new one, never a partial one, even after SIGKILL or a
+full disk. Reads use ``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from beseg.errors import BesegError
+
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(BesegError):
+    """A checkpoint is missing, unreadable, unsafe, or does not fit the model."""
+
+
+def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
+    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename).
+
+    Raises:
+        CheckpointError: the file cannot be written (e.g. the disk is full); the previous file at
+            ``path``, if any, is left intact and no temporary file remains.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(err, OSError):
+            raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; the previous file is intact.") from None
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`atomic_save`, refusing anything but tensors and plain data.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, not a checkpoint, or carries code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds more than weights and plain data (weights-only loading "
+            f"rejected it: {str(err).splitlines()[0][:200]}). Only load checkpoints you trust, and never with "
+            "weights_only=False."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {str(err).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a beseg checkpoint (no model weights and config in it).")
+    return ckpt
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) RNG states as tensors and plain data."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _python_state_to_plain(random.getstate()),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    random.setstate(_plain_to_python_state(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_plain(state: tuple) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _plain_to_python_state(plain: dict[str, Any]) -> tuple:
+    return plain["version"], tuple(int(v) for v in plain["internal"].tolist()), plain["gauss"]

@@ -1,0 +1,398 @@
+"""Training configuration: dataclasses loaded from YAML (safe loading) and validated.
+
+A config names a task preset, a network and a loss; the six rows of the paper's Table 1 are
+presets shipped in ``beseg/configs/`` (``beseg configs`` lists them). A preset is loaded by name
+or a YAML file by path; ``key=value`` overrides use dotted keys (``train.epochs=5``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from beseg.errors import ConfigError
+
+__all__ = [
+    "Config", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
+    "config_from_dict", "config_to_dict", "list_presets", "load_config", "parse_overrides",
+]
+
+
+@dataclass
+class DataConfig:
+    """Which task and how it is sampled.
+
+    Attributes:
+        task: task preset (``task01``, ``task09``, ``phantom-spleen``, ``phantom-brain``).
+        patch_size: training patch in voxels at 1 mm; ``None`` takes the preset's.
+        batch_size: patches per step per process.
+        num_samples: patches drawn per volume per visit.
+        pos, neg: ratio of foreground- to background-centred patches.
+        val_frac, split_seed: for a new split (the paper's sizes are used for full MSD tasks).
+        split_file: JSON split; ``None`` uses the cache folder's ``split.json``, shared by every run
+            on the same data so that every system is compared on the same cases.
+        cache: ``memory`` (CacheDataset), ``disk`` (PersistentDataset) or ``none``.
+        cache_dir: cache folder; ``None`` uses the data layer's default.
+        num_workers: DataLoader worker processes.
+    """
+
+    task: str = "phantom-spleen"
+    patch_size: tuple[int, int, int] | None = None
+    batch_size: int = 2
+    num_samples: int = 1
+    pos: float = 1.0
+    neg: float = 1.0
+    val_frac: float = 0.2
+    split_seed: int = 0
+    split_file: str | None = None
+    cache: Literal["memory", "disk", "none"] = "memory"
+    cache_dir: str | None = None
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """Network from MONAI.
+
+    Attributes:
+        network: ``segresnet`` (Myronenko 2018: blocks_down 1,2,2,4, blocks_up 1,1,1), ``unet``
+            or ``ahnet``.
+        init_filters: SegResNet's first-level filters.
+        dropout: dropout probability (SegResNet, UNet).
+        unet_channels, unet_strides, unet_res_units: UNet's layout.
+        ahnet_layers: AHNet's encoder blocks per level.
+        ahnet_psp_blocks: AHNet's pyramid-pooling blocks (0-4); block 4 pools 64x64 in-plane at half
+            resolution, so patches below 128 voxels in-plane need fewer.
+    """
+
+    network: Literal["segresnet", "unet", "ahnet"] = "segresnet"
+    init_filters: int = 16
+    dropout: float = 0.0
+    unet_channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    unet_strides: tuple[int, ...] = (2, 2, 2, 2)
+    unet_res_units: int = 2
+    ahnet_layers: tuple[int, ...] = (3, 4, 6, 3)
+    ahnet_psp_blocks: int = 2
+
+
+@dataclass
+class LossConfig:
+    """Training loss (see :data:`beseg.losses.registry.LOSSES`) and its weights."""
+
+    name: str = "dice"
+    include_background: bool = False
+    lambda_dice: float = 1.0
+    lambda_be: float = 1000.0
+    lambda_boundary: float = 1.0
+    lambda_focal: float = 1.0
+    lambda_ce: float = 1.0
+    lambda_hd: float = 1.0
+    focal_gamma: float = 2.0
+    smoothing_passes: int = 3
+
+
+@dataclass
+class OptimConfig:
+    """Adam and the learning-rate schedule (per epoch)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    schedule: Literal["cosine", "constant", "poly"] = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+        epochs: training epochs.
+        steps_per_epoch: optimiser steps per epoch; ``None`` is one pass over the training cases.
+        val_every: validate every this many epochs (and after the last).
+        sw_overlap: sliding-window overlap at validation (small, as in the paper).
+        sw_batch_size: windows per forward pass at validation.
+        amp: mixed precision on CUDA (ignored on CPU).
+        seed: seeds weights, data order and augmentation; the same seed gives the same run.
+        on_nonfinite: ``stop`` (end with a clear message, keep the last good checkpoint) or
+            ``skip`` (skip that step's update) when a loss is NaN or Inf.
+        checkpoint_every: write ``last.pt`` every this many epochs (and after the last).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        threads: torch CPU threads; ``None`` leaves torch's default.
+    """
+
+    epochs: int = 100
+    steps_per_epoch: int | None = None
+    val_every: int = 1
+    sw_overlap: float = 0.25
+    sw_batch_size: int = 2
+    amp: bool = True
+    seed: int = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    checkpoint_every: int = 1
+    device: str = "auto"
+    threads: int | None = None
+
+
+@dataclass
+class Config:
+    """A complete training configuration.
+
+    Attributes:
+        system: the name reports use for this system (e.g. ``segresnet_be``).
+    """
+
+    system: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        """Check values that types alone do not; returns ``self``.
+
+        Raises:
+            ConfigError: the first invalid value, named by its dotted key.
+        """
+        from beseg.losses.registry import LOSSES
+
+        positive = {
+            "data.batch_size": self.data.batch_size, "data.num_samples": self.data.num_samples,
+            "model.init_filters": self.model.init_filters, "train.epochs": self.train.epochs,
+            "train.val_every": self.train.val_every, "train.sw_batch_size": self.train.sw_batch_size,
+            "train.checkpoint_every": self.train.checkpoint_every,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}.")
+        if self.train.steps_per_epoch is not None and self.train.steps_per_epoch < 1:
+            raise ConfigError(f"train.steps_per_epoch must be >= 1 or null, got {self.train.steps_per_epoch}.")
+        if self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}.")
+        if not 0.0 < self.data.val_frac < 1.0:
+            raise ConfigError(f"data.val_frac must be between 0 and 1, got {self.data.val_frac}.")
+        if self.data.patch_size is not None and min(self.data.patch_size) < 1:
+            raise ConfigError(f"data.patch_size must be positive, got {list(self.data.patch_size)}.")
+        if not 0.0 <= self.train.sw_overlap < 1.0:
+            raise ConfigError(f"train.sw_overlap must be in [0, 1), got {self.train.sw_overlap}.")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}.")
+        if not 0.0 <= self.model.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.model.dropout}.")
+        if self.loss.name not in LOSSES:
+            raise ConfigError(f"unknown loss.name {self.loss.name!r}; choose one of: {', '.join(LOSSES)}.")
+        if self.train.device not in ("auto", "cpu") and not self.train.device.startswith("cuda"):
+            raise ConfigError(f"train.device must be auto, cpu or cuda[:N], got {self.train.device!r}.")
+        from beseg.data.presets import PRESETS
+
+        if self.data.task.lower() not in PRESETS:
+            raise ConfigError(f"unknown data.task {self.data.task!r}; choose one of: {', '.join(PRESETS)}.")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass with readable errors
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}.")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must have {len(args)} values, got {len(value)}: {list(value)}.")
+        return tuple(_check_value(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}.")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}.")  # pragma: no cover
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown key {prefix}{key!r}{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a :class:`Config` from nested dicts (missing keys take defaults).
+
+    Raises:
+        ConfigError: unknown key, wrong type or invalid value.
+    """
+    return _from_dict(Config, data, "").validate()
+
+
+def config_to_dict(config: Config) -> dict:
+    """Nested plain dicts and lists, ready for YAML or a checkpoint."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+# ----------------------------------------------------------------------------------------------
+# files, presets and overrides
+
+
+def _preset_dir() -> Path:
+    return Path(str(resources.files("beseg") / "configs"))
+
+
+def list_presets() -> dict[str, str]:
+    """Shipped presets: name -> first comment line of the file."""
+    out = {}
+    for path in sorted(p for p in _preset_dir().glob("*.yaml") if not p.name.startswith("_")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}.") from None
+    try:
+        # safe_load builds plain data only: a !!python/object tag is an error, never code.
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {str(err).splitlines()[0]} {getattr(err, 'problem_mark', '') or ''}".strip()) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections (data, model, loss, optim, train).")
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["train.epochs=5", "loss.name=dice_be"]`` -> nested dict; values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: an item without ``=`` or with an empty key.
+    """
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=5.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}.")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict]:
+    """Load a shipped preset by name, or a YAML file by path, then apply overrides.
+
+    A YAML file may start from a preset with ``base: PRESET_NAME``.
+
+    Returns:
+        ``(config, raw)``: the validated config and the merged dict it came from.
+
+    Raises:
+        ConfigError: no such preset or file, invalid YAML, unknown key, wrong type or value.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist.")
+        raw = _read_yaml(path)
+    else:
+        preset = _preset_dir() / f"{name_or_path}.yaml"
+        if not preset.is_file():
+            names = list(list_presets())
+            close = difflib.get_close_matches(str(name_or_path), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"no config file or preset named {str(name_or_path)!r}; {hint}`beseg configs` lists the presets."
+            )
+        raw = _read_yaml(preset)
+    seen = {str(path)}
+    while "base" in raw:
+        base = raw.pop("base")
+        if not isinstance(base, str) or base in seen:
+            raise ConfigError(f"config base {base!r} is not a preset name or forms a cycle.")
+        seen.add(base)
+        base_file = _preset_dir() / f"{base}.yaml"
+        if not base_file.is_file():
+            raise ConfigError(f"config base {base!r} is not a shipped preset; `beseg configs` lists them.")
+        raw = _merge(_read_yaml(base_file), raw)
+    raw = _merge(raw, parse_overrides(overrides))
+    return config_from_dict(raw), raw
