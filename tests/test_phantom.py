@@ -31,9 +31,10 @@ def test_spleen_phantom_has_ct_intensities_and_a_touching_neighbour():
     organ = label == 1
     assert 2000 < organ.sum() < 0.2 * organ.size
     assert 90 < np.median(image[organ]) < 150 and image.min() < -900  # air outside the body
-    # Just outside the organ, some voxels are about as bright as the organ: the neighbour touches it.
+    # Just outside the organ, some voxels are about as bright as the organ: the neighbour touches it
+    # (it is 25-40 HU darker by design, about two noise standard deviations).
     ring = ndimage.binary_dilation(organ, iterations=2) & ~organ
-    assert np.mean(np.abs(image[ring].astype(float) - np.median(image[organ])) < 40) > 0.1
+    assert np.mean(np.abs(image[ring].astype(float) - np.median(image[organ])) < 45) > 0.1
 
 
 def test_brain_phantom_has_four_channels_and_nested_labels():

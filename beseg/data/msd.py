@@ -110,8 +110,14 @@ def _resolve(root: Path, rel: Any, where: str) -> Path:
         raise DataError(f"{where}: absolute path {rel!r} is not allowed; paths must be relative to the task folder")
     if is_apple_double(rel):
         raise DataError(f"{where}: {rel!r} is a macOS AppleDouble '._' file, not an image")
+    if "\x00" in rel:
+        raise DataError(f"{where}: path {rel!r} contains a NUL character")
     # resolve() follows symlinks, so a link inside the folder that points outside is caught too.
-    path = (root / rel).resolve()
+    try:
+        path = (root / rel).resolve()
+        path.is_file()  # a stat: a name too long for the file system fails here, not in a later check
+    except (OSError, RuntimeError) as err:  # a name too long for the file system, a symlink loop
+        raise DataError(f"{where}: path {rel!r} cannot be resolved ({getattr(err, 'strerror', None) or err})") from None
     if not path.is_relative_to(root):
         raise DataError(f"{where}: path {rel!r} resolves to {path}, outside the task folder {root}")
     return path

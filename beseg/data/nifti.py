@@ -49,6 +49,10 @@ class NiftiHeader:
         return int(self.shape[3]) if len(self.shape) == 4 else 1
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
 def _load(path: Path) -> nib.Nifti1Image:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -57,7 +61,7 @@ def _load(path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path))
     except _READ_ERRORS as err:
-        raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
+        raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {_one_line(err)})") from err
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
     return img
@@ -105,7 +109,7 @@ def read_array(path: str | Path) -> tuple[np.ndarray, NiftiHeader]:
         array = np.asanyarray(img.dataobj)
     except _READ_ERRORS as err:
         raise DataError(f"{header.path}: cannot read voxel data, the file is truncated or corrupt "
-                        f"({type(err).__name__}: {err})") from err
+                        f"({type(err).__name__}: {_one_line(err)})") from err
     return array, header
 
 

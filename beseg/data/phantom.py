@@ -35,6 +35,9 @@ __all__ = ["PhantomConfig", "ensure_phantom", "make_phantom", "phantom_case"]
 
 PhantomTask = Literal["spleen", "brain"]
 
+#: Bumped whenever the generator changes what it writes, so cached phantoms are regenerated.
+PHANTOM_VERSION = 2
+
 
 @dataclass(frozen=True)
 class PhantomConfig:
@@ -129,13 +132,16 @@ def _spleen_case(rng: np.random.Generator, grid: _Grid) -> tuple[np.ndarray, np.
     tissue = np.clip(in_body - fat - organ - neighbour, 0.0, None)
 
     hu_organ = rng.uniform(105, 135)
-    hu_nb = hu_organ + rng.choice([-1.0, 1.0]) * rng.uniform(10, 25)  # "similar intensity"
+    # "Similar intensity", like liver next to spleen: always a little darker, so the task stays
+    # learnable (a sign that flips from case to case would make organ and neighbour
+    # indistinguishable), but within about two noise standard deviations of the organ.
+    hu_nb = hu_organ - rng.uniform(25, 40)
     image = (-1000.0 * (1.0 - in_body) - 100.0 * fat
              + (40.0 + 15.0 * grid.smooth_field(rng, 12.0)) * tissue
              + (hu_organ + 6.0 * grid.smooth_field(rng, 10.0)) * organ + hu_nb * neighbour)
     # Scanner blur (in-plane and through the 2.5 mm slices), then noise.
     image = ndimage.gaussian_filter(image, sigma=(0.7, 0.7, 0.4), mode="nearest")
-    image += rng.normal(0.0, rng.uniform(12, 20), size=image.shape)
+    image += rng.normal(0.0, rng.uniform(10, 16), size=image.shape)
     label = ((organ_d < 0) & (body_d < 0)).astype(np.uint8)
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16), label
 
@@ -313,7 +319,8 @@ def ensure_phantom(task: PhantomTask = "spleen", root: str | Path | None = None,
     cfg = PhantomConfig(**{**PhantomConfig().__dict__, "task": task, **overrides})
     base = Path(root or os.environ.get("BESEG_CACHE_DIR")
                 or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "beseg").expanduser()
-    digest = hashlib.sha1(json.dumps(cfg.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    key = {**cfg.__dict__, "generator": PHANTOM_VERSION}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:10]
     target = base / f"phantom-{task}-{digest}"
     if (target / "dataset.json").is_file():
         return target

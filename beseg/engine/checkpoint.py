@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "nsupported" in line), lines[0] if lines else "")
         raise CheckpointError(
             f"refusing to load {path}: it holds more than weights and plain data (weights-only loading "
-            f"rejected it: {str(err).splitlines()[0][:200]}). Only load checkpoints you trust, and never with "
+            f"rejected it: {reason.strip()[:200]}). Only load checkpoints you trust, and never with "
             "weights_only=False."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:

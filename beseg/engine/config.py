@@ -101,8 +101,14 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam and the learning-rate schedule (per epoch)."""
+    """Optimiser (Adam, as the paper) and the learning-rate schedule (per epoch).
 
+    Attributes:
+        name: ``adam`` (the paper's) or ``sgd`` (momentum 0.9; its update is linear in the
+            gradient, which makes runs comparable to rounding, e.g. DDP against one process).
+    """
+
+    name: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-4
     weight_decay: float = 1e-5
     schedule: Literal["cosine", "constant", "poly"] = "cosine"
@@ -186,6 +192,11 @@ class Config:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}.")
         if not 0.0 <= self.model.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.model.dropout}.")
+        if self.model.network == "segresnet" and self.model.init_filters % 8:
+            # SegResNet normalises with 8 groups.
+            raise ConfigError(f"model.init_filters must be a multiple of 8 for segresnet, got {self.model.init_filters}.")
+        if not 0 <= self.model.ahnet_psp_blocks <= 4:
+            raise ConfigError(f"model.ahnet_psp_blocks must be 0 to 4, got {self.model.ahnet_psp_blocks}.")
         if self.loss.name not in LOSSES:
             raise ConfigError(f"unknown loss.name {self.loss.name!r}; choose one of: {', '.join(LOSSES)}.")
         if self.train.device not in ("auto", "cpu") and not self.train.device.startswith("cuda"):
@@ -258,8 +269,8 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         key = str(unknown[0])
         close = difflib.get_close_matches(key, fields, n=1)
-        hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
-        raise ConfigError(f"unknown key {prefix}{key!r}{hint}")
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -270,12 +281,26 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+#: Keys every config must set (directly or through its ``base``): what is trained, on what, how.
+REQUIRED_KEYS = {
+    "data.task": "the task preset, e.g. phantom-spleen or task09",
+    "model.network": "the network: segresnet, unet or ahnet",
+    "loss.name": "the training loss, e.g. dice or dice_be",
+}
+
+
 def config_from_dict(data: dict) -> Config:
-    """Build and validate a :class:`Config` from nested dicts (missing keys take defaults).
+    """Build and validate a :class:`Config` from nested dicts (other missing keys take defaults).
 
     Raises:
-        ConfigError: unknown key, wrong type or invalid value.
+        ConfigError: a required key is missing, or a key is unknown, of the wrong type or invalid.
     """
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(data).__name__}.")
+    for key, meaning in REQUIRED_KEYS.items():
+        section, name = key.split(".")
+        if not isinstance(data.get(section), dict) or data[section].get(name) is None:
+            raise ConfigError(f"the config is missing the required key {key!r} ({meaning}).")
     return _from_dict(Config, data, "").validate()
 
 
@@ -312,13 +337,18 @@ def list_presets() -> dict[str, str]:
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror or err}.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {getattr(err, 'strerror', None) or err}.") from None
     try:
         # safe_load builds plain data only: a !!python/object tag is an error, never code.
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {str(err).splitlines()[0]} {getattr(err, 'problem_mark', '') or ''}".strip()) from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        if "tag:yaml.org,2002:python/" in str(err):
+            raise ConfigError(f"config {path}: refusing a Python object tag (!!python/...){where}; "
+                              "configs hold plain data only and are never run as code.") from None
+        raise ConfigError(f"config {path} is not valid YAML{where}: {str(err).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

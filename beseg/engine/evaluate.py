@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from beseg.data import default_cache_dir, load_or_make_split, load_task, msd_brats_regions
+from beseg.data.nifti import read_array
 from beseg.engine.predict import LoadedModel, load_model, predict_image, write_label
 from beseg.engine.trainer import class_names
 from beseg.errors import BesegError, DataError
@@ -69,7 +69,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "val", o
     if split not in ("val", "train", "all"):
         raise ValueError(f"--split must be val, train or all, got {split!r}.")
     loaded = load_model(checkpoint, device)
-    task = load_task(data_dir)
+    task = load_task(data_dir, check_files=False)  # a missing file fails its case, not the run
     ids = [c.id for c in task.training]
     if split == "all":
         chosen = ids
@@ -87,13 +87,13 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "val", o
     for cid in tqdm(chosen, desc=f"evaluate {split}", unit="case", disable=not progress):
         case = task.case(cid)
         try:
+            truth_raw, truth_header = read_array(case.label)  # any unreadable label is a DataError
+            truth = np.asarray(truth_raw).round().astype(np.int64)
             labels, ref = predict_image(loaded, case.image)
             write_label(labels, ref, out_dir / "predictions" / f"{cid}.nii.gz")
-            truth_img = nib.load(str(case.label))
-            truth = np.asarray(truth_img.dataobj).round().astype(np.int64)
             if truth.shape != labels.shape:
                 raise DataError(f"{case.label}: shape {truth.shape} differs from its image's {labels.shape}.")
-            spacing = [float(z) for z in truth_img.header.get_zooms()[:3]]
+            spacing = list(truth_header.spacing)
             scores = case_metrics(one_hot_scored(labels, loaded), one_hot_scored(truth, loaded), spacing, names,
                                   nsd_tolerance_mm, include_background=True)
         except (BesegError, OSError, ValueError) as err:

@@ -132,7 +132,10 @@ def predict_image(loaded: LoadedModel, image_path: str | Path) -> tuple[np.ndarr
     try:
         data = infer({"image": str(image_path)})
     except Exception as err:
-        raise DataError(f"{image_path}: could not be loaded and resampled ({type(err).__name__}: {str(err)[:200]}).") from None
+        while err.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
+            err = err.__cause__
+        raise DataError(f"{image_path}: could not be loaded and resampled ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]}).") from None
     image = data["image"]
     if not torch.isfinite(image.as_tensor()).all():
         raise DataError(f"{image_path}: contains NaN or Inf values.")

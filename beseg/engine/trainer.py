@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import list_data_collate
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -40,7 +40,7 @@ from beseg.engine.rundir import RunDir
 from beseg.errors import BesegError, ConfigError
 from beseg.losses.registry import build_loss
 
-__all__ = ["TrainingError", "TrainResult", "train", "EpochSampler", "SeededDataset", "class_names"]
+__all__ = ["TrainingError", "TrainResult", "train", "load_resume_checkpoint", "EpochSampler", "SeededDataset", "class_names"]
 
 
 class TrainingError(BesegError):
@@ -159,14 +159,20 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def validate(model: nn.Module, dataset: Any, preset: TaskPreset, roi: tuple[int, ...], config: Config,
-             device: torch.device, progress: bool = False) -> dict[str, Any]:
-    """Mean Dice per class over whole validation volumes, by sliding-window inference."""
+             dist_info: DistInfo, progress: bool = False) -> dict[str, Any]:
+    """Mean Dice per class over whole validation volumes, by sliding-window inference.
+
+    Every process scores its share of the cases; per-class sums are all-reduced, so all ranks
+    return the same numbers.
+    """
     from tqdm.auto import tqdm
 
+    device = dist_info.device
     model.eval()
-    metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
     names = class_names(preset)
-    for i in tqdm(range(len(dataset)), desc="validate", leave=False, disable=not progress):
+    totals = torch.zeros(2, len(names), dtype=torch.float64, device=device)  # Dice sums, case counts
+    mine = range(dist_info.rank, len(dataset), dist_info.world_size)
+    for i in tqdm(mine, desc="validate", leave=False, disable=not progress):
         item = dataset[i]
         image = torch.as_tensor(item["image"])[None].to(device)
         label = torch.as_tensor(item["label"])[None].to(device)
@@ -177,15 +183,31 @@ def validate(model: nn.Module, dataset: Any, preset: TaskPreset, roi: tuple[int,
             truth = torch.stack([label[:, 0] == k for k in range(1, probs.shape[1])], dim=1)
         else:
             truth = label > 0.5
-        metric(pred.float(), truth.float())
-    per_class = metric.aggregate().cpu().tolist()
-    metric.reset()
+        # Both masks empty counts as a perfect score, as in beseg.metrics.
+        dice = compute_dice(pred.float(), truth.float(), include_background=True, ignore_empty=False)[0]
+        totals[0] += dice.double()
+        totals[1] += 1
+    if dist_info.distributed:
+        torch.distributed.all_reduce(totals)
+    per_class = (totals[0] / totals[1].clamp(min=1)).cpu().tolist()
     model.train()
     return {"dice_mean": float(np.mean(per_class)), "dice": dict(zip(names, per_class))}
 
 
 # ----------------------------------------------------------------------------------------------
 # the loop
+
+
+def load_resume_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """The last checkpoint of ``run_dir``, to resume from.
+
+    Raises:
+        CheckpointError: the folder has no (readable) ``checkpoints/last.pt``.
+    """
+    last = RunDir(run_dir).last
+    if not last.exists():
+        raise CheckpointError(f"cannot resume: {last} does not exist (no epoch finished in {Path(run_dir)}).")
+    return load_checkpoint(last)
 
 
 def train(config: Config | None, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
@@ -209,9 +231,7 @@ def train(config: Config | None, data_dir: str | Path, run_dir: str | Path, resu
     run = RunDir(run_dir)
     ckpt = None
     if resume:
-        if not run.last.exists():
-            raise CheckpointError(f"cannot resume: {run.last} does not exist (no epoch finished in {run.root}).")
-        ckpt = load_checkpoint(run.last)
+        ckpt = load_resume_checkpoint(run_dir)
         config = config_from_dict(ckpt["config"])
     if config is None:
         raise ConfigError("no config given.")
@@ -266,7 +286,11 @@ def _train(config: Config, data_dir: Path, run: RunDir, ckpt: dict | None, dist_
         lambda_ce=config.loss.lambda_ce, lambda_hd=config.loss.lambda_hd, focal_gamma=config.loss.focal_gamma,
         smoothing_passes=config.loss.smoothing_passes,
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    if config.optim.name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr, momentum=0.9,
+                                    weight_decay=config.optim.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.optim.schedule, config.train.epochs))
     use_amp = config.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -358,25 +382,22 @@ def _train(config: Config, data_dir: Path, run: RunDir, ckpt: dict | None, dist_
             _tb_log(writer, "train", record, global_step)
 
         do_val = epoch_done % config.train.val_every == 0 or epoch_done == config.train.epochs
+        is_best = False
         if do_val:
+            val = validate(_unwrap(model), data.val, preset, patch, config, dist_info, progress=progress and main)
+            last_val = val["dice_mean"]
+            is_best = last_val > best
+            best = max(best, last_val)
             if main:
-                roi = patch
-                val = validate(_unwrap(model), data.val, preset, roi, config, device, progress=progress)
-                last_val = val["dice_mean"]
-                val_record = {"kind": "val", "epoch": epoch_done, "step": global_step, **val}
-                run.log(val_record)
-                _tb_log(writer, "val", {"dice_mean": val["dice_mean"], **{f"dice_{k}": v for k, v in val["dice"].items()}}, global_step)
-                is_best = val["dice_mean"] > best
-                if is_best:
-                    best = val["dice_mean"]
+                run.log({"kind": "val", "epoch": epoch_done, "step": global_step, **val})
+                _tb_log(writer, "val", {"dice_mean": last_val, **{f"dice_{k}": v for k, v in val["dice"].items()}}, global_step)
                 if progress:
                     per = ", ".join(f"{k} {v:.3f}" for k, v in val["dice"].items())
                     print(f"epoch {epoch_done}: train loss {record['loss']:.4f}, val Dice {val['dice_mean']:.4f} ({per})"
                           + (" *best*" if is_best else ""))
-            barrier(dist_info)
 
         save_last = epoch_done % config.train.checkpoint_every == 0 or epoch_done == config.train.epochs
-        if main and (save_last or (do_val and last_val == best)):
+        if main and (save_last or is_best):
             state = {
                 "format": 1, "config": config_dict, "epoch": epoch_done, "step": global_step, "best_dice": best,
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -386,7 +407,7 @@ def _train(config: Config, data_dir: Path, run: RunDir, ckpt: dict | None, dist_
                 "preset": preset.name, "roi": list(patch),
                 "stats": dataclasses.asdict(data.stats) if data.stats is not None else None,
             }
-            if do_val and last_val == best:
+            if is_best:
                 atomic_save(state, run.best)
             if save_last:
                 atomic_save(state, run.last)

@@ -13,11 +13,10 @@ from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
 from beseg.losses.log_filter import (
-    IMPLS,
-    PADDINGS,
     Impl,
     Padding,
     _check_filter_args,
+    check_filter_options,
     _log_reference,
     _log_same_fast,
     _zero_border_,
@@ -61,7 +60,7 @@ def prepare_prediction_and_target(
     Raises:
         TypeError: ``input`` or ``target`` is not a tensor, or the prediction is not floating point.
         ValueError: the number of dimensions is not 4 or 5 or differs between the two, batch or
-            spatial sizes differ, class indices are not integers in ``[0, C)`` with
+            spatial sizes differ, a tensor is empty (a zero-size dimension), class indices are not integers in ``[0, C)`` with
             ``to_onehot_y``, or the shapes differ after the one-hot conversion.
     """
     for name, value in (("input", input), ("target", target)):
@@ -84,6 +83,11 @@ def prepare_prediction_and_target(
     if target.shape[0] != input.shape[0] or target.shape[2:] != input.shape[2:]:
         raise ValueError(
             f"target must match input in batch and spatial sizes: input {tuple(input.shape)}, target {tuple(target.shape)}."
+        )
+    if input.numel() == 0 or target.numel() == 0:
+        raise ValueError(
+            f"input and target must not be empty: input {tuple(input.shape)}, target {tuple(target.shape)}; the loss "
+            "needs at least one batch item, channel and voxel."
         )
     _check_activation_args(sigmoid, softmax, other_act)
 
@@ -257,12 +261,7 @@ class BoundaryEnhancementLoss(_Loss):
         """
         super().__init__(reduction=LossReduction(reduction).value)
         _check_activation_args(sigmoid, softmax, other_act)
-        if isinstance(smoothing_passes, bool) or not isinstance(smoothing_passes, int) or smoothing_passes < 0:
-            raise ValueError(f"smoothing_passes must be an integer >= 0, got {smoothing_passes!r}.")
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+        check_filter_options(smoothing_passes, padding, impl)
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
         self.sigmoid = sigmoid
@@ -286,7 +285,7 @@ class BoundaryEnhancementLoss(_Loss):
 
         Raises:
             TypeError: a non-tensor argument, or an integer or boolean prediction.
-            ValueError: wrong number of dimensions, mismatched shapes (also after one-hot), class
+            ValueError: wrong number of dimensions, an empty tensor, mismatched shapes (also after one-hot), class
                 indices outside ``[0, C)``, NaN or Inf in the prediction or target (with
                 ``check_finite``), or a spatial size too small for ``padding="valid"``.
         """

@@ -37,6 +37,16 @@ def log_margin(smoothing_passes: int) -> int:
     return smoothing_passes + 1
 
 
+def check_filter_options(smoothing_passes: int, padding: str, impl: str) -> None:
+    """Raise a ``ValueError`` naming the first invalid filter option."""
+    if isinstance(smoothing_passes, bool) or not isinstance(smoothing_passes, int) or smoothing_passes < 0:
+        raise ValueError(f"smoothing_passes must be an integer >= 0, got {smoothing_passes!r}.")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+
+
 def _check_filter_args(x: Tensor, smoothing_passes: int, padding: str, impl: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}.")
@@ -46,12 +56,7 @@ def _check_filter_args(x: Tensor, smoothing_passes: int, padding: str, impl: str
         raise ValueError(
             f"x must have shape (B, C, H, W) or (B, C, H, W, D), got {x.ndim} dimensions {tuple(x.shape)}."
         )
-    if isinstance(smoothing_passes, bool) or not isinstance(smoothing_passes, int) or smoothing_passes < 0:
-        raise ValueError(f"smoothing_passes must be an integer >= 0, got {smoothing_passes!r}.")
-    if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    check_filter_options(smoothing_passes, padding, impl)
     if padding == "valid":
         margin = log_margin(smoothing_passes)
         small = [s for s in x.shape[2:] if s <= 2 * margin]

@@ -1,0 +1,293 @@
+"""Engine tests: configs, every Table 1 row trains, exact resume after SIGKILL, DDP equals one
+process, predictions keep the input geometry, and CLI errors are one clear line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from beseg.cli import main
+from beseg.data import make_phantom
+from beseg.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from beseg.engine.config import Config, config_from_dict, list_presets, load_config, parse_overrides
+from beseg.engine.predict import load_model
+from beseg.engine.trainer import EpochSampler
+from beseg.errors import ConfigError
+
+TABLE1 = ("unet", "ahnet", "segresnet_dice", "segresnet_boundary", "segresnet_focal", "segresnet_be")
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    return make_phantom(tmp_path_factory.mktemp("data") / "ph", cases=6, test_cases=1, size=(32, 32, 12), progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("BESEG_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def tiny_config(tmp_path: Path, system: str = "segresnet_be", **sections) -> Path:
+    """A YAML file for a few seconds of CPU training on the tiny phantom."""
+    raw = {
+        "base": f"phantom_spleen_{system}",
+        "data": {"patch_size": [16, 16, 16], "batch_size": 2, "num_workers": 0, "cache_dir": str(tmp_path / "cache")},
+        "model": {"init_filters": 8, "unet_channels": [4, 8, 16, 32, 64]},
+        "train": {"epochs": 2, "steps_per_epoch": 2, "val_every": 1, "threads": 1, "sw_batch_size": 1},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / f"{system}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "beseg.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+def test_every_table1_row_is_a_preset_for_each_task():
+    names = set(list_presets())
+    for prefix in ("task01", "task09", "phantom_spleen"):
+        for system in TABLE1:
+            config, _ = load_config(f"{prefix}_{system}")
+            assert f"{prefix}_{system}" in names and config.system == system
+    be, _ = load_config("task09_segresnet_be")
+    assert (be.loss.name, be.loss.lambda_dice, be.loss.lambda_be, be.loss.smoothing_passes) == ("dice_be", 1.0, 1000.0, 3)
+    assert be.data.patch_size == (96, 96, 96) and load_config("task01_unet")[0].data.patch_size == (224, 224, 128)
+
+
+def test_overrides_and_yaml_files(tmp_path):
+    config, _ = load_config("phantom_spleen_segresnet_dice", ["train.epochs=3", "data.patch_size=[32,32,32]", "loss.name=dice_be"])
+    assert config.train.epochs == 3 and config.data.patch_size == (32, 32, 32) and config.loss.name == "dice_be"
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    path = tiny_config(tmp_path)
+    assert load_config(path)[0].model.init_filters == 8
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        ({"data": {"task": "phantom-spleen"}, "model": {"network": "segresnet"}}, "missing the required key 'loss.name'"),
+        ({"data": {"task": "phantom-spleen"}, "model": {"network": "vnet"}, "loss": {"name": "dice"}}, "model.network must be one of"),
+        ({"data": {"task": "phantom-spleen"}, "model": {"network": "unet"}, "loss": {"name": "dice_xx"}}, "unknown loss.name 'dice_xx'"),
+        ({"data": {"task": "phantom-spleen"}, "model": {"network": "unet"}, "loss": {"name": "dice"}, "train": {"epoch": 3}},
+         "did you mean 'train.epochs'"),
+        ({"data": {"task": "phantom-spleen", "batch_size": "two"}, "model": {"network": "unet"}, "loss": {"name": "dice"}},
+         "data.batch_size must be an integer"),
+        ({"data": {"task": "liver"}, "model": {"network": "unet"}, "loss": {"name": "dice"}}, "unknown data.task 'liver'"),
+        ({"data": {"task": "phantom-spleen"}, "model": {"network": "unet"}, "loss": {"name": "dice"}, "optim": {"lr": -1}},
+         "optim.lr must be > 0"),
+    ],
+)
+def test_bad_configs_get_clear_errors(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(raw)
+
+
+def test_unknown_preset_suggests_a_name():
+    with pytest.raises(ConfigError, match="did you mean 'phantom_spleen_segresnet_be'"):
+        load_config("phantom_spleen_segresnet_bee")
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_epoch_sampler_global_batches_do_not_depend_on_process_count():
+    single = list(EpochSampler(7, steps=3, batch_size=2, seed=5))
+    ranks = [list(EpochSampler(7, steps=3, batch_size=1, seed=5, rank=r, world_size=2)) for r in range(2)]
+    for step in range(3):
+        assert sorted(single[2 * step : 2 * step + 2]) == sorted([ranks[0][step], ranks[1][step]])
+    other_epoch = EpochSampler(7, steps=3, batch_size=2, seed=5)
+    other_epoch.set_epoch(1)
+    assert list(other_epoch) != single
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", TABLE1)
+def test_every_table1_row_trains(system, phantom, tmp_path):
+    extra = {
+        "ahnet": {"data": {"patch_size": [32, 32, 32]}, "model": {"ahnet_psp_blocks": 0, "ahnet_layers": [1, 1, 1, 1]}},
+        "unet": {"data": {"patch_size": [32, 32, 32]}},  # four stride-2 levels need 2 voxels at the bottom
+    }.get(system, {})
+    cfg = tiny_config(tmp_path, system, **extra)
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--data", str(phantom), "--out", str(run), "--no-progress"]) == 0
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["config"]["system"] == system
+    records = [yaml.safe_load(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(train_losses) == 2 and all(np.isfinite(train_losses))
+    assert [r["epoch"] for r in records if r["kind"] == "val"] == [1, 2]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(phantom, tmp_path):
+    cfg = tiny_config(tmp_path, train={"epochs": 4, "steps_per_epoch": 3, "val_every": 2})
+    straight = tmp_path / "straight"
+    done = run_cli("train", str(cfg), "--data", str(phantom), "--out", str(straight), "--no-progress")
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "beseg.cli", "train", str(cfg), "--data", str(phantom), "--out",
+                             str(killed), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and load_checkpoint(last)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epoch_at_kill = load_checkpoint(last)["epoch"]
+    assert 1 <= epoch_at_kill < 4, "the run must be killed mid-training for this test to mean anything"
+
+    resumed = run_cli("train", "--resume", str(killed), "--data", str(phantom), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(straight / "checkpoints" / "last.pt"), load_checkpoint(last)
+    assert b["epoch"] == 4 and b["step"] == a["step"]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=f"weights differ at {key}")
+    epochs = [r["epoch"] for r in map(yaml.safe_load, (killed / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert epochs == [1, 2, 3, 4]  # no epoch logged twice after the resume
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(phantom, tmp_path):
+    # SGD: its update is linear in the gradient. Adam divides by sqrt(v) + 1e-8, which turns rounding
+    # differences in near-zero gradients into differences of order lr, so it cannot be compared tightly.
+    common = {"train": {"epochs": 1, "steps_per_epoch": 2, "val_every": 1, "device": "cpu"},
+              "optim": {"name": "sgd", "lr": 0.003}}
+    single_cfg = tiny_config(tmp_path, **common)
+    one = tmp_path / "one"
+    assert run_cli("train", str(single_cfg), "--data", str(phantom), "--out", str(one), "--no-progress").returncode == 0
+    ddp_dir = tmp_path / "ddp"
+    ddp_dir.mkdir()
+    ddp_cfg = tiny_config(ddp_dir, data={"batch_size": 1}, **common)
+    out = tmp_path / "two"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "beseg.cli", "train", str(ddp_cfg), "--data", str(phantom), "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_checkpoint(one / "checkpoints" / "last.pt"), load_checkpoint(out / "checkpoints" / "last.pt")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=f"weights differ at {key}")
+    # only rank 0 writes: one config, one set of metric lines
+    assert len([r for r in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in r]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# predict and evaluate
+
+
+@pytest.fixture(scope="module")
+def trained(phantom, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    os.environ["BESEG_CACHE_DIR"] = str(root / "cache")
+    cfg = tiny_config(root, "segresnet_dice", train={"epochs": 1})
+    assert main(["train", str(cfg), "--data", str(phantom), "--out", str(root / "run"), "--no-progress"]) == 0
+    return root / "run"
+
+
+def oblique_affine(spacing=(0.7, 1.1, 3.0), angle=0.3) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.array([[1, 0, 0], [0, np.cos(0.2), -np.sin(0.2)], [0, np.sin(0.2), np.cos(0.2)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = [-20.0, 13.5, 7.25]
+    return affine
+
+
+@pytest.mark.slow
+def test_predict_keeps_shape_and_oblique_anisotropic_affine(trained, tmp_path, capsys):
+    affine = oblique_affine()
+    image = np.random.default_rng(0).normal(100, 30, size=(27, 31, 9)).astype(np.float32)
+    src = tmp_path / "in" / "oblique.nii.gz"
+    src.parent.mkdir()
+    nib.save(nib.Nifti1Image(image, affine), src)
+    assert main(["predict", str(trained), str(src), "--out", str(tmp_path / "out")]) == 0
+    out = nib.load(str(tmp_path / "out" / "oblique.nii.gz"))
+    assert out.shape == image.shape
+    np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+    assert out.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_evaluate_writes_per_case_metrics_in_mm(trained, phantom, tmp_path):
+    assert main(["evaluate", str(trained), "--data", str(phantom), "--out", str(tmp_path / "ev")]) == 0
+    rows = (tmp_path / "ev" / "per_case.csv").read_text().splitlines()
+    assert rows[0] == "case,class,dice,hd95_mm,asd_mm,nsd" and len(rows) == 2  # 1 validation case, 1 class
+    summary = yaml.safe_load((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["classes"] == ["spleen"] and summary["cases"] == 1
+    assert (tmp_path / "ev" / "predictions").is_dir()
+
+
+def test_checkpoint_from_another_network_is_refused(trained, tmp_path, capsys):
+    ckpt = load_checkpoint(trained / "checkpoints" / "last.pt")
+    ckpt["config"]["model"]["network"] = "unet"  # weights are SegResNet's
+    bad = atomic_save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="do not fit model.network=unet"):
+        load_model(bad)
+    assert main(["predict", str(bad), "x.nii.gz", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "do not fit" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI errors
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["train", "no_such_preset"], "no config file or preset named 'no_such_preset'"),
+        (["train", "phantom_spleen_segresnet_be", "model.network=vnet"], "model.network must be one of"),
+        (["train", "phantom_spleen_segresnet_be", "loss.name=dice_xyz"], "unknown loss.name 'dice_xyz'"),
+        (["train", "task09_segresnet_be"], "--data DIR is required for task 'task09'"),
+        (["train"], "give a CONFIG"),
+        (["train", "--resume", "/nonexistent/run"], "cannot resume"),
+        (["evaluate", "/nonexistent/run", "--data", "."], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(args, match, capsys):
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_on_a_folder_that_fails_the_data_check(tmp_path, capsys):
+    bad = make_phantom(tmp_path / "bad", cases=3, test_cases=0, size=(16, 16, 8), progress=False)
+    img = nib.load(str(bad / "imagesTr" / "phantom_spleen_000.nii.gz"))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), bad / "imagesTr" / "phantom_spleen_000.nii.gz")
+    assert main(["train", "phantom_spleen_segresnet_dice", "--data", str(bad), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "phantom_spleen_000.nii.gz" in err and "NaN" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
