@@ -43,3 +43,10 @@ def test_peak_memory_probe_measures_the_fast_loss_below_four_inputs():
     peak = peak_extra_bytes("fast", shape, threads=1, device=torch.device("cpu"))
     input_bytes = 48**3 * 4
     assert peak is not None and 0 < peak < 4 * input_bytes
+
+
+def test_bench_train_reports_the_be_share_of_a_step(capsys):
+    assert main(["bench", "train", "--patch", "16", "16", "16", "--volume", "24", "24", "24", "--repeats", "1",
+                 "--init-filters", "8", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "% of a SegResNet + Dice+BE step" in out and "sliding-window inference" in out

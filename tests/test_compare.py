@@ -1,0 +1,295 @@
+"""Tests of beseg.report.compare, demo and reproduce, and their CLI commands, on a tiny phantom."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import beseg.engine.trainer as trainer_module
+import beseg.report.compare as compare_module
+from beseg.cli import main
+from beseg.data.phantom import make_phantom
+from beseg.engine.checkpoint import load_checkpoint
+from beseg.engine.config import load_config
+from beseg.errors import ConfigError, DataError
+from beseg.report.compare import resolve_system, run_compare
+from beseg.report.demo import DEMO_OVERRIDES, demo_overrides
+
+# Tiny runs: 16^3 patches, 8 filters, 1 epoch of 2 steps of batch 1, one thread, no worker processes.
+TINY = ["train.epochs=1", "train.steps_per_epoch=2", "data.patch_size=[16,16,16]", "data.batch_size=1",
+        "model.init_filters=8", "data.num_workers=0", "train.threads=1", "train.sw_batch_size=4"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """Keep every cache (phantoms, intensity stats) out of ~/.cache."""
+    monkeypatch.setenv("BESEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "beseg-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 10-case phantom spleen (8 train, 2 validation cases) of 32x32x12 voxels."""
+    return make_phantom(tmp_path_factory.mktemp("data") / "phantom", cases=10, test_cases=0, size=(32, 32, 12),
+                        progress=False)
+
+
+def _tiny(tmp: Path) -> list[str]:
+    return [*TINY, f"data.cache_dir={tmp / 'cache'}"]
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_data, tmp_path_factory) -> Path:
+    """A finished tiny comparison: 2 systems x 2 seeds."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BESEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "beseg-cache"))
+    out = tmp_path_factory.mktemp("compare") / "results"
+    try:
+        run_compare(tiny_data, ["dice", "dice_be"], 2, out, overrides=_tiny(out.parent), progress=False,
+                    log=lambda _: None)
+    finally:
+        mp.undo()
+    return out
+
+
+def _per_case_mean(run: Path, metric: str = "dice") -> float:
+    with open(run / "eval" / "per_case.csv", newline="") as f:
+        return float(np.mean([float(r[metric]) for r in csv.DictReader(f)]))
+
+
+def _table_dice(report_md: str, system: str) -> tuple[float, float]:
+    """``(mean, sd)`` of a system's row in the report's Table 1 (Dice)."""
+    section = report_md.split("## Table 1", 1)[1]
+    match = re.search(rf"^\| {system} \| [^|]+ \| ([0-9.]+) ± ([0-9.]+) \|", section, flags=re.M)
+    assert match, f"no Table 1 row for {system}"
+    return float(match.group(1)), float(match.group(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) the report's numbers come from the runs
+
+
+@pytest.mark.slow
+def test_table_dice_is_mean_over_seeds_of_per_case_csv(compared):
+    report = compared / "report"
+    assert (report / "report.md").is_file() and (report / "report.html").is_file()
+    md = (report / "report.md").read_text()
+    for system in ("segresnet_dice", "segresnet_be"):
+        per_seed = [_per_case_mean(compared / system / f"seed{k}") for k in (0, 1)]
+        mean, sd = _table_dice(md, system)
+        assert mean == pytest.approx(np.mean(per_seed), abs=5e-4)
+        assert sd == pytest.approx(np.std(per_seed, ddof=1), abs=5e-4)
+
+
+@pytest.mark.slow
+def test_every_run_uses_the_pinned_split_and_its_seed(compared):
+    split = json.loads((compared / "split.json").read_text())
+    for system in ("segresnet_dice", "segresnet_be"):
+        for k in (0, 1):
+            run = compared / system / f"seed{k}"
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            assert config["train"]["seed"] == k
+            assert config["system"] == system
+            assert Path(config["data"]["split_file"]) == (compared / "split.json").resolve()
+            with open(run / "eval" / "per_case.csv", newline="") as f:
+                assert sorted({r["case"] for r in csv.DictReader(f)}) == sorted(split["val"])
+    assert len(split["val"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) finished runs are never retrained; interrupted ones resume
+
+
+class _Spy:
+    def __init__(self, monkeypatch):
+        self.train_calls: list[tuple[Path, bool]] = []
+        self.eval_calls: list[Path] = []
+        real_train, real_eval = compare_module.train, compare_module.evaluate
+
+        def train(config, data_dir, run_dir, resume=False, progress=True):
+            self.train_calls.append((Path(run_dir), resume))
+            return real_train(config, data_dir, run_dir, resume=resume, progress=progress)
+
+        def evaluate(run_dir, data_dir, **kwargs):
+            self.eval_calls.append(Path(run_dir))
+            return real_eval(run_dir, data_dir, **kwargs)
+
+        monkeypatch.setattr(compare_module, "train", train)
+        monkeypatch.setattr(compare_module, "evaluate", evaluate)
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_runs_and_reevaluates_only_what_is_missing(compared, tiny_data, monkeypatch):
+    checkpoints = sorted(compared.glob("*/seed*/checkpoints/*.pt"))
+    mtimes = [p.stat().st_mtime_ns for p in checkpoints]
+    spy = _Spy(monkeypatch)
+    lines: list[str] = []
+    result = run_compare(tiny_data, ["dice", "dice_be"], 2, compared, overrides=_tiny(compared.parent),
+                         progress=False, log=lines.append)
+    assert spy.train_calls == [] and spy.eval_calls == []
+    assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+    assert sum("skipped" in line for line in lines) == 4
+    assert result.report is not None and result.report.is_file()
+
+    # An evaluation lost (e.g. interrupted): only that run is evaluated again, nothing retrained.
+    import shutil
+
+    shutil.rmtree(compared / "segresnet_be" / "seed1" / "eval")
+    run_compare(tiny_data, ["dice", "dice_be"], 2, compared, overrides=_tiny(compared.parent), progress=False,
+                log=lines.append, report=False)
+    assert spy.train_calls == []
+    assert spy.eval_calls == [compared / "segresnet_be" / "seed1"]
+    assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_where_it_stopped(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    overrides = [*_tiny(tmp_path), "train.epochs=2"]
+    real_save = trainer_module.atomic_save
+
+    def save_then_interrupt(state, path):
+        real_save(state, path)
+        if Path(path).name == "last.pt" and state["epoch"] == 1:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1
+
+    monkeypatch.setattr(trainer_module, "atomic_save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(tiny_data, ["dice"], 1, out, overrides=overrides, progress=False, log=lambda _: None)
+    monkeypatch.setattr(trainer_module, "atomic_save", real_save)
+    run = out / "segresnet_dice" / "seed0"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert not (run / "eval").exists()
+
+    spy = _Spy(monkeypatch)
+    lines: list[str] = []
+    run_compare(tiny_data, ["dice", "be"], 1, out, overrides=overrides, progress=False, log=lines.append,
+                report=False)
+    assert spy.train_calls == [(run, True), (out / "segresnet_be" / "seed0", False)]
+    assert "resumes at epoch 2 of 2" in lines[1]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["kind"] == "train"] == [1, 2]
+
+
+@pytest.mark.slow
+def test_changed_settings_are_refused_not_reused(compared, tiny_data):
+    with pytest.raises(ConfigError, match=r"different settings \(train.epochs: 1 in the run, 3 now"):
+        run_compare(tiny_data, ["dice"], 1, compared, overrides=[*_tiny(compared.parent), "train.epochs=3"],
+                    progress=False, log=lambda _: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# naming and errors (fast)
+
+
+def test_system_names_aliases_and_yaml(tmp_path):
+    assert resolve_system("dice", "task09").config == "task09_segresnet_dice"
+    assert resolve_system("dice_be", "phantom_spleen").name == "segresnet_be"
+    assert resolve_system("be", "task01").config == "task01_segresnet_be"
+    assert resolve_system("unet", "task09").name == "unet"
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("base: phantom_spleen_segresnet_be\nsystem: be_lambda10\nloss:\n  lambda_be: 10.0\n")
+    spec = resolve_system(str(custom), "phantom_spleen")
+    assert (spec.name, spec.config) == ("be_lambda10", str(custom))
+    with pytest.raises(ConfigError, match="unknown system 'segresnet_xx'"):
+        resolve_system("segresnet_xx", "task09")
+
+
+def test_pinned_keys_and_bad_data_are_refused(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="compare sets train.seed"):
+        run_compare(tiny_data, ["dice"], 1, tmp_path / "r", overrides=["train.seed=3"], log=lambda _: None)
+    with pytest.raises(DataError, match="no dataset.json"):
+        run_compare(tmp_path / "nowhere", ["dice"], 1, tmp_path / "r", log=lambda _: None)
+    with pytest.raises(ConfigError, match="no Table 1 presets for task 'task99'"):
+        run_compare(tiny_data, ["dice"], 1, tmp_path / "r", prefix="task99", log=lambda _: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_demo_runs_the_phantom_presets_own_schedule():
+    assert demo_overrides() == DEMO_OVERRIDES == []
+    preset, _ = load_config("phantom_spleen_segresnet_be")
+    assert preset.data.patch_size == (48, 48, 48) and (preset.train.epochs, preset.train.steps_per_epoch) == (12, 32)
+    tiny = demo_overrides(epochs=1, steps=2, patch=16, init_filters=8)
+    assert "train.epochs=1" in tiny and "data.patch_size=[16,16,16]" in tiny and "train.val_every=1" in tiny
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--systems", "dice,nonsense", "--seeds", "1", "--out", "{tmp}/r", "--data", "{data}"],
+     "unknown system 'nonsense'"),
+    (["compare", "--systems", "dice", "--out", "{tmp}/r", "--task", "task09"], "--data DIR is required"),
+    (["compare", "--systems", "dice", "--out", "{tmp}/r", "--data", "{tmp}/missing"], "no dataset.json"),
+    (["reproduce", "--task", "task09"], "--data DIR is required: the MSD Task09_Spleen folder"),
+])
+def test_cli_errors_are_one_line_without_traceback(argv, message, tiny_data, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, data=tiny_data) for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.startswith(f"beseg {argv[0]}: error: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_reproduce_refuses_without_gpu_unless_cpu_ok(tiny_data, capsys):
+    assert main(["reproduce", "--task", "task09", "--data", str(tiny_data)]) == 1
+    err = capsys.readouterr().err
+    assert "meant for GPUs" in err and "--cpu-ok" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) the CLI end to end
+
+
+@pytest.mark.slow
+def test_cli_compare_reuses_finished_runs(compared, tiny_data, capsys):
+    # Trailing KEY=VALUE and --set both reach every run; the settings match, so nothing retrains.
+    argv = ["compare", "--data", str(tiny_data), "--systems", "dice,dice_be", "--seeds", "2", "--out", str(compared),
+            "--no-progress", *TINY, "--set", f"data.cache_dir={compared.parent / 'cache'}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 4 and "[4/4] segresnet_be seed 1" in out
+    assert f"open it: {(compared / 'report' / 'report.html').resolve().as_uri()}" in out
+
+
+@pytest.mark.slow
+def test_cli_demo_tiny(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--no-progress", "--epochs", "1", "--steps", "2", "--patch", "16",
+            "--init-filters", "8", "--phantom-cases", "10", "--phantom-size", "32", "32", "12",
+            "--set", "data.num_workers=0", "--set", "train.threads=1"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "segresnet_dice seed 0" in text and "segresnet_be seed 0" in text
+    assert f"open it: {(out / 'report' / 'report.html').resolve().as_uri()}" in text
+    md = (out / "report" / "report.md").read_text()
+    assert "segresnet_be" in md and "segresnet_dice" in md
+    assert main(argv) == 0  # reuses the folder
+    assert capsys.readouterr().out.count("skipped") == 2
+
+
+@pytest.mark.slow
+def test_compare_report_figures_load_in_headless_chromium(compared, tmp_path):
+    from test_report import _load_in_chromium  # the report tests' headless-Chromium helper
+
+    html = compared / "report" / "report.html"
+    probe = ("<script>window.addEventListener('load', () => { document.body.setAttribute('data-images', "
+             "JSON.stringify([...document.images].map(i => i.complete && i.naturalWidth > 0))); });</script>")
+    page = html.with_name("probe.html")
+    page.write_text(html.read_text().replace("</body>", probe + "</body>"))
+    try:
+        dom = _load_in_chromium(page, tmp_path)
+    finally:
+        page.unlink()
+    match = re.search(r'data-images="([^"]*)"', dom)
+    assert match, dom[-2000:]
+    loaded = json.loads(match.group(1).replace("&quot;", '"'))
+    assert len(loaded) >= 3 and all(loaded), loaded
+    shot = tmp_path / "shot.png"
+    _load_in_chromium(html, tmp_path, screenshot=shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
