@@ -2,12 +2,13 @@
 
 The CLI only parses arguments and hands them to the library; every user-facing failure is a
 :class:`~beseg.errors.BesegError` (or a ``ValueError``/``TypeError`` raised for a bad argument),
-printed as one line on stderr with a non-zero exit and no traceback.
+printed as one line on stderr with a non-zero exit and no traceback (so is any ``OSError``, e.g. a full disk).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -44,6 +45,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the training step")
     data.add_argument("--cache", choices=("memory", "disk"), default="memory", help="dataset cache kind")
     data.set_defaults(func=_run_bench_data)
+    train = bench_sub.add_parser(
+        "train", help="share of a SegResNet training step spent in the BE loss, and sliding-window inference time"
+    )
+    train.add_argument("--patch", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"))
+    train.add_argument("--init-filters", type=int, default=16)
+    train.add_argument("--volume", type=int, nargs=3, default=(160, 160, 160), metavar=("X", "Y", "Z"),
+                       help="volume for the sliding-window inference timing")
+    train.add_argument("--repeats", type=int, default=3)
+    train.add_argument("--threads", type=int, default=2)
+    train.set_defaults(func=_run_bench_train)
 
 
 def _run_bench_loss(args: argparse.Namespace) -> int:
@@ -54,6 +65,14 @@ def _run_bench_loss(args: argparse.Namespace) -> int:
         shapes=shapes, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
         device=args.device, memory=not args.no_memory,
     )
+    return 0
+
+
+def _run_bench_train(args: argparse.Namespace) -> int:
+    from beseg.bench.train import run_train_benchmark
+
+    run_train_benchmark(patch=tuple(args.patch), init_filters=args.init_filters, repeats=args.repeats,
+                        volume=tuple(args.volume), threads=args.threads)
     return 0
 
 
@@ -176,11 +195,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume continues a run with its own saved config; give no CONFIG or overrides.")
-        from beseg.engine.checkpoint import load_checkpoint
-        from beseg.engine.rundir import RunDir
+        from beseg.engine.trainer import load_resume_checkpoint
 
-        last = RunDir(args.resume).last
-        task = load_checkpoint(last)["config"]["data"]["task"] if last.is_file() else "phantom-spleen"
+        task = load_resume_checkpoint(args.resume)["config"]["data"]["task"]
         result = train(None, _data_dir(args.data, task, progress), args.resume, resume=True, progress=progress)
     else:
         if not args.config:
@@ -190,7 +207,8 @@ def _run_train(args: argparse.Namespace) -> int:
         if (out / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"run folder {out} already holds a checkpoint; use --resume {out} or another --out.")
         result = train(config, _data_dir(args.data, config.data.task, progress), out, progress=progress)
-    print(f"done: {result.run_dir} (best validation Dice {result.best_dice:.4f})")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        print(f"done: {result.run_dir} (best validation Dice {result.best_dice:.4f})")
     return 0
 
 
@@ -219,6 +237,118 @@ def _run_predict(args: argparse.Namespace) -> int:
     return _report_failures(result.failed)
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from beseg.report.compare import ALIASES, TABLE1_SYSTEMS
+
+    names = ", ".join([*TABLE1_SYSTEMS, *ALIASES])
+    compare = sub.add_parser(
+        "compare", help="train and evaluate systems x seeds on one split, then write the Table 1 report",
+        description="Train and evaluate every system with every seed on the same split (finished runs are "
+                    "skipped, interrupted ones resumed), then write RESULTS_DIR/report/report.{md,html}.")
+    compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
+    compare.add_argument("--data", metavar="DIR", help="MSD task folder (default for phantom tasks: the phantom)")
+    compare.add_argument("--systems", default="dice,dice_be", metavar="A,B,...",
+                         help=f"comma-separated Table 1 rows or aliases ({names}) or YAML config files "
+                              "(default: dice,dice_be)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per system: 0..N-1 (default 3)")
+    compare.add_argument("--out", required=True, metavar="RESULTS_DIR", help="results folder (reused to resume)")
+    compare.add_argument("--task", "--preset-prefix", dest="task", metavar="TASK",
+                         help="preset prefix: phantom_spleen, task09 or task01 (default: from the dataset)")
+    compare.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                         help="config override for every run (repeatable), e.g. --set train.epochs=5")
+    compare.add_argument("--no-report", action="store_true", help="train and evaluate only")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare.set_defaults(func=_run_compare)
+
+    demo = sub.add_parser(
+        "demo", help="the main command: Dice vs Dice + BE on the phantom spleen, report in ./beseg-demo/ (~11 min on 2 CPU cores)",
+        description="Generate the phantom spleen (cached), train and evaluate SegResNet + Dice and SegResNet + "
+                    "Dice + BE with a CPU-sized schedule, and write the report into OUT/report/. Rerunning "
+                    "reuses OUT (finished runs are skipped).")
+    demo.add_argument("--out", default="beseg-demo", metavar="DIR", help="results folder (default ./beseg-demo)")
+    demo.add_argument("--seeds", type=int, default=1, help="seeds per system (default 1)")
+    demo.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                      help="extra config override for both runs (repeatable), e.g. --set train.threads=4")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Test-only knobs: a tiny demo for the test suite; hidden from --help.
+    for flag in ("--epochs", "--steps", "--patch", "--init-filters", "--val-every", "--phantom-cases"):
+        demo.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
+    demo.add_argument("--phantom-size", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
+    demo.set_defaults(func=_run_demo)
+
+    reproduce = sub.add_parser(
+        "reproduce", help="the paper's full protocol (all Table 1 rows, paper patches) on real MSD data; for GPUs",
+        description="Compare all six Table 1 rows with the task01_*/task09_* presets on the MSD folder. Without "
+                    "a CUDA device it refuses unless --cpu-ok is given.")
+    reproduce.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
+    reproduce.add_argument("--task", required=True, choices=("task01", "task09"), help="MSD task")
+    reproduce.add_argument("--data", metavar="DIR", help="the MSD task folder (Task01_BrainTumour or Task09_Spleen)")
+    reproduce.add_argument("--seeds", type=int, default=3, help="seeds per system (default 3)")
+    reproduce.add_argument("--out", metavar="RESULTS_DIR", help="results folder (default results-<task>)")
+    reproduce.add_argument("--systems", default=None, metavar="A,B,...", help="subset of Table 1 rows (default all)")
+    reproduce.add_argument("--cpu-ok", action="store_true", help="run even without a CUDA device")
+    reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
+    reproduce.set_defaults(func=_run_reproduce)
+
+
+def _systems(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _print_report(result) -> None:
+    minutes, seconds = divmod(int(round(result.seconds)), 60)
+    print(f"done in {minutes} min {seconds:02d} s; results in {result.results_dir}")
+    if result.report is not None:
+        print(f"report: {result.report.parent / 'report.md'}")
+        print(f"open it: {result.report.resolve().as_uri()}")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from beseg.errors import ConfigError
+    from beseg.report.compare import run_compare
+
+    progress = not args.no_progress
+    data = args.data
+    if data is None:
+        task = (args.task or "").lower().replace("_", "-")
+        if not task.startswith("phantom-"):
+            raise ConfigError("--data DIR is required: the MSD task folder holding dataset.json (only "
+                              "--task phantom_spleen generates its own data).")
+        data = _data_dir(None, task, progress)
+    result = run_compare(data, _systems(args.systems), args.seeds, args.out, overrides=[*args.sets, *args.overrides],
+                         prefix=args.task.lower().replace("-", "_") if args.task else None, progress=progress,
+                         report=not args.no_report)
+    _print_report(result)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from beseg.report.demo import demo_overrides, run_demo
+
+    phantom = {}
+    if args.phantom_cases is not None:
+        phantom.update(cases=args.phantom_cases, test_cases=0)
+    if args.phantom_size is not None:
+        phantom["size"] = tuple(args.phantom_size)
+    overrides = demo_overrides(epochs=args.epochs, steps=args.steps, patch=args.patch,
+                               init_filters=args.init_filters, val_every=args.val_every)
+    result = run_demo(args.out, seeds=args.seeds, overrides=[*overrides, *args.sets], phantom=phantom or None,
+                      progress=not args.no_progress)
+    _print_report(result)
+    return 0
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from beseg.report.compare import TABLE1_SYSTEMS
+    from beseg.report.reproduce import run_reproduce
+
+    systems = _systems(args.systems) if args.systems else list(TABLE1_SYSTEMS)
+    result = run_reproduce(args.task, args.data, seeds=args.seeds, out=args.out, systems=systems,
+                           overrides=args.overrides, cpu_ok=args.cpu_ok, progress=not args.no_progress)
+    _print_report(result)
+    return 0
+
+
 def _report_failures(failed: list[tuple[str, str]]) -> int:
     if not failed:
         return 0
@@ -237,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_data(sub)
     _add_engine(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -245,13 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Overrides (KEY=VALUE) may come after options such as --out, which argparse alone rejects.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except (BesegError, ValueError, TypeError, FileNotFoundError, PermissionError) as err:
+    except (BesegError, ValueError, TypeError, OSError) as err:  # OSError: e.g. a full disk
         print(f"beseg {args.command}: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
