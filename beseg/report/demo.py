@@ -73,8 +73,8 @@ def run_demo(out: str | Path = "beseg-demo", seeds: int = 1, overrides: Sequence
     Raises:
         ConfigError, DataError, ReportError: as :func:`run_compare`.
     """
-    log("beseg demo: phantom spleen, SegResNet + Dice vs SegResNet + Dice + 1000 x BE "
-        f"({seeds} seed(s); {' '.join(overrides)})")
+    settings = f"{seeds} seed(s)" + (f"; {' '.join(overrides)}" if overrides else "; the phantom_spleen presets' schedule")
+    log(f"beseg demo: phantom spleen, SegResNet + Dice vs SegResNet + Dice + 1000 x BE ({settings})")
     data = ensure_phantom("spleen", progress=progress, **(phantom or {}))
     log(f"dataset: {data}")
     return run_compare(data, DEMO_SYSTEMS, seeds, out, overrides=overrides, prefix="phantom_spleen",
