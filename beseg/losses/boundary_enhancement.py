@@ -142,6 +142,34 @@ def _checked_one_hot(target: Tensor, num_classes: int) -> Tensor:
     return one_hot(target, num_classes=num_classes, dim=1)
 
 
+class _PreprocessedLoss(_Loss):
+    """MONAI's activation / one-hot / background options, validated and applied in one place."""
+
+    def __init__(
+        self,
+        include_background: bool,
+        to_onehot_y: bool,
+        sigmoid: bool,
+        softmax: bool,
+        other_act: Callable[[Tensor], Tensor] | None,
+        reduction: LossReduction | str,
+    ) -> None:
+        super().__init__(reduction=LossReduction(reduction).value)
+        _check_activation_args(sigmoid, softmax, other_act)
+        self.include_background = include_background
+        self.to_onehot_y = to_onehot_y
+        self.sigmoid = sigmoid
+        self.softmax = softmax
+        self.other_act = other_act
+
+    def prepare(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`prepare_prediction_and_target` with this loss's options."""
+        return prepare_prediction_and_target(
+            input, target, sigmoid=self.sigmoid, softmax=self.softmax, other_act=self.other_act,
+            to_onehot_y=self.to_onehot_y, include_background=self.include_background,
+        )
+
+
 class _FastBEFunction(torch.autograd.Function):
     """Per-(batch, channel) ``mean(F(P - Y)^2)`` with the analytic gradient ``(2/N) F(F(P - Y))``."""
 
@@ -199,7 +227,7 @@ def _be_per_channel(pred: Tensor, target: Tensor, smoothing_passes: int, padding
     return diff.square().flatten(2).mean(dim=2)
 
 
-class BoundaryEnhancementLoss(_Loss):
+class BoundaryEnhancementLoss(_PreprocessedLoss):
     """Boundary enhancement (BE) loss (Yang et al., "Enhancing Foreground Boundaries for Medical
     Image Segmentation", MIDL 2020).
 
@@ -259,14 +287,8 @@ class BoundaryEnhancementLoss(_Loss):
             ValueError: more than one of ``sigmoid``, ``softmax``, ``other_act``; an unknown
                 ``reduction``, ``padding`` or ``impl``; ``smoothing_passes`` not an integer >= 0.
         """
-        super().__init__(reduction=LossReduction(reduction).value)
-        _check_activation_args(sigmoid, softmax, other_act)
+        super().__init__(include_background, to_onehot_y, sigmoid, softmax, other_act, reduction)
         check_filter_options(smoothing_passes, padding, impl)
-        self.include_background = include_background
-        self.to_onehot_y = to_onehot_y
-        self.sigmoid = sigmoid
-        self.softmax = softmax
-        self.other_act = other_act
         self.smoothing_passes = smoothing_passes
         self.padding = padding
         self.impl = impl
@@ -289,10 +311,7 @@ class BoundaryEnhancementLoss(_Loss):
                 indices outside ``[0, C)``, NaN or Inf in the prediction or target (with
                 ``check_finite``), or a spatial size too small for ``padding="valid"``.
         """
-        pred, target = prepare_prediction_and_target(
-            input, target, sigmoid=self.sigmoid, softmax=self.softmax, other_act=self.other_act,
-            to_onehot_y=self.to_onehot_y, include_background=self.include_background,
-        )
+        pred, target = self.prepare(input, target)
         _check_filter_args(pred, self.smoothing_passes, self.padding, self.impl)
         with torch.autocast(device_type=pred.device.type, enabled=False):
             per_channel = _be_per_channel(pred, target, self.smoothing_passes, self.padding, self.impl)
@@ -318,7 +337,7 @@ def _raise_if_not_finite(loss: Tensor, input: Tensor, target: Tensor) -> None:
     )
 
 
-class DiceBELoss(_Loss):
+class DiceBELoss(_PreprocessedLoss):
     """``lambda_dice * soft Dice + lambda_be * BE``, the paper's training loss (1 and 1000).
 
     The activation, one-hot conversion and background removal are applied once and shared by
@@ -368,17 +387,11 @@ class DiceBELoss(_Loss):
             ValueError: conflicting activations, negative weights, ``reduction="none"``, or an
                 invalid BE setting.
         """
-        super().__init__(reduction=LossReduction(reduction).value)
+        super().__init__(include_background, to_onehot_y, sigmoid, softmax, other_act, reduction)
         if self.reduction == LossReduction.NONE.value:
             raise ValueError("DiceBELoss supports reduction 'mean' or 'sum'; use DiceLoss and BoundaryEnhancementLoss for 'none'.")
         if lambda_dice < 0 or lambda_be < 0:
             raise ValueError(f"lambda_dice and lambda_be must be >= 0, got {lambda_dice} and {lambda_be}.")
-        _check_activation_args(sigmoid, softmax, other_act)
-        self.include_background = include_background
-        self.to_onehot_y = to_onehot_y
-        self.sigmoid = sigmoid
-        self.softmax = softmax
-        self.other_act = other_act
         self.lambda_dice = float(lambda_dice)
         self.lambda_be = float(lambda_be)
         # The preprocessing is done here once, so both terms get ready-made probabilities.
@@ -403,8 +416,5 @@ class DiceBELoss(_Loss):
         Raises:
             TypeError, ValueError: as :class:`BoundaryEnhancementLoss`.
         """
-        pred, target = prepare_prediction_and_target(
-            input, target, sigmoid=self.sigmoid, softmax=self.softmax, other_act=self.other_act,
-            to_onehot_y=self.to_onehot_y, include_background=self.include_background,
-        )
+        pred, target = self.prepare(input, target)
         return self.lambda_dice * self.dice(pred, target) + self.lambda_be * self.be(pred, target)
