@@ -398,3 +398,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["data", "phantom", str(root), "--cases", "2"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dataset.json: already exists" in err and "Traceback" not in err
+
+
+def test_require_valid_task_remembers_a_pass_until_a_file_changes(tmp_path, monkeypatch):
+    import beseg.data.check as check_module
+    from beseg.data import make_phantom, require_valid_task
+
+    root = make_phantom(tmp_path / "ph", cases=2, test_cases=0, size=(12, 12, 8), progress=False)
+    calls = []
+    real = check_module.check_task
+    monkeypatch.setattr(check_module, "check_task", lambda *a, **k: calls.append(1) or real(*a, **k))
+    require_valid_task(root, tmp_path / "cache")
+    require_valid_task(root, tmp_path / "cache")
+    assert len(calls) == 1  # the second call trusts the recorded pass
+    image = root / "imagesTr" / "phantom_spleen_000.nii.gz"
+    image.write_bytes(image.read_bytes()[:200])  # truncated: size and mtime change
+    with pytest.raises(DataError, match="phantom_spleen_000.nii.gz"):
+        require_valid_task(root, tmp_path / "cache")
+    assert len(calls) == 2

@@ -11,7 +11,7 @@ The public API for the training engine:
 * :func:`check_task` -> :class:`CheckReport`; :func:`make_phantom` -- the synthetic task folders.
 """
 
-from beseg.data.check import CaseReport, CheckReport, check_task
+from beseg.data.check import CaseReport, CheckReport, check_task, require_valid_task
 from beseg.data.datasets import TaskData, build_task_data, make_dataset
 from beseg.data.intensity import IntensityRange, default_cache_dir, foreground_percentiles
 from beseg.data.msd import Case, MSDTask, case_id, is_apple_double, list_nifti, load_task
@@ -21,7 +21,7 @@ from beseg.data.splits import Split, load_or_make_split, load_split, make_split,
 
 __all__ = [
     "Case", "CaseReport", "CheckReport", "IntensityRange", "MSDBratsRegionsd", "MSDTask", "PRESETS",
-    "PhantomConfig", "Split", "ensure_phantom", "TaskData", "TaskPreset", "build_task_data", "case_id", "check_task",
+    "PhantomConfig", "Split", "ensure_phantom", "require_valid_task", "TaskData", "TaskPreset", "build_task_data", "case_id", "check_task",
     "default_cache_dir", "foreground_percentiles", "get_preset", "is_apple_double", "list_nifti",
     "load_or_make_split", "load_split", "load_task", "make_dataset", "make_phantom", "msd_brats_regions",
     "phantom_case", "preset_for_task", "save_split", "make_split",

@@ -17,7 +17,7 @@ from beseg.data.msd import Case, MSDTask, is_apple_double, load_task
 from beseg.data.nifti import NiftiHeader, read_array
 from beseg.errors import DataError
 
-__all__ = ["CaseReport", "CheckReport", "check_task"]
+__all__ = ["CaseReport", "CheckReport", "check_task", "require_valid_task"]
 
 
 @dataclass
@@ -206,3 +206,40 @@ def check_task(root: str | Path, affine_tol: float = 1e-3, progress: bool | None
         report.test_images += 1
         _check_image(path, task.num_channels, report.problems)
     return report
+
+
+def require_valid_task(root: str | Path, cache_dir: str | Path | None = None, progress: bool = False) -> None:
+    """Raise unless :func:`check_task` passes; a pass is remembered until a file changes.
+
+    Checking reads every voxel, which takes minutes on Task01; a training run, and each of the
+    runs of a comparison, would otherwise repeat it. A pass is recorded in ``cache_dir`` under a
+    key made of every listed file's path, size and modification time, so any change to the data
+    (or to ``dataset.json``) checks again. Failures are never cached.
+
+    Raises:
+        DataError: the folder has problems; the message lists every one, each naming its file.
+    """
+    import hashlib
+
+    from beseg.data.intensity import default_cache_dir
+
+    root = Path(root)
+    try:
+        task = load_task(root, check_files=False)
+        files = [root / "dataset.json", *(p for c in task.training for p in (c.image, c.label)), *task.test]
+        h = hashlib.sha1(f"check v1 {root.resolve()}".encode())
+        for path in files:
+            st = path.stat()
+            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        marker = Path(cache_dir or default_cache_dir(root)) / f"check-{h.hexdigest()[:16]}.ok"
+    except (DataError, OSError):
+        marker = None  # unreadable folder or missing file: the full check says exactly what is wrong
+    if marker is not None and marker.is_file():
+        return
+    check_task(root, progress=progress).raise_for_problems()
+    if marker is not None:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("passed\n")
+        except OSError:
+            pass  # a read-only cache only costs a re-check next time

@@ -24,7 +24,7 @@ from monai.metrics import compute_dice
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from beseg.data import TaskPreset, build_task_data, check_task, get_preset, load_task
+from beseg.data import TaskPreset, build_task_data, get_preset, load_task, require_valid_task
 from beseg.engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -260,10 +260,10 @@ def _train(config: Config, data_dir: Path, run: RunDir, ckpt: dict | None, dist_
 
     preset = get_preset(config.data.task)
     patch = _patch_size(config, preset)
-    # Fail before any compute on a folder with bad files, listing every problem at once.
-    check_task(data_dir, progress=False).raise_for_problems()
-    task = load_task(data_dir)
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else None
+    # Fail before any compute on a folder with bad files, listing every problem at once.
+    require_valid_task(data_dir, cache_dir, progress=progress and main)
+    task = load_task(data_dir)
     data = build_task_data(
         task, preset, split_file=config.data.split_file, cache_dir=cache_dir, patch_size=patch,
         cache=config.data.cache, val_frac=config.data.val_frac, seed=config.data.split_seed,

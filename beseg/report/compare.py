@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from beseg.data import check_task, get_preset, load_task, preset_for_task
+from beseg.data import get_preset, load_task, preset_for_task, require_valid_task
 from beseg.engine.checkpoint import load_checkpoint
 from beseg.engine.config import Config, config_to_dict, list_presets, load_config
 from beseg.engine.evaluate import evaluate
@@ -266,8 +266,7 @@ def _check_data(data_dir: Path, task_names: set[str]) -> None:
     Raises:
         DataError: listing every problem in the folder, or naming the mismatched task.
     """
-    report = check_task(data_dir, progress=False)
-    report.raise_for_problems()
+    require_valid_task(data_dir)
     task = load_task(data_dir, check_files=False)
     for name in sorted(task_names):
         get_preset(name).validate(task)
