@@ -375,3 +375,24 @@ def test_overflow_is_reported_not_hidden():
         BoundaryEnhancementLoss(include_background=True)(pred, torch.zeros_like(pred))
     value = BoundaryEnhancementLoss(include_background=True, check_finite=False)(pred, torch.zeros_like(pred))
     assert not torch.isfinite(value)
+
+
+def test_log_filter_module_matches_the_function_and_keeps_no_state():
+    from beseg.losses import LoGFilter
+
+    x = torch.rand(2, 2, 12, 12, 12, dtype=torch.float64)
+    module = LoGFilter(smoothing_passes=1, padding="valid")
+    torch.testing.assert_close(module(x), log_filter(x, 1, "valid"))
+    assert list(module.parameters()) == [] and module(x).shape == (2, 2, 8, 8, 8)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        LoGFilter(padding="full")
+
+
+def test_workspace_buffers_never_alias_results():
+    # Results of successive calls must stay intact: a kept scratch volume is never a returned one.
+    x = torch.rand(1, 1, 10, 10, 10, dtype=torch.float64)
+    first = log_filter(x)
+    expected = first.clone()
+    for _ in range(3):
+        log_filter(torch.rand_like(x))
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)

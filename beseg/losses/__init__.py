@@ -1,6 +1,6 @@
 """Losses: the boundary enhancement (BE) loss, its filter, and its combination with soft Dice."""
 
 from beseg.losses.boundary_enhancement import BoundaryEnhancementLoss, DiceBELoss, prepare_prediction_and_target
-from beseg.losses.log_filter import log_filter
+from beseg.losses.laplacian import LoGFilter, log_filter
 
-__all__ = ["BoundaryEnhancementLoss", "DiceBELoss", "log_filter", "prepare_prediction_and_target"]
+__all__ = ["BoundaryEnhancementLoss", "DiceBELoss", "LoGFilter", "log_filter", "prepare_prediction_and_target"]

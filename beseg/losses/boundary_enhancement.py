@@ -12,7 +12,7 @@ from monai.utils import LossReduction
 from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
-from beseg.losses.log_filter import (
+from beseg.losses.laplacian import (
     Impl,
     Padding,
     _check_filter_args,

@@ -17,13 +17,14 @@ Two implementations compute the same operator:
 
 from __future__ import annotations
 
+import threading
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["log_filter", "log_kernels", "log_margin", "PADDINGS", "IMPLS"]
+__all__ = ["LoGFilter", "clear_workspace", "log_filter", "log_kernels", "log_margin", "PADDINGS", "IMPLS"]
 
 PADDINGS = ("same", "valid")
 IMPLS = ("fast", "reference")
@@ -96,38 +97,81 @@ def _laplacian_(src: Tensor, dst: Tensor, scale: float | Tensor) -> None:
     dst.mul_(scale)
 
 
+class _Workspace:
+    """Scratch volumes reused across calls of the fast filter on CPU.
+
+    With glibc's default malloc every freed volume goes back to the kernel and the next one is
+    page-faulted in again, which costs about a third of the fast filter's time. A returned
+    scratch buffer is kept here (at most ``max_entries`` shapes) and handed out again; a buffer is
+    never in two hands at once. CUDA's caching allocator already reuses memory, so CUDA buffers
+    are not kept.
+    """
+
+    def __init__(self, max_entries: int = 4) -> None:
+        self._free: dict[tuple, Tensor] = {}
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+
+    @staticmethod
+    def _key(t: Tensor) -> tuple:
+        return tuple(t.shape), t.dtype, t.device
+
+    def take(self, like: Tensor) -> Tensor:
+        with self._lock:
+            buf = self._free.pop(self._key(like), None)
+        return buf if buf is not None else torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+    def give(self, buf: Tensor) -> None:
+        if buf.device.type != "cpu":
+            return
+        with self._lock:
+            key = self._key(buf)
+            if key not in self._free and len(self._free) >= self.max_entries:
+                self._free.pop(next(iter(self._free)))
+            self._free[key] = buf
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+_WORKSPACE = _Workspace()
+
+
+def clear_workspace() -> None:
+    """Release the scratch volumes the fast filter keeps between calls (CPU only)."""
+    _WORKSPACE.clear()
+
+
 def _log_same_fast(x: Tensor, smoothing_passes: int, scale: float | Tensor = 1.0, owned: bool = False) -> Tensor:
     """``scale * F(x)`` with "same" zero padding, by shifted adds.
+
+    Two volumes are written in turn: ``x`` itself when ``owned`` (a fresh one otherwise) and a
+    scratch volume from the workspace. Whichever does not hold the result goes back to the
+    workspace, so a call allocates at most one volume.
 
     Args:
         x: (B, C, *spatial) floating tensor.
         smoothing_passes: number of box filters before the Laplacian.
         scale: extra factor folded into the final stage (a number, or a tensor broadcasting to ``x``).
-        owned: ``x`` is a temporary the caller gives up, so it may serve as a work buffer.
+        owned: ``x`` is a temporary the caller gives up, so it may be overwritten (and kept as
+            scratch).
 
     Returns:
-        Tensor of the shape of ``x``. At most two buffers the size of ``x`` are allocated.
+        A new tensor (never ``x`` unless ``owned``) of the shape of ``x``.
     """
     ndim = x.ndim - 2
     box_scale = (1.0 / 3**ndim) ** smoothing_passes
     scale = scale * box_scale
-    a = x if owned else torch.empty_like(x)
-    b: Tensor | None = None
-    src = x
+    first = x if owned else torch.empty_like(x)
+    second = _WORKSPACE.take(x)
+    src, dst = x, (second if owned else first)
     for _ in range(smoothing_passes):
         for dim in range(2, x.ndim):
-            if src is a:
-                b = torch.empty_like(x) if b is None else b
-                dst = b
-            else:
-                dst = a
             _box_sum_(src, dst, dim)
-            src = dst
-    if src is a:
-        dst = torch.empty_like(x) if b is None else b
-    else:
-        dst = a
+            src, dst = dst, (first if dst is second else second)
     _laplacian_(src, dst, scale)
+    _WORKSPACE.give(first if dst is second else second)
     return dst
 
 
@@ -247,3 +291,28 @@ def log_filter(
     if impl == "reference":
         return _log_reference(x, smoothing_passes, padding)
     return _LoGFilterFunction.apply(x, smoothing_passes, padding)
+
+
+class LoGFilter(torch.nn.Module):
+    """Module form of :func:`log_filter` (fixed weights, nothing to train).
+
+    Args:
+        smoothing_passes, padding, impl: as in :func:`log_filter`.
+
+    Raises:
+        ValueError: an invalid option.
+
+    Example:
+        >>> edges = LoGFilter(smoothing_passes=1, padding="valid")(torch.rand(1, 1, 16, 16, 16))
+        >>> edges.shape
+        torch.Size([1, 1, 12, 12, 12])
+    """
+
+    def __init__(self, smoothing_passes: int = 3, padding: Padding = "same", impl: Impl = "fast") -> None:
+        super().__init__()
+        check_filter_options(smoothing_passes, padding, impl)
+        self.smoothing_passes, self.padding, self.impl = smoothing_passes, padding, impl
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W[, D]) -> filtered, see :func:`log_filter`."""
+        return log_filter(x, self.smoothing_passes, self.padding, self.impl)
