@@ -63,7 +63,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_every_table1_row_is_a_preset_for_each_task():
     names = set(list_presets())
-    for prefix in ("task01", "task09", "phantom_spleen"):
+    for prefix in ("task01", "task09", "phantom_spleen", "phantom_brain"):
         for system in TABLE1:
             config, _ = load_config(f"{prefix}_{system}")
             assert f"{prefix}_{system}" in names and config.system == system
@@ -291,3 +291,26 @@ def test_train_on_a_folder_that_fails_the_data_check(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "phantom_spleen_000.nii.gz" in err and "NaN" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_brain_phantom_trains_evaluates_and_predicts_sigmoid_regions(tmp_path):
+    """The Task01 path: 4 channels in, overlapping TC/WT/ET sigmoid regions out, MSD labels back."""
+    brain = make_phantom(tmp_path / "brain", task="brain", cases=5, test_cases=1, size=(32, 32, 16), progress=False)
+    raw = yaml.safe_load(tiny_config(tmp_path, "segresnet_be").read_text())
+    raw["base"] = "phantom_brain_segresnet_be"
+    cfg = tmp_path / "brain.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--data", str(brain), "--out", str(run), "--no-progress"]) == 0
+    val = [yaml.safe_load(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    assert set(val[-1]["dice"]) == {"TC", "WT", "ET"}
+    assert main(["evaluate", str(run), "--data", str(brain), "--out", str(tmp_path / "ev")]) == 0
+    classes = {line.split(",")[1] for line in (tmp_path / "ev" / "per_case.csv").read_text().splitlines()[1:]}
+    assert classes == {"TC", "WT", "ET"}
+    test_image = next((brain / "imagesTs").glob("*.nii.gz"))
+    assert main(["predict", str(run), str(test_image), "--out", str(tmp_path / "pred")]) == 0
+    out = nib.load(str(tmp_path / "pred" / test_image.name))
+    src = nib.load(str(test_image))
+    assert out.shape == src.shape[:3] and np.allclose(out.affine, src.affine)
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 3}  # MSD labels, not region channels
