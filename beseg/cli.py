@@ -261,7 +261,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     compare.set_defaults(func=_run_compare)
 
     demo = sub.add_parser(
-        "demo", help="the main command: Dice vs Dice + BE on the phantom spleen, report in ./beseg-demo/ (~11 min on 2 CPU cores)",
+        "demo", help="the main command: Dice vs Dice + BE on the phantom spleen, report in ./beseg-demo/ (~10 min on 2 CPU cores)",
         description="Generate the phantom spleen (cached), train and evaluate SegResNet + Dice and SegResNet + "
                     "Dice + BE with a CPU-sized schedule, and write the report into OUT/report/. Rerunning "
                     "reuses OUT (finished runs are skipped).")
