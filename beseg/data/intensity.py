@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from beseg.data.msd import Case
 from beseg.data.nifti import read_array
 from beseg.errors import DataError
+from beseg.fileio import atomic_write_text
 
 __all__ = ["IntensityRange", "default_cache_dir", "foreground_percentiles"]
 
@@ -121,8 +122,6 @@ def foreground_percentiles(cases: Sequence[Case], cache_dir: str | Path | None,
             pass  # a damaged cache is recomputed, never trusted
     stats = _compute(cases, percentiles, progress)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "stats": asdict(stats)}, indent=2), encoding="utf-8")
-        tmp.replace(cache_file)  # atomic, so concurrent runs never read half a file
+        # Atomic, with a private temporary name: concurrent runs never read or write half a file.
+        atomic_write_text(cache_file, json.dumps({"key": key, "stats": asdict(stats)}, indent=2))
     return stats

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from beseg.errors import BesegError
+from beseg.fileio import atomic_output
 
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
 
@@ -42,22 +42,13 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
             ``path``, if any, is left intact and no temporary file remains.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; the previous file is intact.") from None
-        raise
+    except OSError as err:
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; the previous file is intact.") from None
     return path
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from beseg.data.nifti import read_array
 from beseg.engine.predict import LoadedModel, load_model, predict_image, write_label
 from beseg.engine.trainer import class_names
 from beseg.errors import BesegError, DataError
+from beseg.fileio import atomic_output, atomic_write_text
 from beseg.metrics import METRIC_NAMES, case_metrics
 
 __all__ = ["EvalSummary", "evaluate", "one_hot_scored"]
@@ -128,15 +128,11 @@ def _summary(result: EvalSummary, loaded: LoadedModel, split: str, tol: float, n
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["case", "class", *METRIC_NAMES])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _write_json(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))

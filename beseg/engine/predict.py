@@ -8,8 +8,6 @@ orientation, voxel grid and affine.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from beseg.engine.inference import label_map, predict_probabilities
 from beseg.engine.networks import build_network
 from beseg.engine.rundir import RunDir
 from beseg.errors import BesegError, DataError
+from beseg.fileio import atomic_output
 
 __all__ = ["LoadedModel", "PredictSummary", "load_model", "predict_image", "predict_files", "resolve_checkpoint", "write_label"]
 
@@ -158,20 +157,16 @@ def write_label(labels: np.ndarray, reference: Any, path: str | Path) -> Path:
         BesegError: the file cannot be written (e.g. the disk is full); nothing partial is left.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = reference.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_data_shape(labels.shape)
     img = nib.Nifti1Image(labels.astype(np.uint8), reference.affine, header=header)
     img.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
     img.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)
-    os.close(fd)
     try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path, suffix=".tmp.nii.gz") as tmp:  # nibabel picks the format by ending
+            nib.save(img, tmp)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         raise BesegError(f"could not write {path}: {err.strerror or err}.") from None
     return path
 

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from beseg.errors import BesegError
+from beseg.fileio import atomic_write_text
 
 __all__ = ["RunDir", "RunLockedError", "read_metrics"]
 
@@ -71,10 +72,7 @@ class RunDir:
         return self.root / ".lock"
 
     def write_config(self, config: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.config.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-        os.replace(tmp, self.config)
+        atomic_write_text(self.config, yaml.safe_dump(config, sort_keys=False))
 
     # -- lock ---------------------------------------------------------------------------------
 
@@ -139,9 +137,7 @@ class RunDir:
     def truncate_metrics(self, after_epoch: int) -> None:
         """Drop records of epochs after ``after_epoch`` (logged before a crash, redone on resume)."""
         records = [r for r in read_metrics(self.metrics) if r.get("epoch", 0) <= after_epoch]
-        tmp = self.metrics.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.metrics)
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _finite(value: Any) -> Any:
