@@ -46,13 +46,17 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from beseg.data.classes import ClassSpec
 from beseg.data.intensity import IntensityRange
 from beseg.data.msd import MSDTask
 from beseg.errors import DataError
 
-__all__ = ["MSDBratsRegionsd", "TaskPreset", "PRESETS", "get_preset", "preset_for_task", "msd_brats_regions"]
+__all__ = ["BRATS_REGIONS", "MSDBratsRegionsd", "TaskPreset", "PRESETS", "get_preset", "preset_for_task", "msd_brats_regions"]
 
 Size3 = tuple[int, int, int]
+
+#: The BraTS regions on MSD Task01 labels (1 edema, 2 non-enhancing tumour, 3 enhancing tumour).
+BRATS_REGIONS: ClassSpec = (("TC", (2, 3)), ("WT", (1, 2, 3)), ("ET", (3,)))
 
 
 def msd_brats_regions(label: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -122,6 +126,17 @@ class TaskPreset:
     paper_split: tuple[int, int] | None = None
     pixdim: tuple[float, float, float] = (1.0, 1.0, 1.0)
     description: str = field(default="", compare=False)
+
+    @property
+    def scored_classes(self) -> ClassSpec:
+        """The classes that are scored, as label values of the dataset's label maps.
+
+        BraTS regions: TC = {2, 3}, WT = {1, 2, 3}, ET = {3}; a softmax task: one class per
+        foreground channel, ``channel_names[k]`` = label ``k``.
+        """
+        if self.label_mode == "brats_regions":
+            return BRATS_REGIONS
+        return tuple((name, (k,)) for k, name in enumerate(self.channel_names) if k > 0)
 
     @property
     def needs_intensity_stats(self) -> bool:
