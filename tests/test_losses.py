@@ -149,13 +149,96 @@ def test_log_filter_gradcheck_and_double_backward(padding):
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
-def test_fast_loss_supports_double_backward_of_filter_and_retain_graph():
+def test_fast_loss_retain_graph_gives_the_same_gradient_twice():
     pred, label = sample((1, 1, 8, 8, 8), torch.float64)
     pred.requires_grad_(True)
     loss = BoundaryEnhancementLoss(include_background=True)(pred, label)
     (g1,) = torch.autograd.grad(loss, pred, retain_graph=True)
     (g2,) = torch.autograd.grad(loss, pred)
     torch.testing.assert_close(g1, g2)
+
+
+def _hessian_vector_products(impl, padding, spacing, pred, label, v_pred, v_label):
+    """(H v) of the BE loss with respect to (prediction, target), by double backward."""
+    p = pred.clone().requires_grad_(True)
+    y = label.clone().requires_grad_(True)
+    loss = BoundaryEnhancementLoss(include_background=True, padding=padding, impl=impl, spacing=spacing,
+                                   smoothing_passes=2)(p, y)
+    gp, gy = torch.autograd.grad(loss, (p, y), create_graph=True)
+    return torch.autograd.grad((gp * v_pred).sum() + (gy * v_label).sum(), (p, y))
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("spacing", [None, (0.8, 1.0, 2.0)])
+def test_fast_loss_supports_double_backward_hessian_vector_products_match_reference(padding, spacing):
+    pred, label = sample((2, 2, 10, 11, 12), torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    v_pred = torch.randn(pred.shape, generator=gen, dtype=torch.float64)
+    v_label = torch.randn(pred.shape, generator=gen, dtype=torch.float64)
+    fast = _hessian_vector_products("fast", padding, spacing, pred, label, v_pred, v_label)
+    ref = _hessian_vector_products("reference", padding, spacing, pred, label, v_pred, v_label)
+    for a, b in zip(fast, ref):
+        assert b.abs().max() > 1e-6  # a non-trivial product
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
+    # The loss is a quadratic form in P - Y, so its Hessian is [[A, -A], [-A, A]].
+    torch.testing.assert_close(fast[0], -fast[1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_fast_loss_supports_double_backward_gradgradcheck(padding):
+    pred, label = sample((1, 2, 7, 8, 7), torch.float64)
+    pred.requires_grad_(True)
+    label.requires_grad_(True)
+    loss = BoundaryEnhancementLoss(include_background=True, smoothing_passes=1, padding=padding, reduction="none")
+    assert torch.autograd.gradgradcheck(loss, (pred, label), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_calls_under_inference_mode_do_not_affect_later_training_calls(mode):
+    """Lightning validates under inference_mode; a later training call must work and be unchanged."""
+    pred, label = sample((2, 1, 12, 12, 12))
+    loss = BoundaryEnhancementLoss(include_background=True)
+    trained = pred.clone().requires_grad_(True)
+    expected_value = loss(trained, label)
+    expected_value.backward()
+    expected_grad = trained.grad.clone()
+    context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    with context():
+        for _ in range(3):  # same shapes, so a kept buffer would be handed on
+            loss(torch.rand_like(pred), label)
+            log_filter(torch.rand_like(pred))
+    again = pred.clone().requires_grad_(True)
+    value = loss(again, label)
+    value.backward()
+    torch.testing.assert_close(value, expected_value.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(again.grad, expected_grad, rtol=0, atol=0)
+
+
+def _holds_tensor(value, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > 2 or isinstance(value, (str, bytes, type)) or callable(value) and not hasattr(value, "__dict__"):
+        return False
+    if isinstance(value, dict):
+        return any(_holds_tensor(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_tensor(v, depth + 1) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, type(np)):
+        return any(_holds_tensor(v, depth + 1) for v in vars(value).values())
+    return False
+
+
+def test_the_loss_modules_hold_no_tensors_between_calls():
+    """No process-global tensors (a buffer pool, a cache): nothing in the loss modules outlives a call."""
+    import beseg.losses.boundary_enhancement as be_module
+    import beseg.losses.laplacian as lap_module
+
+    log_filter(torch.rand(1, 1, 8, 8, 8))
+    BoundaryEnhancementLoss(include_background=True)(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8))
+    for module in (lap_module, be_module):
+        held = [name for name, value in vars(module).items()
+                if not name.startswith("__") and not isinstance(value, type(np)) and _holds_tensor(value)]
+        assert held == [], f"{module.__name__} keeps tensors in {held}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -307,7 +390,7 @@ GOOD_LABEL = torch.randint(0, 2, (1, 1, 8, 8, 8))
         ({}, torch.full((1, 1, 8, 8, 8), float("inf")), torch.rand(1, 1, 8, 8, 8), ValueError, "input contains NaN or Inf"),
         ({}, torch.rand(1, 1, 8, 8, 8), torch.full((1, 1, 8, 8, 8), float("-inf")), ValueError, "target contains NaN or Inf"),
         ({"softmax": True}, torch.full((1, 2, 8, 8, 8), float("inf")), torch.rand(1, 2, 8, 8, 8), ValueError, "input contains NaN"),
-        ({"padding": "valid"}, torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8), ValueError, "needs every spatial size > 8"),
+        ({"padding": "valid"}, torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8), ValueError, "needs spatial sizes larger than \\[8, 8, 8\\]"),
     ],
 )
 @pytest.mark.parametrize("impl", IMPLS)
@@ -373,7 +456,7 @@ def test_overflow_is_reported_not_hidden():
     pred[..., 4, 4, 4] = -3e38
     with pytest.raises(ValueError, match="overflowed"):
         BoundaryEnhancementLoss(include_background=True)(pred, torch.zeros_like(pred))
-    value = BoundaryEnhancementLoss(include_background=True, check_finite=False)(pred, torch.zeros_like(pred))
+    value = BoundaryEnhancementLoss(include_background=True, validate=False)(pred, torch.zeros_like(pred))
     assert not torch.isfinite(value)
 
 
@@ -388,11 +471,228 @@ def test_log_filter_module_matches_the_function_and_keeps_no_state():
         LoGFilter(padding="full")
 
 
-def test_workspace_buffers_never_alias_results():
-    # Results of successive calls must stay intact: a kept scratch volume is never a returned one.
-    x = torch.rand(1, 1, 10, 10, 10, dtype=torch.float64)
-    first = log_filter(x)
-    expected = first.clone()
-    for _ in range(3):
-        log_filter(torch.rand_like(x))
-    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+# ----------------------------------------------------------------------------------------------
+# no device-to-host reads with validate=False
+
+
+# A tensor on the "meta" device has a shape but no values: any read of a value (item, bool, tolist...)
+# raises, exactly where a CUDA tensor would synchronise the stream. The CUDA test below checks the same
+# with torch.cuda.set_sync_debug_mode("error") on a GPU.
+
+
+@pytest.mark.parametrize("labels_dtype", [torch.int64, torch.uint8, torch.float32])
+@pytest.mark.parametrize("loss_cls", [BoundaryEnhancementLoss, DiceBELoss])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_validate_false_reads_nothing_back_from_the_device(loss_cls, labels_dtype, impl):
+    logits = torch.randn(2, 3, 10, 10, 10, device="meta", requires_grad=True)
+    labels = torch.zeros(2, 1, 10, 10, 10, device="meta", dtype=labels_dtype)
+    mask = torch.ones(2, 1, 10, 10, 10, device="meta", dtype=torch.bool)
+    loss = loss_cls(softmax=True, to_onehot_y=True, validate=False, impl=impl)
+    loss(logits, labels).backward()
+    loss(logits, labels, mask=mask).backward()
+    assert logits.grad.shape == logits.shape
+
+
+def test_validate_true_does_read_back_so_the_meta_guard_is_real():
+    logits = torch.randn(1, 2, 8, 8, 8, device="meta")
+    labels = torch.zeros(1, 1, 8, 8, 8, device="meta", dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="meta"):
+        BoundaryEnhancementLoss(softmax=True, to_onehot_y=True)(logits, labels)
+
+
+def test_validate_false_skips_index_checks_but_keeps_shape_checks():
+    logits = torch.randn(1, 2, 8, 8, 8)
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        BoundaryEnhancementLoss(softmax=True, to_onehot_y=True)(logits, torch.full((1, 1, 8, 8, 8), 1.0) * 5)
+    with pytest.raises(ValueError, match="batch and spatial sizes"):
+        BoundaryEnhancementLoss(softmax=True, to_onehot_y=True, validate=False)(logits, torch.zeros(1, 1, 8, 8, 7))
+
+
+def test_check_finite_is_a_deprecated_alias_of_validate():
+    with pytest.warns(DeprecationWarning, match="validate"):
+        loss = BoundaryEnhancementLoss(check_finite=False)
+    assert loss.validate is False and loss.check_finite is False
+
+
+# ----------------------------------------------------------------------------------------------
+# spacing-aware filter
+
+
+def scipy_log_spacing(x: np.ndarray, passes: tuple[int, ...], weights: tuple[float, ...]) -> np.ndarray:
+    """Independent spacing-aware filter: per-axis 3-tap means, then a weighted sum of second differences."""
+    out = x.astype(np.float64)
+    for axis, n in enumerate(passes):
+        for _ in range(n):
+            out = ndimage.uniform_filter1d(out, size=3, axis=axis, mode="constant", cval=0.0)
+    return sum(w * ndimage.correlate1d(out, [1.0, -2.0, 1.0], axis=axis, mode="constant", cval=0.0)
+               for axis, w in enumerate(weights))
+
+
+@pytest.mark.parametrize("spacing, passes, weights", [
+    # passes = round(3 * (s_min / s)^2), weights = (s_min / s)^2, written out by hand
+    ((0.8, 0.8, 5.0), (3, 3, 0), (1.0, 1.0, 0.0256)),
+    ((1.0, 1.5, 2.0), (3, 1, 1), (1.0, 1 / 2.25, 0.25)),
+    ((2.0, 1.0), (1, 3), (0.25, 1.0)),
+])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_spacing_aware_filter_matches_an_independent_computation(spacing, passes, weights, impl):
+    shape = (2, 1, 9, 10, 11)[: 2 + len(spacing)]
+    x, _ = sample(shape, torch.float64)
+    got = log_filter(x, 3, "same", impl, spacing=spacing).numpy()
+    for i in range(shape[0]):
+        np.testing.assert_allclose(got[i, 0], scipy_log_spacing(x[i, 0].numpy(), passes, weights), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_isotropic_spacing_is_exactly_the_papers_filter(impl):
+    x, _ = sample((1, 2, 9, 9, 9), torch.float64)
+    torch.testing.assert_close(log_filter(x, impl=impl, spacing=(1.5, 1.5, 1.5)), log_filter(x, impl=impl), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_spacing_aware_loss_fast_matches_reference_with_gradients(padding):
+    pred, label = sample((2, 2, 14, 13, 12), torch.float64)
+    spacing = (0.8, 0.8, 2.5)
+    values, grads = [], []
+    for impl in IMPLS:
+        p = pred.clone().requires_grad_(True)
+        value = BoundaryEnhancementLoss(include_background=True, impl=impl, padding=padding, spacing=spacing)(p, label)
+        value.backward()
+        values.append(value.detach())
+        grads.append(p.grad)
+    torch.testing.assert_close(values[0], values[1], rtol=1e-10, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+    # valid padding loses one voxel per 3-tap stage of that axis: passes (3, 3, 0) -> margins (4, 4, 1)
+    out = log_filter(pred, padding="valid", spacing=spacing)
+    assert out.shape[2:] == (14 - 8, 13 - 8, 12 - 2)
+
+
+def test_spacing_must_match_the_spatial_axes():
+    with pytest.raises(ValueError, match="one value per spatial axis"):
+        BoundaryEnhancementLoss(spacing=(1.0, 1.0))(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="spacing must be 2 or 3 positive"):
+        BoundaryEnhancementLoss(spacing=(1.0, -1.0, 1.0))
+    with pytest.raises(ValueError, match="spacing must be 2 or 3 positive"):
+        log_filter(torch.rand(1, 1, 8, 8, 8), spacing=(1.0, float("nan"), 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# mask (ignore label)
+
+
+def test_masked_voxels_contribute_nothing_and_get_no_gradient():
+    pred, label = sample((1, 2, 12, 12, 12), torch.float64)
+    mask = torch.ones(1, 1, 12, 12, 12, dtype=torch.bool)
+    mask[..., 3:7, 2:9, 4:10] = False
+    loss = BoundaryEnhancementLoss(include_background=True)
+    p = pred.clone().requires_grad_(True)
+    value = loss(p, label, mask=mask)
+    value.backward()
+    # Independent: the masked difference filtered by scipy, mean over all voxels.
+    diff = ((pred - label) * mask).numpy()
+    expected = np.mean([np.mean(scipy_log(diff[0, c], 3, "same") ** 2) for c in range(2)])
+    assert abs(value.item() - expected) < 1e-12
+    assert p.grad[~mask.expand_as(p)].abs().max() == 0
+    # Whatever prediction and label hold under the mask, the loss is the same.
+    scrambled_pred = torch.where(mask, pred, torch.rand_like(pred))
+    scrambled_label = torch.where(mask, label, 1 - label)
+    torch.testing.assert_close(loss(scrambled_pred, scrambled_label, mask=mask), value.detach(), rtol=0, atol=1e-14)
+
+
+def test_mask_shape_is_checked():
+    pred, label = sample((1, 2, 8, 8, 8))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        BoundaryEnhancementLoss()(pred, label, mask=torch.ones(1, 1, 8, 8, 7))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        DiceBELoss()(pred, label, mask=np.ones((1, 1, 8, 8, 8)))
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_cuda_fast_matches_reference_float32(padding):
+    pred, label = sample((2, 3, 32, 33, 34))
+    pred, label = pred.cuda(), label.cuda()
+    out = {}
+    for impl in IMPLS:
+        p = pred.clone().requires_grad_(True)
+        value = BoundaryEnhancementLoss(include_background=True, impl=impl, padding=padding)(p, label)
+        value.backward()
+        out[impl] = (value.detach(), p.grad)
+    torch.testing.assert_close(out["fast"][0], out["reference"][0], rtol=1e-4, atol=0)
+    scale = out["reference"][1].abs().max()
+    torch.testing.assert_close(out["fast"][1], out["reference"][1], rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_fast_matches_reference(dtype):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1).cuda()
+    image = torch.randn(2, 1, 24, 24, 24, device="cuda")
+    labels = (image > 0.3).long()
+    results = {}
+    for impl in IMPLS:
+        conv.zero_grad()
+        with torch.autocast("cuda", dtype=dtype):
+            value = DiceBELoss(softmax=True, to_onehot_y=True, impl=impl)(conv(image), labels)
+        value.backward()
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        results[impl] = (value.detach(), conv.weight.grad.clone())
+    torch.testing.assert_close(results["fast"][0], results["reference"][0], rtol=1e-3, atol=0)
+    torch.testing.assert_close(results["fast"][1], results["reference"][1], rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_training_step_loss_makes_no_host_sync():
+    logits = torch.randn(2, 3, 24, 24, 24, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 3, (2, 1, 24, 24, 24), device="cuda")
+    loss = DiceBELoss(softmax=True, to_onehot_y=True, validate=False)
+    loss(logits, labels).backward()  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        value = loss(logits, labels)
+        value.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(value).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked CPU evaluation
+
+
+@pytest.mark.parametrize("chunk_volumes", [1, 2])
+@pytest.mark.parametrize("padding, spacing", [("same", None), ("valid", None), ("valid", (0.8, 1.0, 2.0))])
+def test_chunked_evaluation_equals_whole_tensor_evaluation(monkeypatch, chunk_volumes, padding, spacing):
+    """Large CPU inputs are filtered a few volumes at a time; the result must not change at all."""
+    import beseg.losses.laplacian as lap
+
+    pred, label = sample((2, 3, 11, 12, 13))
+    half = pred.to(torch.bfloat16)
+
+    def run():
+        out = []
+        for p in (pred, half):
+            p = p.clone().requires_grad_(True)
+            value = BoundaryEnhancementLoss(include_background=True, padding=padding, spacing=spacing,
+                                            reduction="none")(p, label)
+            value.sum().backward()
+            out += [value.detach(), p.grad, log_filter(p.detach().float(), padding=padding, spacing=spacing)]
+        return out
+
+    whole = run()
+    monkeypatch.setattr(lap, "_CPU_CHUNK_BYTES", chunk_volumes * 11 * 12 * 13 * 4)
+    assert len(lap._chunks(pred)) == 2 * (3 if chunk_volumes == 1 else 2)
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

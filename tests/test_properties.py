@@ -2,13 +2,16 @@
 
 The loss: for random shapes, dtypes, settings and values it is finite and non-negative, exactly zero
 when the prediction equals the label, unchanged when prediction and label are flipped together
-along a spatial axis, and on any input it raises nothing but its documented ValueError/TypeError.
-The parser: whatever dataset.json holds, it raises nothing but DataError.
+along a spatial axis, and on any input it raises nothing but its documented ValueError/TypeError,
+whose message names the argument at fault (``input``, ``target`` or ``padding``).
+The parser: whatever dataset.json holds, it raises nothing but DataError, and the message names
+dataset.json and the key or entry at fault.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -68,7 +71,7 @@ def _value(loss, pred, label):
     try:
         return loss(pred, label)
     except ValueError as err:
-        assert loss.padding == "valid" and "needs every spatial size" in str(err), err
+        assert loss.padding == "valid" and "needs spatial sizes larger than" in str(err), err
         return None
 
 
@@ -127,7 +130,10 @@ def test_loss_raises_only_its_documented_errors_on_any_input(data):
     )
     try:
         value = loss(pred, label)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError) as err:
+        # The documented errors name the argument at fault (the tensors, or the padding too large for
+        # them); an error from deep inside torch would not.
+        assert re.search(r"\b(input|target|padding)\b", str(err)), err
         return
     assert torch.isfinite(value).all() and (value >= 0).all(), (value, pred, label)
 
@@ -157,19 +163,27 @@ def _valid_meta() -> dict:
             "test": ["./imagesTs/s_9.nii.gz"]}
 
 
-def _parse(content: str | bytes, check_files: bool):
+#: What a parser message must name when the top level is broken or a top-level key is wrong.
+TOP_LEVEL = re.compile(r"invalid JSON|cannot read|top level|'(name|modality|labels|training|test)'|numTraining")
+
+
+def _parse(content: str | bytes, check_files: bool, names: re.Pattern = TOP_LEVEL):
+    """``load_task`` on a folder holding ``content`` as dataset.json: the task, or None after a DataError
+    whose message names dataset.json and matches ``names`` (the key or entry at fault)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "task"
         root.mkdir()
-        for sub in ("imagesTr", "labelsTr"):
-            (root / sub).mkdir()
-            (root / sub / "s_0.nii.gz").write_bytes(b"")
+        # Every file _valid_meta lists exists, so a missing file is always one a mutation named.
+        for rel in ("imagesTr/s_0", "imagesTr/s_1", "labelsTr/s_0", "labelsTr/s_1", "imagesTs/s_9"):
+            (root / rel).parent.mkdir(exist_ok=True)
+            (root / f"{rel}.nii.gz").write_bytes(b"")
         path = root / "dataset.json"
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content, encoding="utf-8")
         try:
             return load_task(root, check_files=check_files)
         except DataError as err:
-            assert "dataset.json" in str(err) or str(root) in str(err), err
+            assert f"{root.resolve() / 'dataset.json'}: " in str(err), err
+            assert names.search(str(err)), (names.pattern, str(err))
             return None
 
 
@@ -195,7 +209,9 @@ def test_parser_raises_only_data_error_on_any_listed_path(path, field, check_fil
         meta["test"][0] = path
     else:
         meta["training"][1][field] = path
-    result = _parse(json.dumps(meta), check_files)
+    # The only entry changed is the one the message must name (a new image path may also repeat a case).
+    entry = re.escape("test[0]" if field == "test" else "training[1]")
+    result = _parse(json.dumps(meta), check_files, re.compile(entry))
     if result is not None:
         listed = result.test[0] if field == "test" else getattr(result.training[1], field)
         assert listed.is_relative_to(result.root)
@@ -203,8 +219,13 @@ def test_parser_raises_only_data_error_on_any_listed_path(path, field, check_fil
 
 @st.composite
 def mutated_meta(draw):
-    """A valid dataset.json with a few entries replaced by random JSON, random paths or removed."""
+    """A valid dataset.json with a few entries replaced by random JSON, random paths or removed.
+
+    Returns ``(meta, names)``: ``names`` matches what an error message may name for the places changed
+    (the key, the entry of a list, or numTraining when the number of entries changed).
+    """
     meta = _valid_meta()
+    names: set[str] = set()
     for _ in range(draw(st.integers(1, 3))):
         where = draw(st.sampled_from(["name", "modality", "labels", "numTraining", "training", "test",
                                       "training[].image", "training[].label", "training[]", "test[]",
@@ -212,28 +233,36 @@ def mutated_meta(draw):
         how = draw(st.sampled_from(["json", "path", "delete"]))
         new = draw(JSON_VALUES) if how == "json" else draw(PATHS)
         if where.endswith("[]") or where.startswith("training[]."):
-            items = meta.get("training") if where.startswith("training") else meta.get("test")
+            key = "training" if where.startswith("training") else "test"
+            items = meta.get(key)
             if not isinstance(items, list) or not items:
                 continue
+            # Entries shift when one is removed, so any entry of the list (or its count) may be named.
+            names |= {f"'{key}'", re.escape(f"{key}[") + r"\d+\]", "numTraining"}
             i = draw(st.integers(0, len(items) - 1))
             if "." in where and isinstance(items[i], dict):
-                key = where.split(".")[1]
-                items[i].pop(key, None) if how == "delete" else items[i].__setitem__(key, new)
+                field = where.split(".")[1]
+                items[i].pop(field, None) if how == "delete" else items[i].__setitem__(field, new)
             else:
                 items.pop(i) if how == "delete" else items.__setitem__(i, new)
         elif where.endswith("{}"):
             mapping = meta.get(where[:-2])
             if isinstance(mapping, dict):
                 mapping[draw(st.text(max_size=4))] = new
+                names.add(f"'{where[:-2]}'")
         else:
             meta.pop(where, None) if how == "delete" else meta.__setitem__(where, new)
-    return meta
+            names |= {f"'{where}'", where if where == "numTraining" else f"'{where}'"}
+            if where in ("training", "test"):  # a new list: its entries or their count may be at fault
+                names |= {re.escape(f"{where}[") + r"\d+\]", "numTraining"}
+    return meta, names
 
 
 @SETTINGS
 @given(mutated_meta(), st.booleans())
-def test_parser_raises_only_data_error_on_mutated_valid_files(meta, check_files):
-    result = _parse(json.dumps(meta), check_files)
+def test_parser_raises_only_data_error_on_mutated_valid_files(mutated, check_files):
+    meta, names = mutated
+    result = _parse(json.dumps(meta), check_files, re.compile("|".join(sorted(names)) or "(?!)"))
     if result is not None:
         assert all(p.is_relative_to(result.root) for c in result.training for p in (c.image, c.label))
         assert all(p.is_relative_to(result.root) for p in result.test)

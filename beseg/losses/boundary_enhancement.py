@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -13,14 +15,22 @@ from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
 from beseg.losses.laplacian import (
+    FilterSpec,
     Impl,
     Padding,
-    _check_filter_args,
-    check_filter_options,
+    _check_filter_input,
+    _chain_,
+    _chunks,
+    _crop,
+    _fast_filter,
+    _LoGFilterFunction,
     _log_reference,
-    _log_same_fast,
+    _pad_back,
+    _per_volume,
+    _scratch_for,
     _zero_border_,
-    log_margin,
+    check_filter_options,
+    filter_spec,
 )
 
 __all__ = ["BoundaryEnhancementLoss", "DiceBELoss", "prepare_prediction_and_target"]
@@ -42,6 +52,7 @@ def prepare_prediction_and_target(
     other_act: Callable[[Tensor], Tensor] | None = None,
     to_onehot_y: bool = False,
     include_background: bool = True,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Validate a prediction/target pair and apply MONAI's loss preprocessing.
 
@@ -52,6 +63,8 @@ def prepare_prediction_and_target(
         input: (B, C, H, W[, D]) floating-point prediction (logits or probabilities).
         target: (B, C, H, W[, D]) or, with ``to_onehot_y``, (B, 1, H, W[, D]) class indices.
         sigmoid, softmax, other_act, to_onehot_y, include_background: as in MONAI's ``DiceLoss``.
+        validate: check that class indices are integers in ``[0, C)`` (reads the target back from
+            the device); shapes and types are always checked.
 
     Returns:
         ``(prediction, target)``, both (B, C', H, W[, D]) in the prediction's dtype, where
@@ -60,8 +73,9 @@ def prepare_prediction_and_target(
     Raises:
         TypeError: ``input`` or ``target`` is not a tensor, or the prediction is not floating point.
         ValueError: the number of dimensions is not 4 or 5 or differs between the two, batch or
-            spatial sizes differ, a tensor is empty (a zero-size dimension), class indices are not integers in ``[0, C)`` with
-            ``to_onehot_y``, or the shapes differ after the one-hot conversion.
+            spatial sizes differ, a tensor is empty (a zero-size dimension), class indices are not
+            integers in ``[0, C)`` with ``to_onehot_y`` and ``validate``, or the shapes differ after
+            the one-hot conversion.
     """
     for name, value in (("input", input), ("target", target)):
         if not isinstance(value, Tensor):
@@ -106,7 +120,7 @@ def prepare_prediction_and_target(
         if n_pred_ch == 1:
             warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
         else:
-            target = _checked_one_hot(target, n_pred_ch)
+            target = _checked_one_hot(target, n_pred_ch, validate)
 
     if not include_background:
         if n_pred_ch == 1:
@@ -123,16 +137,18 @@ def prepare_prediction_and_target(
     return input, target.to(input.dtype)
 
 
-def _checked_one_hot(target: Tensor, num_classes: int) -> Tensor:
+def _checked_one_hot(target: Tensor, num_classes: int, validate: bool = True) -> Tensor:
     if target.shape[1] != 1:
         raise ValueError(f"to_onehot_y=True needs a target with one channel of class indices, got shape {tuple(target.shape)}.")
+    if target.dtype == torch.bool:
+        target = target.to(torch.uint8)
+    if not validate:  # every check below reads the target back from the device
+        return one_hot(target, num_classes=num_classes, dim=1)
     if target.is_floating_point():
         if not bool(torch.isfinite(target).all()):
             raise ValueError("target contains NaN or Inf values; class indices must be finite integers.")
         if not bool((target == target.round()).all()):
             raise ValueError("target holds non-integer values; with to_onehot_y=True it must hold class indices.")
-    if target.dtype == torch.bool:
-        target = target.to(torch.uint8)
     lo, hi = torch.aminmax(target)
     if lo < 0 or hi >= num_classes:
         raise ValueError(
@@ -153,6 +169,7 @@ class _PreprocessedLoss(_Loss):
         softmax: bool,
         other_act: Callable[[Tensor], Tensor] | None,
         reduction: LossReduction | str,
+        validate: bool = True,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         _check_activation_args(sigmoid, softmax, other_act)
@@ -161,69 +178,89 @@ class _PreprocessedLoss(_Loss):
         self.sigmoid = sigmoid
         self.softmax = softmax
         self.other_act = other_act
+        self.validate = validate
 
     def prepare(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """:func:`prepare_prediction_and_target` with this loss's options."""
         return prepare_prediction_and_target(
             input, target, sigmoid=self.sigmoid, softmax=self.softmax, other_act=self.other_act,
-            to_onehot_y=self.to_onehot_y, include_background=self.include_background,
+            to_onehot_y=self.to_onehot_y, include_background=self.include_background, validate=self.validate,
         )
 
 
 class _FastBEFunction(torch.autograd.Function):
-    """Per-(batch, channel) ``mean(F(P - Y)^2)`` with the analytic gradient ``(2/N) F(F(P - Y))``."""
+    """Per-(batch, channel) ``mean(F(P - Y)^2)`` with the analytic gradient ``(2/N) F(F(P - Y))``.
+
+    The first backward reuses the filtered difference kept from the forward pass (kept without the
+    box filters' constant normalisation, which is applied to the norm instead: one pass less). A backward that
+    builds a graph (``create_graph=True``: double backward, Hessian-vector products) recomputes the
+    gradient from the inputs with differentiable filter calls instead, so it can be differentiated
+    again, with respect to the prediction, the target and the incoming gradient.
+    """
 
     @staticmethod
-    def forward(ctx, pred: Tensor, target: Tensor, smoothing_passes: int, padding: str) -> Tensor:  # type: ignore[override]
-        ctx.smoothing_passes = smoothing_passes
-        ctx.out_dtype = pred.dtype
-        ctx.target_dtype = target.dtype
-        # Work in at least float32: the Laplacian takes differences of nearly equal smoothed values.
+    def forward(ctx, pred: Tensor, target: Tensor, spec: FilterSpec, padding: str) -> Tensor:  # type: ignore[override]
+        ctx.spec, ctx.padding = spec, padding
+        ctx.out_dtype, ctx.target_dtype = pred.dtype, target.dtype
+        # At least float32: the Laplacian takes differences of nearly equal smoothed values.
         work_dtype = torch.promote_types(pred.dtype, torch.float32)
-        if pred.dtype == work_dtype:
-            diff = torch.sub(pred, target)
-        else:  # subtract after the cast, so half-precision inputs lose nothing more
-            diff = pred.to(work_dtype).sub_(target)
-        filtered = _log_same_fast(diff, smoothing_passes, owned=True)
-        del diff
-        n_voxels = filtered[0, 0].numel()
-        if padding == "valid":
-            # The valid result is the interior; zeroing the border makes sum and gradient both right.
-            margin = log_margin(smoothing_passes)
-            _zero_border_(filtered, margin)
-            n_voxels = _numel_interior(filtered.shape[2:], margin)
+        filtered = torch.empty(pred.shape, dtype=work_dtype, device=pred.device)
+        squares = torch.empty(pred.shape[:2], dtype=work_dtype, device=pred.device)
+        chunks = _chunks(filtered)
+        scratch = _scratch_for(filtered, chunks)
+        for idx in chunks:  # chunk by chunk, so that each volume stays in the cache from P - Y to its norm
+            response = filtered[idx]
+            if pred.dtype == work_dtype:
+                torch.sub(pred[idx], target[idx], out=response)
+            else:  # cast first, then subtract: half-precision inputs lose nothing more
+                response.copy_(pred[idx]).sub_(target[idx])
+            # Unscaled (no final multiply); the norm is scaled instead.
+            _chain_(response, response, scratch, spec, None)
+            if padding == "valid":
+                # The valid result is the interior; zeroing the border makes sum and gradient both right.
+                _zero_border_(response, spec.margins)
+            torch.linalg.vector_norm(response.flatten(2), dim=2, out=squares[idx])
+        n_voxels = math.prod(s - 2 * m for s, m in zip(pred.shape[2:], spec.margins)) if padding == "valid" \
+            else filtered[0, 0].numel()
         ctx.n_voxels = n_voxels
-        ctx.save_for_backward(filtered)
-        per_channel = torch.linalg.vector_norm(filtered.flatten(2), dim=2).square_()
-        return per_channel.div_(n_voxels)
+        # pred and target are the caller's tensors (no copy); only a graph-building backward reads them.
+        ctx.save_for_backward(filtered, pred, target)
+        return squares.mul_(spec.box_scale).square_().div_(n_voxels)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
-        (filtered,) = ctx.saved_tensors
+        filtered, pred, target = ctx.saved_tensors
+        spec = ctx.spec
         scale = grad_out.to(filtered.dtype).mul(2.0 / ctx.n_voxels)
-        scale = scale.reshape(*scale.shape, *([1] * (filtered.ndim - 2)))
-        grad = _log_same_fast(filtered, ctx.smoothing_passes, scale=scale)
+        if torch.is_grad_enabled():
+            # F is symmetric: d/dD mean((Z F D)^2) = (2/N) F Z F D, Z zeroing the valid border.
+            response = _LoGFilterFunction.apply(_difference(pred, target), spec, "same")
+            if ctx.padding == "valid":
+                response = _pad_back(_crop(response, spec.margins), spec.margins)
+            grad = _LoGFilterFunction.apply(response * _per_volume(scale, response.ndim), spec, "same")
+        else:
+            # `filtered` is F(D) without the box normalisation s, and F = s F', so F(F(D)) = s F(filtered).
+            grad = _fast_filter(filtered, spec, scale=scale.mul_(spec.box_scale))
         grad_pred = grad.to(ctx.out_dtype) if ctx.needs_input_grad[0] else None
         grad_target = grad.neg().to(ctx.target_dtype) if ctx.needs_input_grad[1] else None
         return grad_pred, grad_target, None, None
 
 
-def _numel_interior(spatial_shape: Sequence[int], margin: int) -> int:
-    n = 1
-    for s in spatial_shape:
-        n *= s - 2 * margin
-    return n
+def _difference(pred: Tensor, target: Tensor) -> Tensor:
+    """``P - Y`` in at least float32: the Laplacian takes differences of nearly equal smoothed values."""
+    work_dtype = torch.promote_types(pred.dtype, torch.float32)
+    if pred.dtype == work_dtype:
+        return torch.sub(pred, target)
+    return pred.to(work_dtype).sub_(target)  # subtract after the cast: half inputs lose nothing more
 
 
-def _be_per_channel(pred: Tensor, target: Tensor, smoothing_passes: int, padding: str, impl: str) -> Tensor:
+def _be_per_channel(pred: Tensor, target: Tensor, spec: FilterSpec, padding: str, impl: str) -> Tensor:
     """``mean over voxels of (F(P) - F(Y))^2``, shape (B, C), in at least float32."""
     if impl == "fast":
-        return _FastBEFunction.apply(pred, target, smoothing_passes, padding)
+        return _FastBEFunction.apply(pred, target, spec, padding)
     work_dtype = torch.promote_types(pred.dtype, torch.float32)
     # The literal form: the filter chain runs on the prediction and on the label separately.
-    diff = _log_reference(pred.to(work_dtype), smoothing_passes, padding) - _log_reference(
-        target.to(work_dtype), smoothing_passes, padding
-    )
+    diff = _log_reference(pred.to(work_dtype), spec, padding) - _log_reference(target.to(work_dtype), spec, padding)
     return diff.square().flatten(2).mean(dim=2)
 
 
@@ -240,6 +277,19 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
     The loss is the mean over voxels of the squared difference per (batch item, channel), then
     reduced over batch and channels; the paper's "l2 norm" is this mean of squares (as in the
     author's public code), which is what makes its weight of 1000 sensible.
+
+    Guarantees (each tested; see the README's "Using the loss in your own loop"):
+
+    * no state: nothing is kept between calls, so calls under ``torch.no_grad()`` or
+      ``torch.inference_mode()`` never affect later training calls, and one instance serves any
+      device, dtype and shape;
+    * computed in at least float32, also under autocast (float16/bfloat16);
+    * differentiable to any order with ``impl="fast"`` too (double backward, Hessian-vector
+      products), with respect to the prediction and the target;
+    * with ``validate=False`` the loss reads nothing back from the device: no host synchronisation
+      inside a CUDA training step (pass integer class indices, or a one-hot target);
+    * the value and gradient of ``impl="fast"`` equal the paper's literal convolutions
+      (``impl="reference"``) up to rounding.
 
     Example:
         >>> loss = BoundaryEnhancementLoss(softmax=True, to_onehot_y=True)
@@ -259,7 +309,9 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
         smoothing_passes: int = 3,
         padding: Padding = "same",
         impl: Impl = "fast",
-        check_finite: bool = True,
+        spacing: Sequence[float] | None = None,
+        validate: bool = True,
+        check_finite: bool | None = None,
     ) -> None:
         """
         Args:
@@ -278,28 +330,43 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
             impl: ``"fast"`` (filters ``P - Y`` once by separable shifted adds, with an analytic
                 backward) or ``"reference"`` (the paper's literal convolutions on ``P`` and ``Y``).
                 Same value and gradient up to rounding.
-            check_finite: raise a ``ValueError`` naming ``input`` or ``target`` when the loss is
-                not finite because of NaN or Inf values. It reads one number back per call, which
-                synchronises a CUDA stream; switch it off for asynchronous GPU training.
+            spacing: voxel size in mm per spatial axis, in the tensor's axis order, for the
+                spacing-aware filter (smoothing of about the same extent in mm on every axis, a
+                Laplacian weighted by spacing; see :func:`~beseg.losses.log_filter`). ``None``
+                (default) is the paper's voxel form; for data resampled to isotropic voxels the
+                two are identical.
+            validate: check what needs a device-to-host read: class indices (integers in
+                ``[0, C)``) with ``to_onehot_y``, and a NaN/Inf loss, raised as a ``ValueError``
+                naming ``input`` or ``target``. Each check synchronises a CUDA stream; set
+                ``validate=False`` in a GPU training loop (shapes and types are still checked, which
+                costs nothing).
+            check_finite: deprecated name of ``validate``.
 
         Raises:
             TypeError: ``other_act`` is not callable.
             ValueError: more than one of ``sigmoid``, ``softmax``, ``other_act``; an unknown
-                ``reduction``, ``padding`` or ``impl``; ``smoothing_passes`` not an integer >= 0.
+                ``reduction``, ``padding`` or ``impl``; ``smoothing_passes`` not an integer >= 0;
+                ``spacing`` not 2 or 3 positive numbers.
         """
-        super().__init__(include_background, to_onehot_y, sigmoid, softmax, other_act, reduction)
-        check_filter_options(smoothing_passes, padding, impl)
+        validate = _resolve_validate(validate, check_finite)
+        super().__init__(include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, validate)
+        check_filter_options(smoothing_passes, padding, impl, spacing)
         self.smoothing_passes = smoothing_passes
         self.padding = padding
         self.impl = impl
-        self.check_finite = check_finite
+        self.spacing = tuple(float(s) for s in spacing) if spacing is not None else None
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """
         Args:
             input: (B, C, H, W[, D]) floating-point prediction: probabilities, or logits with
                 ``sigmoid``/``softmax``/``other_act``.
             target: (B, C, H, W[, D]) label, or (B, 1, H, W[, D]) class indices with ``to_onehot_y``.
+            mask: optional (B, 1, H, W[, D]) or (B, C', H, W[, D]) boolean or 0/1 tensor of the voxels
+                that count (e.g. all but an ignore label). ``P - Y`` is set to 0 outside it before
+                filtering, so masked voxels contribute nothing, whatever the prediction or the
+                target hold there; the mean is still over all voxels. Class indices under masked
+                voxels must still be valid (replace an ignore label by 0 first).
 
         Returns:
             A scalar for ``"mean"``/``"sum"``; a (B, C') tensor for ``"none"``, where ``C'`` is the
@@ -307,21 +374,64 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
 
         Raises:
             TypeError: a non-tensor argument, or an integer or boolean prediction.
-            ValueError: wrong number of dimensions, an empty tensor, mismatched shapes (also after one-hot), class
-                indices outside ``[0, C)``, NaN or Inf in the prediction or target (with
-                ``check_finite``), or a spatial size too small for ``padding="valid"``.
+            ValueError: wrong number of dimensions, an empty tensor, mismatched shapes (also after
+                one-hot, or of ``mask``), or a spatial size too small for ``padding="valid"``; with
+                ``validate``: class indices outside ``[0, C)`` or NaN/Inf in the prediction or target.
         """
         pred, target = self.prepare(input, target)
-        _check_filter_args(pred, self.smoothing_passes, self.padding, self.impl)
-        with torch.autocast(device_type=pred.device.type, enabled=False):
-            per_channel = _be_per_channel(pred, target, self.smoothing_passes, self.padding, self.impl)
-        if self.check_finite:
+        pred, target = _apply_mask(pred, target, mask)
+        spec = self._spec(pred)
+        _check_filter_input(pred, spec, self.padding)
+        with _autocast_off(pred.device):
+            per_channel = _be_per_channel(pred, target, spec, self.padding, self.impl)
+        if self.validate:
             _raise_if_not_finite(per_channel, input, target)
         if self.reduction == LossReduction.MEAN.value:
             return per_channel.mean()
         if self.reduction == LossReduction.SUM.value:
             return per_channel.sum()
         return per_channel
+
+    def _spec(self, pred: Tensor) -> FilterSpec:
+        try:
+            return filter_spec(pred.ndim - 2, self.smoothing_passes, self.spacing)
+        except ValueError as err:
+            raise ValueError(f"{err} (input has shape {tuple(pred.shape)})") from None
+
+    @property
+    def check_finite(self) -> bool:
+        """Deprecated name of :attr:`validate`."""
+        return self.validate
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device``, where autocast exists (not, e.g., on the meta device)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _resolve_validate(validate: bool, check_finite: bool | None) -> bool:
+    if check_finite is None:
+        return bool(validate)
+    warnings.warn("check_finite is deprecated; use validate (the same switch).", DeprecationWarning, stacklevel=3)
+    return bool(check_finite)
+
+
+def _apply_mask(pred: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Zero ``P`` and ``Y`` outside ``mask`` (shape checks only: nothing is read from the device)."""
+    if mask is None:
+        return pred, target
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}.")
+    if (mask.ndim != pred.ndim or mask.shape[0] != pred.shape[0] or mask.shape[2:] != pred.shape[2:]
+            or mask.shape[1] not in (1, pred.shape[1])):
+        raise ValueError(
+            f"mask must have shape (B, 1, ...) or (B, C, ...) matching the prediction {tuple(pred.shape)} "
+            f"(after the background is dropped), got {tuple(mask.shape)}."
+        )
+    m = mask.to(pred.dtype)
+    return pred * m, target * m
 
 
 def _raise_if_not_finite(loss: Tensor, input: Tensor, target: Tensor) -> None:
@@ -370,24 +480,29 @@ class DiceBELoss(_PreprocessedLoss):
         smoothing_passes: int = 3,
         padding: Padding = "same",
         impl: Impl = "fast",
-        check_finite: bool = True,
+        spacing: Sequence[float] | None = None,
+        validate: bool = True,
+        check_finite: bool | None = None,
     ) -> None:
         """
         Args:
             include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard,
             smooth_nr, smooth_dr, batch, weight: as in MONAI's ``DiceLoss``;
-                ``include_background`` applies to both terms.
+                ``include_background`` applies to both terms. (MONAI checks a given ``weight`` for
+                negative values on every call, which reads it back from the device.)
             reduction: ``"mean"`` or ``"sum"`` (each term reduced so, then weighted and added).
             lambda_dice: weight of the Dice term (the paper's lambda1 = 1).
             lambda_be: weight of the BE term (the paper's lambda2 = 1000).
-            smoothing_passes, padding, impl, check_finite: as in :class:`BoundaryEnhancementLoss`.
+            smoothing_passes, padding, impl, spacing, validate: as in :class:`BoundaryEnhancementLoss`.
+            check_finite: deprecated name of ``validate``.
 
         Raises:
             TypeError: ``other_act`` is not callable.
             ValueError: conflicting activations, negative weights, ``reduction="none"``, or an
                 invalid BE setting.
         """
-        super().__init__(include_background, to_onehot_y, sigmoid, softmax, other_act, reduction)
+        validate = _resolve_validate(validate, check_finite)
+        super().__init__(include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, validate)
         if self.reduction == LossReduction.NONE.value:
             raise ValueError("DiceBELoss supports reduction 'mean' or 'sum'; use DiceLoss and BoundaryEnhancementLoss for 'none'.")
         if lambda_dice < 0 or lambda_be < 0:
@@ -401,14 +516,16 @@ class DiceBELoss(_PreprocessedLoss):
         )
         self.be = BoundaryEnhancementLoss(
             include_background=True, reduction=reduction, smoothing_passes=smoothing_passes,
-            padding=padding, impl=impl, check_finite=check_finite,
+            padding=padding, impl=impl, spacing=spacing, validate=validate,
         )
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """
         Args:
             input: (B, C, H, W[, D]) floating-point prediction.
             target: (B, C, H, W[, D]) label, or (B, 1, H, W[, D]) class indices with ``to_onehot_y``.
+            mask: optional voxels that count, as in :meth:`BoundaryEnhancementLoss.forward`; it
+                applies to both terms (masked voxels are zeroed in prediction and target).
 
         Returns:
             Scalar loss.
@@ -417,4 +534,5 @@ class DiceBELoss(_PreprocessedLoss):
             TypeError, ValueError: as :class:`BoundaryEnhancementLoss`.
         """
         pred, target = self.prepare(input, target)
+        pred, target = _apply_mask(pred, target, mask)
         return self.lambda_dice * self.dice(pred, target) + self.lambda_be * self.be(pred, target)

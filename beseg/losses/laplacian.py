@@ -13,18 +13,39 @@ Two implementations compute the same operator:
   chain is a handful of memory passes with no multiplications until the final scale. Because
   every stage is a symmetric matrix and the 1D box and Laplacian commute, ``F`` is symmetric and
   its adjoint (the backward pass) is ``F`` itself.
+
+Spacing-aware form (``spacing=(s1, s2[, s3])`` in mm, off by default). The paper's filter counts
+voxels, which on anisotropic data (e.g. 0.8 x 0.8 x 5 mm) smooths 6x further in mm along the coarse
+axis and weights its second differences as if the voxels were cubes. With ``spacing``, relative to
+the finest axis ``s_min``:
+
+* axis ``d`` gets ``round(k * (s_min / s_d)^2)`` box passes, so the smoothing's spread in mm
+  (its standard deviation, ``s_d * sqrt(2 n_d / 3)``) is about the same along every axis;
+* the Laplacian weights axis ``d``'s second difference by ``(s_min / s_d)^2``, i.e. it is the
+  physical Laplacian in units of the finest voxel.
+
+On isotropic data (any ``s``) this is exactly the paper's filter, so the loss keeps its scale and
+``lambda2 = 1000`` stays meaningful. The operator stays separable, symmetric and exact in both
+implementations; fewer passes along coarse axes make it cheaper, never dearer.
+
+The module holds no state: every call allocates what it needs (see docs/benchmarks.md for why an
+allocator setting, not a buffer pool, is the fix for glibc's cost of fresh volumes on CPU).
 """
 
 from __future__ import annotations
 
-import threading
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LoGFilter", "clear_workspace", "log_filter", "log_kernels", "log_margin", "PADDINGS", "IMPLS"]
+__all__ = [
+    "IMPLS", "PADDINGS", "FilterSpec", "LoGFilter", "filter_spec", "log_filter", "log_kernels", "log_margin",
+]
 
 PADDINGS = ("same", "valid")
 IMPLS = ("fast", "reference")
@@ -34,11 +55,41 @@ Impl = Literal["fast", "reference"]
 
 
 def log_margin(smoothing_passes: int) -> int:
-    """Voxels lost on each side by ``padding="valid"``: one per 3-tap stage."""
+    """Voxels lost on each side by ``padding="valid"`` without ``spacing``: one per 3-tap stage."""
     return smoothing_passes + 1
 
 
-def check_filter_options(smoothing_passes: int, padding: str, impl: str) -> None:
+@dataclass(frozen=True)
+class FilterSpec:
+    """The filter on one tensor layout: box passes and Laplacian weight of each spatial axis.
+
+    Attributes:
+        passes: box passes along each spatial axis (the paper: ``k`` on every axis).
+        weights: weight of each axis's second difference in the Laplacian; ``None`` is the paper's
+            unweighted stencil (all 1), kept apart so that its integer arithmetic stays exact.
+    """
+
+    passes: tuple[int, ...]
+    weights: tuple[float, ...] | None = None
+
+    @property
+    def margins(self) -> tuple[int, ...]:
+        """Voxels lost on each side of each axis by ``padding="valid"``: one per 3-tap stage."""
+        return tuple(n + 1 for n in self.passes)
+
+    @property
+    def box_scale(self) -> float:
+        """The box filters' normalisation, ``prod_d (1/3)^passes_d`` (``(1/27)^k`` in the paper's 3D form)."""
+        return math.prod((1.0 / 3.0) ** n for n in self.passes)
+
+    @property
+    def is_paper_form(self) -> bool:
+        """Same passes on every axis and an unweighted Laplacian: the paper's 3x3x3 chain."""
+        return self.weights is None and len(set(self.passes)) == 1
+
+
+def check_filter_options(smoothing_passes: int, padding: str, impl: str,
+                         spacing: Sequence[float] | None = None) -> None:
     """Raise a ``ValueError`` naming the first invalid filter option."""
     if isinstance(smoothing_passes, bool) or not isinstance(smoothing_passes, int) or smoothing_passes < 0:
         raise ValueError(f"smoothing_passes must be an integer >= 0, got {smoothing_passes!r}.")
@@ -46,9 +97,46 @@ def check_filter_options(smoothing_passes: int, padding: str, impl: str) -> None
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    if spacing is not None:
+        try:
+            values = [float(s) for s in spacing]
+        except (TypeError, ValueError):
+            raise ValueError(f"spacing must be a sequence of voxel sizes in mm, got {spacing!r}.") from None
+        if len(values) not in (2, 3) or not all(math.isfinite(s) and s > 0 for s in values):
+            raise ValueError(f"spacing must be 2 or 3 positive, finite voxel sizes in mm, got {spacing!r}.")
 
 
-def _check_filter_args(x: Tensor, smoothing_passes: int, padding: str, impl: str) -> None:
+def filter_spec(ndim: int, smoothing_passes: int = 3, spacing: Sequence[float] | None = None) -> FilterSpec:
+    """The :class:`FilterSpec` of the paper's filter, or of its spacing-aware form.
+
+    Args:
+        ndim: spatial dimensions (2 or 3).
+        smoothing_passes: box passes of the finest axis (all axes without ``spacing``).
+        spacing: voxel size in mm per spatial axis, in the tensor's axis order; ``None`` is the
+            paper's voxel form.
+
+    Returns:
+        The :class:`FilterSpec` (see the module docstring for the spacing rule).
+
+    Raises:
+        ValueError: ``spacing`` does not have ``ndim`` positive values.
+    """
+    check_filter_options(smoothing_passes, "same", "fast", spacing)
+    if spacing is None:
+        return FilterSpec((smoothing_passes,) * ndim)
+    values = tuple(float(s) for s in spacing)
+    if len(values) != ndim:
+        raise ValueError(f"spacing must have one value per spatial axis ({ndim}), got {list(values)}.")
+    finest = min(values)
+    ratios = [(finest / s) ** 2 for s in values]
+    passes = tuple(int(math.floor(smoothing_passes * r + 0.5)) for r in ratios)
+    if all(r == 1.0 for r in ratios):
+        return FilterSpec(passes)  # isotropic: exactly the paper's form
+    return FilterSpec(passes, tuple(ratios))
+
+
+def _check_filter_input(x: Tensor, spec: FilterSpec, padding: str) -> None:
+    """Raise if ``x`` is not a (B, C, spatial...) float tensor that ``spec`` and ``padding`` fit."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}.")
     if not x.is_floating_point():
@@ -57,19 +145,17 @@ def _check_filter_args(x: Tensor, smoothing_passes: int, padding: str, impl: str
         raise ValueError(
             f"x must have shape (B, C, H, W) or (B, C, H, W, D), got {x.ndim} dimensions {tuple(x.shape)}."
         )
-    check_filter_options(smoothing_passes, padding, impl)
     if padding == "valid":
-        margin = log_margin(smoothing_passes)
-        small = [s for s in x.shape[2:] if s <= 2 * margin]
+        small = [s for s, m in zip(x.shape[2:], spec.margins) if s <= 2 * m]
         if small:
             raise ValueError(
-                f"padding='valid' with smoothing_passes={smoothing_passes} needs every spatial size > "
-                f"{2 * margin}, got spatial shape {tuple(x.shape[2:])}."
+                f"padding='valid' loses {list(spec.margins)} voxels per side, so it needs spatial sizes "
+                f"larger than {[2 * m for m in spec.margins]}, got spatial shape {tuple(x.shape[2:])}."
             )
 
 
 # ----------------------------------------------------------------------------------------------
-# fast implementation: shifted adds into preallocated buffers
+# fast implementation: shifted adds
 
 
 def _box_sum_(src: Tensor, dst: Tensor, dim: int) -> None:
@@ -84,132 +170,152 @@ def _box_sum_(src: Tensor, dst: Tensor, dim: int) -> None:
     dst.narrow(dim, 0, n - 1).add_(src.narrow(dim, 1, n - 1))
 
 
-def _laplacian_(src: Tensor, dst: Tensor, scale: float | Tensor) -> None:
-    """``dst = scale * Laplacian(src)`` with zero padding; ``scale`` is a number or broadcasts to ``src``."""
-    ndim = src.ndim - 2
-    torch.mul(src, -2.0 * ndim, out=dst)
-    for dim in range(2, src.ndim):
+def _laplacian_(src: Tensor, dst: Tensor, scale: float | Tensor | None, weights: tuple[float, ...] | None) -> None:
+    """``dst = scale * Laplacian(src)`` with zero padding; ``scale`` is a number, a tensor broadcasting to
+    ``src``, or ``None`` for no scaling at all."""
+    w = weights or (1.0,) * (src.ndim - 2)
+    axes = [(dim, wd) for dim, wd in zip(range(2, src.ndim), w) if wd != 0.0 and src.shape[dim] > 1]
+    # The first axis writes both neighbours at once: an axis of weight 1 (the finest has it) needs no multiply.
+    first = next(((dim, wd) for dim, wd in axes if wd == 1.0), None)
+    if first is None:
+        torch.mul(src, -2.0 * sum(w), out=dst)
+    else:
+        dim, n = first[0], src.shape[first[0]]
+        torch.add(src.narrow(dim, 0, n - 2), src.narrow(dim, 2, n - 2), out=dst.narrow(dim, 1, n - 2))
+        dst.narrow(dim, 0, 1).copy_(src.narrow(dim, 1, 1))
+        dst.narrow(dim, n - 1, 1).copy_(src.narrow(dim, n - 2, 1))
+        dst.add_(src, alpha=-2.0 * sum(w))
+    for dim, wd in axes:
+        if (dim, wd) == first:
+            continue
         n = src.shape[dim]
-        if n > 1:
-            dst.narrow(dim, 1, n - 1).add_(src.narrow(dim, 0, n - 1))
-            dst.narrow(dim, 0, n - 1).add_(src.narrow(dim, 1, n - 1))
+        dst.narrow(dim, 1, n - 1).add_(src.narrow(dim, 0, n - 1), alpha=wd)
+        dst.narrow(dim, 0, n - 1).add_(src.narrow(dim, 1, n - 1), alpha=wd)
     # Scaling last keeps sums of a binary mask integral, so constant regions filter to exactly 0.
-    dst.mul_(scale)
+    if scale is not None:
+        dst.mul_(scale)
 
 
-class _Workspace:
-    """Scratch volumes reused across calls of the fast filter on CPU.
+#: Work is split into chunks of whole (batch item, channel) volumes of about this size on the CPU, so
+#: that the ~30 passes of the filter over a chunk and its scratch volume stay in the cache instead of
+#: streaming the whole batch through memory ~30 times. (CUDA runs the whole tensor at once.)
+_CPU_CHUNK_BYTES = 4 * 2**20
 
-    With glibc's default malloc every freed volume goes back to the kernel and the next one is
-    page-faulted in again, which costs about a third of the fast filter's time. A returned
-    scratch buffer is kept here (at most ``max_entries`` shapes) and handed out again; a buffer is
-    never in two hands at once. CUDA's caching allocator already reuses memory, so CUDA buffers
-    are not kept.
+
+def _chunks(x: Tensor) -> list[tuple[slice, slice]]:
+    """Index tuples ``(batch slice, channel slice)`` of the chunks of ``x`` to filter one after the other.
+
+    One chunk (all of ``x``) on CUDA or when ``x`` is small; otherwise runs of channels of one
+    batch item, each about :data:`_CPU_CHUNK_BYTES` (at least one volume).
     """
-
-    def __init__(self, max_entries: int = 4) -> None:
-        self._free: dict[tuple, Tensor] = {}
-        self._lock = threading.Lock()
-        self.max_entries = max_entries
-
-    @staticmethod
-    def _key(t: Tensor) -> tuple:
-        return tuple(t.shape), t.dtype, t.device
-
-    def take(self, like: Tensor) -> Tensor:
-        with self._lock:
-            buf = self._free.pop(self._key(like), None)
-        return buf if buf is not None else torch.empty(like.shape, dtype=like.dtype, device=like.device)
-
-    def give(self, buf: Tensor) -> None:
-        if buf.device.type != "cpu":
-            return
-        with self._lock:
-            key = self._key(buf)
-            if key not in self._free and len(self._free) >= self.max_entries:
-                self._free.pop(next(iter(self._free)))
-            self._free[key] = buf
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
+    everything = [(slice(None), slice(None))]
+    if x.device.type != "cpu" or x.numel() * x.element_size() <= _CPU_CHUNK_BYTES:
+        return everything
+    volume_bytes = max(1, x[0, 0].numel() * x.element_size())
+    per_chunk = max(1, min(x.shape[1], _CPU_CHUNK_BYTES // volume_bytes))
+    return [(slice(b, b + 1), slice(c, min(c + per_chunk, x.shape[1])))
+            for b in range(x.shape[0]) for c in range(0, x.shape[1], per_chunk)]
 
 
-_WORKSPACE = _Workspace()
+def _scratch_for(x: Tensor, chunks: list[tuple[slice, slice]], dtype: torch.dtype | None = None) -> Tensor:
+    """One scratch tensor large enough for the largest chunk of ``x``."""
+    largest = max(chunks, key=lambda idx: x[idx].numel())
+    return torch.empty(x[largest].shape, dtype=dtype or x.dtype, device=x.device)
 
 
-def clear_workspace() -> None:
-    """Release the scratch volumes the fast filter keeps between calls (CPU only)."""
-    _WORKSPACE.clear()
+def _chain_(src: Tensor, out: Tensor, scratch: Tensor, spec: FilterSpec, scale: float | Tensor | None) -> None:
+    """``out = scale * F(src)`` ("same" zero padding) by shifted adds, ping-ponging between ``out`` and ``scratch``.
+
+    ``out`` may be ``src`` itself (in place). The stages are assigned backwards from the last one,
+    which must write ``out``, so one scratch volume suffices.
+
+    Args:
+        src, out: tensors of one (N, C, *spatial) shape.
+        scratch: a tensor with at least as many elements, of ``out``'s dtype and device.
+        spec: box passes and Laplacian weights per spatial axis.
+        scale: a number, or a tensor broadcasting to ``src`` (e.g. (N, C, 1, 1, 1)); ``None`` leaves out
+            the box filters' normalisation too, saving a pass (the result is ``F(src) / spec.box_scale``).
+    """
+    scratch = scratch.flatten()[: out.numel()].view(out.shape)
+    dims = [dim for dim, passes in zip(range(2, src.ndim), spec.passes) for _ in range(passes)]
+    # A stage writes `out` when an even number of stages follow it (the Laplacian, last, writes `out`).
+    first_dst = out if len(dims) % 2 == 0 else scratch
+    if first_dst.data_ptr() == src.data_ptr():  # the first stage cannot work in place
+        scratch.copy_(src)
+        src = scratch
+    for i, dim in enumerate(dims):
+        dst = out if (len(dims) - i) % 2 == 0 else scratch
+        _box_sum_(src, dst, dim)
+        src = dst
+    _laplacian_(src, out, None if scale is None else scale * spec.box_scale, spec.weights)
 
 
-def _log_same_fast(x: Tensor, smoothing_passes: int, scale: float | Tensor = 1.0, owned: bool = False) -> Tensor:
-    """``scale * F(x)`` with "same" zero padding, by shifted adds.
+def _per_volume(scale: Tensor, ndim: int) -> Tensor:
+    """A (B, C) tensor of factors, shaped to broadcast over (B, C, *spatial) with ``ndim`` dimensions."""
+    return scale.reshape(*scale.shape, *([1] * (ndim - 2)))
 
-    Two volumes are written in turn: ``x`` itself when ``owned`` (a fresh one otherwise) and a
-    scratch volume from the workspace. Whichever does not hold the result goes back to the
-    workspace, so a call allocates at most one volume.
+
+def _fast_filter(x: Tensor, spec: FilterSpec, scale: float | Tensor = 1.0) -> Tensor:
+    """``scale * F(x)`` with "same" zero padding, chunk by chunk, into a new tensor.
 
     Args:
         x: (B, C, *spatial) floating tensor.
-        smoothing_passes: number of box filters before the Laplacian.
-        scale: extra factor folded into the final stage (a number, or a tensor broadcasting to ``x``).
-        owned: ``x`` is a temporary the caller gives up, so it may be overwritten (and kept as
-            scratch).
+        spec: box passes and Laplacian weights per spatial axis.
+        scale: a number, or a (B, C) tensor of one factor per volume, folded into the last stage.
 
     Returns:
-        A new tensor (never ``x`` unless ``owned``) of the shape of ``x``.
+        A new contiguous tensor of the shape and dtype of ``x``.
     """
-    ndim = x.ndim - 2
-    box_scale = (1.0 / 3**ndim) ** smoothing_passes
-    scale = scale * box_scale
-    first = x if owned else torch.empty_like(x)
-    second = _WORKSPACE.take(x)
-    src, dst = x, (second if owned else first)
-    for _ in range(smoothing_passes):
-        for dim in range(2, x.ndim):
-            _box_sum_(src, dst, dim)
-            src, dst = dst, (first if dst is second else second)
-    _laplacian_(src, dst, scale)
-    _WORKSPACE.give(first if dst is second else second)
-    return dst
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    chunks = _chunks(out)
+    scratch = _scratch_for(out, chunks)
+    for idx in chunks:
+        s = _per_volume(scale[idx], x.ndim) if isinstance(scale, Tensor) else scale
+        _chain_(x[idx], out[idx], scratch, spec, s)
+    return out
 
 
-def _crop(x: Tensor, margin: int) -> Tensor:
-    for dim in range(2, x.ndim):
-        x = x.narrow(dim, margin, x.shape[dim] - 2 * margin)
+def _crop(x: Tensor, margins: Sequence[int]) -> Tensor:
+    for dim, m in zip(range(2, x.ndim), margins):
+        x = x.narrow(dim, m, x.shape[dim] - 2 * m)
     return x
 
 
-def _zero_border_(x: Tensor, margin: int) -> Tensor:
-    """Zero the outer ``margin`` voxels on every spatial side, in place."""
-    for dim in range(2, x.ndim):
+def _zero_border_(x: Tensor, margins: Sequence[int]) -> Tensor:
+    """Zero the outer ``margins[d]`` voxels on both sides of every spatial axis ``d``, in place."""
+    for dim, m in zip(range(2, x.ndim), margins):
         n = x.shape[dim]
-        x.narrow(dim, 0, margin).zero_()
-        x.narrow(dim, n - margin, margin).zero_()
+        x.narrow(dim, 0, m).zero_()
+        x.narrow(dim, n - m, m).zero_()
     return x
+
+
+def _pad_back(x: Tensor, margins: Sequence[int]) -> Tensor:
+    """Zero-pad a valid-cropped tensor back to the full size (the adjoint of :func:`_crop`)."""
+    pad: list[int] = []
+    for m in reversed(margins):  # F.pad lists the last axis first
+        pad += [m, m]
+    return F.pad(x, pad)
 
 
 class _LoGFilterFunction(torch.autograd.Function):
-    """``F(x)`` (cropped for "valid") with the adjoint ``F`` as backward; twice differentiable."""
+    """``F(x)`` (cropped for "valid") with the adjoint ``F`` as backward; differentiable to any order."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, smoothing_passes: int, padding: str) -> Tensor:  # type: ignore[override]
-        ctx.smoothing_passes, ctx.padding = smoothing_passes, padding
-        ctx.spatial_shape = x.shape[2:]
-        out = _log_same_fast(x, smoothing_passes)
+    def forward(ctx, x: Tensor, spec: FilterSpec, padding: str) -> Tensor:  # type: ignore[override]
+        ctx.spec, ctx.padding = spec, padding
+        out = _fast_filter(x, spec)
         if padding == "valid":
-            out = _crop(out, log_margin(smoothing_passes)).contiguous()
+            out = _crop(out, spec.margins).contiguous()
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         if ctx.padding == "valid":
-            margin = log_margin(ctx.smoothing_passes)
-            pad = [margin] * (2 * len(ctx.spatial_shape))
-            grad = F.pad(grad, pad)
-        # F is symmetric, so its adjoint is itself; going through log_filter keeps double backward.
-        return log_filter(grad, ctx.smoothing_passes, "same", "fast"), None, None
+            grad = _pad_back(grad, ctx.spec.margins)
+        # F is symmetric, so its adjoint is itself; applying it through this Function again keeps
+        # the backward differentiable (double backward, Hessian-vector products).
+        return _LoGFilterFunction.apply(grad, ctx.spec, "same"), None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,36 +323,62 @@ class _LoGFilterFunction(torch.autograd.Function):
 
 
 def log_kernels(ndim: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The paper's fixed kernels, shape (1, 1, 3, ...): the box (all ``1/3^ndim``) and the Laplacian."""
     size = (1, 1) + (3,) * ndim
     box = torch.full(size, 1.0 / 3**ndim, dtype=dtype, device=device)
-    lap = torch.zeros(size, dtype=dtype, device=device)
-    centre = (0, 0) + (1,) * ndim
-    lap[centre] = -2.0 * ndim
+    return box, _laplacian_kernel(ndim, None, dtype, device)
+
+
+def _laplacian_kernel(ndim: int, weights: Sequence[float] | None, dtype: torch.dtype,
+                      device: torch.device) -> Tensor:
+    w = list(weights) if weights is not None else [1.0] * ndim
+    lap = torch.zeros((1, 1) + (3,) * ndim, dtype=dtype, device=device)
+    lap[(0, 0) + (1,) * ndim] = -2.0 * sum(w)
     for d in range(ndim):
         for offset in (0, 2):
             idx = [0, 0] + [1] * ndim
             idx[2 + d] = offset
-            lap[tuple(idx)] = 1.0
-    return box, lap
+            lap[tuple(idx)] = w[d]
+    return lap
 
 
-def _log_reference(x: Tensor, smoothing_passes: int, padding: str) -> Tensor:
-    """The paper's literal chain: ``smoothing_passes`` box convolutions then a Laplacian convolution."""
+def _log_reference(x: Tensor, spec: FilterSpec, padding: str) -> Tensor:
+    """The literal chain of fixed convolutions: box filters, then the Laplacian.
+
+    The paper's form runs ``k`` 3x3x3 box convolutions; a spacing-aware spec runs each axis's 1D
+    box convolutions (3x1x1, 1x3x1, 1x1x3) instead, since its axes differ in passes.
+    """
     ndim = x.ndim - 2
     conv = F.conv3d if ndim == 3 else F.conv2d
     pad = 1 if padding == "same" else 0
     b, c = x.shape[:2]
-    box, lap = log_kernels(ndim, x.dtype, x.device)
     # Single-channel convolutions applied to every (batch, channel) volume, as in the paper.
     out = x.reshape(b * c, 1, *x.shape[2:])
-    for _ in range(smoothing_passes):
-        out = conv(out, box, padding=pad)
-    out = conv(out, lap, padding=pad)
+    if spec.is_paper_form:
+        box, _ = log_kernels(ndim, x.dtype, x.device)
+        for _ in range(spec.passes[0]):
+            out = conv(out, box, padding=pad)
+    else:
+        for d, passes in enumerate(spec.passes):
+            size = [1] * ndim
+            size[d] = 3
+            kernel = torch.full((1, 1, *size), 1.0 / 3.0, dtype=x.dtype, device=x.device)
+            padding_d = [0] * ndim
+            padding_d[d] = pad
+            for _ in range(passes):
+                out = conv(out, kernel, padding=tuple(padding_d))
+    out = conv(out, _laplacian_kernel(ndim, spec.weights, x.dtype, x.device), padding=pad)
     return out.reshape(b, c, *out.shape[2:])
 
 
+def _apply(x: Tensor, spec: FilterSpec, padding: str, impl: str) -> Tensor:
+    if impl == "reference":
+        return _log_reference(x, spec, padding)
+    return _LoGFilterFunction.apply(x, spec, padding)
+
+
 # ----------------------------------------------------------------------------------------------
-# public function
+# public function and module
 
 
 def log_filter(
@@ -254,6 +386,7 @@ def log_filter(
     smoothing_passes: int = 3,
     padding: Padding = "same",
     impl: Impl = "fast",
+    spacing: Sequence[float] | None = None,
 ) -> Tensor:
     """Apply the BE loss's "Laplacian of smoothed" filter to every channel of ``x``.
 
@@ -265,21 +398,25 @@ def log_filter(
     Args:
         x: (B, C, H, W[, D]) floating-point tensor; every channel is filtered on its own.
         smoothing_passes: number of box filters before the Laplacian (the paper uses 3; the
-            author's MONAI pull request used 1).
-        padding: ``"same"`` (output size = input size) or ``"valid"`` (each spatial side loses
-            ``smoothing_passes + 1`` voxels).
-        impl: ``"fast"`` (separable shifted adds with an analytic backward) or ``"reference"``
-            (the literal fixed convolutions, differentiated by autograd). Both compute the same
-            operator; they differ only in rounding.
+            author's MONAI pull request used 1). With ``spacing``: the passes of the finest axis.
+        padding: ``"same"`` (output size = input size) or ``"valid"`` (each spatial side loses one
+            voxel per 3-tap stage along that axis: ``smoothing_passes + 1`` in the paper's form).
+        impl: ``"fast"`` (separable shifted adds with an analytic backward, differentiable to any
+            order) or ``"reference"`` (the literal fixed convolutions, differentiated by autograd).
+            Both compute the same operator; they differ only in rounding.
+        spacing: voxel size in mm of each spatial axis, in ``x``'s axis order (e.g. ``(0.8, 0.8,
+            5.0)``), for the spacing-aware form (see the module docstring); ``None`` (default) is
+            the paper's voxel form. Isotropic spacing gives exactly the paper's form.
 
     Returns:
         Filtered tensor of the dtype of ``x``: shape (B, C, H, W[, D]) for ``"same"``, or each
-        spatial size reduced by ``2 * (smoothing_passes + 1)`` voxels for ``"valid"``.
+        spatial size reduced by twice that axis's margin for ``"valid"``.
 
     Raises:
         TypeError: ``x`` is not a floating-point tensor.
         ValueError: ``x`` is not 4D or 5D, ``smoothing_passes`` is negative or not an integer,
-            ``padding`` or ``impl`` is unknown, or ``"valid"`` leaves no voxel.
+            ``padding`` or ``impl`` is unknown, ``spacing`` is not one positive number per spatial
+            axis, or ``"valid"`` leaves no voxel.
 
     Example:
         >>> mask = torch.zeros(1, 1, 16, 16, 16); mask[..., 4:12, 4:12, 4:12] = 1
@@ -287,17 +424,20 @@ def log_filter(
         >>> edges.shape
         torch.Size([1, 1, 16, 16, 16])
     """
-    _check_filter_args(x, smoothing_passes, padding, impl)
-    if impl == "reference":
-        return _log_reference(x, smoothing_passes, padding)
-    return _LoGFilterFunction.apply(x, smoothing_passes, padding)
+    check_filter_options(smoothing_passes, padding, impl, spacing)
+    if isinstance(x, Tensor) and x.ndim in (4, 5):
+        spec = filter_spec(x.ndim - 2, smoothing_passes, spacing)
+    else:
+        spec = FilterSpec((smoothing_passes,))
+    _check_filter_input(x, spec, padding)
+    return _apply(x, spec, padding, impl)
 
 
 class LoGFilter(torch.nn.Module):
-    """Module form of :func:`log_filter` (fixed weights, nothing to train).
+    """Module form of :func:`log_filter` (fixed weights, nothing to train, no state).
 
     Args:
-        smoothing_passes, padding, impl: as in :func:`log_filter`.
+        smoothing_passes, padding, impl, spacing: as in :func:`log_filter`.
 
     Raises:
         ValueError: an invalid option.
@@ -308,11 +448,13 @@ class LoGFilter(torch.nn.Module):
         torch.Size([1, 1, 12, 12, 12])
     """
 
-    def __init__(self, smoothing_passes: int = 3, padding: Padding = "same", impl: Impl = "fast") -> None:
+    def __init__(self, smoothing_passes: int = 3, padding: Padding = "same", impl: Impl = "fast",
+                 spacing: Sequence[float] | None = None) -> None:
         super().__init__()
-        check_filter_options(smoothing_passes, padding, impl)
+        check_filter_options(smoothing_passes, padding, impl, spacing)
         self.smoothing_passes, self.padding, self.impl = smoothing_passes, padding, impl
+        self.spacing = tuple(float(s) for s in spacing) if spacing is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W[, D]) -> filtered, see :func:`log_filter`."""
-        return log_filter(x, self.smoothing_passes, self.padding, self.impl)
+        return log_filter(x, self.smoothing_passes, self.padding, self.impl, self.spacing)
