@@ -9,13 +9,50 @@ from beseg.bench.loss import make_inputs, make_loss, parse_shape, peak_extra_byt
 from beseg.cli import main
 
 
-def test_bench_loss_prints_ratios_from_one_run(capsys):
-    code = main(["bench", "loss", "--shapes", "1,1,12,12,12", "--repeats", "1", "--warmup", "0", "--no-memory"])
+def _table_rows(out: str) -> dict[str, list[float]]:
+    """``{case label: [median ms, runs, x reference, x DiceLoss]}`` from the printed table."""
+    from beseg.bench.loss import CASE_LABELS
+
+    rows = {}
+    for line in out.splitlines():
+        for label in CASE_LABELS.values():
+            if line.startswith(label):
+                rows[label] = [float(v) for v in line[len(label):].split()[:4]]
+    return rows
+
+
+def test_bench_loss_ratios_are_computed_from_the_times_of_the_same_run(capsys):
+    code = main(["bench", "loss", "--shapes", "1,1,12,12,12", "--repeats", "2", "--warmup", "0", "--no-memory"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "x reference" in out and "x DiceLoss" in out
-    assert "fast BE is" in out and "faster than the reference" in out
-    assert "BE author's PR style" in out and "DiceBELoss" in out
+    rows = _table_rows(out)
+    ref, dice, fast = (rows[k][0] for k in ("BE reference (paper: 4 conv on P and Y)", "MONAI DiceLoss",
+                                             "BE fast (beseg default)"))
+    def tolerance(a, b, printed_digits):
+        # The times are printed to 0.005 ms and the ratios rounded to `printed_digits` decimals.
+        return (a / b) * (0.005 / a + 0.005 / b) + 0.5 * 10 ** -printed_digits
+
+    for label, (ms, _, x_ref, x_dice) in rows.items():
+        assert x_ref == pytest.approx(ms / ref, abs=tolerance(ms, ref, 4)), label
+        assert x_dice == pytest.approx(ms / dice, abs=tolerance(ms, dice, 1)), label
+    summary = next(line for line in out.splitlines() if line.startswith("fast BE is"))
+    ratio = float(summary.split()[3].rstrip("x"))
+    expected = ref / fast if ref >= fast else fast / ref
+    assert ratio == pytest.approx(expected, abs=tolerance(max(ref, fast), min(ref, fast), 1))
+    assert ("faster" in summary) == (ref >= fast)
+
+
+def test_bench_loss_reports_a_slowdown_as_a_slowdown(monkeypatch, capsys):
+    import beseg.bench.loss as bench
+
+    fake = {"reference": 0.010, "fast": 0.020, "pr_style": 0.015, "dice": 0.004, "dice_be": 0.030}
+    monkeypatch.setattr(bench, "time_case", lambda case, *args, **kwargs: (fake[case], 3))
+    bench.run_loss_benchmark(shapes=[(1, 1, 8, 8, 8)], memory=False)
+    out = capsys.readouterr().out
+    assert "fast BE is 2.0x SLOWER than the reference" in out
+    assert "fast BE costs 5.0x MONAI DiceLoss" in out
+    rows = _table_rows(out)
+    assert rows["BE fast (beseg default)"][2:] == [2.0, 5.0]
 
 
 def test_pr_style_module_matches_reference_valid_single_pass():

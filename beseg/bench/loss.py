@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from beseg.allocator import keep_freed_memory
 from beseg.losses import BoundaryEnhancementLoss, DiceBELoss
-from beseg.losses.laplacian import clear_workspace, log_kernels
+from beseg.losses.laplacian import log_kernels
 
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((2, 1, 96, 96, 96), (1, 3, 128, 128, 128))
 CASES = ("reference", "fast", "pr_style", "dice", "dice_be")
@@ -146,7 +147,6 @@ def _memory_probe(case: str, shape: Sequence[int], threads: int) -> int:
     loss_fn = make_loss(case, len(shape) - 2)
     _step(loss_fn, pred, label)  # warm-up: lazy initialisation and the .grad buffer
     pred.grad = None
-    clear_workspace()  # the kept scratch volume is part of what a call needs: measure it
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     base = _rss_kib("VmRSS")
@@ -202,7 +202,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def machine_description(device: torch.device, threads: int) -> str:
+def machine_description(device: torch.device, threads: int, malloc: str | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -210,11 +210,32 @@ def machine_description(device: torch.device, threads: int) -> str:
     except (OSError, StopIteration):
         pass
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
-    malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    env = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    allocator = malloc or (f"env {env}" if env else "glibc defaults")
     return (
         f"{dev}; {cpu}; {os.cpu_count()} cores; torch {torch.__version__}; python {platform.python_version()}; "
-        f"allocator env {malloc or 'glibc defaults'}"
+        f"allocator {allocator}"
     )
+
+
+def speed_lines(seconds: dict[str, float]) -> list[str]:
+    """The summary lines of one shape: the fast BE against the reference and against DiceLoss.
+
+    Args:
+        seconds: median seconds per case name (``fast``, ``reference``, ``dice``), as measured.
+
+    Returns:
+        Lines whose ratios are computed from ``seconds`` and whose wording follows their direction.
+    """
+    lines = []
+    fast, ref, dice = seconds.get("fast"), seconds.get("reference"), seconds.get("dice")
+    if fast and ref:
+        ratio = ref / fast
+        lines.append(f"fast BE is {ratio:.1f}x faster than the reference" if ratio >= 1
+                     else f"fast BE is {1 / ratio:.1f}x SLOWER than the reference")
+    if fast and dice:
+        lines.append(f"fast BE costs {fast / dice:.1f}x MONAI DiceLoss")
+    return lines
 
 
 def run_loss_benchmark(
@@ -225,6 +246,7 @@ def run_loss_benchmark(
     device: str = "cpu",
     memory: bool = True,
     cases: Sequence[str] = CASES,
+    malloc: str = "default",
     print_fn: Callable[[str], None] = print,
 ) -> list[CaseResult]:
     """Time every case on every shape and print a table of ratios measured in this run.
@@ -237,6 +259,8 @@ def run_loss_benchmark(
         device: ``"cpu"`` or a CUDA device.
         memory: also measure the peak extra memory per case.
         cases: which cases; ``"reference"`` is needed for the ratios.
+        malloc: ``"default"`` (glibc as the process started) or ``"keep"`` (keep freed memory, as
+            ``beseg train`` sets it on the CPU: :func:`beseg.allocator.keep_freed_memory`).
         print_fn: where the lines go.
 
     Returns:
@@ -244,13 +268,19 @@ def run_loss_benchmark(
     """
     if repeats < 1 or warmup < 0 or threads < 1:
         raise ValueError("--repeats and --threads must be >= 1 and --warmup >= 0.")
+    if malloc not in ("default", "keep"):
+        raise ValueError(f"--malloc must be default or keep, got {malloc!r}.")
+    malloc_note = None
+    if malloc == "keep":
+        malloc_note = "glibc keeping freed memory (beseg.allocator.keep_freed_memory, as beseg train)" \
+            if keep_freed_memory() else "unchanged (keep_freed_memory does not apply here)"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine.")
     torch.set_num_threads(threads)
     shapes = [tuple(s) for s in (shapes or DEFAULT_SHAPES)]
     print_fn(f"# beseg bench loss: forward+backward, float32, median of repeated runs after {warmup} warm-up")
-    print_fn(f"# machine: {machine_description(dev, threads)}")
+    print_fn(f"# machine: {machine_description(dev, threads, malloc_note)}")
     results: list[CaseResult] = []
     for shape in shapes:
         pred, label = make_inputs(shape, dev)
@@ -271,11 +301,8 @@ def run_loss_benchmark(
             vs_dice = f"{r.seconds / dice.seconds:.1f}" if dice else "-"
             peak = "-" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / input_bytes:.2f} x in"
             print_fn(f"{CASE_LABELS[r.case]:<50} {r.seconds * 1e3:>10.2f} {r.runs:>5} {vs_ref:>12} {vs_dice:>11} {peak:>11}")
-        fast = timed.get("fast")
-        if fast and ref:
-            print_fn(f"fast BE is {ref.seconds / fast.seconds:.1f}x faster than the reference")
-        if fast and dice:
-            print_fn(f"fast BE costs {fast.seconds / dice.seconds:.1f}x MONAI DiceLoss")
+        for line in speed_lines({name: r.seconds for name, r in timed.items()}):
+            print_fn(line)
     print_fn("")
     print_fn("# json " + json.dumps([r.__dict__ for r in results]))
     return results

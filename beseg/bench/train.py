@@ -15,22 +15,27 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from beseg.allocator import keep_freed_memory
 from beseg.bench.loss import machine_description
-from beseg.engine.config import ModelConfig
-from beseg.engine.inference import predict_probabilities
+from beseg.engine.config import LossConfig, ModelConfig
+from beseg.engine.inference import autocast_for, predict_probabilities
 from beseg.engine.networks import build_network
 from beseg.losses.registry import build_loss
 
 __all__ = ["run_train_benchmark"]
 
 
-def _median_seconds(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+def _median_seconds(fn: Callable[[], None], repeats: int, warmup: int = 1,
+                    device: torch.device = torch.device("cpu")) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -42,6 +47,8 @@ def run_train_benchmark(
     volume: Sequence[int] = (160, 160, 160),
     overlap: float = 0.25,
     threads: int = 2,
+    device: str = "cpu",
+    malloc: str = "default",
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Time SegResNet training steps with Dice and Dice+BE, the losses alone, and inference.
@@ -53,30 +60,45 @@ def run_train_benchmark(
         volume: whole volume for sliding-window inference (voxels).
         overlap: sliding-window overlap.
         threads: torch CPU threads.
+        device: ``"cpu"`` or a CUDA device; on CUDA the network runs under float16 autocast with a
+            gradient scaler, as ``beseg train`` does (the loss itself computes in float32).
+        malloc: ``"default"`` or ``"keep"`` (CPU: keep freed memory, as ``beseg train`` does).
         print_fn: where lines go.
 
     Returns:
         The measured seconds and the BE share, by name.
     """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine.")
+    if malloc not in ("default", "keep"):
+        raise ValueError(f"--malloc must be default or keep, got {malloc!r}.")
+    kept = keep_freed_memory() if malloc == "keep" and dev.type == "cpu" else False
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = build_network(ModelConfig(network="segresnet", init_filters=init_filters), 1, 2)
+    net = build_network(ModelConfig(network="segresnet", init_filters=init_filters), 1, 2).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    image = torch.randn(1, 1, *patch)
-    label = (torch.rand(1, 1, *patch) > 0.7).long()
+    amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    image = torch.randn(1, 1, *patch, device=dev)
+    label = (torch.rand(1, 1, *patch, device=dev) > 0.7).long()
     losses: dict[str, nn.Module] = {
-        "dice": build_loss("dice", "softmax"),
-        "dice_be": build_loss("dice_be", "softmax"),
+        "dice": build_loss(LossConfig(name="dice", include_background=True), "softmax"),
+        "dice_be": build_loss(LossConfig(name="dice_be", include_background=True), "softmax"),
     }
 
     def step(loss_fn: nn.Module) -> Callable[[], None]:
         def run() -> None:
             opt.zero_grad(set_to_none=True)
-            loss_fn(net(image), label).backward()
-            opt.step()
+            with autocast_for(dev, amp):
+                logits = net(image)
+            scaler.scale(loss_fn(logits.float(), label)).backward()
+            scaler.step(opt)
+            scaler.update()
         return run
 
-    logits = net(image).detach()
+    with autocast_for(dev, amp):
+        logits = net(image).detach().float()
 
     def loss_only(loss_fn: nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -85,13 +107,15 @@ def run_train_benchmark(
         return run
 
     print_fn(f"# beseg bench train: SegResNet (init_filters {init_filters}, blocks 1,2,2,4 / 1,1,1), patch "
-             f"{'x'.join(map(str, patch))}, batch 1, softmax 2 classes; median of {repeats} after 1 warm-up")
-    print_fn(f"# machine: {machine_description(torch.device('cpu'), threads)}")
+             f"{'x'.join(map(str, patch))}, batch 1, softmax 2 classes{', float16 autocast' if amp else ''}; "
+             f"median of {repeats} after 1 warm-up")
+    note = "glibc keeping freed memory (as beseg train)" if kept else None
+    print_fn(f"# machine: {machine_description(dev, threads, note)}")
     out: dict[str, float] = {}
     # Interleave the two losses so that machine noise hits both alike.
     for name, fn in losses.items():
-        out[f"step_{name}_s"] = _median_seconds(step(fn), repeats)
-        out[f"loss_{name}_s"] = _median_seconds(loss_only(fn), max(repeats, 5))
+        out[f"step_{name}_s"] = _median_seconds(step(fn), repeats, device=dev)
+        out[f"loss_{name}_s"] = _median_seconds(loss_only(fn), max(repeats, 5), device=dev)
     be_cost = max(out["loss_dice_be_s"] - out["loss_dice_s"], 0.0)
     out["be_share_of_step"] = be_cost / out["step_dice_be_s"]
     out["dice_be_loss_share_of_step"] = out["loss_dice_be_s"] / out["step_dice_be_s"]
@@ -102,9 +126,10 @@ def run_train_benchmark(
              f"(the whole Dice+BE loss: {out['dice_be_loss_share_of_step'] * 100:.3f} %)")
 
     net.eval()
-    vol = torch.randn(1, 1, *volume)
+    vol = torch.randn(1, 1, *volume, device=dev)
     out["sliding_window_s"] = _median_seconds(
-        lambda: predict_probabilities(net, vol, patch, "softmax", overlap=overlap, sw_batch_size=1), max(1, repeats - 1))
+        lambda: predict_probabilities(net, vol, patch, "softmax", overlap=overlap, sw_batch_size=1, amp=amp),
+        max(1, repeats - 1), device=dev)
     print_fn(f"sliding-window inference, volume {'x'.join(map(str, volume))}, roi {'x'.join(map(str, patch))}, "
              f"overlap {overlap}: {out['sliding_window_s']:.2f} s per volume")
     return out
