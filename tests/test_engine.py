@@ -21,7 +21,8 @@ from beseg.data import make_phantom
 from beseg.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from beseg.engine.config import Config, config_from_dict, list_presets, load_config, parse_overrides
 from beseg.engine.predict import load_model
-from beseg.engine.trainer import EpochSampler
+from beseg.engine import trainer as trainer_mod
+from beseg.engine.trainer import EpochSampler, LossTimer, Trainer
 from beseg.errors import ConfigError
 
 TABLE1 = ("unet", "ahnet", "segresnet_dice", "segresnet_boundary", "segresnet_focal", "segresnet_be")
@@ -242,7 +243,8 @@ def test_predict_keeps_shape_and_oblique_anisotropic_affine(trained, tmp_path, c
 def test_evaluate_writes_per_case_metrics_in_mm(trained, phantom, tmp_path):
     assert main(["evaluate", str(trained), "--data", str(phantom), "--out", str(tmp_path / "ev")]) == 0
     rows = (tmp_path / "ev" / "per_case.csv").read_text().splitlines()
-    assert rows[0] == "case,class,dice,hd95_mm,asd_mm,nsd" and len(rows) == 2  # 1 validation case, 1 class
+    # 1 held-out case, 1 class; the metric columns first (later columns belong to the per-case CSV's writer)
+    assert rows[0].split(",")[:6] == ["case", "class", "dice", "hd95_mm", "asd_mm", "nsd"] and len(rows) == 2
     summary = yaml.safe_load((tmp_path / "ev" / "summary.json").read_text())
     assert summary["classes"] == ["spleen"] and summary["cases"] == 1
     assert (tmp_path / "ev" / "predictions").is_dir()
@@ -314,3 +316,107 @@ def test_brain_phantom_trains_evaluates_and_predicts_sigmoid_regions(tmp_path):
     src = nib.load(str(test_image))
     assert out.shape == src.shape[:3] and np.allclose(out.affine, src.affine)
     assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 3}  # MSD labels, not region channels
+
+
+@pytest.mark.slow
+def test_validation_dice_equals_evaluate_dice_per_class_on_the_brain_phantom(tmp_path):
+    """Validation scores what `beseg evaluate` scores: nested labels from the sigmoid regions, then class masks.
+
+    Both score the same checkpoint on the same validation cases; validation on the 1 mm training grid,
+    evaluate on each image's original 0.8 x 0.8 x 2.5 mm grid after nearest-neighbour resampling back.
+    That resampling moves boundary voxels only, so per-class Dice agree to TOL; scoring independently
+    thresholded region channels in one and nested labels in the other (issue 10) differs by far more.
+    """
+    from beseg.engine.evaluate import evaluate
+
+    TOL = 0.05
+    brain = make_phantom(tmp_path / "brain", task="brain", cases=8, test_cases=0, size=(32, 32, 16), progress=False)
+    raw = yaml.safe_load(tiny_config(tmp_path, "segresnet_dice").read_text())
+    raw["base"] = "phantom_brain_segresnet_dice"
+    raw["data"].update(val_frac=0.3, test_frac=0.1)
+    raw["train"].update(epochs=1, steps_per_epoch=3)
+    cfg = tmp_path / "brain.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--data", str(brain), "--out", str(run), "--no-progress"]) == 0
+    logged = [r for r in map(yaml.safe_load, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"][-1]
+    result = evaluate(run / "checkpoints" / "last.pt", brain, split="val", out=tmp_path / "ev", progress=False)
+    assert result.summary["cases"] >= 2 and not result.failed
+    for name in ("TC", "WT", "ET"):
+        scored = np.mean([row["dice"] for row in result.rows if row["class"] == name])
+        assert abs(logged["dice"][name] - scored) <= TOL, (name, logged["dice"][name], scored)
+
+
+class CountingTrainer(Trainer):
+    """A variant overriding one step (the loss): records every loss call's label dtype."""
+
+    def build_loss(self):
+        real, self.label_dtypes = super().build_loss(), []
+
+        def loss(logits, label):
+            self.label_dtypes.append(label.dtype)
+            return real(logits, label)
+        return loss
+
+
+@pytest.mark.slow
+def test_a_trainer_variant_overrides_one_step_and_the_loss_runs_once_per_step(phantom, tmp_path):
+    cfg = tiny_config(tmp_path, "segresnet_be", train={"epochs": 2, "steps_per_epoch": 2})
+    trainer = CountingTrainer(load_config(cfg)[0], phantom, tmp_path / "run", progress=False)
+    result = trainer.run()
+    assert result.epochs == 2 and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    # 2 epochs x 2 steps, and no extra passes to time the loss; softmax labels arrive as class indices
+    assert trainer.label_dtypes == [torch.int64] * 4
+    train_lines = [r for r in map(yaml.safe_load, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                   if r["kind"] == "train"]
+    assert all(r["loss_time_s"] > 0 and r["step_time_s"] > 0 for r in train_lines)
+
+
+def test_loss_time_is_the_loss_forward_and_backward_of_the_real_step(monkeypatch):
+    """A fake clock advances 2 s in the loss's forward, 3 s in its backward and 100 s in the network's
+    backward; the timer must report 5 s per step, and ignore a step that never ran backward."""
+    clock = [0.0]
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock[0])
+
+    class Tick(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, seconds):
+            ctx.seconds = seconds
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            clock[0] += ctx.seconds
+            return grad, None
+
+    def loss_fn(logits, label):
+        clock[0] += 2.0
+        return (Tick.apply(logits, 3.0) - label).square().mean()
+
+    timer = LossTimer(torch.device("cpu"))
+    weights = torch.ones(4, requires_grad=True)
+    for step in range(3):
+        logits = Tick.apply(weights * 2, 100.0)  # the network: its backward is not the loss's
+        loss = timer.measure(loss_fn, logits, torch.zeros(4))
+        if step == 1:
+            continue  # a skipped step: no backward
+        timer.backward_starts()
+        loss.backward()
+    assert timer.epoch_seconds() == 5.0
+    assert np.isnan(timer.epoch_seconds())  # read once per epoch: the next epoch starts empty
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_amp_steps_on_cuda(phantom, tmp_path):
+    cfg = tiny_config(tmp_path, "segresnet_be", train={"epochs": 1, "steps_per_epoch": 2, "device": "cuda", "amp": True})
+    trainer = CountingTrainer(load_config(cfg)[0], phantom, tmp_path / "run", progress=False)
+    trainer.run()
+    assert trainer.use_amp and trainer.scaler.is_enabled() and trainer.label_dtypes == [torch.int64] * 2
+    assert next(trainer.model.parameters()).is_cuda
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["scaler"]["scale"] > 0 and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count()
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    line = [r for r in map(yaml.safe_load, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"][0]
+    assert line["loss_time_s"] > 0 and np.isfinite(line["loss"])

@@ -138,6 +138,42 @@ class TaskPreset:
             return BRATS_REGIONS
         return tuple((name, (k,)) for k, name in enumerate(self.channel_names) if k > 0)
 
+    def label_map(self, probs: torch.Tensor) -> torch.Tensor:
+        """Network output -> label map in the dataset's own label values.
+
+        Validation, evaluation and prediction all turn outputs into labels here, and score the
+        masks ``class_masks(label_map, self.scored_classes)``, so all three score the same thing.
+
+        Softmax: the arg-max class. Sigmoid BraTS regions (TC, WT, ET): the nested MSD Task01
+        labels, painted outermost first: 1 edema (WT), 2 non-enhancing tumour (TC), 3 enhancing
+        tumour (ET). A voxel inside ET therefore counts as TC and WT too, whatever their channels say.
+
+        Args:
+            probs: (B, K, ...) probabilities (softmax or sigmoid outputs), K = :attr:`out_channels`;
+                for sigmoid outputs a channel is on above 0.5, so 0/1 region masks give back the
+                labels they were made from.
+
+        Returns:
+            (B, 1, ...) uint8 label map on ``probs``' device.
+
+        Raises:
+            ValueError: ``probs`` does not have :attr:`out_channels` channels, or a sigmoid preset
+                has no label mapping.
+        """
+        if probs.ndim < 3 or probs.shape[1] != self.out_channels:
+            raise ValueError(f"preset {self.name!r} expects (B, {self.out_channels}, ...) outputs, "
+                             f"got shape {tuple(probs.shape)}.")
+        if self.activation == "softmax":
+            return probs.argmax(dim=1, keepdim=True).to(torch.uint8)
+        if self.label_mode != "brats_regions":
+            raise ValueError(f"preset {self.name!r}: no label map for sigmoid outputs with label_mode={self.label_mode!r}.")
+        tc, wt, et = (probs[:, i : i + 1] > 0.5 for i in range(3))
+        labels = torch.zeros_like(tc, dtype=torch.uint8)
+        labels[wt] = 1
+        labels[tc] = 2
+        labels[et] = 3
+        return labels
+
     @property
     def needs_intensity_stats(self) -> bool:
         """True when the transforms need a training-set :class:`IntensityRange`."""

@@ -8,6 +8,12 @@ need nothing but the file.
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
 target: a reader sees the old file or the new one, never a partial one, even after SIGKILL or a
 full disk. Reads use ``torch.load(weights_only=True)``, which refuses pickled code.
+
+Each checkpoint records its ``format`` (:data:`FORMAT_VERSION`); a file of a newer format is
+refused with a message naming both formats rather than misread. Resuming on another machine
+restores what fits there: a checkpoint written with CUDA restores the CPU generators everywhere,
+the CUDA generators of the devices that exist, and :func:`restore_rng_state` says what it could not
+restore.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import torch
 from beseg.errors import BesegError
 from beseg.fileio import atomic_output
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+__all__ = ["CheckpointError", "FORMAT_VERSION", "atomic_save", "load_checkpoint", "capture_rng_state",
+           "restore_rng_state"]
 
+#: The checkpoint layout this version writes and the newest it reads (older files carry 1 or nothing).
 FORMAT_VERSION = 1
 
 
@@ -77,6 +85,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {str(err).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a beseg checkpoint (no model weights and config in it).")
+    fmt = ckpt.get("format", 1)
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
+        raise CheckpointError(f"{path} has an invalid checkpoint format {fmt!r}; expected an integer from 1 to {FORMAT_VERSION}.")
+    if fmt > FORMAT_VERSION:
+        from beseg import __version__
+
+        raise CheckpointError(
+            f"{path} has checkpoint format {fmt}, newer than the format {FORMAT_VERSION} that beseg {__version__} "
+            "reads; it was written by a newer beseg, so update beseg to use it."
+        )
     return ckpt
 
 
@@ -94,15 +112,38 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
+def restore_rng_state(state: dict[str, Any]) -> list[str]:
+    """Inverse of :func:`capture_rng_state`, restoring what fits this machine.
+
+    Python, NumPy and the torch CPU generator are always restored. CUDA generators are restored
+    for the devices that exist in both the checkpoint and this machine: a checkpoint of 8 GPUs
+    resumed on 2 restores devices 0 and 1; resumed on a machine without CUDA it restores none. The
+    others keep the state ``torch.manual_seed`` gave them.
+
+    Args:
+        state: the ``"rng"`` entry of a checkpoint.
+
+    Returns:
+        One sentence per thing not restored (empty when everything was); the caller shows them.
+    """
     random.setstate(_plain_to_python_state(state["python"]))
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index in range(min(len(saved), here)):
+        torch.cuda.set_rng_state(saved[index], device=index)
+    notes = []
+    if len(saved) > here:
+        where = f"this machine has {here}" if here else "this machine has no CUDA"
+        notes.append(f"the CUDA random generators of devices {here} to {len(saved) - 1} were not restored "
+                     f"(the checkpoint has {len(saved)}, {where}); CPU generators were restored.")
+    elif here > len(saved):
+        notes.append(f"CUDA devices {len(saved)} to {here - 1} have no saved random state (the checkpoint has "
+                     f"{len(saved)}); they keep the state that train.seed gave them.")
+    return notes
 
 
 def _python_state_to_plain(state: tuple) -> dict[str, Any]:

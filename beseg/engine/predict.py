@@ -22,7 +22,7 @@ from beseg.data import IntensityRange, TaskPreset, get_preset
 from beseg.data.msd import case_id
 from beseg.engine.checkpoint import CheckpointError, load_checkpoint
 from beseg.engine.config import Config, config_from_dict
-from beseg.engine.inference import label_map, predict_probabilities
+from beseg.engine.inference import predict_probabilities
 from beseg.engine.networks import build_network
 from beseg.engine.rundir import RunDir
 from beseg.errors import BesegError, DataError
@@ -141,7 +141,7 @@ def predict_image(loaded: LoadedModel, image_path: str | Path) -> tuple[np.ndarr
     cfg = loaded.config.train
     probs = predict_probabilities(loaded.model, image.as_tensor()[None].to(loaded.device), loaded.roi,
                                   loaded.preset.activation, cfg.sw_overlap, cfg.sw_batch_size, cfg.amp)
-    labels = label_map(probs, loaded.preset.activation, loaded.preset.label_mode)[0].cpu()
+    labels = loaded.preset.label_map(probs)[0].cpu()
     data["pred"] = MetaTensor(labels.float(), affine=image.affine)
     back = loaded.preset.inverter(infer, nearest=True)(data)["pred"]
     out = np.asarray(back.detach().cpu().numpy()[0]).round().astype(np.uint8)

@@ -1,31 +1,60 @@
-"""The training loop: Adam, a per-epoch learning-rate schedule, sliding-window validation,
-atomic checkpoints and exact resume, on one process or under ``torchrun``.
+"""The training engine: a small :class:`Trainer` whose steps are short methods a variant can override.
+
+::
+
+    Trainer.run()                  process group, the run folder's lock, then
+      setup()
+        setup_data()               data check, split and intensity statistics (rank 0 first), datasets
+        setup_model()              build_network(), build_loss(), build_optimizer(), schedule, AMP scaler
+        restore(checkpoint)        with resume: weights, optimiser, counters, RNG (what fits this machine)
+      fit()                        the epoch loop:
+        train_epoch(epoch)           train_step(batch) per batch: compute_loss(batch), then the update
+        validate()                   sliding-window Dice per class, scored as ``beseg evaluate`` scores
+        save_checkpoint(...)         best.pt / last.pt (rank 0)
+
+A variant overrides one step and keeps the rest (exact resume, DDP, AMP, logs)::
+
+    class TverskyTrainer(Trainer):
+        def build_loss(self) -> nn.Module:
+            return monai.losses.TverskyLoss(softmax=True, to_onehot_y=True, alpha=0.3, beta=0.7)
+
+    TverskyTrainer(config, "Task09_Spleen", "runs/tversky").run()
 
 Reproducibility: the weights come from ``train.seed``; the order of training cases and every
-random augmentation are drawn from ``(seed, epoch, position in the epoch)`` alone, so they do not
-depend on the number of DataLoader workers or processes, and a resumed run sees exactly the data
-an uninterrupted one would.
+random augmentation are drawn from ``(seed, epoch, position in the epoch)`` alone
+(:mod:`beseg.engine.sampling`), so a resumed run sees exactly the data an uninterrupted one would.
+
+Distributed runs (``torchrun``): every decision that changes what the ranks do next (a failure, a
+non-finite loss to skip) is taken collectively (:mod:`beseg.engine.distributed`), so all ranks
+skip the same step or stop together with the same message; no rank is left waiting in a
+collective. Only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
-from collections.abc import Iterator
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from monai.data import list_data_collate
 from monai.metrics import compute_dice
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from beseg.data import TaskPreset, build_task_data, get_preset, load_task, require_valid_task
+from beseg.data import TaskData, TaskPreset, build_task_data, get_preset, load_task, require_valid_task
+from beseg.data.classes import class_masks
 from beseg.engine.checkpoint import (
+    FORMAT_VERSION,
     CheckpointError,
     atomic_save,
     capture_rng_state,
@@ -33,18 +62,29 @@ from beseg.engine.checkpoint import (
     restore_rng_state,
 )
 from beseg.engine.config import Config, config_from_dict, config_to_dict
-from beseg.engine.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
-from beseg.engine.inference import autocast_for, foreground_masks, predict_probabilities
+from beseg.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    gather_rows,
+    gather_texts,
+    init_distributed,
+    shutdown_distributed,
+)
+from beseg.engine.inference import autocast_for, predict_probabilities
 from beseg.engine.networks import build_network, window_multiple
 from beseg.engine.rundir import RunDir
+from beseg.engine.sampling import EpochSampler, SeededDataset
 from beseg.errors import BesegError, ConfigError
 from beseg.losses.registry import build_loss
 
-__all__ = ["TrainingError", "TrainResult", "train", "load_resume_checkpoint", "EpochSampler", "SeededDataset", "class_names"]
+__all__ = [
+    "EpochSampler", "LossTimer", "SeededDataset", "TrainResult", "Trainer", "TrainingError", "class_names",
+    "load_resume_checkpoint", "train",
+]
 
 
 class TrainingError(BesegError):
-    """Training cannot go on (e.g. a non-finite loss with ``on_nonfinite: stop``)."""
+    """Training cannot go on: a non-finite loss with ``on_nonfinite: stop``, or a failure on any rank."""
 
 
 @dataclass
@@ -55,68 +95,608 @@ class TrainResult:
     last_val_dice: float | None
 
 
-# ----------------------------------------------------------------------------------------------
-# reproducible sampling
+def class_names(preset: TaskPreset) -> list[str]:
+    """Names of the scored classes, in the order of the scored masks."""
+    return [name for name, _ in preset.scored_classes]
 
 
-class EpochSampler(Sampler):
-    """Indices for one epoch of ``steps * batch_size * world_size`` samples, with augmentation seeds.
+def load_resume_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """The last checkpoint of ``run_dir``, to resume from.
 
-    The epoch's sequence concatenates seeded permutations of the cases; process ``rank`` takes
-    every ``world_size``-th element, so a global batch is the same set of samples whatever the
-    number of processes. Each element is ``(case index, augmentation seed)``.
+    Raises:
+        CheckpointError: the folder has no (readable) ``checkpoints/last.pt``, or one of a newer format.
+    """
+    last = RunDir(run_dir).last
+    if not last.exists():
+        raise CheckpointError(f"cannot resume: {last} does not exist (no epoch finished in {Path(run_dir)}).")
+    return load_checkpoint(last)
+
+
+def train(config: Config | None, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train ``config`` on the task folder ``data_dir`` into ``run_dir`` with the default :class:`Trainer`.
+
+    Args:
+        config: the configuration; ignored with ``resume`` (the checkpoint's is used).
+        data_dir: MSD-layout task folder.
+        run_dir: run folder (see :mod:`beseg.engine.rundir`); created if needed.
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+        progress: show progress bars (rank 0 only).
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ConfigError, DataError, CheckpointError, TrainingError, RunLockedError, DistributedError:
+            with a message naming the file, setting or rank at fault.
+    """
+    return Trainer(config, data_dir, run_dir, resume=resume, progress=progress).run()
+
+
+class Trainer:
+    """One training run, in steps a variant can override (see the module docstring).
+
+    Args:
+        config: the configuration; ignored with ``resume`` (the checkpoint's is used).
+        data_dir: MSD-layout task folder.
+        run_dir: run folder; created if needed.
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+        progress: show progress bars and a line per validation (rank 0 only).
+
+    Raises:
+        ConfigError: no config, or an invalid patch size for the network.
+        CheckpointError: ``resume`` without a readable ``last.pt``.
+
+    Attributes set by :meth:`run` (for overriding methods): ``dist`` (:class:`DistInfo`),
+    ``data`` (:class:`~beseg.data.TaskData`), ``loader``, ``sampler``, ``steps`` (per epoch),
+    ``model`` (DDP-wrapped under torchrun), ``loss_fn``, ``optimizer``, ``scheduler``, ``scaler``,
+    and the counters ``epoch`` (epochs finished), ``global_step``, ``best_dice``.
     """
 
-    def __init__(self, num_items: int, steps: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.num_items, self.steps, self.batch_size = num_items, steps, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
+    def __init__(self, config: Config | None, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
+                 progress: bool = True) -> None:
+        self.run_dir = RunDir(run_dir)
+        self.data_dir = Path(data_dir)
+        self.progress = progress
+        self.checkpoint: dict[str, Any] | None = load_resume_checkpoint(run_dir) if resume else None
+        if self.checkpoint is not None:
+            config = config_from_dict(self.checkpoint["config"])
+        if config is None:
+            raise ConfigError("no config given.")
+        self.config = config
+        self.preset = get_preset(config.data.task)
+        self.patch = _patch_size(config, self.preset)
+        self.dist = DistInfo(0, 1, 0, torch.device("cpu"))  # the real one comes from run()
+        self.epoch, self.global_step, self.best_dice = 0, 0, -1.0
+        self.val_dice: float | None = None  # this epoch's validation, if it had one
+        self.last_val_dice: float | None = None
+        self.writer: Any = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
 
-    def global_sequence(self) -> list[tuple[int, int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        total = self.steps * self.batch_size * self.world_size
-        order: list[int] = []
-        while len(order) < total:
-            order.extend(rng.permutation(self.num_items).tolist())
-        seeds = rng.integers(0, 2**31 - 1, size=total)
-        return [(order[i], int(seeds[i])) for i in range(total)]
+    @property
+    def use_amp(self) -> bool:
+        """float16 autocast and a gradient scaler: ``train.amp`` on CUDA (never on CPU)."""
+        return self.config.train.amp and self.device.type == "cuda"
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.global_sequence()[self.rank :: self.world_size])
+    # ------------------------------------------------------------------------------------------
+    # the whole run
 
-    def __len__(self) -> int:
-        return self.steps * self.batch_size
+    def run(self) -> TrainResult:
+        """Join the process group, take the run folder's lock, :meth:`setup`, then :meth:`fit`.
+
+        Returns:
+            A :class:`TrainResult`.
+
+        Raises:
+            See :func:`train`.
+        """
+        self.dist = init_distributed(self.config.train.device, self.config.train.dist_timeout_s)
+        locked = False
+        try:
+            with self.all_ranks("taking the run folder's lock"):
+                if self.dist.is_main:
+                    self.run_dir.acquire()
+                    locked = True
+            try:
+                self.setup()
+                return self.fit()
+            finally:
+                if self.writer is not None:
+                    self.writer.close()
+        finally:
+            if locked:
+                self.run_dir.release()
+            shutdown_distributed(self.dist)
+
+    def setup(self) -> None:
+        """Seeds, then :meth:`setup_data`, :meth:`setup_model`, :meth:`restore` and the run folder's logs."""
+        cfg = self.config.train
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.setup_data()
+        with self.all_ranks("building the model"):
+            self.setup_model()
+        if self.checkpoint is not None:
+            with self.all_ranks(f"restoring {self.run_dir.last}"):
+                self.restore(self.checkpoint)
+        if self.dist.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.timer = LossTimer(self.device)
+        with self.all_ranks("writing the run folder"):
+            if self.dist.is_main:
+                self.run_dir.write_config(config_to_dict(self.config))
+                if self.checkpoint is not None:
+                    self.run_dir.truncate_metrics(self.epoch)
+                self.writer = _tensorboard(self.run_dir.tensorboard)
+                if self.epoch >= cfg.epochs:
+                    print(f"{self.run_dir.root}: all {cfg.epochs} epochs are done already.")
+
+    # ------------------------------------------------------------------------------------------
+    # set-up steps
+
+    def setup_data(self) -> None:
+        """Check the task folder, split it and build the datasets and the seeded loader.
+
+        Rank 0 checks the folder and writes the split and the intensity statistics to the cache
+        first; the other ranks then read them, so no two processes write the same file.
+        """
+        with self.all_ranks("checking the task folder"):
+            if self.dist.is_main:
+                # Fail before any compute on a folder with bad files, listing every problem at once.
+                require_valid_task(self.data_dir, self._cache_dir(), progress=self.progress)
+                if self.dist.distributed:
+                    self.build_data(cache="none")  # cheap: writes split.json and the statistics once
+        with self.all_ranks("building the datasets"):
+            self.data = self.build_data(cache=self.config.data.cache)
+        d, world = self.config.data, self.dist.world_size
+        self.steps = self.config.train.steps_per_epoch or max(1, len(self.data.train) // (d.batch_size * world))
+        self.sampler = EpochSampler(len(self.data.train), self.steps, d.batch_size, self.config.train.seed,
+                                    self.dist.rank, world)
+        self.loader = DataLoader(
+            SeededDataset(self.data.train), batch_size=d.batch_size, sampler=self.sampler,
+            num_workers=d.num_workers, collate_fn=list_data_collate,
+            persistent_workers=d.num_workers > 0, pin_memory=self.device.type == "cuda",
+        )
+
+    def build_data(self, cache: str) -> TaskData:
+        """Split, statistics and datasets of the task folder (see :func:`beseg.data.build_task_data`)."""
+        d = self.config.data
+        return build_task_data(
+            load_task(self.data_dir), self.preset, split_file=d.split_file, cache_dir=self._cache_dir(),
+            patch_size=self.patch, cache=cache, val_frac=d.val_frac, test_frac=d.test_frac, seed=d.split_seed,
+            num_samples=d.num_samples, pos=d.pos, neg=d.neg, progress=self.progress and self.dist.is_main,
+        )
+
+    def setup_model(self) -> None:
+        """The network on its device, the loss, the optimiser, its schedule and the AMP gradient scaler."""
+        self.model = self.build_network().to(self.device)
+        self.loss_fn = self.build_loss()
+        self.optimizer = self.build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(self.config.optim.schedule, self.config.train.epochs))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    def build_network(self) -> nn.Module:
+        """The network of ``config.model`` for the preset's channels."""
+        return build_network(self.config.model, self.preset.in_channels, self.preset.out_channels)
+
+    def build_loss(self) -> nn.Module | Callable[[Tensor, Tensor], Tensor]:
+        """The loss of ``config.loss``: ``loss(logits, label) -> scalar`` (see :func:`build_loss`).
+
+        It gets float32 logits (B, K, ...) and the label on the device: (B, 1, ...) int64 class
+        indices for a softmax task, (B, K, ...) float32 binary channels for a sigmoid task. It is
+        built without in-loss checks (no device-to-host reads); every step's loss is checked once
+        by :meth:`train_step`.
+        """
+        return build_loss(self.config.loss, self.preset.activation)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Adam (the paper's) or SGD with momentum 0.9, with ``optim.lr`` and ``optim.weight_decay``."""
+        o = self.config.optim
+        if o.name == "sgd":
+            return torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
+        return torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from ``checkpoint``: weights, optimiser, schedule, AMP scaler, counters, RNG states.
+
+        What cannot be restored on this machine is said in a ``RuntimeWarning`` (rank 0): CUDA
+        generators of devices it does not have, an AMP loss scale from a run without AMP, or a
+        different number of processes (the global batch, so the data order, changes).
+
+        Raises:
+            CheckpointError: the weights do not fit the network.
+        """
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{self.run_dir.last} does not fit model.network={self.config.model.network}: "
+                                  f"{str(err).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        notes = []
+        scaler_state = checkpoint.get("scaler") or {}
+        if self.scaler.is_enabled() and not scaler_state:
+            notes.append("the checkpoint was trained without AMP (on CPU, or with train.amp off), so the AMP "
+                         "loss scale starts afresh.")
+        else:
+            self.scaler.load_state_dict(scaler_state)  # a no-op when AMP is off here
+        self.epoch, self.best_dice, self.global_step = checkpoint["epoch"], checkpoint["best_dice"], checkpoint["step"]
+        notes += restore_rng_state(checkpoint["rng"])
+        saved_world, world = checkpoint.get("world_size"), self.dist.world_size
+        if saved_world is not None and saved_world != world:
+            batch = self.config.data.batch_size
+            notes.append(f"the checkpoint was written by {saved_world} process(es), this run has {world}: the global "
+                         f"batch is now {batch * world} instead of {batch * saved_world}, so the data order differs "
+                         "from an uninterrupted run.")
+        if self.dist.is_main:
+            for note in notes:
+                warnings.warn(f"resuming {self.run_dir.last}: {note}", RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> TrainResult:
+        """Train the remaining epochs; validate and save as configured.
+
+        Returns:
+            A :class:`TrainResult`.
+        """
+        cfg = self.config.train
+        self.model.train()
+        for epoch in range(self.epoch, cfg.epochs):
+            record = self.train_epoch(epoch)
+            self.epoch = epoch + 1
+            do_val = self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs
+            val = self.validate() if do_val else None
+            self.val_dice = val["dice_mean"] if val is not None else None
+            is_best = False
+            if self.val_dice is not None:
+                self.last_val_dice = self.val_dice
+                is_best = self.val_dice > self.best_dice
+                self.best_dice = max(self.best_dice, self.val_dice)
+            save_last = self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs
+            with self.all_ranks("writing the logs and checkpoints"):
+                if self.dist.is_main:
+                    self.log_epoch(record, val, is_best)
+                    if save_last or is_best:
+                        self.save_checkpoint(best=is_best, last=save_last)
+        return TrainResult(self.run_dir.root, cfg.epochs, self.best_dice, self.last_val_dice)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """All steps of one epoch, then the learning-rate schedule's step.
+
+        Args:
+            epoch: 0-based index of the epoch.
+
+        Returns:
+            The epoch's ``"train"`` record for ``metrics.jsonl``: mean ``loss``, median
+            ``step_time_s`` and ``loss_time_s`` (seconds per step; the loss's forward and
+            backward within the real step), ``lr`` and ``skipped_steps``.
+        """
+        from tqdm.auto import tqdm
+
+        self.sampler.set_epoch(epoch)
+        losses, step_times, skipped = [], [], 0
+        bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.config.train.epochs}", unit="step",
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+        batches = iter(self.loader)
+        tick = time.perf_counter()
+        for _ in range(self.steps):
+            with self.all_ranks("loading a training batch"):
+                batch = next(batches)
+            loss = self.train_step(batch)
+            self.global_step += 1
+            bar.update(1)
+            now, started = time.perf_counter(), tick
+            tick = now
+            if loss is None:
+                skipped += 1
+                continue
+            losses.append(loss)
+            step_times.append(now - started)
+            samples = batch["image"].shape[0] * self.dist.world_size
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples / step_times[-1]:.2f}")
+        bar.close()
+        self.scheduler.step()
+        return {
+            "kind": "train", "epoch": epoch + 1, "step": self.global_step,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "step_time_s": float(np.median(step_times[1:] or step_times)) if step_times else float("nan"),
+            "loss_time_s": self.timer.epoch_seconds(),
+            "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
+        }
+
+    def train_step(self, batch: dict[str, Tensor]) -> float | None:
+        """One optimiser step: :meth:`compute_loss`, a check of every rank's loss, backward, update.
+
+        The loss is read once per step, and under torchrun every rank's value is shared before
+        ``backward``: when any rank's loss is NaN/Inf, every rank skips the step (or stops).
+
+        Args:
+            batch: ``{"image": (B, C, *patch), "label": (B, K, *patch)}`` from the loader (CPU).
+
+        Returns:
+            The loss (mean over processes), or ``None`` when the step was skipped.
+
+        Raises:
+            TrainingError: a non-finite loss or gradient with ``train.on_nonfinite: stop``, or a
+                failure on another rank.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, failure, value = None, None, math.nan
+        try:
+            loss = self.compute_loss(batch)
+            value = loss.item()
+        except Exception as err:
+            if not self.dist.distributed:
+                raise
+            failure = err
+        values = self._share_losses(value, failure)
+        bad = next((r for r, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            self.on_nonfinite(f"loss {values[bad]}", bad)
+            return None
+        self.timer.backward_starts()
+        self.scaler.scale(loss).backward()
+        if not self.use_amp:
+            # Under AMP the scaler skips steps with non-finite gradients; without it nothing else would.
+            # After DDP's all-reduce every rank holds the same gradients, so every rank decides alike.
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
+            if not math.isfinite(grad_norm):
+                self.on_nonfinite(f"gradient norm {grad_norm}", None)
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(np.mean(values))
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Forward pass and loss of one batch.
+
+        Args:
+            batch: as :meth:`train_step`'s.
+
+        Returns:
+            Scalar float32 loss with its graph. Softmax labels reach the loss as int64 class indices.
+        """
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        if self.preset.activation == "softmax":
+            label = label.long()  # class indices: the loss one-hots them without checking (no host read)
+        with autocast_for(self.device, self.use_amp):
+            logits = self.model(image)
+        return self.timer.measure(self.loss_fn, logits.float(), label)
+
+    def on_nonfinite(self, what: str, rank: int | None) -> None:
+        """A non-finite loss or gradient: raise with ``on_nonfinite: stop``, return to skip the step.
+
+        Args:
+            what: e.g. ``"loss nan"``.
+            rank: the rank where it happened, when only some had it.
+
+        Raises:
+            TrainingError: with ``train.on_nonfinite: stop``, naming the epoch, step and last good checkpoint.
+        """
+        if self.config.train.on_nonfinite != "stop":
+            return
+        where = f" on rank {rank}" if rank is not None and self.dist.distributed else ""
+        last = self.run_dir.last
+        raise TrainingError(
+            f"non-finite {what}{where} at epoch {self.epoch + 1}, step {self.global_step + 1} (system "
+            f"{self.config.system}); training stopped without saving these weights. The last good checkpoint is "
+            f"{last if last.exists() else '(none yet)'}; lower optim.lr or set train.on_nonfinite: skip to skip "
+            "such steps."
+        )
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Mean Dice per class over whole validation volumes, by sliding-window inference.
+
+        Scored exactly as ``beseg evaluate`` scores (there on the original grid, here on the 1 mm
+        one): the output becomes a label map (:meth:`TaskPreset.label_map`) and the masks are
+        ``class_masks(label_map, preset.scored_classes)``, for the prediction and the truth alike.
+        Every process scores its share of the cases; the sums are all-reduced, so all ranks
+        return the same numbers.
+
+        Returns:
+            ``{"dice_mean": float, "dice": {class name: float}}``.
+        """
+        from tqdm.auto import tqdm
+
+        model = _unwrap(self.model)
+        model.eval()
+        names = class_names(self.preset)
+        totals = torch.zeros(2, len(names), dtype=torch.float64)  # Dice sums, case counts
+        cfg = self.config.train
+        with self.all_ranks("validating"):
+            mine = range(self.dist.rank, len(self.data.val), self.dist.world_size)
+            for i in tqdm(mine, desc="validate", leave=False, disable=not (self.progress and self.dist.is_main)):
+                item = self.data.val[i]
+                image = torch.as_tensor(item["image"])[None].to(self.device)
+                probs = predict_probabilities(model, image, self.patch, self.preset.activation, cfg.sw_overlap,
+                                              cfg.sw_batch_size, cfg.amp)
+                pred = self._scored(self.preset.label_map(probs))
+                truth = self._scored(self._truth_label_map(torch.as_tensor(item["label"])[None].to(self.device)))
+                # Both masks empty counts as a perfect score, as in beseg.metrics.
+                dice = compute_dice(pred.float(), truth.float(), include_background=True, ignore_empty=False)[0]
+                totals[0] += dice.double().cpu()
+                totals[1] += 1
+        all_reduce_sum(self.dist, totals)
+        model.train()
+        per_class = (totals[0] / totals[1].clamp(min=1)).tolist()
+        return {"dice_mean": float(np.mean(per_class)), "dice": dict(zip(names, per_class))}
+
+    def _truth_label_map(self, label: Tensor) -> Tensor:
+        """The validation label as a label map in the dataset's values: (1, K, ...) -> (1, 1, ...)."""
+        if self.preset.activation == "softmax":
+            return label.round().long()
+        # The validation chain has already turned a BraTS label into its nested regions (TC, WT, ET);
+        # label_map paints them back to exactly the MSD labels they came from (1, 2, 3), so the truth's
+        # masks are those evaluate makes from the label file.
+        return self.preset.label_map(label)
+
+    def _scored(self, labels: Tensor) -> Tensor:
+        """(B, 1, ...) label map -> (B, K, ...) bool masks of the scored classes."""
+        return class_masks(labels[:, 0], self.preset.scored_classes).movedim(0, 1)
+
+    def log_epoch(self, record: dict[str, Any], val: dict[str, Any] | None, is_best: bool) -> None:
+        """Append the epoch's records to ``metrics.jsonl`` and TensorBoard; print the validation line."""
+        self.run_dir.log(record)
+        _tb_log(self.writer, "train", record, self.global_step)
+        if val is None:
+            return
+        self.run_dir.log({"kind": "val", "epoch": self.epoch, "step": self.global_step, **val})
+        _tb_log(self.writer, "val", {"dice_mean": val["dice_mean"], **{f"dice_{k}": v for k, v in val["dice"].items()}},
+                self.global_step)
+        if self.progress:
+            per = ", ".join(f"{k} {v:.3f}" for k, v in val["dice"].items())
+            print(f"epoch {self.epoch}: train loss {record['loss']:.4f}, val Dice {val['dice_mean']:.4f} ({per})"
+                  + (" *best*" if is_best else ""))
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds: states to resume exactly, and what inference needs."""
+        return {
+            "format": FORMAT_VERSION, "config": config_to_dict(self.config), "epoch": self.epoch,
+            "step": self.global_step, "best_dice": self.best_dice, "val_dice": self.val_dice,
+            "model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": capture_rng_state(),
+            "world_size": self.dist.world_size,
+            # What inference needs besides the weights, so predict works without the dataset.
+            "preset": self.preset.name, "roi": list(self.patch),
+            "stats": dataclasses.asdict(self.data.stats) if self.data.stats is not None else None,
+        }
+
+    def save_checkpoint(self, best: bool, last: bool) -> None:
+        """Write ``best.pt`` and/or ``last.pt`` atomically (called on rank 0 only).
+
+        Raises:
+            CheckpointError: a file cannot be written; the previous one is intact.
+        """
+        state = self.checkpoint_state()
+        if best:
+            atomic_save(state, self.run_dir.best)
+        if last:
+            atomic_save(state, self.run_dir.last)
+
+    # ------------------------------------------------------------------------------------------
+    # collective decisions
+
+    @contextmanager
+    def all_ranks(self, what: str) -> Iterator[None]:
+        """Run the block on every rank; if it failed on any rank, stop every rank.
+
+        One process: an exception propagates unchanged. Under torchrun the ranks exchange a
+        failure flag after the block (and the error texts when one failed), and every rank raises
+        the same :class:`TrainingError` naming the failing rank, so no rank is left waiting.
+
+        Args:
+            what: what the block does, for the message ("saving checkpoints").
+        """
+        failure = None
+        try:
+            yield
+        except Exception as err:
+            if not self.dist.distributed:
+                raise
+            failure = err
+        if self.dist.distributed and bool(gather_rows(self.dist, [failure is not None]).any()):
+            self._stop_all_ranks(failure, what)
+
+    def _share_losses(self, value: float, failure: Exception | None) -> list[float]:
+        """Every rank's loss of this step (one collective); stops every rank if one failed."""
+        if not self.dist.distributed:
+            return [value]
+        table = gather_rows(self.dist, [failure is not None, value])
+        if bool(table[:, 0].any()):
+            self._stop_all_ranks(failure, "computing the loss")
+        return table[:, 1].tolist()
+
+    def _stop_all_ranks(self, failure: Exception | None, what: str) -> NoReturn:
+        texts = gather_texts(self.dist, None if failure is None else _describe(failure))
+        failed = [(rank, text) for rank, text in enumerate(texts) if text is not None]
+        rank, text = failed[0]
+        others = ", ".join(str(r) for r, _ in failed[1:])
+        if failure is not None and not isinstance(failure, (BesegError, OSError)):
+            traceback.print_exception(failure, file=sys.stderr)  # a bug: keep its traceback on its own rank
+        raise TrainingError(
+            f"training stopped on all {self.dist.world_size} processes: rank {rank} failed while {what}"
+            + (f" (and rank(s) {others})" if others else "") + f": {text}"
+        ) from failure
+
+    def _cache_dir(self) -> Path | None:
+        return Path(self.config.data.cache_dir) if self.config.data.cache_dir else None
 
 
-class SeededDataset(Dataset):
-    """Seeds the random transforms of a MONAI dataset from the sampler's seed before each item."""
+class LossTimer:
+    """Seconds spent in the loss per training step (forward and backward), measured inside the real step.
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    The loss's backward has finished when the gradient reaches the tensor the loss was given; a
+    hook on that tensor marks the moment, so timing costs no extra forward or backward pass. On
+    CUDA the marks are events, read once per epoch, so there is no synchronisation per step.
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    Args:
+        device: where the loss runs.
+    """
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        self.dataset.transform.set_random_state(seed=seed)
-        return self.dataset[index]
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._current: dict[str, Any] = {}
+        self._steps: list[dict[str, Any]] = []
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def measure(self, loss_fn: Callable[[Tensor, Tensor], Tensor], input: Tensor, target: Tensor) -> Tensor:
+        """``loss_fn(input, target)``, timing its forward and (through a hook on ``input``) its backward."""
+        marks = {"forward": self._now()}
+        loss = loss_fn(input, target)
+        marks["forward_end"] = self._now()
+        if input.requires_grad:
+            input.register_hook(lambda grad: marks.__setitem__("backward_end", self._now()))
+        self._current = marks
+        return loss
+
+    def backward_starts(self) -> None:
+        """Mark the start of the backward pass of the loss last measured (skipped steps never call it)."""
+        self._current["backward"] = self._now()
+        self._steps.append(self._current)
+        self._current = {}
+
+    def epoch_seconds(self) -> float:
+        """Median seconds per step in the loss since the last call (NaN when no step completed)."""
+        steps = [m for m in self._steps if "backward_end" in m]
+        self._steps = []
+        if not steps:
+            return float("nan")
+        if self.cuda:
+            torch.cuda.synchronize()  # once per epoch: every event recorded so far has completed
+            seconds = [(m["forward"].elapsed_time(m["forward_end"]) + m["backward"].elapsed_time(m["backward_end"])) / 1e3
+                       for m in steps]
+        else:
+            seconds = [(m["forward_end"] - m["forward"]) + (m["backward_end"] - m["backward"]) for m in steps]
+        return float(np.median(seconds))
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 
 
-def class_names(preset: TaskPreset) -> list[str]:
-    """Names of the scored classes (the background of a softmax task is not scored)."""
-    names = list(preset.channel_names)
-    return names[1:] if preset.activation == "softmax" else names
+def _describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, BesegError) else f"{type(err).__name__}: {err}"
 
 
-def _lr_lambda(schedule: str, epochs: int):
+def _lr_lambda(schedule: str, epochs: int) -> Callable[[int], float]:
     if schedule == "constant":
         return lambda e: 1.0
     if schedule == "poly":
@@ -139,286 +719,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def measure_loss_seconds(loss_fn: nn.Module, logits: Tensor, label: Tensor, repeats: int = 3) -> float:
-    """Median forward+backward seconds of the loss alone on one batch of logits."""
-    times = []
-    for _ in range(repeats):
-        x = logits.detach().float().requires_grad_(True)
-        _sync(x.device)
-        start = time.perf_counter()
-        loss_fn(x, label).backward()
-        _sync(x.device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def validate(model: nn.Module, dataset: Any, preset: TaskPreset, roi: tuple[int, ...], config: Config,
-             dist_info: DistInfo, progress: bool = False) -> dict[str, Any]:
-    """Mean Dice per class over whole validation volumes, by sliding-window inference.
-
-    Every process scores its share of the cases; per-class sums are all-reduced, so all ranks
-    return the same numbers.
-    """
-    from tqdm.auto import tqdm
-
-    device = dist_info.device
-    model.eval()
-    names = class_names(preset)
-    totals = torch.zeros(2, len(names), dtype=torch.float64, device=device)  # Dice sums, case counts
-    mine = range(dist_info.rank, len(dataset), dist_info.world_size)
-    for i in tqdm(mine, desc="validate", leave=False, disable=not progress):
-        item = dataset[i]
-        image = torch.as_tensor(item["image"])[None].to(device)
-        label = torch.as_tensor(item["label"])[None].to(device)
-        probs = predict_probabilities(model, image, roi, preset.activation, config.train.sw_overlap,
-                                      config.train.sw_batch_size, config.train.amp)
-        pred = foreground_masks(probs, preset.activation)
-        if preset.activation == "softmax":
-            truth = torch.stack([label[:, 0] == k for k in range(1, probs.shape[1])], dim=1)
-        else:
-            truth = label > 0.5
-        # Both masks empty counts as a perfect score, as in beseg.metrics.
-        dice = compute_dice(pred.float(), truth.float(), include_background=True, ignore_empty=False)[0]
-        totals[0] += dice.double()
-        totals[1] += 1
-    if dist_info.distributed:
-        torch.distributed.all_reduce(totals)
-    per_class = (totals[0] / totals[1].clamp(min=1)).cpu().tolist()
-    model.train()
-    return {"dice_mean": float(np.mean(per_class)), "dice": dict(zip(names, per_class))}
-
-
-# ----------------------------------------------------------------------------------------------
-# the loop
-
-
-def load_resume_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    """The last checkpoint of ``run_dir``, to resume from.
-
-    Raises:
-        CheckpointError: the folder has no (readable) ``checkpoints/last.pt``.
-    """
-    last = RunDir(run_dir).last
-    if not last.exists():
-        raise CheckpointError(f"cannot resume: {last} does not exist (no epoch finished in {Path(run_dir)}).")
-    return load_checkpoint(last)
-
-
-def train(config: Config | None, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
-          progress: bool = True) -> TrainResult:
-    """Train ``config`` on the task folder ``data_dir`` into ``run_dir``.
-
-    Args:
-        config: the configuration; ignored with ``resume`` (the checkpoint's is used).
-        data_dir: MSD-layout task folder.
-        run_dir: run folder (see :mod:`beseg.engine.rundir`); created if needed.
-        resume: continue from ``run_dir/checkpoints/last.pt``.
-        progress: show progress bars (rank 0 only).
-
-    Returns:
-        A :class:`TrainResult`.
-
-    Raises:
-        ConfigError, DataError, CheckpointError, TrainingError, RunLockedError: with a message
-            naming the file or setting at fault.
-    """
-    run = RunDir(run_dir)
-    ckpt = None
-    if resume:
-        ckpt = load_resume_checkpoint(run_dir)
-        config = config_from_dict(ckpt["config"])
-    if config is None:
-        raise ConfigError("no config given.")
-    dist_info = init_distributed(config.train.device)
-    try:
-        if dist_info.is_main:
-            run.acquire()
-        try:
-            return _train(config, Path(data_dir), run, ckpt, dist_info, progress)
-        finally:
-            if dist_info.is_main:
-                run.release()
-    finally:
-        shutdown_distributed(dist_info)
-
-
-def _train(config: Config, data_dir: Path, run: RunDir, ckpt: dict | None, dist_info: DistInfo,
-           progress: bool) -> TrainResult:
-    from tqdm.auto import tqdm
-
-    device, main = dist_info.device, dist_info.is_main
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    torch.manual_seed(config.train.seed)
-    np.random.seed(config.train.seed % 2**32)
-
-    preset = get_preset(config.data.task)
-    patch = _patch_size(config, preset)
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else None
-    # Fail before any compute on a folder with bad files, listing every problem at once.
-    require_valid_task(data_dir, cache_dir, progress=progress and main)
-    task = load_task(data_dir)
-    data = build_task_data(
-        task, preset, split_file=config.data.split_file, cache_dir=cache_dir, patch_size=patch,
-        cache=config.data.cache, val_frac=config.data.val_frac, seed=config.data.split_seed,
-        num_samples=config.data.num_samples, pos=config.data.pos, neg=config.data.neg, progress=progress and main,
-    )
-    steps = config.train.steps_per_epoch or max(1, len(data.train) // (config.data.batch_size * dist_info.world_size))
-    sampler = EpochSampler(len(data.train), steps, config.data.batch_size, config.train.seed,
-                           dist_info.rank, dist_info.world_size)
-    loader = DataLoader(
-        SeededDataset(data.train), batch_size=config.data.batch_size, sampler=sampler,
-        num_workers=config.data.num_workers, collate_fn=list_data_collate,
-        persistent_workers=config.data.num_workers > 0, pin_memory=device.type == "cuda",
-    )
-
-    model = build_network(config.model, preset.in_channels, preset.out_channels).to(device)
-    loss_fn = build_loss(
-        config.loss.name, preset.activation, include_background=config.loss.include_background,
-        lambda_dice=config.loss.lambda_dice, lambda_be=config.loss.lambda_be,
-        lambda_boundary=config.loss.lambda_boundary, lambda_focal=config.loss.lambda_focal,
-        lambda_ce=config.loss.lambda_ce, lambda_hd=config.loss.lambda_hd, focal_gamma=config.loss.focal_gamma,
-        smoothing_passes=config.loss.smoothing_passes,
-    )
-    if config.optim.name == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr, momentum=0.9,
-                                    weight_decay=config.optim.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.optim.schedule, config.train.epochs))
-    use_amp = config.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, best, global_step = 0, -1.0, 0
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as err:
-            raise CheckpointError(f"{run.last} does not fit model.network={config.model.network}: {str(err).splitlines()[0]}") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, global_step = ckpt["epoch"], ckpt["best_dice"], ckpt["step"]
-        restore_rng_state(ckpt["rng"])
-    if dist_info.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    writer = None
-    config_dict = config_to_dict(config)
-    if main:
-        run.write_config(config_dict)
-        if ckpt is not None:
-            run.truncate_metrics(start_epoch)
-        writer = _tensorboard(run.tensorboard)
-        if start_epoch >= config.train.epochs:
-            print(f"{run.root}: all {config.train.epochs} epochs are done already.")
-
-    last_val: float | None = None
-    model.train()
-    for epoch in range(start_epoch, config.train.epochs):
-        sampler.set_epoch(epoch)
-        losses, step_times, skipped = [], [], 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.train.epochs}", disable=not (progress and main),
-                   unit="step", dynamic_ncols=True)
-        tick = time.perf_counter()
-        logits = label = None
-        for batch in loader:
-            image = batch["image"].to(device, non_blocking=True)
-            label = batch["label"].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast_for(device, use_amp):
-                logits = model(image)
-            loss = loss_fn(logits.float(), label)
-            value = loss.item()
-            if math.isfinite(value):
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-            else:
-                grad_norm = float("nan")
-            # A non-finite gradient is only expected under AMP, where the scaler skips the step.
-            if not math.isfinite(value) or (not math.isfinite(grad_norm) and not use_amp):
-                what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {grad_norm}"
-                if config.train.on_nonfinite == "stop":
-                    raise TrainingError(
-                        f"non-finite {what} at epoch {epoch + 1}, step {global_step + 1} (system {config.system}); "
-                        f"training stopped without saving these weights. The last good checkpoint is "
-                        f"{run.last if run.last.exists() else '(none yet)'}; lower optim.lr or set "
-                        "train.on_nonfinite: skip to skip such steps."
-                    )
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                bar.update(1)
-                continue
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            losses.append(value)
-            now = time.perf_counter()
-            step_times.append(now - tick)
-            tick = now
-            bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{image.shape[0] * dist_info.world_size / step_times[-1]:.2f}")
-            bar.update(1)
-        bar.close()
-        scheduler.step()
-
-        epoch_done = epoch + 1
-        record: dict[str, Any] = {
-            "kind": "train", "epoch": epoch_done, "step": global_step,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "step_time_s": float(np.median(step_times[1:] or step_times)) if step_times else float("nan"),
-            "loss_time_s": measure_loss_seconds(loss_fn, logits, label) if logits is not None else float("nan"),
-            "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
-        }
-        if main:
-            run.log(record)
-            _tb_log(writer, "train", record, global_step)
-
-        do_val = epoch_done % config.train.val_every == 0 or epoch_done == config.train.epochs
-        is_best = False
-        if do_val:
-            val = validate(_unwrap(model), data.val, preset, patch, config, dist_info, progress=progress and main)
-            last_val = val["dice_mean"]
-            is_best = last_val > best
-            best = max(best, last_val)
-            if main:
-                run.log({"kind": "val", "epoch": epoch_done, "step": global_step, **val})
-                _tb_log(writer, "val", {"dice_mean": last_val, **{f"dice_{k}": v for k, v in val["dice"].items()}}, global_step)
-                if progress:
-                    per = ", ".join(f"{k} {v:.3f}" for k, v in val["dice"].items())
-                    print(f"epoch {epoch_done}: train loss {record['loss']:.4f}, val Dice {val['dice_mean']:.4f} ({per})"
-                          + (" *best*" if is_best else ""))
-
-        save_last = epoch_done % config.train.checkpoint_every == 0 or epoch_done == config.train.epochs
-        if main and (save_last or is_best):
-            state = {
-                "format": 1, "config": config_dict, "epoch": epoch_done, "step": global_step, "best_dice": best,
-                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng_state(),
-                "val_dice": last_val if do_val else None,
-                # What inference needs besides the weights, so predict works without the dataset.
-                "preset": preset.name, "roi": list(patch),
-                "stats": dataclasses.asdict(data.stats) if data.stats is not None else None,
-            }
-            if is_best:
-                atomic_save(state, run.best)
-            if save_last:
-                atomic_save(state, run.last)
-        barrier(dist_info)
-
-    if writer is not None:
-        writer.close()
-    return TrainResult(run.root, config.train.epochs, best, last_val)
-
-
-def _tensorboard(folder: Path):
+def _tensorboard(folder: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional: the JSON lines hold the same numbers
@@ -426,7 +727,7 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def _tb_log(writer, prefix: str, record: dict[str, Any], step: int) -> None:
+def _tb_log(writer: Any, prefix: str, record: dict[str, Any], step: int) -> None:
     if writer is None:
         return
     for key, value in record.items():

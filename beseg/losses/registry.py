@@ -7,14 +7,21 @@ task (the overlapping BraTS regions).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from monai.losses import BoundaryLoss, DiceCELoss, DiceFocalLoss, DiceLoss, HausdorffDTLoss
 from torch import Tensor, nn
 
+from beseg.errors import ConfigError
 from beseg.losses.boundary_enhancement import DiceBELoss
+from beseg.losses.laplacian import IMPLS, PADDINGS
 
-__all__ = ["LOSSES", "WeightedSumLoss", "build_loss"]
+if TYPE_CHECKING:  # the engine's config module imports this one
+    from beseg.engine.config import LossConfig
+
+__all__ = ["LOSSES", "WeightedSumLoss", "build_loss", "check_loss_config"]
 
 #: name -> one-line description, for configs, the CLI and error messages.
 LOSSES: dict[str, str] = {
@@ -44,63 +51,76 @@ class WeightedSumLoss(nn.Module):
         return total
 
 
-def build_loss(
-    name: str,
-    activation: str,
-    include_background: bool = True,
-    lambda_dice: float = 1.0,
-    lambda_be: float = 1000.0,
-    lambda_boundary: float = 1.0,
-    lambda_focal: float = 1.0,
-    lambda_ce: float = 1.0,
-    lambda_hd: float = 1.0,
-    focal_gamma: float = 2.0,
-    smoothing_passes: int = 3,
-    be_impl: str = "fast",
-) -> nn.Module:
-    """Build the training loss ``name`` for a softmax or sigmoid task.
-
-    Args:
-        name: one of :data:`LOSSES`.
-        activation: ``"softmax"`` (label = class indices, one-hot inside) or ``"sigmoid"``
-            (label = binary channels).
-        include_background: keep channel 0 in the losses (softmax tasks only; a sigmoid task has
-            no background channel, so it is always kept).
-        lambda_dice, lambda_be, lambda_boundary, lambda_focal, lambda_ce, lambda_hd: term weights.
-        focal_gamma: focusing exponent of the focal term.
-        smoothing_passes, be_impl: passed to :class:`~beseg.losses.BoundaryEnhancementLoss`.
-
-    Returns:
-        A module ``loss(logits, label) -> scalar``. NaN/Inf checks are left to the caller (the
-        training engine checks every step's loss once).
+def check_loss_config(config: LossConfig) -> None:
+    """Check a config's ``loss`` section.
 
     Raises:
-        ValueError: unknown ``name`` or ``activation``.
+        ConfigError: the first invalid value, named by its dotted key (``loss.padding`` ...).
+    """
+    if config.name not in LOSSES:
+        raise ConfigError(f"unknown loss.name {config.name!r}; choose one of: {', '.join(LOSSES)}.")
+    if config.impl not in IMPLS:
+        raise ConfigError(f"loss.impl must be one of {', '.join(IMPLS)}, got {config.impl!r}.")
+    if config.padding not in PADDINGS:
+        raise ConfigError(f"loss.padding must be one of {', '.join(PADDINGS)}, got {config.padding!r}.")
+    passes = config.smoothing_passes
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
+        raise ConfigError(f"loss.smoothing_passes must be an integer >= 0, got {passes!r}.")
+    for key in ("lambda_dice", "lambda_be", "lambda_boundary", "lambda_focal", "lambda_ce", "lambda_hd"):
+        value = getattr(config, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ConfigError(f"loss.{key} must be a finite number >= 0, got {value!r}.")
+    if not (isinstance(config.focal_gamma, (int, float)) and math.isfinite(config.focal_gamma) and config.focal_gamma >= 0):
+        raise ConfigError(f"loss.focal_gamma must be a finite number >= 0, got {config.focal_gamma!r}.")
+
+
+def build_loss(config: LossConfig, activation: str, *, validate: bool = False) -> nn.Module:
+    """Build the training loss of a config's ``loss`` section for a softmax or sigmoid task.
+
+    Args:
+        config: the ``loss`` section: ``name`` (one of :data:`LOSSES`), ``include_background``
+            (softmax tasks only; a sigmoid task has no background channel, so it is always kept),
+            the term weights ``lambda_*``, ``focal_gamma``, and the BE options
+            ``smoothing_passes``, ``padding`` and ``impl``.
+        activation: ``"softmax"`` (label = (B, 1, ...) class indices, one-hot inside the loss) or
+            ``"sigmoid"`` (label = (B, K, ...) binary channels).
+        validate: let the BE losses check class indices and NaN/Inf, which reads tensors back from
+            the device (see :class:`~beseg.losses.BoundaryEnhancementLoss`). The training engine
+            keeps it off: it checks every step's loss once itself, and on CUDA a check inside the
+            loss would synchronise every step.
+
+    Returns:
+        A module ``loss(logits, label) -> scalar``.
+
+    Raises:
+        ConfigError: a value of ``config`` is invalid (named by its dotted key, e.g. ``loss.name``).
+        ValueError: unknown ``activation``.
     """
     if activation not in ("softmax", "sigmoid"):
         raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}.")
+    check_loss_config(config)
+    name, c = config.name, config
     softmax = activation == "softmax"
     act = {
         "softmax": softmax, "sigmoid": not softmax, "to_onehot_y": softmax,
-        "include_background": include_background or not softmax,
+        "include_background": c.include_background or not softmax,
     }
     dice = DiceLoss(**act)
     if name == "dice":
-        return WeightedSumLoss([("dice", lambda_dice, dice)])
+        return WeightedSumLoss([("dice", c.lambda_dice, dice)])
     if name == "dice_be":
         return DiceBELoss(
-            **act, lambda_dice=lambda_dice, lambda_be=lambda_be, smoothing_passes=smoothing_passes,
-            impl=be_impl, check_finite=False,
+            **act, lambda_dice=c.lambda_dice, lambda_be=c.lambda_be, smoothing_passes=c.smoothing_passes,
+            padding=c.padding, impl=c.impl, validate=validate,
         )
     if name == "dice_boundary":
-        return WeightedSumLoss([("dice", lambda_dice, dice), ("boundary", lambda_boundary, BoundaryLoss(**act))])
+        return WeightedSumLoss([("dice", c.lambda_dice, dice), ("boundary", c.lambda_boundary, BoundaryLoss(**act))])
     if name == "dice_focal":
-        return DiceFocalLoss(**act, gamma=focal_gamma, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
+        return DiceFocalLoss(**act, gamma=c.focal_gamma, lambda_dice=c.lambda_dice, lambda_focal=c.lambda_focal)
     if name == "dice_ce":
         if not softmax:
-            # MONAI's DiceCELoss applies binary cross-entropy with logits for sigmoid outputs.
-            return DiceCELoss(sigmoid=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
-        return DiceCELoss(**act, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
-    return WeightedSumLoss([("dice", lambda_dice, dice), ("hausdorff", lambda_hd, HausdorffDTLoss(**act))])
+            # Overlapping regions need binary cross-entropy per channel. MONAI's DiceCELoss uses it only
+            # for a single output channel; with several it applies softmax cross-entropy across them.
+            return WeightedSumLoss([("dice", c.lambda_dice, dice), ("bce", c.lambda_ce, nn.BCEWithLogitsLoss())])
+        return DiceCELoss(**act, lambda_dice=c.lambda_dice, lambda_ce=c.lambda_ce)
+    return WeightedSumLoss([("dice", c.lambda_dice, dice), ("hausdorff", c.lambda_hd, HausdorffDTLoss(**act))])
