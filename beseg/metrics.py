@@ -1,51 +1,74 @@
 """Per-case, per-class segmentation metrics in millimetres: Dice, HD95, ASD and NSD.
 
-The distances come from MONAI's metrics, given the voxel spacing, so every distance is in mm:
+* ``dice``: ``2 |P & Y| / (|P| + |Y|)``, counted on the masks.
+* ``hd95_mm``: the 95th percentile (linear interpolation) of each directed set of boundary
+  distances, prediction to label and label to prediction, and the larger of the two, as
+  :class:`monai.metrics.HausdorffDistanceMetric` with ``percentile=95`` reports it.
+* ``asd_mm``: the mean of the two directed distance sets pooled together, as
+  :class:`monai.metrics.SurfaceDistanceMetric` with ``symmetric=True``.
+* ``nsd``: normalised surface Dice, the share of boundary voxels of both masks that lie within the
+  tolerance (mm) of the other mask's boundary, as :class:`monai.metrics.SurfaceDiceMetric`.
 
-* ``dice``: :class:`monai.metrics.DiceMetric`.
-* ``hd95_mm``: :class:`monai.metrics.HausdorffDistanceMetric` with ``percentile=95``. MONAI takes the
-  95th percentile (linear interpolation) of each directed set of boundary distances, prediction to
-  label and label to prediction, and reports the larger of the two.
-* ``asd_mm``: :class:`monai.metrics.SurfaceDistanceMetric` with ``symmetric=True``: the mean of the
-  two directed distance sets pooled together.
-* ``nsd``: :class:`monai.metrics.SurfaceDiceMetric` (normalised surface Dice): the share of boundary
-  voxels of both masks that lie within the tolerance (mm) of the other mask's boundary.
+The three distance metrics all start from the same boundary voxels and distances, which MONAI's
+:func:`monai.metrics.utils.get_edge_surface_distance` gives (its three metric classes call it
+once each); here it is called once per class and the three numbers are read off the same
+distances, so a case costs one distance computation per class instead of three. Distances use
+the voxel spacing, in the arrays' axis order, so every distance is in mm.
 
-MONAI 1.6.1 takes the spacing as a call argument (``metric(y_pred, y, spacing=...)``); a sequence
-of one number per spatial axis applies to every batch item, in the array's axis order.
+A class that is empty in the prediction, the label or both is scored by convention, because
+MONAI leaves it as NaN/inf:
 
-Empty masks, which MONAI leaves as NaN/inf with a warning, are defined here instead:
+============================  =====  =============================  =====  ==============
+case                          dice   hd95_mm, asd_mm                nsd    ``empty_in``
+============================  =====  =============================  =====  ==============
+both non-empty                MONAI  MONAI                          MONAI  ``none``
+label and prediction empty    1.0    0.0                            1.0    ``both``
+exactly one of them empty     0.0    ``distance_penalty_mm``        0.0    ``prediction``
+                                     (default 373.13 mm, BraTS's)          or ``label``
+============================  =====  =============================  =====  ==============
 
-============================  =====  ==================  =====
-case                          dice   hd95_mm, asd_mm     nsd
-============================  =====  ==================  =====
-label and prediction empty    1.0    0.0                 1.0
-exactly one of them empty     0.0    NaN                 0.0
-============================  =====  ==================  =====
-
-Why: when both are empty the prediction is perfect, so every score takes its best value. When only
-one is empty there is no boundary to measure a distance to; any finite number (the image diagonal,
-say) would depend on the field of view, so the distance is NaN (undefined) and the overlap scores,
-which are well defined, are 0. Aggregates must therefore say how many NaN distances they skipped.
+Why: when both are empty the prediction is perfect, so every score takes its best value. When
+exactly one is empty there is no boundary to measure a distance to. Leaving the distance out
+(NaN) would make a model that misses a structure entirely look *better* on HD95 than one that
+finds it roughly, so the default is the fixed penalty the BraTS challenge assigns to HD95 in
+that case (373.13 mm, the diagonal of its 240 x 240 x 155 mm volume), used for ASD as well so
+that both distance columns treat a missed structure alike. ``distance_penalty_mm=None`` keeps
+the distances undefined (NaN) instead. Either way the row's ``empty_in`` says which mask was
+empty, so aggregates can (and :mod:`beseg.score` does) count how many distances were penalised
+or undefined. Dice and NSD are well defined (0) and never penalised.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric, SurfaceDistanceMetric
+from monai.metrics.utils import get_edge_surface_distance
 from torch import Tensor
 
-__all__ = ["METRIC_NAMES", "HIGHER_IS_BETTER", "case_metrics"]
+__all__ = [
+    "METRIC_NAMES", "DISTANCE_METRICS", "HIGHER_IS_BETTER", "BRATS_DISTANCE_PENALTY_MM", "EMPTY_IN",
+    "case_metrics",
+]
 
 #: The metric keys of every row that :func:`case_metrics` returns, in column order.
 METRIC_NAMES: tuple[str, ...] = ("dice", "hd95_mm", "asd_mm", "nsd")
 
+#: The metrics that are boundary distances (mm): undefined, or penalised, when exactly one mask is empty.
+DISTANCE_METRICS: tuple[str, ...] = ("hd95_mm", "asd_mm")
+
 #: Direction of each metric: True when a larger value is better.
 HIGHER_IS_BETTER: dict[str, bool] = {"dice": True, "hd95_mm": False, "asd_mm": False, "nsd": True}
+
+#: HD95 (mm) the BraTS challenge assigns when a structure is empty in exactly one of prediction
+#: and label; beseg's default for HD95 and ASD in that case.
+BRATS_DISTANCE_PENALTY_MM: float = 373.13
+
+#: Values of a row's ``empty_in`` field: where the class is empty.
+EMPTY_IN: tuple[str, ...] = ("none", "prediction", "label", "both")
 
 
 def _as_bool_tensor(x: Tensor | np.ndarray, name: str) -> Tensor:
@@ -68,15 +91,30 @@ def _per_class(value: float | Sequence[float], n: int, name: str) -> list[float]
     return values
 
 
-def _monai_scores(pred: Tensor, label: Tensor, spacing: list[float], tolerances: list[float]) -> dict[str, Tensor]:
-    """MONAI's four metrics for (1, C, *spatial) masks where every channel is non-empty in both."""
-    y_pred, y = pred.float(), label.float()
-    kw = {"include_background": True, "reduction": "none"}
+def _penalty(value: float | None) -> float:
+    """The distance given to a class empty in exactly one mask: a finite number >= 0, or NaN for None/NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"distance_penalty_mm must be a finite number >= 0 (mm) or None, got {value}.")
+    return value
+
+
+def _boundary_scores(pred: Tensor, label: Tensor, spacing: list[float], tolerance: float) -> dict[str, float]:
+    """HD95, ASD and NSD of one (H, W[, D]) class where both masks are non-empty, from one distance computation."""
+    with warnings.catch_warnings():
+        # Both masks are non-empty here; MONAI 1.6 also passes a deprecated argument to itself.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        _, (to_label, to_pred), _ = get_edge_surface_distance(pred, label, spacing=spacing, symmetric=True)
+    d_pl = to_label.double().numpy()
+    d_lp = to_pred.double().numpy()
+    both = np.concatenate([d_pl, d_lp])
     return {
-        "dice": DiceMetric(**kw)(y_pred, y)[0],
-        "hd95_mm": HausdorffDistanceMetric(percentile=95, **kw)(y_pred, y, spacing=spacing)[0],
-        "asd_mm": SurfaceDistanceMetric(symmetric=True, **kw)(y_pred, y, spacing=spacing)[0],
-        "nsd": SurfaceDiceMetric(class_thresholds=tolerances, **kw)(y_pred, y, spacing=spacing)[0],
+        "hd95_mm": float(max(np.percentile(d_pl, 95), np.percentile(d_lp, 95))),
+        "asd_mm": float(both.mean()),
+        "nsd": float((both <= tolerance).sum() / both.size),
     }
 
 
@@ -87,6 +125,7 @@ def case_metrics(
     class_names: Sequence[str],
     nsd_tolerance_mm: float | Sequence[float] = 1.0,
     include_background: bool = False,
+    distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
 ) -> list[dict[str, float | str]]:
     """Dice, HD95, ASD and NSD of one case, one dict per class, distances in mm.
 
@@ -99,16 +138,18 @@ def case_metrics(
         nsd_tolerance_mm: boundary tolerance of the normalised surface Dice in mm, one number for
             every class or one per scored class.
         include_background: score channel 0 as well. Default False: channel 0 is background.
+        distance_penalty_mm: HD95 and ASD (mm) of a class that is empty in exactly one of
+            prediction and label. Default :data:`BRATS_DISTANCE_PENALTY_MM` (373.13 mm, the BraTS
+            convention); ``None`` (or NaN) leaves them undefined (NaN).
 
     Returns:
-        One dict per scored class, in channel order:
-        ``{"class": name, "dice": float, "hd95_mm": float, "asd_mm": float, "nsd": float}``.
-        Empty masks follow the module's table: both empty gives dice 1, distances 0, nsd 1; one
-        empty gives dice 0, distances NaN, nsd 0.
+        One dict per scored class, in channel order: ``{"class": name, "dice": float,
+        "hd95_mm": float, "asd_mm": float, "nsd": float, "empty_in": str}``, where ``empty_in``
+        is one of :data:`EMPTY_IN`. Empty masks follow the module's table.
 
     Raises:
         ValueError: the shapes differ, are not (C, H, W) or (C, H, W, D), the masks are not
-            binary, or the spacing, class names or tolerances do not match the channels.
+            binary, or the spacing, class names, tolerances or penalty are invalid.
     """
     p = _as_bool_tensor(pred, "pred")
     y = _as_bool_tensor(label, "label")
@@ -128,27 +169,19 @@ def case_metrics(
     if len(spacing) != p.ndim - 1 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing_mm must be {p.ndim - 1} positive numbers (mm), got {list(spacing_mm)}.")
     tolerances = _per_class(nsd_tolerance_mm, n, "nsd_tolerance_mm")
-
-    p_any = p.flatten(1).any(1).tolist()
-    y_any = y.flatten(1).any(1).tolist()
-    both = [i for i in range(n) if p_any[i] and y_any[i]]
-    scores: dict[str, Tensor] = {}
-    if both:
-        with warnings.catch_warnings():
-            # Channels reaching MONAI are non-empty; silence its generic empty-mask warnings anyway.
-            warnings.simplefilter("ignore", UserWarning)
-            # MONAI 1.6 passes a deprecated argument to itself; not actionable here.
-            warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-            scores = _monai_scores(p[both][None], y[both][None], spacing, [tolerances[i] for i in both])
+    penalty = _penalty(distance_penalty_mm)
 
     rows: list[dict[str, float | str]] = []
     for i, name in enumerate(class_names):
-        if i in both:
-            k = both.index(i)
-            row = {m: float(scores[m][k]) for m in METRIC_NAMES}
-        elif not p_any[i] and not y_any[i]:
-            row = {"dice": 1.0, "hd95_mm": 0.0, "asd_mm": 0.0, "nsd": 1.0}
+        pi, yi = p[i], y[i]
+        n_pred, n_label = int(pi.sum()), int(yi.sum())
+        if n_pred and n_label:
+            dice = 2.0 * int((pi & yi).sum()) / (n_pred + n_label)
+            row = {"dice": dice, **_boundary_scores(pi, yi, spacing, tolerances[i]), "empty_in": "none"}
+        elif not n_pred and not n_label:
+            row = {"dice": 1.0, "hd95_mm": 0.0, "asd_mm": 0.0, "nsd": 1.0, "empty_in": "both"}
         else:
-            row = {"dice": 0.0, "hd95_mm": float("nan"), "asd_mm": float("nan"), "nsd": 0.0}
-        rows.append({"class": str(name), **row})
+            row = {"dice": 0.0, "hd95_mm": penalty, "asd_mm": penalty, "nsd": 0.0,
+                   "empty_in": "prediction" if not n_pred else "label"}
+        rows.append({"class": str(name), **{m: row[m] for m in METRIC_NAMES}, "empty_in": row["empty_in"]})
     return rows

@@ -9,6 +9,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric, SurfaceDistanceMetric
+
 from beseg.metrics import METRIC_NAMES, case_metrics
 
 
@@ -85,11 +87,61 @@ def test_empty_cases():
     empty = np.zeros((10, 10, 10), bool)
     box = empty.copy()
     box[3:6, 3:6, 3:6] = True
-    assert _one(empty, empty, (1, 1, 1)) == {"class": "fg", "dice": 1.0, "hd95_mm": 0.0, "asd_mm": 0.0, "nsd": 1.0}
-    for pred, gt in [(empty, box), (box, empty)]:
+    assert _one(empty, empty, (1, 1, 1)) == {"class": "fg", "dice": 1.0, "hd95_mm": 0.0, "asd_mm": 0.0, "nsd": 1.0,
+                                             "empty_in": "both"}
+    for pred, gt, where in [(empty, box, "prediction"), (box, empty, "label")]:
         m = _one(pred, gt, (1, 1, 1))
-        assert m["dice"] == 0.0 and m["nsd"] == 0.0
-        assert math.isnan(m["hd95_mm"]) and math.isnan(m["asd_mm"])
+        # BraTS's fixed HD95 for a structure empty in exactly one mask, typed here, not read from the code.
+        assert m == {"class": "fg", "dice": 0.0, "hd95_mm": 373.13, "asd_mm": 373.13, "nsd": 0.0, "empty_in": where}
+
+
+def test_missed_structure_scores_worse_than_a_rough_one():
+    # The reason for the penalty: a prediction that misses the structure must not beat one that finds it roughly.
+    gt = np.zeros((20, 20, 20), bool)
+    gt[5:12, 5:12, 5:12] = True
+    rough = np.roll(gt, 3, axis=0)
+    missed = np.zeros_like(gt)
+    found, lost = _one(rough, gt, (1, 1, 1)), _one(missed, gt, (1, 1, 1))
+    for metric in ("hd95_mm", "asd_mm"):
+        assert lost[metric] > found[metric]
+    assert lost["dice"] < found["dice"] and lost["nsd"] < found["nsd"]
+
+
+def test_distance_penalty_is_overridable():
+    empty = np.zeros((1, 8, 8, 8), bool)
+    box = empty.copy()
+    box[0, 2:5, 2:5, 2:5] = True
+    m = case_metrics(empty, box, (1, 1, 1), ["fg"], include_background=True, distance_penalty_mm=100.0)[0]
+    assert (m["hd95_mm"], m["asd_mm"], m["empty_in"]) == (100.0, 100.0, "prediction")
+    for undefined in (None, math.nan):
+        m = case_metrics(empty, box, (1, 1, 1), ["fg"], include_background=True, distance_penalty_mm=undefined)[0]
+        assert math.isnan(m["hd95_mm"]) and math.isnan(m["asd_mm"]) and m["dice"] == 0.0
+    for bad in (-1.0, math.inf):
+        with pytest.raises(ValueError, match="distance_penalty_mm"):
+            case_metrics(empty, box, (1, 1, 1), ["fg"], include_background=True, distance_penalty_mm=bad)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI 1.6 passes a deprecated argument to itself
+def test_equals_monai_metric_classes_on_random_blobs():
+    # beseg computes the boundary distances once per class and reads HD95, ASD and NSD off them; MONAI's
+    # three metric classes each compute them anew. Both must give the same numbers.
+    rng = np.random.default_rng(5)
+    spacing = (0.7, 1.1, 2.5)
+    smooth = lambda: ndimage.gaussian_filter(rng.normal(size=(2, 30, 26, 14)), (0, 2, 2, 1)) > 0.15  # noqa: E731
+    pred, gt = smooth(), smooth()
+    assert pred.reshape(2, -1).any(1).all() and gt.reshape(2, -1).any(1).all()
+    rows = case_metrics(pred, gt, spacing, ["a", "b"], nsd_tolerance_mm=1.5, include_background=True)
+    p, y = torch.as_tensor(pred[None]).float(), torch.as_tensor(gt[None]).float()
+    kw = {"include_background": True, "reduction": "none"}
+    reference = {
+        "dice": DiceMetric(**kw)(p, y)[0],
+        "hd95_mm": HausdorffDistanceMetric(percentile=95, **kw)(p, y, spacing=spacing)[0],
+        "asd_mm": SurfaceDistanceMetric(symmetric=True, **kw)(p, y, spacing=spacing)[0],
+        "nsd": SurfaceDiceMetric(class_thresholds=[1.5, 1.5], **kw)(p, y, spacing=spacing)[0],
+    }
+    for k, row in enumerate(rows):
+        for metric in METRIC_NAMES:
+            assert row[metric] == pytest.approx(float(reference[metric][k]), rel=1e-5), (row["class"], metric)
 
 
 def test_multiclass_background_dropped_and_tensor_input():
@@ -102,10 +154,12 @@ def test_multiclass_background_dropped_and_tensor_input():
     pred = torch.nn.functional.one_hot(pred_labels, 4).permute(3, 0, 1, 2)
     rows = case_metrics(pred, onehot, (1.0, 1.0, 1.0), ["a", "b", "c"], nsd_tolerance_mm=[1.0, 2.0, 3.0])
     assert [r["class"] for r in rows] == ["a", "b", "c"]
-    assert set(rows[0]) == {"class", *METRIC_NAMES}
+    assert set(rows[0]) == {"class", *METRIC_NAMES, "empty_in"}
     assert rows[0]["dice"] == 1.0 and rows[0]["hd95_mm"] == 0.0 and rows[0]["nsd"] == 1.0
-    assert rows[1]["dice"] == 0.0 and math.isnan(rows[1]["hd95_mm"])
-    assert rows[2] == {"class": "c", "dice": 1.0, "hd95_mm": 0.0, "asd_mm": 0.0, "nsd": 1.0}  # both empty
+    assert rows[0]["empty_in"] == "none"
+    assert rows[1]["dice"] == 0.0 and rows[1]["hd95_mm"] == 373.13 and rows[1]["empty_in"] == "prediction"
+    assert rows[2] == {"class": "c", "dice": 1.0, "hd95_mm": 0.0, "asd_mm": 0.0, "nsd": 1.0,
+                       "empty_in": "both"}
 
 
 def test_two_dimensional_input():

@@ -20,7 +20,8 @@ from beseg.errors import ReportError
 from beseg.metrics import METRIC_NAMES
 from beseg.report import collect_results, paired_comparison, write_report
 from beseg.report.document import N_RESAMPLES
-from beseg.report.paper import msd_task_key
+from beseg.report.paper import PAPER_TABLE1, msd_task_key, paper_dice
+from beseg.report.stats import min_detectable_difference, min_wilcoxon_p
 
 SYSTEMS = ("segresnet_dice", "segresnet_be")
 SEEDS = (0, 1)
@@ -55,8 +56,17 @@ def make_dataset(root: Path) -> Path:
     return root
 
 
-def write_run(run: Path, system: str, seed: int, rng: np.random.Generator, task: str = "task09") -> None:
-    """One run folder in the engine's layout, with made-up numbers."""
+#: How the fake runs were evaluated (the keys `beseg evaluate` records in summary.json).
+HELDOUT = {"protocol": "heldout", "split": "test", "folds": None, "selection": "best.pt by val Dice"}
+#: The one missed structure: segresnet_dice/seed1 predicts nothing on spleen_4 (HD95, ASD penalised).
+MISSED = ("segresnet_dice", 1, "spleen_4")
+#: One distance left undefined (an evaluation made without a penalty): segresnet_be/seed0, spleen_3.
+UNDEFINED = ("segresnet_be", 0, "spleen_3")
+
+
+def write_run(run: Path, system: str, seed: int, rng: np.random.Generator, task: str = "task09",
+              fields: dict | None = HELDOUT) -> None:
+    """One run folder in the engine's layout, with made-up numbers; ``fields`` are the protocol keys (None: none)."""
     (run / "eval").mkdir(parents=True)
     (run / "config.yaml").write_text(f"system: {system}\nnetwork: segresnet\nloss: {system.split('_', 1)[1]}\n"
                                      f"task: {task}\nseed: {seed}\n")
@@ -70,24 +80,30 @@ def write_run(run: Path, system: str, seed: int, rng: np.random.Generator, task:
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     with (run / "eval" / "per_case.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["case", "class", *METRIC_NAMES])
+        w.writerow(["case", "class", *METRIC_NAMES, "empty_in"])
         boost = 0.03 if system == "segresnet_be" else 0.0
         for i, case in enumerate(CASES):
-            hd95 = "nan" if (system, seed, case) == ("segresnet_dice", 1, "spleen_4") else f"{rng.uniform(2, 9):.6f}"
-            w.writerow([case, "spleen", f"{0.8 + boost + 0.02 * i + rng.uniform(0, 0.02):.6f}", hd95,
-                        f"{rng.uniform(0.5, 2):.6f}", f"{rng.uniform(0.6, 0.9):.6f}"])
-    (run / "eval" / "summary.json").write_text(json.dumps({"task": task, "classes": ["spleen"], "split": "val",
-                                                           "nsd_tolerance_mm": 2.0}))
+            dice, hd95, asd, nsd = (0.8 + boost + 0.02 * i + rng.uniform(0, 0.02), rng.uniform(2, 9),
+                                    rng.uniform(0.5, 2), rng.uniform(0.6, 0.9))
+            empty_in = "none"
+            if (system, seed, case) == MISSED:
+                dice, hd95, asd, nsd, empty_in = 0.0, 373.13, 373.13, 0.0, "prediction"
+            if (system, seed, case) == UNDEFINED:
+                dice, hd95, asd, nsd, empty_in = 0.0, math.nan, math.nan, 0.0, "label"
+            w.writerow([case, "spleen", f"{dice:.6f}", f"{hd95:.6f}", f"{asd:.6f}", f"{nsd:.6f}", empty_in])
+    summary = {"task": task, "classes": ["spleen"], "nsd_tolerance_mm": 2.0, "distance_penalty_mm": 373.13,
+               "failed": [], **(fields or {})}
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
     for i, case in enumerate(CASES):
         pred = _ellipsoid((14 + i + seed, 13, 6), 8.0 + i + (1 if system == "segresnet_be" else 0))
         _nifti(run / "eval" / "predictions" / f"{case}.nii.gz", pred)
 
 
-def make_results(root: Path, task: str = "task09") -> Path:
+def make_results(root: Path, task: str = "task09", fields: dict | None = HELDOUT) -> Path:
     rng = np.random.default_rng(1)
     for system in SYSTEMS:
         for seed in SEEDS:
-            write_run(root / system / f"seed{seed}", system, seed, rng, task)
+            write_run(root / system / f"seed{seed}", system, seed, rng, task, fields)
     return root
 
 
@@ -129,11 +145,14 @@ def test_files_written(report):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+BOUNDARY = "Boundary metrics on the test cases (mean ± std over seeds)"
+
+
 @pytest.mark.parametrize("metric, col, caption", [
-    ("dice", 2, "Validation Dice on task09"),
-    ("hd95_mm", 1, "Boundary metrics (mean ± std over seeds)"),
-    ("asd_mm", 2, "Boundary metrics (mean ± std over seeds)"),
-    ("nsd", 3, "Boundary metrics (mean ± std over seeds)"),
+    ("dice", 2, "Test Dice on task09"),
+    ("hd95_mm", 1, BOUNDARY),
+    ("asd_mm", 2, BOUNDARY),
+    ("nsd", 3, BOUNDARY),
 ])
 def test_table_equals_mean_of_per_case_csv(report, metric, col, caption):
     results, _, html = report
@@ -141,15 +160,63 @@ def test_table_equals_mean_of_per_case_csv(report, metric, col, caption):
     rows = {r[0]: r for r in _md_rows(md, caption)}
     digits = 3 if metric in ("dice", "nsd") else 2
     for system in SYSTEMS:
-        # mean over cases per seed (NaN skipped), then mean and sample std over seeds
+        # mean over cases per seed (penalised values included, NaN skipped), then mean and sample std over seeds
         run_means = [np.nanmean(list(_csv_values(results, system, s, metric).values())) for s in SEEDS]
         got = _numbers(rows[system][col])
         assert got[0] == pytest.approx(np.mean(run_means), abs=0.5 * 10**-digits + 1e-12)
         assert got[1] == pytest.approx(np.std(run_means, ddof=1), abs=0.5 * 10**-digits + 1e-12)
-    if metric == "hd95_mm":
-        assert "(1 undef.)" in rows["segresnet_dice"][col]  # the NaN HD95 is counted, not averaged
+    if metric in ("hd95_mm", "asd_mm"):
+        assert rows["segresnet_dice"][col].endswith("(1 pen.)")  # the missed spleen: in the mean, and counted
+        assert rows["segresnet_be"][col].endswith("(1 undef.)")  # the NaN distance: left out, and counted
     if metric == "dice":
+        assert [rows[s][3] for s in SYSTEMS] == ["4", "4"]  # cases scored per run
         assert rows["segresnet_dice"][-1] == "0.95" and rows["segresnet_be"][-1] == "0.96"  # the paper's
+
+
+def test_penalised_and_undefined_counts_table(report):
+    _, _, html = report
+    md = (html.parent / "report.md").read_text()
+    rows = {r[0]: r[2:] for r in _md_rows(md, "Penalised and undefined values per class and metric")}
+    # case values, HD95 pen./undef., ASD pen./undef., Dice/NSD undef.: 4 cases x 2 seeds
+    assert rows["segresnet_dice"] == ["8", "1", "0", "1", "0", "0"]
+    assert rows["segresnet_be"] == ["8", "0", "1", "0", "1", "0"]
+
+
+def test_report_states_the_protocol_first_and_names_the_split(report):
+    _, _, html = report
+    md = (html.parent / "report.md").read_text()
+    first = md.split("\n\n")[1]  # the paragraph right after the title
+    assert first.startswith("Protocol: heldout.") and "best.pt by val Dice" in first
+    assert "Per test case" in md and "Per validation case" not in md
+    assert "Validation Dice on" not in md and "Test Dice on task09" in md
+
+
+@pytest.mark.parametrize("fields, opening, caption", [
+    ({"protocol": "paper", "split": "val", "folds": None, "selection": "best.pt by val Dice"},
+     "Protocol: paper. OPTIMISTIC", "Validation Dice on task09 (optimistic: these cases chose the checkpoint)"),
+    ({"protocol": "cv", "split": "oof", "folds": 5, "selection": "best.pt by val Dice, per fold"},
+     "Protocol: cv (5-fold cross-validation)", "Out-of-fold Dice on task09"),
+    (None, "Unknown protocol", "Dice on task09 (split not recorded)"),
+])
+def test_protocols_and_older_summaries(tmp_path, fields, opening, caption):
+    results = make_results(tmp_path / "results", fields=fields)
+    md = (write_report(results, None).parent / "report.md").read_text()
+    assert md.split("\n\n")[1].startswith(opening)
+    assert _md_rows(md, caption)  # the Table 1 caption names the cases
+    if fields is None or fields["protocol"] != "paper":
+        assert "OPTIMISTIC" not in md and "(optimistic" not in md
+
+
+def test_failed_cases_are_listed_and_counted(tmp_path):
+    results = make_results(tmp_path / "results")
+    summary_path = results / "segresnet_be" / "seed1" / "eval" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["failed"] = [{"case": "spleen_5", "reason": "labelsTr/spleen_5.nii.gz: file is empty"}]
+    summary_path.write_text(json.dumps(summary))
+    md = (write_report(results, None).parent / "report.md").read_text()
+    rows = {r[0]: r for r in _md_rows(md, "Test Dice on task09")}
+    assert rows["segresnet_be"][3] == "4 (1 failed)" and rows["segresnet_dice"][3] == "4"
+    assert "segresnet_be/seed1: case spleen_5 failed (in no mean): labelsTr/spleen_5.nii.gz: file is empty" in md
 
 
 def test_comparison_equals_stats_on_csv(report):
@@ -176,6 +243,12 @@ def test_comparison_equals_stats_on_csv(report):
         assert lo == pytest.approx(boot.confidence_interval.low, abs=tol)
         assert hi == pytest.approx(boot.confidence_interval.high, abs=tol)
         assert float(row[6]) == pytest.approx(stats.wilcoxon(d).pvalue, rel=1e-2)
+        # power: the minimum detectable difference from the SD of these differences, and 2 / 2^n for n = 4
+        mdd = (stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * np.std(d, ddof=1) / 2.0
+        assert float(row[8]) == pytest.approx(mdd, abs=tol)
+        assert float(row[9]) == pytest.approx(0.125)
+        # the missed spleen (spleen_4 of segresnet_dice seed 1) is a penalised baseline HD95 of a paired case
+        assert row[10] == ("0 / 1" if metric == "hd95_mm" else "0 / 0")
 
 
 def test_cost_table(report):
@@ -203,6 +276,34 @@ def test_html_is_self_contained(report):
 
 
 # --------------------------------------------------------------------------- statistics against scipy
+
+
+@pytest.mark.parametrize("n", [6, 10, 20, 40])
+def test_minimum_detectable_difference_has_the_stated_power(n):
+    # Independent check of what the number means: the exact power of the two-sided paired t-test
+    # (noncentral t) at a true mean difference of MDD is 80%, up to the t-approximation's error.
+    sd = 0.07
+    mdd = min_detectable_difference(sd, n)
+    df, crit = n - 1, stats.t.ppf(0.975, n - 1)
+
+    def power(delta):
+        nc = delta * math.sqrt(n) / sd
+        return stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+
+    assert 0.785 <= power(mdd) <= 0.805
+    assert power(0.5 * mdd) < 0.4  # half that difference would usually be missed
+    assert min_detectable_difference(2 * sd, n) == pytest.approx(2 * mdd)  # in the unit of the SD
+    assert math.isnan(min_detectable_difference(sd, 1))
+
+
+def test_smallest_wilcoxon_p_is_reached_by_scipy():
+    # With all n differences of one sign (no ties), scipy's exact test gives the smallest possible p.
+    for n in (4, 5, 8, 11):
+        d = np.arange(1, n + 1) * 0.01
+        assert min_wilcoxon_p(n) == pytest.approx(stats.wilcoxon(d, method="exact").pvalue)
+    assert min_wilcoxon_p(4) == 0.125 and min_wilcoxon_p(11) < 0.001  # REFERENCE.md's figures
+    r = paired_comparison([0.9, 0.8, 0.7, 0.6, 0.5], [0.5, 0.5, 0.5, 0.5, 0.5])
+    assert r.min_p == pytest.approx(2 / 2**4)  # the zero difference is dropped, as the test drops it
 
 
 def test_paired_comparison_matches_scipy():
@@ -275,7 +376,7 @@ def test_missing_baseline_and_phantom_task(tmp_path):
     shutil.rmtree(results / "segresnet_dice")
     md = (write_report(results, make_dataset(tmp_path / "data")).parent / "report.md").read_text()
     assert "Not computed: the baseline segresnet_dice has no run" in md
-    assert "paper" not in _md_rows(md, "Validation Dice on phantom-spleen")[0][-1]
+    assert "paper" not in md.split("**Test Dice on phantom-spleen**", 1)[1].split("\n\n", 2)[1].splitlines()[0]
     assert "The paper's Table 1" not in md
 
 
@@ -299,6 +400,25 @@ def test_bad_per_case_csv_skipped(tmp_path):
     (results / "segresnet_be" / "seed0" / "eval" / "per_case.csv").write_text("case,class,dice\nspleen_1,spleen,0.9\n")
     res = collect_results(results)
     assert len(res.runs) == 3 and "missing column(s) hd95_mm, asd_mm, nsd" in res.notes[0]
+
+
+#: The paper's Table 1 (validation Dice) as REFERENCE.md gives it, typed here: a typo in paper.py fails.
+REFERENCE_TABLE1 = {
+    "unet_dice": (0.72, 0.94), "ahnet_dice": (0.81, 0.95), "segresnet_dice": (0.83, 0.95),
+    "segresnet_boundary": (0.85, 0.94), "segresnet_focal": (0.85, 0.95), "segresnet_be": (0.85, 0.96),
+}
+#: The nine numbers still legible in the seed copy's Table 1 (seed text, lines after "Table 1:").
+SEED_LEGIBLE = (0.81, 0.85, 0.85, 0.95, 0.95, 0.94, 0.95, 0.85, 0.96)
+
+
+def test_paper_table1_matches_the_reference():
+    assert {r.system: (r.dice["task01"], r.dice["task09"]) for r in PAPER_TABLE1} == REFERENCE_TABLE1
+    for system, (t01, t09) in REFERENCE_TABLE1.items():
+        assert paper_dice(system, "Task01_BrainTumour")[1] == t01 and paper_dice(system, "task09")[1] == t09
+    # every legible seed number is one of the table's values, as often as it is legible
+    values = [v for r in PAPER_TABLE1 for v in r.dice.values()]
+    for v in set(SEED_LEGIBLE):
+        assert values.count(v) >= SEED_LEGIBLE.count(v), v
 
 
 def test_msd_task_key():

@@ -1,15 +1,22 @@
-"""Read a ``beseg compare`` results folder into tidy per-run records.
+"""Read a ``beseg compare`` results folder, or ``beseg score`` outputs, into tidy per-run records.
 
-Layout read (nothing else is)::
+Layout of a results folder (nothing else is read)::
 
     RESULTS_DIR/<system>/seed<k>/config.yaml          system, network, loss (shown, not computed on)
     RESULTS_DIR/<system>/seed<k>/metrics.jsonl        "train" lines (step, loss, step_time_s,
                                                       loss_time_s) and "val" lines (step, dice_mean)
-    RESULTS_DIR/<system>/seed<k>/eval/per_case.csv    case,class,dice,hd95_mm,asd_mm,nsd
-    RESULTS_DIR/<system>/seed<k>/eval/summary.json    task, classes, split (and nsd_tolerance_mm if present)
+    RESULTS_DIR/<system>/seed<k>/eval/per_case.csv    case,class,dice,hd95_mm,asd_mm,nsd[,empty_in]
+    RESULTS_DIR/<system>/seed<k>/eval/summary.json    task, classes, and if present split, protocol,
+                                                      folds, selection, nsd_tolerance_mm,
+                                                      distance_penalty_mm, failed
     RESULTS_DIR/<system>/seed<k>/eval/predictions/<case>.nii.gz   (used by the figures)
 
-A run without a readable ``eval/per_case.csv`` and ``eval/summary.json`` is unfinished: it is skipped
+(Cross-validation keeps each fold's run in ``<system>/seed<k>/fold<f>/``; only the merged
+``<system>/seed<k>/eval/`` is read.) :func:`collect_scored` reads the same two files from
+``beseg score`` output folders instead, one "run" per scored prediction folder, with the
+predictions read from that folder.
+
+A run without a readable ``per_case.csv`` and ``summary.json`` is unfinished: it is skipped
 with a note that the report prints. Problems in the optional parts (config, training log) become
 notes too. Only problems that leave nothing to report raise :class:`beseg.errors.ReportError`.
 """
@@ -20,7 +27,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,7 @@ import yaml
 from beseg.errors import ReportError
 from beseg.metrics import METRIC_NAMES
 
-__all__ = ["Run", "Results", "collect_results", "read_run"]
+__all__ = ["Run", "Results", "collect_results", "collect_scored", "read_run"]
 
 _SEED_DIR = re.compile(r"seed(\d+)")
 _CSV_COLUMNS = ("case", "class", *METRIC_NAMES)
@@ -41,21 +48,23 @@ class Run:
     """One system trained and evaluated with one seed.
 
     Attributes:
-        system: system name (the run's grandparent folder name).
-        seed: the ``k`` of its ``seed<k>`` folder.
-        path: the run folder.
+        system: system name (the run's grandparent folder name, or the scored prediction folder's name).
+        seed: the ``k`` of its ``seed<k>`` folder; None for a scored prediction folder.
+        path: the run folder (for a scored prediction folder: the folder holding its scores).
         task: task name from ``eval/summary.json`` (``task09``, ``phantom-spleen``...).
         classes: scored class names, in the order of ``eval/summary.json``.
         summary: the whole ``eval/summary.json`` object.
         config: the parsed ``config.yaml`` ({} if missing or unreadable).
-        per_case: one dict per ``per_case.csv`` row: ``case``, ``class`` and the metrics as floats
-            (NaN where empty or ``nan``); distances in mm.
+        per_case: one dict per ``per_case.csv`` row: ``case``, ``class``, the metrics as floats
+            (NaN where empty or ``nan``; distances in mm) and ``empty_in`` (``""`` in tables
+            written before that column existed).
         train: ``metrics.jsonl`` objects with ``"kind": "train"``, in file order.
         val: ``metrics.jsonl`` objects with ``"kind": "val"``, in file order.
+        predictions_dir: where the predicted label maps are (default ``path/eval/predictions``).
     """
 
     system: str
-    seed: int
+    seed: int | None
     path: Path
     task: str
     classes: list[str]
@@ -64,15 +73,31 @@ class Run:
     per_case: list[dict[str, Any]] = field(default_factory=list)
     train: list[dict[str, Any]] = field(default_factory=list)
     val: list[dict[str, Any]] = field(default_factory=list)
+    predictions_dir: Path | None = None
 
     @property
     def name(self) -> str:
-        """``<system>/seed<k>``, as notes and figures name the run."""
-        return f"{self.system}/seed{self.seed}"
+        """``<system>/seed<k>`` (the system alone for a scored prediction folder), as notes and figures name it."""
+        return self.system if self.seed is None else f"{self.system}/seed{self.seed}"
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        """``(case, reason)`` of the cases that could not be scored, from ``summary.json``."""
+        entries = self.summary.get("failed")
+        if not isinstance(entries, list):
+            return []
+        return [(str(e.get("case", "?")), str(e.get("reason", ""))) for e in entries if isinstance(e, dict)]
+
+    @property
+    def cases(self) -> list[str]:
+        """The scored case ids, sorted."""
+        return sorted({r["case"] for r in self.per_case})
 
     def prediction_path(self, case: str) -> Path:
         """Where the run's predicted label map of ``case`` is (it may not exist)."""
-        return self.path / "eval" / "predictions" / f"{case}.nii.gz"
+        folder = self.predictions_dir if self.predictions_dir is not None else self.path / "eval" / "predictions"
+        plain = folder / f"{case}.nii"
+        return plain if plain.is_file() and not (folder / f"{case}.nii.gz").is_file() else folder / f"{case}.nii.gz"
 
     def values(self, cls: str, metric: str) -> dict[str, float]:
         """``{case: value}`` of one class and metric."""
@@ -84,14 +109,17 @@ class Results:
     """Every usable run of a results folder, and notes on what was skipped or incomplete.
 
     Attributes:
-        root: the results folder.
+        root: the results folder (for scored prediction folders: the folder holding their scores).
         runs: usable runs, sorted by system name and seed.
         notes: one human-readable line per skipped run or problem found.
+        kind: ``"runs"`` (trained and evaluated by beseg: seeds, training logs) or
+            ``"predictions"`` (prediction folders scored by ``beseg score``: no seeds, no logs).
     """
 
     root: Path
     runs: list[Run]
     notes: list[str]
+    kind: str = "runs"
 
     @property
     def task(self) -> str:
@@ -135,7 +163,7 @@ def _read_per_case(path: Path, classes: list[str]) -> list[dict[str, Any]]:
             for i, row in enumerate(reader, start=2):
                 try:
                     rows.append({"case": row["case"], "class": row["class"],
-                                 **{m: _float(row[m]) for m in METRIC_NAMES}})
+                                 **{m: _float(row[m]) for m in METRIC_NAMES}, "empty_in": row.get("empty_in") or ""})
                 except (TypeError, ValueError):
                     raise _Skip(f"{path}, line {i}: a metric is not a number") from None
     except OSError as exc:
@@ -197,6 +225,21 @@ def _read_config(path: Path, notes: list[str]) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
+def _read_scores(folder: Path) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
+    """``(summary, classes, per-case rows)`` of a folder holding ``summary.json`` and ``per_case.csv``.
+
+    Raises:
+        _Skip: either file is missing or malformed.
+    """
+    summary = _read_json(folder / "summary.json")
+    if not isinstance(summary, dict) or not isinstance(summary.get("task"), str) or not (
+        isinstance(summary.get("classes"), list) and summary["classes"]
+    ):
+        raise _Skip(f"{folder / 'summary.json'}: needs a 'task' string and a non-empty 'classes' list")
+    classes = [str(c) for c in summary["classes"]]
+    return summary, classes, _read_per_case(folder / "per_case.csv", classes)
+
+
 def read_run(path: str | Path, system: str, seed: int, notes: list[str]) -> Run:
     """Read one run folder.
 
@@ -215,13 +258,7 @@ def read_run(path: str | Path, system: str, seed: int, notes: list[str]) -> Run:
     """
     path = Path(path)
     try:
-        summary = _read_json(path / "eval" / "summary.json")
-        if not isinstance(summary, dict) or not isinstance(summary.get("task"), str) or not (
-            isinstance(summary.get("classes"), list) and summary["classes"]
-        ):
-            raise _Skip(f"{path / 'eval' / 'summary.json'}: needs a 'task' string and a non-empty 'classes' list")
-        classes = [str(c) for c in summary["classes"]]
-        per_case = _read_per_case(path / "eval" / "per_case.csv", classes)
+        summary, classes, per_case = _read_scores(path / "eval")
     except _Skip as exc:
         raise ReportError(str(exc)) from None
     run_notes: list[str] = []
@@ -229,6 +266,13 @@ def read_run(path: str | Path, system: str, seed: int, notes: list[str]) -> Run:
     train, val = _read_log(path / "metrics.jsonl", run_notes)
     notes.extend(run_notes)
     return Run(system, seed, path, summary["task"], classes, summary, config, per_case, train, val)
+
+
+def _same_kind(root: Path, runs: list[Run]) -> None:
+    kinds = {(r.task, tuple(r.classes)) for r in runs}
+    if len(kinds) > 1:
+        listing = ", ".join(f"{r.name}: {r.task} {r.classes}" for r in runs)
+        raise ReportError(f"{root}: runs evaluated different tasks or classes ({listing})")
 
 
 def _run_dirs(root: Path) -> Iterator[tuple[str, int, Path]]:
@@ -265,9 +309,36 @@ def collect_results(results_dir: str | Path) -> Results:
     if not runs:
         detail = "; ".join(notes) if notes else "no <system>/seed<k>/ folders found"
         raise ReportError(f"{root}: no finished run to report ({detail})")
-    kinds = {(r.task, tuple(r.classes)) for r in runs}
-    if len(kinds) > 1:
-        listing = ", ".join(f"{r.name}: {r.task} {r.classes}" for r in runs)
-        raise ReportError(f"{root}: runs evaluated different tasks or classes ({listing})")
+    _same_kind(root, runs)
     runs.sort(key=lambda r: (r.system, r.seed))
     return Results(root, runs, notes)
+
+
+def collect_scored(folders: Sequence[tuple[str, str | Path, str | Path]], root: str | Path) -> Results:
+    """Read ``beseg score`` outputs, one "run" per scored prediction folder, in the order given.
+
+    Args:
+        folders: ``(system name, folder with per_case.csv and summary.json, prediction folder)``.
+        root: the folder holding them all (shown in the report).
+
+    Returns:
+        :class:`Results` of kind ``"predictions"``.
+
+    Raises:
+        ReportError: a folder's scores are missing or malformed, two systems share a name, or
+            they scored different tasks or classes.
+    """
+    root = Path(root)
+    names = [name for name, _, _ in folders]
+    if len(set(names)) != len(names) or not names:
+        raise ReportError(f"systems need distinct names, got {names}")
+    runs = []
+    for name, scores, predictions in folders:
+        try:
+            summary, classes, per_case = _read_scores(Path(scores))
+        except _Skip as exc:
+            raise ReportError(str(exc)) from None
+        runs.append(Run(name, None, Path(scores), summary["task"], classes, summary, per_case=per_case,
+                        predictions_dir=Path(predictions)))
+    _same_kind(root, runs)
+    return Results(root, runs, [], kind="predictions")

@@ -1,18 +1,22 @@
 """Assemble the comparison report's content (blocks of text, tables and figures) from collected runs.
 
-Every number shown comes from :mod:`beseg.report.tables`, which reads only the run folders; the
-paper's values come from :mod:`beseg.report.paper` and are labelled as the paper's.
+Every number shown comes from :mod:`beseg.report.tables`, which reads only the run folders (or the
+scored prediction folders); the paper's values come from :mod:`beseg.report.paper` and are
+labelled as the paper's. The report's first lines say how the numbers were made (the protocol
+recorded in each ``summary.json``), and every table says on which cases, how many were scored,
+and how many values were penalised or undefined.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from beseg.errors import BesegError
-from beseg.metrics import HIGHER_IS_BETTER, METRIC_NAMES
+from beseg.metrics import DISTANCE_METRICS, HIGHER_IS_BETTER, METRIC_NAMES
 from beseg.report import figures, tables
 from beseg.report.collect import Results
 from beseg.report.dataset import case_files
@@ -20,11 +24,16 @@ from beseg.report.paper import PAPER_SOURCE, PAPER_TABLE1, msd_task_key, paper_d
 from beseg.report.render import Block, Figure, Heading, Paragraph, Table
 from beseg.report.stats import PairedComparison
 
-__all__ = ["build_document", "format_value", "format_cell"]
+__all__ = ["build_document", "format_value", "format_cell", "protocol_statement", "split_noun"]
 
 _LABELS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "asd_mm": "ASD (mm)", "nsd": "NSD"}
 _DIGITS = {"dice": 3, "hd95_mm": 2, "asd_mm": 2, "nsd": 3}
 N_RESAMPLES = 10_000
+#: ``summary.json`` ``split`` -> how captions name the cases.
+_SPLIT_NOUNS = {"test": "test", "val": "validation", "oof": "out-of-fold", "train": "training", "all": "all-case"}
+
+#: ``(image or None, label)`` per case id, for the figures.
+CaseFiles = Mapping[str, tuple[Path | None, Path]]
 
 
 def format_value(metric: str, value: float, signed: bool = False) -> str:
@@ -35,65 +44,162 @@ def format_value(metric: str, value: float, signed: bool = False) -> str:
 
 
 def format_cell(metric: str, cell: tables.Cell) -> str:
-    """``mean ± std`` over seeds; the std is left out with one seed, and skipped NaNs are counted."""
+    """``mean ± std`` over seeds; the std is left out with one seed; penalised and skipped NaN values are counted."""
     text = format_value(metric, cell.mean)
     if not math.isnan(cell.std):
         text += f" ± {format_value(metric, cell.std)}"
-    if cell.n_undefined:
-        text += f" ({cell.n_undefined} undef.)"
+    counts = [f"{cell.n_penalised} pen." if cell.n_penalised else "", f"{cell.n_undefined} undef." if cell.n_undefined else ""]
+    if any(counts):
+        text += f" ({', '.join(c for c in counts if c)})"
     return text
+
+
+# --------------------------------------------------------------------------- how the numbers were made
+
+
+def _field(results: Results, key: str) -> list:
+    """The distinct values of a summary key over the runs, in run order (None where absent)."""
+    return list(dict.fromkeys(r.summary.get(key) for r in results.runs))
+
+
+def split_noun(results: Results) -> str | None:
+    """``test``, ``validation``, ``out-of-fold``... for the runs' recorded split; None if unknown or mixed."""
+    splits = _field(results, "split")
+    return _SPLIT_NOUNS.get(splits[0]) if len(splits) == 1 and isinstance(splits[0], str) else None
+
+
+def protocol_statement(results: Results) -> tuple[str, bool]:
+    """The report's opening sentence on how its numbers were made, and whether they are optimistic.
+
+    Read from each run's ``summary.json`` keys ``protocol``, ``split``, ``folds`` and
+    ``selection``; summaries without them give "unknown protocol".
+    """
+    protocols = _field(results, "protocol")
+    if len(protocols) > 1:
+        listing = "; ".join(f"{r.name}: {r.summary.get('protocol') or 'unknown'}" for r in results.runs)
+        return (f"Mixed protocols ({listing}): these numbers are not comparable with each other, and the runs made "
+                "on the cases that chose their checkpoint are optimistic.", True)
+    protocol = protocols[0]
+    selections = [s for s in _field(results, "selection") if s]
+    selection = f" (checkpoint: {'; '.join(map(str, selections))})" if selections else ""
+    if protocol == "heldout":
+        return ("Protocol: heldout. Every number is on held-out test cases that neither training nor the choice "
+                f"of the checkpoint saw{selection}.", False)
+    if protocol == "cv":
+        folds = [f for f in _field(results, "folds") if f]
+        k = f"{folds[0]}-fold " if len(folds) == 1 else ""
+        return (f"Protocol: cv ({k}cross-validation). Every case is scored once, out of fold, by the model that "
+                f"neither trained on it nor chose its checkpoint with it{selection}.", False)
+    if protocol == "paper":
+        return ("Protocol: paper. OPTIMISTIC: the numbers are on the validation cases that also chose the "
+                f"checkpoint{selection}, as in the paper; selection on the reported cases biases every number "
+                "upward, by different amounts per system. Use --protocol heldout (or --folds K) for unbiased numbers.",
+                True)
+    if results.kind == "predictions":
+        return ("Unknown protocol: these are prediction folders scored by beseg score, and how their models were "
+                "trained and selected is not recorded (beseg score --protocol records it). If a checkpoint or any "
+                "setting was chosen on these cases, the numbers are optimistic.", False)
+    return ("Unknown protocol: the evaluations do not record how their cases were chosen (made by an older beseg). "
+            "If these are the validation cases that chose best.pt, the numbers are optimistic.", False)
+
+
+def _cases_cell(results: Results, system: str) -> str:
+    """Scored cases per run (a range over seeds), and the failed ones."""
+    runs = results.runs_of(system)
+    counts = sorted({len(r.cases) for r in runs})
+    text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    failed = sum(len(r.failed) for r in runs)
+    return text + (f" ({failed} failed)" if failed else "")
 
 
 def _seeds(results: Results, system: str) -> str:
     return ",".join(str(r.seed) for r in results.runs_of(system))
 
 
-def _table1_blocks(results: Results) -> list[Block]:
+# --------------------------------------------------------------------------- tables
+
+
+def _table1_blocks(results: Results, optimistic: bool) -> list[Block]:
     t = tables.table1(results)
     columns = tables.table1_columns(results)
-    task_key = msd_task_key(results.task)
-    header = ["system", "seeds", *(f"{c} Dice" for c in columns)]
+    runs_kind = results.kind == "runs"
+    task_key = msd_task_key(results.task) if runs_kind else None
+    noun = split_noun(results)
+    header = ["system", *(["seeds"] if runs_kind else []), *(f"{c} Dice" for c in columns), "cases"]
     if task_key:
         header.append(f"paper {task_key} Dice")
     rows = []
     for system in results.systems:
-        row = [system, _seeds(results, system), *(format_cell("dice", t[system][c]["dice"]) for c in columns)]
+        row = [system, *([_seeds(results, system)] if runs_kind else []),
+               *(format_cell("dice", t[system][c]["dice"]) for c in columns), _cases_cell(results, system)]
         if task_key:
             ref = paper_dice(system, results.task)
             row.append(f"{ref[1]:.2f}" if ref else "")
         rows.append(tuple(row))
+    cases = f"{noun} cases" if noun else "scored cases (split not recorded)"
     notes = [
-        "Each run's Dice is its mean over validation cases; the table shows the mean ± sample standard "
-        "deviation (ddof=1) of those run means over seeds.",
+        f"Each run's Dice is its mean over its {cases}; " + (
+            "the table shows the mean ± sample standard deviation (ddof=1) of those run means over seeds."
+            if runs_kind else "one prediction folder per system, so there is no spread over seeds."),
+        "'cases': cases scored per run; a failed case (unreadable, or not on its label's grid) has no value, is in "
+        "no mean, and is listed under Notes.",
     ]
     if len(columns) > len(results.classes):
         notes.append("'mean' averages each run's per-class means before averaging over seeds.")
-    blocks: list[Block] = [
-        Heading("Table 1: Dice"),
-        Table(tuple(header), tuple(rows), caption=f"Validation Dice on {results.task}", notes=tuple(notes)),
-    ]
+    caption = f"{noun.capitalize()} Dice on {results.task}" if noun else f"Dice on {results.task} (split not recorded)"
+    if optimistic:
+        caption += " (optimistic: these cases chose the checkpoint)"
+    blocks: list[Block] = [Heading("Table 1: Dice"), Table(tuple(header), tuple(rows), caption=caption, notes=tuple(notes))]
     if task_key:
         blocks.append(Table(
             ("paper system", "beseg system", f"paper {task_key} Dice"),
             tuple((r.label, r.system, f"{r.dice[task_key]:.2f}") for r in PAPER_TABLE1),
-            caption="The paper's Table 1 (for orientation, not reproduced conditions)",
+            caption="The paper's Table 1 (validation Dice; for orientation, not reproduced conditions)",
             notes=(f"Source: {PAPER_SOURCE}.",),
         ))
     boundary = [m for m in METRIC_NAMES if m != "dice"]
     header = ["system", *(f"{c} {_LABELS[m]}" for c in columns for m in boundary)]
     rows = [tuple([s, *(format_cell(m, t[s][c][m]) for c in columns for m in boundary)]) for s in results.systems]
-    tol = results.runs[0].summary.get("nsd_tolerance_mm")
+    tol = _field(results, "nsd_tolerance_mm")
     blocks.append(Table(
-        tuple(header), tuple(rows), caption="Boundary metrics (mean ± std over seeds)",
+        tuple(header), tuple(rows),
+        caption=f"Boundary metrics on the {cases}" + (" (mean ± std over seeds)" if runs_kind else ""),
         notes=(
             "HD95: the larger of the two directed 95th-percentile boundary distances; ASD: mean of both "
             "directions' boundary distances; NSD: share of boundary voxels within the tolerance"
-            + (f" ({tol} mm)" if tol is not None else "") + " of the other boundary. Distances in mm.",
-            "'undef.' counts case values left out because the class was empty in exactly one of "
-            "prediction and label (no distance exists).",
+            + (f" ({tol[0]} mm)" if len(tol) == 1 and tol[0] is not None else "") + " of the other boundary. "
+            "Distances in mm.",
+            _penalty_note(results, "over all seeds" if runs_kind else "over all cases"),
         ),
     ))
+    blocks.append(_counts_table(results))
     return blocks
+
+
+def _penalty_note(results: Results, over: str) -> str:
+    penalties = [p for p in _field(results, "distance_penalty_mm") if p is not None]
+    fixed = f"{penalties[0]} mm" if len(penalties) == 1 else "a fixed penalty"
+    return (f"'pen.' counts case values ({over}) where the class was empty in exactly one of prediction and "
+            f"label: HD95 and ASD are then {fixed} (the BraTS convention for HD95), included in the mean, so a missed "
+            "structure counts against a system; 'undef.' counts values that are undefined (NaN: such distances in "
+            "evaluations made without a penalty) and left out of the mean. Dice and NSD are 0 in that case.")
+
+
+def _counts_table(results: Results) -> Table:
+    """Per system and class: the values behind each distance mean, penalised and undefined."""
+    t = tables.table1(results)
+    header = ["system", "class", "case values", *(f"{_LABELS[m]} {k}" for m in DISTANCE_METRICS
+                                                  for k in ("penalised", "undefined")), "Dice, NSD undefined"]
+    rows = []
+    for system in results.systems:
+        for cls in results.classes:
+            cells = t[system][cls]
+            n = cells["dice"].n_values + cells["dice"].n_undefined
+            rows.append((system, cls, str(n),
+                         *(str(getattr(cells[m], k)) for m in DISTANCE_METRICS for k in ("n_penalised", "n_undefined")),
+                         str(cells["dice"].n_undefined + cells["nsd"].n_undefined)))
+    return Table(tuple(header), tuple(rows), caption="Penalised and undefined values per class and metric",
+                 notes=("Counted over every scored case of every run of the system.",))
 
 
 def _ci(metric: str, r: PairedComparison) -> str:
@@ -106,17 +212,23 @@ def _comparison_blocks(results: Results, baseline: str, seed: int) -> list[Block
     blocks: list[Block] = [Heading(f"Paired comparison against {baseline}")]
     rows = tables.comparisons(results, baseline, seed=seed)
     if not rows:
-        why = (f"the baseline {baseline} has no run in this results folder" if baseline not in results.systems
-               else f"there is no other system to compare with {baseline}")
+        why = (f"the baseline {baseline} has no {'run' if results.kind == 'runs' else 'scores'} here"
+               if baseline not in results.systems else f"there is no other system to compare with {baseline}")
         return blocks + [Paragraph(f"Not computed: {why}.")]
+    noun = split_noun(results) or "scored"
     n = max(r.result.n for r in rows)
+    averaged = "each system's value is averaged over its seeds and " if results.kind == "runs" else ""
     blocks.append(Paragraph(
-        f"Per validation case, each system's value is averaged over its seeds and the baseline's is "
-        f"subtracted (system − {baseline}). Shown: the mean difference, a 95% percentile bootstrap "
-        f"interval ({N_RESAMPLES} resamples of the cases, seed {seed}) and the two-sided paired Wilcoxon "
-        f"signed-rank p-value. Better is a positive difference for Dice and NSD, a negative one for "
-        f"HD95 and ASD. With {n} cases the smallest possible exact p-value is {2 / 2 ** n:.3g}; an interval "
-        f"that contains 0 means the data do not show a difference."
+        f"Per {noun} case, {averaged}the baseline's is subtracted (system − {baseline}). Shown: the number of "
+        f"paired cases, the mean difference, a 95% percentile bootstrap interval ({N_RESAMPLES} resamples of the "
+        f"cases, seed {seed}) and the two-sided paired Wilcoxon signed-rank p-value. Better is a positive difference "
+        f"for Dice and NSD, a negative one for HD95 and ASD; an interval that contains 0 means the data do not show a "
+        f"difference. What the test could have found: 'MDD' is the minimum detectable mean difference at 80% power "
+        f"and two-sided alpha 0.05, (t(0.975, n−1) + t(0.80, n−1)) × SD / √n with SD the observed standard deviation "
+        f"of the paired differences (t-approximation); 'min. p' is the smallest p-value the exact Wilcoxon test can "
+        f"give for n non-zero differences, 2 / 2^n (with {n} cases: {2 / 2 ** n:.3g}). A true difference smaller "
+        f"than the MDD would usually go unnoticed. 'pen.' counts paired cases whose value was a distance penalty "
+        f"(system / baseline)."
     ))
     body = []
     for r in rows:
@@ -126,9 +238,11 @@ def _comparison_blocks(results: Results, baseline: str, seed: int) -> list[Block
             better = "better" if (res.ci_low > 0) == HIGHER_IS_BETTER[r.metric] else "worse"
         body.append((r.system, r.cls, _LABELS[r.metric], str(res.n), format_value(r.metric, res.mean_diff, True),
                      _ci(r.metric, res), "n/a" if math.isnan(res.p_value) else f"{res.p_value:.3g}",
-                     better, res.note))
+                     better, format_value(r.metric, res.mdd), "n/a" if math.isnan(res.min_p) else f"{res.min_p:.3g}",
+                     f"{r.penalised[0]} / {r.penalised[1]}", res.note))
     blocks.append(Table(("system", "class", "metric", "cases", "mean diff.", "95% CI", "Wilcoxon p",
-                         "CI excludes 0", "note"), tuple(body)))
+                         "CI excludes 0", "MDD (80% power)", "min. p", "pen.", "note"), tuple(body),
+                        caption=f"Paired differences on the {noun} cases"))
     return blocks
 
 
@@ -146,11 +260,15 @@ def _cost_blocks(results: Results) -> list[Block]:
         Table(("system", "runs", "train log entries", "median step (s)", "median loss (ms)", "loss share (%)"),
               tuple(rows), caption="Training time per step and the share spent computing the loss",
               notes=("Per run: median over its 'train' entries of metrics.jsonl (step_time_s, loss_time_s); "
-                     "loss share = sum of loss times / sum of step times. Then the mean over runs. Timings are from the machine that trained.",)),
+                     "loss share = sum of loss times / sum of step times. Then the mean over runs. Timings are from "
+                     "the machine that trained.",)),
     ]
 
 
-def _overlay_cases(results: Results, data: dict, baseline: str, be_system: str) -> list[figures.OverlayCase]:
+# --------------------------------------------------------------------------- figures
+
+
+def _overlay_cases(results: Results, data: CaseFiles, baseline: str, be_system: str) -> list[figures.OverlayCase]:
     """Best, median and worst case by the Dice difference be_system − baseline (first class)."""
     systems = [s for s in (baseline, be_system) if s in results.systems] or results.systems[:1]
     cls = results.classes[0]
@@ -176,67 +294,97 @@ def _overlay_cases(results: Results, data: dict, baseline: str, be_system: str) 
     return out
 
 
-def _figure_blocks(results: Results, data_dir: Path | None, fig_dir: Path, baseline: str,
+def _figure_blocks(results: Results, data_dir: Path | None, cases: CaseFiles | None, fig_dir: Path, baseline: str,
                    be_system: str, notes: list[str]) -> list[Block]:
     blocks: list[Block] = [Heading("Figures")]
-    try:
-        blocks.append(Figure(figures.learning_curve_figure(results, fig_dir / "learning_curves.png"),
-                             "Learning curves: training loss and validation mean Dice per step; one line "
-                             "per seed, one colour per system."))
-    except (OSError, ValueError) as exc:
-        notes.append(f"learning curves not drawn: {exc}")
-    if data_dir is None:
+    if results.kind == "runs":
+        try:
+            blocks.append(Figure(figures.learning_curve_figure(results, fig_dir / "learning_curves.png"),
+                                 "Learning curves: training loss and validation mean Dice per step; one line "
+                                 "per seed, one colour per system."))
+        except (OSError, ValueError) as exc:
+            notes.append(f"learning curves not drawn: {exc}")
+    if cases is None and data_dir is None:
         notes.append("no dataset folder given: Figure 1 panels not drawn")
         return blocks
     try:
-        data = case_files(data_dir)
-        cases = sorted({row["case"] for r in results.runs for row in r.per_case} & set(data))
-        if not cases:
-            raise ValueError(f"none of the evaluated cases is listed in {Path(data_dir) / 'dataset.json'}")
-        blocks.append(Figure(figures.filter_figure(data[cases[0]][1], fig_dir / "figure1_filter.png"),
-                             f"Figure 1 (a-c) from the label of {cases[0]} (foreground, cropped, resampled to "
+        data = dict(cases) if cases is not None else case_files(data_dir)
+        where = "the labels folder" if cases is not None else str(Path(data_dir) / "dataset.json")
+        scored = sorted({row["case"] for r in results.runs for row in r.per_case} & set(data))
+        if not scored:
+            raise ValueError(f"none of the evaluated cases is listed in {where}")
+        blocks.append(Figure(figures.filter_figure(data[scored[0]][1], fig_dir / "figure1_filter.png"),
+                             f"Figure 1 (a-c) from the label of {scored[0]} (foreground, cropped, resampled to "
                              f"1 mm): (a) a profile of the mask and of the BE filter's output along the dashed "
                              f"line; (b) the mask; (c) the filtered mask, non-zero only near the boundary."))
         overlay = _overlay_cases(results, data, baseline, be_system)
+        no_image = " (no image found: contours on black)" if any(o.image is None for o in overlay) else ""
         blocks.append(Figure(figures.contour_figure(overlay, fig_dir / "figure1_contours.png"),
                              "Figure 1 (d): ground truth and predicted contours on the axial slice with the "
-                             "most ground truth; cases chosen by the rule in each title."))
+                             f"most ground truth; cases chosen by the rule in each title{no_image}."))
     except (BesegError, OSError, ValueError) as exc:
         notes.append(f"Figure 1 not drawn: {exc}")
     return blocks
 
 
+# --------------------------------------------------------------------------- the document
+
+
+def _failure_notes(results: Results) -> list[str]:
+    notes = []
+    for run in results.runs:
+        for case, reason in run.failed:
+            notes.append(f"{run.name}: case {case} failed (in no mean): {reason}")
+        missing = run.summary.get("missing")
+        if isinstance(missing, list) and missing:
+            notes.append(f"{run.name}: {len(missing)} labelled case(s) without a prediction, not scored: "
+                         + ", ".join(map(str, missing)))
+    return notes
+
+
 def build_document(results: Results, data_dir: str | Path | None, fig_dir: str | Path,
                    baseline: str = "segresnet_dice", be_system: str = "segresnet_be",
-                   seed: int = 0) -> list[Block]:
+                   seed: int = 0, cases: CaseFiles | None = None) -> list[Block]:
     """The whole report as blocks, drawing the figures into ``fig_dir`` on the way.
 
     Args:
-        results: the collected runs.
-        data_dir: the dataset folder (MSD layout) for the figure images; None skips Figure 1.
+        results: the collected runs (or scored prediction folders).
+        data_dir: the dataset folder (MSD layout) for the figure images; None skips Figure 1
+            unless ``cases`` is given.
         fig_dir: folder for the PNG figures (created).
         baseline: system every other system is compared with.
         be_system: system whose predictions the contour figure shows beside the baseline's.
         seed: bootstrap seed.
+        cases: ``{case: (image or None, label)}`` for the figures, instead of ``data_dir``.
 
     Returns:
         The blocks, ready for :mod:`beseg.report.render`. Problems drawing a figure become notes in
         the report rather than errors.
     """
-    notes = list(results.notes)
-    split = results.runs[0].summary.get("split", "?")
+    notes = list(results.notes) + _failure_notes(results)
+    statement, optimistic = protocol_statement(results)
+    noun = split_noun(results)
     n_cases = len({row["case"] for r in results.runs for row in r.per_case})
     body: list[Block] = []
-    body += _table1_blocks(results)
+    body += _table1_blocks(results, optimistic)
     body += _comparison_blocks(results, baseline, seed)
-    body += _cost_blocks(results)
-    body += _figure_blocks(results, Path(data_dir) if data_dir is not None else None, Path(fig_dir),
+    if results.kind == "runs":
+        body += _cost_blocks(results)
+    body += _figure_blocks(results, Path(data_dir) if data_dir is not None else None, cases, Path(fig_dir),
                            baseline, be_system, notes)
+    if results.kind == "runs":
+        what = (f"Results folder {results.root}; {len(results.runs)} runs of {len(results.systems)} systems; "
+                f"{n_cases} {noun or 'scored'} cases; classes: {', '.join(results.classes)}.")
+        items = tuple(f"{s}: seeds {_seeds(results, s)}" for s in results.systems)
+    else:
+        what = (f"Prediction folders scored by beseg score into {results.root}; {len(results.systems)} systems; "
+                f"{n_cases} {noun or 'scored'} cases; classes: {', '.join(results.classes)}.")
+        items = tuple(f"{r.system}: {r.summary.get('predictions', r.predictions_dir)}" for r in results.runs)
+    title = "beseg comparison report" if results.kind == "runs" else "beseg score report"
     head: list[Block] = [
-        Heading(f"beseg comparison report: {results.task}", level=1),
-        Paragraph(f"Results folder {results.root}; {len(results.runs)} runs of {len(results.systems)} systems; "
-                  f"{n_cases} {split} cases; classes: {', '.join(results.classes)}.",
-                  tuple(f"{s}: seeds {_seeds(results, s)}" for s in results.systems)),
+        Heading(f"{title}: {results.task}", level=1),
+        Paragraph(statement),
+        Paragraph(what, items),
     ]
     if notes:
         head += [Heading("Notes"), Paragraph("Problems found while reading the runs and drawing figures:",

@@ -36,13 +36,14 @@ class OverlayCase:
 
     Attributes:
         title: row title (case id and why it was chosen).
-        image: image path (3D, or 4D channel-last: the first channel is shown).
+        image: image path (3D, or 4D channel-last: the first channel is shown); None draws the
+            contours on a black background.
         label: ground-truth label map path.
         predictions: ``{legend name: predicted label map path}``, drawn in this order.
     """
 
     title: str
-    image: Path
+    image: Path | None
     label: Path
     predictions: Mapping[str, Path]
 
@@ -137,17 +138,18 @@ def contour_figure(cases: Sequence[OverlayCase], out: str | Path) -> Path:
     """Draw Figure 1 (d): ground truth and each prediction outlined on one axial slice per case.
 
     The slice is the one with the most ground-truth foreground; the view is cropped to the
-    foreground of all masks plus 15 voxels. Aspect follows the voxel size.
+    foreground of all masks plus 15 voxels. Aspect follows the voxel size (the label's).
 
     Args:
-        cases: the rows to draw; prediction arrays must have the label's shape.
+        cases: the rows to draw; prediction arrays must have the label's shape, and so must the
+            image where one is given.
         out: PNG path to write.
 
     Returns:
         ``out``.
 
     Raises:
-        ValueError: no case, or a prediction's shape differs from its label's.
+        ValueError: no case, or a prediction's or image's shape differs from its label's.
     """
     if not cases:
         raise ValueError("no case to draw")
@@ -155,8 +157,10 @@ def contour_figure(cases: Sequence[OverlayCase], out: str | Path) -> Path:
     axes = np.atleast_1d(fig.subplots(1, len(cases)))
     names = ["ground truth", *cases[0].predictions]
     for ax, case in zip(axes, cases):
-        image, spacing = _load(case.image)
-        label, _ = _load(case.label)
+        label, spacing = _load(case.label)
+        image = _load(case.image)[0] if case.image is not None else np.zeros(label.shape, np.float32)
+        if image.shape != label.shape:
+            raise ValueError(f"{case.image}: shape {image.shape} differs from the label's {label.shape}")
         preds = {}
         for name, path in case.predictions.items():
             preds[name] = _load(path)[0]
@@ -170,7 +174,7 @@ def contour_figure(cases: Sequence[OverlayCase], out: str | Path) -> Path:
         box = _bbox(union, (15, 15)) if union.any() else (slice(None), slice(None))
         img = image[:, :, z][box].astype(float)
         lo, hi = np.percentile(img, [1, 99])
-        ax.imshow(img.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=spacing[1] / spacing[0])
+        ax.imshow(img.T, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), origin="lower", aspect=spacing[1] / spacing[0])
         # Ground truth first and wider, so it stays visible where a prediction follows it exactly.
         for color, width, m in zip(CONTOUR_COLORS, [3.5] + [1.4] * len(preds), [label, *preds.values()]):
             _contours(ax, m[:, :, z][box], color, width)

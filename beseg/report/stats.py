@@ -9,6 +9,10 @@ deterministic given ``seed``.
 
 The percentile method is used rather than BCa because BCa's jackknife acceleration is degenerate
 for the handful of validation cases these tasks have (9 on Task09), where it returns NaN.
+
+What a test *could* have found is reported beside what it found (:func:`min_detectable_difference`,
+:func:`min_wilcoxon_p`): with few cases no difference is significant, and "no significant
+difference" then says nothing about the systems.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["PairedComparison", "paired_comparison"]
+__all__ = ["PairedComparison", "paired_comparison", "min_detectable_difference", "min_wilcoxon_p"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,12 @@ class PairedComparison:
         ci_high: upper end (NaN if undefined).
         p_value: two-sided paired Wilcoxon signed-rank p-value (NaN if undefined).
         note: why something is NaN or which pairs were dropped; "" when nothing needs saying.
+        mdd: the smallest mean difference a paired t-test on these ``n`` cases would detect with
+            80% power at two-sided alpha 0.05, given the observed SD of the differences (the
+            metric's unit; NaN for fewer than 2 pairs or all-zero differences), see
+            :func:`min_detectable_difference`.
+        min_p: the smallest p-value the exact two-sided Wilcoxon test can give for the number of
+            non-zero differences (:func:`min_wilcoxon_p`; NaN with none).
     """
 
     n: int
@@ -43,6 +53,47 @@ class PairedComparison:
     ci_high: float
     p_value: float
     note: str = ""
+    mdd: float = math.nan
+    min_p: float = math.nan
+
+
+def min_detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true mean paired difference detectable by a two-sided paired t-test.
+
+    The usual t-approximation: ``(t[1 - alpha/2, n-1] + t[power, n-1]) * sd / sqrt(n)``, where
+    ``t[q, df]`` is the q-quantile of Student's t with ``df`` degrees of freedom. It treats the
+    observed SD as the true one; the exact power at that difference (noncentral t) is close to
+    ``power`` and slightly below it for small ``n``.
+
+    Args:
+        sd: standard deviation of the paired differences (sample SD, ``ddof=1``), >= 0.
+        n: number of pairs.
+        alpha: two-sided significance level, in (0, 1).
+        power: the probability of detecting the difference, in (0, 1).
+
+    Returns:
+        The difference in the unit of ``sd``; NaN when ``n < 2`` or ``sd`` is not finite.
+
+    Raises:
+        ValueError: ``alpha`` or ``power`` outside (0, 1), or a negative ``sd``.
+    """
+    if not (0.0 < alpha < 1.0 and 0.0 < power < 1.0):
+        raise ValueError(f"alpha and power must be in (0, 1), got {alpha} and {power}.")
+    if sd < 0:
+        raise ValueError(f"sd must be >= 0, got {sd}.")
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    df = n - 1
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n))
+
+
+def min_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided p-value of the exact Wilcoxon signed-rank test on ``n`` non-zero differences.
+
+    It is reached when every difference has the same sign: ``2 / 2**n`` (at most 1), so with
+    ``n <= 5`` no result can reach p < 0.05. NaN for ``n < 1``.
+    """
+    return math.nan if n < 1 else min(1.0, 2.0 / 2.0**n)
 
 
 def paired_comparison(
@@ -65,6 +116,7 @@ def paired_comparison(
         A :class:`PairedComparison`. Pairs where either value is NaN (an undefined distance) are
         dropped and counted in ``note``. With no pair everything is NaN; with one pair, or when
         every difference is zero, the mean is reported and the CI and p-value are NaN, with a note.
+        ``mdd`` and ``min_p`` say how large a difference these cases could show at all.
 
     Raises:
         ValueError: the two sequences differ in length, or ``confidence`` is not in (0, 1).
@@ -85,11 +137,14 @@ def paired_comparison(
         return PairedComparison(0, nan, nan, nan, nan, "; ".join(notes + ["no paired cases"]))
     mean = float(d.mean())
     if d.size < 2:
-        return PairedComparison(1, mean, nan, nan, nan, "; ".join(notes + ["one paired case: no CI or test"]))
+        return PairedComparison(1, mean, nan, nan, nan, "; ".join(notes + ["one paired case: no CI or test"]),
+                                min_p=min_wilcoxon_p(int(np.count_nonzero(d))))
     if not d.any():
         return PairedComparison(
             int(d.size), 0.0, nan, nan, nan, "; ".join(notes + ["all differences are zero: no CI or test"])
         )
+    mdd = min_detectable_difference(float(d.std(ddof=1)), int(d.size))
+    min_p = min_wilcoxon_p(int(np.count_nonzero(d)))
     with warnings.catch_warnings():
         # Identical differences give a zero-width interval, which is the right answer, not a problem.
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
@@ -102,5 +157,5 @@ def paired_comparison(
     p = float(stats.wilcoxon(d).pvalue)
     return PairedComparison(
         int(d.size), mean, float(boot.confidence_interval.low), float(boot.confidence_interval.high), p,
-        "; ".join(notes),
+        "; ".join(notes), mdd, min_p,
     )

@@ -2,9 +2,11 @@
 
 Aggregation rules (the report states them too):
 
-* Table 1: for each run, the mean over validation cases (NaN distances, from a class missing in the
-  prediction or the label, are skipped and counted); then mean and sample standard deviation
-  (``ddof=1``) over seeds. The "mean" column averages a run's per-class means first.
+* Table 1: for each run, the mean over its scored cases; then mean and sample standard deviation
+  (``ddof=1``) over seeds. The "mean" column averages a run's per-class means first. A distance
+  penalised because the class was empty in exactly one of prediction and label (see
+  :mod:`beseg.metrics`) is a number and enters the mean; an undefined (NaN) value is skipped.
+  Both are counted per class and metric. Failed cases have no value and are counted per run.
 * Paired comparisons: each case's value is averaged over a system's seeds, then paired by case
   with the baseline's (:func:`beseg.report.stats.paired_comparison`).
 * Cost: per run the median step time and median loss time of its training steps, and the share
@@ -15,16 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from beseg.metrics import METRIC_NAMES
+from beseg.metrics import DISTANCE_METRICS, METRIC_NAMES
 from beseg.report.collect import Results, Run
 from beseg.report.stats import PairedComparison, paired_comparison
 
 __all__ = [
-    "MEAN_COLUMN", "Cell", "CostRow", "ComparisonRow", "run_mean", "table1_columns", "table1",
-    "seed_averaged_cases", "comparisons", "cost",
+    "MEAN_COLUMN", "Cell", "RunMean", "CostRow", "ComparisonRow", "run_mean", "table1_columns", "table1",
+    "seed_averaged_cases", "penalised_cases", "comparisons", "cost", "is_penalised",
 ]
 
 #: Table 1's column averaging over classes, present when a task has more than one class.
@@ -40,22 +43,42 @@ class Cell:
         std: sample standard deviation over seeds (NaN with one seed).
         n_seeds: runs that had a value.
         n_undefined: case values (over all seeds) that were NaN and skipped.
+        n_penalised: case values (over all seeds) that are the fixed distance penalty (a class
+            empty in exactly one mask); they are in the mean.
+        n_values: case values (over all seeds) in the mean.
     """
 
     mean: float
     std: float
     n_seeds: int
     n_undefined: int
+    n_penalised: int = 0
+    n_values: int = 0
+
+
+class RunMean(NamedTuple):
+    """A run's mean of one metric over its cases, and what went into it."""
+
+    mean: float
+    n_values: int
+    n_undefined: int
+    n_penalised: int
 
 
 @dataclass(frozen=True)
 class ComparisonRow:
-    """A system against the baseline on one class and metric."""
+    """A system against the baseline on one class and metric.
+
+    Attributes:
+        penalised: paired cases whose value (in any seed) is a distance penalty, for the system
+            and for the baseline.
+    """
 
     system: str
     cls: str
     metric: str
     result: PairedComparison
+    penalised: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -85,17 +108,27 @@ def _nanmean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def run_mean(run: Run, column: str, metric: str) -> tuple[float, int]:
+def is_penalised(row: dict[str, Any], metric: str) -> bool:
+    """True when ``row[metric]`` is the fixed distance penalty of a class empty in exactly one mask."""
+    return (metric in DISTANCE_METRICS and row.get("empty_in") in ("prediction", "label")
+            and not math.isnan(row[metric]))
+
+
+def run_mean(run: Run, column: str, metric: str) -> RunMean:
     """A run's mean of ``metric`` over cases for one class (or the class average ``"mean"``).
 
     Returns:
-        (mean, number of NaN case values skipped). NaN when no case has a value.
+        The mean (NaN when no case has a value; for ``"mean"`` the mean of the per-class means)
+        and the counts of values used, NaN values skipped and penalised values used.
     """
     if column == MEAN_COLUMN:
         parts = [run_mean(run, cls, metric) for cls in run.classes]
-        return _nanmean([p[0] for p in parts]), sum(p[1] for p in parts)
-    values = list(run.values(column, metric).values())
-    return _nanmean(values), sum(math.isnan(v) for v in values)
+        return RunMean(_nanmean([p.mean for p in parts]), sum(p.n_values for p in parts),
+                       sum(p.n_undefined for p in parts), sum(p.n_penalised for p in parts))
+    rows = [r for r in run.per_case if r["class"] == column]
+    values = [r[metric] for r in rows]
+    undefined = sum(math.isnan(v) for v in values)
+    return RunMean(_nanmean(values), len(values) - undefined, undefined, sum(is_penalised(r, metric) for r in rows))
 
 
 def table1_columns(results: Results) -> list[str]:
@@ -113,12 +146,14 @@ def table1(results: Results) -> dict[str, dict[str, dict[str, Cell]]]:
             table[system][column] = {}
             for metric in METRIC_NAMES:
                 per_run = [run_mean(r, column, metric) for r in runs]
-                means = [m for m, _ in per_run if not math.isnan(m)]
+                means = [p.mean for p in per_run if not math.isnan(p.mean)]
                 table[system][column][metric] = Cell(
                     mean=float(np.mean(means)) if means else math.nan,
                     std=float(np.std(means, ddof=1)) if len(means) > 1 else math.nan,
                     n_seeds=len(means),
-                    n_undefined=sum(n for _, n in per_run),
+                    n_undefined=sum(p.n_undefined for p in per_run),
+                    n_penalised=sum(p.n_penalised for p in per_run),
+                    n_values=sum(p.n_values for p in per_run),
                 )
     return table
 
@@ -130,6 +165,12 @@ def seed_averaged_cases(results: Results, system: str, cls: str, metric: str) ->
         for case, value in run.values(cls, metric).items():
             by_case.setdefault(case, []).append(value)
     return {case: _nanmean(v) for case, v in sorted(by_case.items())}
+
+
+def penalised_cases(results: Results, system: str, cls: str, metric: str) -> set[str]:
+    """The cases whose value of ``metric`` is a distance penalty in at least one of the system's runs."""
+    return {r["case"] for run in results.runs_of(system) for r in run.per_case
+            if r["class"] == cls and is_penalised(r, metric)}
 
 
 def comparisons(results: Results, baseline: str, seed: int = 0) -> list[ComparisonRow]:
@@ -154,7 +195,10 @@ def comparisons(results: Results, baseline: str, seed: int = 0) -> list[Comparis
                 if unpaired:
                     extra = f"{unpaired} case(s) evaluated by only one system left out"
                     result = replace(result, note="; ".join(filter(None, [result.note, extra])))
-                rows.append(ComparisonRow(system, cls, metric, result))
+                paired = {c for c in common if math.isfinite(a[c]) and math.isfinite(b[c])}
+                penalised = (len(penalised_cases(results, system, cls, metric) & paired),
+                             len(penalised_cases(results, baseline, cls, metric) & paired))
+                rows.append(ComparisonRow(system, cls, metric, result, penalised))
     return rows
 
 

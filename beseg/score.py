@@ -1,0 +1,535 @@
+"""Score a folder of NIfTI predictions against a folder of labels; the per-case table and summary.
+
+Two things live here, because ``beseg evaluate`` and ``beseg score`` must write the same files:
+
+* :func:`summarize` and :func:`write_scores`: the per-case table ``per_case.csv`` (columns
+  :data:`CSV_COLUMNS`: ``case, class, dice, hd95_mm, asd_mm, nsd, empty_in``) and
+  ``summary.json`` (per-class means, how many values were penalised or undefined, failed cases).
+* :func:`score_predictions`: ``beseg score``. Predictions from nnU-Net (``CASE.nii.gz``), MONAI or
+  anything else are matched to labels by case id (the file name without ``.nii``/``.nii.gz``) and
+  scored per case and class by :func:`beseg.metrics.case_metrics` at each label's own voxel
+  spacing, in a process pool.
+
+How cases count. A case is *scored* when its prediction and label were read and fit the same
+grid; its rows enter every mean. A *failed* case (unreadable file, another grid, not a label
+map) has no row, is in no mean, and is listed in ``summary.json``'s ``failed`` with the reason.
+A label without a prediction is *missing* (listed in ``missing``), a prediction without a label
+*extra* (listed in ``extra``); neither is scored. Means skip undefined (NaN) values and count
+them; penalised distances (a class empty in exactly one mask, see :mod:`beseg.metrics`) are
+numbers and enter the means, and are counted too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from beseg.data.classes import ClassSpec, class_masks, classes_from_labels, parse_classes
+from beseg.data.msd import case_id, list_nifti
+from beseg.data.nifti import read_array, read_header
+from beseg.errors import BesegError, ConfigError, DataError
+from beseg.fileio import atomic_output, atomic_write_text
+from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, DISTANCE_METRICS, METRIC_NAMES, case_metrics
+
+__all__ = [
+    "CSV_COLUMNS", "PROTOCOL_SPLITS", "ScoreResult", "summarize", "write_per_case", "write_summary", "write_scores",
+    "match_cases", "classes_from_dataset_json", "scored_classes", "score_predictions", "default_workers",
+]
+
+#: Columns of ``per_case.csv``, one row per case and class. ``empty_in`` is ``none``,
+#: ``prediction``, ``label`` or ``both``: where the class is empty (see :mod:`beseg.metrics`).
+CSV_COLUMNS: tuple[str, ...] = ("case", "class", *METRIC_NAMES, "empty_in")
+
+#: ``protocol`` -> the ``split`` it scores, as ``beseg evaluate`` records them.
+PROTOCOL_SPLITS: dict[str, str] = {"heldout": "test", "cv": "oof", "paper": "val"}
+
+_ONE_EMPTY = ("prediction", "label")
+
+
+# --------------------------------------------------------------------------- the table and summary
+
+
+def _value(x: Any) -> float:
+    """A metric cell as float: NaN for None, empty or unparsable text."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def summarize(
+    rows: Sequence[Mapping[str, Any]],
+    classes: Sequence[str],
+    failed: Iterable[tuple[str, str]] = (),
+    nsd_tolerance_mm: float = 1.0,
+    distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The ``summary.json`` object of a set of per-case rows.
+
+    Args:
+        rows: :func:`beseg.metrics.case_metrics` rows with a ``case`` key (or the same read back
+            from ``per_case.csv``: numbers may be text, ``empty_in`` may be absent).
+        classes: the scored class names, in column order.
+        failed: ``(case, reason)`` of every case that could not be scored.
+        nsd_tolerance_mm: the NSD tolerance used (mm), recorded.
+        distance_penalty_mm: the distance given to a class empty in exactly one mask (mm), or
+            None when such distances were left undefined; recorded.
+        **fields: further keys to record (task, system, protocol ...); they may not replace the
+            computed keys.
+
+    Returns:
+        ``classes``, ``cases`` (number of scored cases), ``failed`` (``[{"case", "reason"}]``),
+        ``nsd_tolerance_mm``, ``distance_penalty_mm``, ``per_class`` (``{class: {metric: mean or
+        None}}``, NaN skipped), ``mean`` (the mean over classes of the per-class means), ``counts``
+        (``{class: {metric: {"values", "penalised", "undefined"}}}``: finite values in the mean,
+        of which penalised, and NaN values left out), ``note``, then ``fields``.
+
+    Raises:
+        ValueError: a key of ``fields`` would replace a computed key.
+    """
+    per_class: dict[str, dict[str, float | None]] = {}
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for name in classes:
+        mine = [r for r in rows if r["class"] == name]
+        per_class[name], counts[name] = {}, {}
+        for metric in METRIC_NAMES:
+            values = [_value(r.get(metric)) for r in mine]
+            penalised = sum(
+                metric in DISTANCE_METRICS and r.get("empty_in") in _ONE_EMPTY and math.isfinite(v)
+                for r, v in zip(mine, values)
+            )
+            per_class[name][metric] = _mean(values)
+            counts[name][metric] = {"values": sum(map(math.isfinite, values)), "penalised": int(penalised),
+                                    "undefined": sum(not math.isfinite(v) for v in values)}
+    penalty = None if distance_penalty_mm is None or math.isnan(distance_penalty_mm) else float(distance_penalty_mm)
+    summary: dict[str, Any] = {
+        "classes": list(classes),
+        "cases": len({r["case"] for r in rows}),
+        "failed": [{"case": c, "reason": r} for c, r in failed],
+        "nsd_tolerance_mm": nsd_tolerance_mm,
+        "distance_penalty_mm": penalty,
+        "per_class": per_class,
+        "mean": {m: _mean(v[m] for v in per_class.values() if v[m] is not None) for m in METRIC_NAMES},
+        "counts": counts,
+        "note": "distances in mm at each label's own voxel spacing; a class empty in exactly one of prediction and "
+                + (f"label gets HD95 = ASD = {penalty} mm (BraTS convention), counted as 'penalised' and included in "
+                   "the means" if penalty is not None else
+                   "label has undefined (NaN) distances, counted as 'undefined' and left out of the means")
+                + "; failed cases have no rows and are in no mean",
+    }
+    clash = sorted(set(fields) & set(summary))
+    if clash:
+        raise ValueError(f"summary fields {clash} are computed from the rows and cannot be given.")
+    summary.update(fields)
+    return summary
+
+
+def write_per_case(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """Write ``per_case.csv`` atomically: columns :data:`CSV_COLUMNS`, NaN as ``nan``.
+
+    A row without ``empty_in`` (read from an older table) gets an empty cell.
+
+    Raises:
+        OSError: the file cannot be written (a previous file is left as it was).
+        ValueError: a row has a key that is not a column.
+    """
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_summary(summary: Mapping[str, Any], path: str | Path) -> None:
+    """Write ``summary.json`` atomically (indented JSON; anything not JSON, such as a path, as text).
+
+    Raises:
+        OSError: the file cannot be written (a previous file is left as it was).
+    """
+    atomic_write_text(path, json.dumps(summary, indent=2, default=str))
+
+
+def write_scores(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
+    """Write ``out_dir/per_case.csv`` and then ``out_dir/summary.json`` (:func:`write_per_case`, :func:`write_summary`).
+
+    The summary last, so a folder with a ``summary.json`` has the matching table.
+
+    Raises:
+        OSError, ValueError: as :func:`write_per_case` and :func:`write_summary`.
+    """
+    out_dir = Path(out_dir)
+    write_per_case(rows, out_dir / "per_case.csv")
+    write_summary(summary, out_dir / "summary.json")
+
+
+# --------------------------------------------------------------------------- classes and cases
+
+
+def classes_from_dataset_json(path: str | Path) -> ClassSpec:
+    """The scored classes of a ``dataset.json``: MSD (``{"1": "spleen"}``) or nnU-Net v2 (``{"spleen": 1}``).
+
+    nnU-Net v2 region-based datasets give a region as a list of label values
+    (``"tumor core": [2, 3]``). The background (value 0) is never scored.
+
+    Raises:
+        DataError: the file is missing, not JSON, has no ``labels`` mapping, or the mapping is
+            neither form; the message names the file.
+    """
+    path = Path(path)
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or err}).") from None
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise DataError(f"{path}: not a JSON object with a 'labels' mapping ({err}).") from None
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(f"{path}: needs a non-empty 'labels' mapping.")
+    try:
+        if all(str(k).strip().lstrip("-").isdigit() for k in labels):  # MSD: value -> name
+            return classes_from_labels(labels)
+        out = []
+        for name, value in labels.items():  # nnU-Net v2: name -> value or region (list of values)
+            values = tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+            if values and set(values) != {0}:
+                out.append((str(name), tuple(v for v in values if v != 0)))
+        if not out:
+            raise ConfigError("the labels declare no class besides the background (0).")
+        return tuple(out)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: 'labels' is neither MSD's {{value: name}} nor nnU-Net's {{name: value or "
+                        f"[values]}} ({err}).") from None
+
+
+def match_cases(pred_dir: str | Path, labels_dir: str | Path) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
+    """Pair prediction and label files by case id (file name without ``.nii``/``.nii.gz``).
+
+    Files that are not NIfTI (nnU-Net's ``plans.json``, ``summary.json`` ...) and macOS ``._``
+    files are ignored.
+
+    Returns:
+        ``(pairs, missing, extra)``: ``(case, prediction, label)`` sorted by case; case ids with a
+        label but no prediction; case ids with a prediction but no label.
+
+    Raises:
+        DataError: a folder does not exist, has no NIfTI file, or holds one case twice
+            (``x.nii`` and ``x.nii.gz``).
+    """
+    found = []
+    for folder, what in ((Path(pred_dir), "prediction"), (Path(labels_dir), "label")):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: {what} folder does not exist.")
+        files: dict[str, Path] = {}
+        for path in list_nifti(folder):
+            cid = case_id(path)
+            if cid in files:
+                raise DataError(f"{folder}: case {cid} has two {what} files, {files[cid].name} and {path.name}.")
+            files[cid] = path
+        if not files:
+            raise DataError(f"{folder}: no {what} files (.nii or .nii.gz).")
+        found.append(files)
+    preds, labels = found
+    pairs = [(c, preds[c], labels[c]) for c in sorted(set(preds) & set(labels))]
+    return pairs, sorted(set(labels) - set(preds)), sorted(set(preds) - set(labels))
+
+
+def _label_values(path: Path) -> set[int]:
+    """The label values of one label map (worker function)."""
+    return {int(v) for v in np.unique(_label_map(path, "label"))}
+
+
+def scored_classes(
+    labels_dir: str | Path,
+    classes: str | ClassSpec | None = None,
+    dataset_json: str | Path | None = None,
+    workers: int = 1,
+) -> tuple[ClassSpec, str]:
+    """The classes to score and where they came from.
+
+    In order: ``classes`` (``"TC=2,3;WT=1,2,3;ET=3"`` or a :data:`ClassSpec`), else
+    ``dataset_json``, else the ``dataset.json`` beside the labels folder (nnU-Net's raw
+    ``DatasetXXX/labelsTr`` and preprocessed ``gt_segmentations``, MSD's ``labelsTr``), else every
+    non-zero value found in the label files, each its own class named by its value.
+
+    Returns:
+        ``(classes, source)``: the classes, and a phrase naming their source for the summary.
+
+    Raises:
+        ConfigError: ``classes`` text is malformed.
+        DataError: the ``dataset.json`` is unusable, or the readable labels hold no non-zero value.
+    """
+    if classes is not None:
+        spec = parse_classes(classes) if isinstance(classes, str) else tuple(classes)
+        return spec, "--classes"
+    if dataset_json is not None:
+        return classes_from_dataset_json(dataset_json), str(dataset_json)
+    beside = Path(labels_dir).parent / "dataset.json"
+    if beside.is_file():
+        return classes_from_dataset_json(beside), str(beside)
+    files = list_nifti(labels_dir)
+    values: set[int] = set()
+    for found in _map(_label_values, [(f,) for f in files], workers, "label values", progress=False):
+        if not isinstance(found, BaseException):  # an unreadable label fails its own case later, with the reason
+            values |= found
+    values.discard(0)
+    if not values:
+        raise DataError(f"{labels_dir}: the labels hold no non-zero value to score.")
+    return tuple((str(v), (v,)) for v in sorted(values)), f"the label values found in {labels_dir}"
+
+
+# --------------------------------------------------------------------------- scoring one case
+
+
+def _label_map(path: Path, what: str) -> np.ndarray:
+    """A 3D integer label map from a NIfTI file.
+
+    Raises:
+        DataError: unreadable, not 3D, or holding non-finite or non-integer values.
+    """
+    array, _ = read_array(path)
+    if array.ndim != 3:
+        raise DataError(f"{path}: a {what} must be a 3D label map, got shape {tuple(array.shape)}.")
+    if array.dtype.kind in "iub":
+        return array
+    array = np.asarray(array)
+    if not np.isfinite(array).all():
+        raise DataError(f"{path}: {what} holds NaN or Inf values.")
+    rounded = np.rint(array)
+    if not np.array_equal(rounded, array):
+        raise DataError(f"{path}: {what} holds non-integer values (probabilities?); give label maps.")
+    return rounded.astype(np.int32)
+
+
+def _score_case(case: str, pred_path: Path, label_path: Path, classes: ClassSpec, nsd_tolerance_mm: float,
+                distance_penalty_mm: float | None, affine_tol_mm: float) -> list[dict[str, Any]]:
+    """The rows of one case (worker function).
+
+    Raises:
+        DataError: a file is unreadable or not a label map, or the two grids differ.
+        ValueError: from the metrics, on inputs they reject.
+    """
+    label_header = read_header(label_path)
+    pred_header = read_header(pred_path)
+    if pred_header.shape != label_header.shape:
+        raise DataError(f"{case}: prediction {pred_path} has shape {pred_header.shape}, its label {label_path} "
+                        f"{label_header.shape}; they must be on the same grid.")
+    gap = float(np.abs(pred_header.affine - label_header.affine).max())
+    if not gap <= affine_tol_mm:
+        raise DataError(f"{case}: prediction {pred_path} and label {label_path} have different affines (largest "
+                        f"difference {gap:.3g} mm, tolerance {affine_tol_mm:g} mm); they must be on the same grid.")
+    label = _label_map(label_path, "label")
+    pred = _label_map(pred_path, "prediction")
+    names = [name for name, _ in classes]
+    rows = case_metrics(class_masks(pred, classes), class_masks(label, classes), label_header.spacing, names,
+                        nsd_tolerance_mm, include_background=True, distance_penalty_mm=distance_penalty_mm)
+    return [{"case": case, **row} for row in rows]
+
+
+def _init_worker() -> None:
+    # One thread per process: the pool is the parallelism, more threads would only compete.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _call(fn: Callable[..., Any], args: tuple) -> Any:
+    """``fn(*args)``, or the user-facing error it raised, returned rather than raised."""
+    try:
+        return fn(*args)
+    except (BesegError, OSError, ValueError, MemoryError) as err:
+        return err if isinstance(err, BesegError) else DataError(f"{args[0]}: {type(err).__name__}: {err}")
+
+
+def _map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, desc: str, progress: bool = True) -> list[Any]:
+    """``[fn(*job) for job in jobs]`` in a process pool of ``workers`` (in this process for 1).
+
+    A job's user-facing error (:class:`BesegError`, ``OSError``, ``ValueError``) is returned in
+    its place; a worker process that dies (killed for memory) fails the jobs it left unfinished.
+    """
+    from tqdm.auto import tqdm
+
+    results: list[Any] = [None] * len(jobs)
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                results[i] = _call(fn, job)
+                bar.update()
+            return results
+        # spawn, not fork: forking a process that holds torch's thread pools can deadlock the child.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
+                                 initializer=_init_worker) as pool:
+            futures = {pool.submit(_call, fn, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool:
+                    results[i] = DataError(f"{jobs[i][0]}: the worker process died (out of memory?); "
+                                           "try fewer --workers.")
+                bar.update()
+        return results
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------- scoring a folder
+
+
+@dataclass
+class ScoreResult:
+    """What :func:`score_predictions` scored and wrote.
+
+    Attributes:
+        out_dir: the folder holding ``per_case.csv`` and ``summary.json``.
+        name: the system name (the prediction folder's name unless given).
+        predictions: the prediction folder.
+        rows: the per-case rows, sorted by case, classes in order.
+        failed: ``(case, reason)`` of the cases that could not be scored.
+        missing: case ids with a label but no prediction.
+        extra: case ids with a prediction but no label.
+        summary: the ``summary.json`` object.
+    """
+
+    out_dir: Path
+    name: str
+    predictions: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when every labelled case had a prediction and was scored."""
+        return not self.failed and not self.missing
+
+
+def default_workers() -> int:
+    """Worker processes by default: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def _task_name(labels_dir: Path, source: str) -> str:
+    """A name for the labelled data: dataset.json's ``name``, else the dataset folder's name."""
+    if source.endswith("dataset.json"):
+        try:
+            name = json.loads(Path(source).read_text(encoding="utf-8")).get("name")
+            if isinstance(name, str) and name.strip():
+                return name.strip()
+        except (OSError, ValueError, AttributeError):
+            pass
+    folder = labels_dir.resolve()
+    return folder.parent.name if folder.name in ("labelsTr", "labelsTs", "gt_segmentations") else folder.name
+
+
+def score_predictions(
+    pred_dir: str | Path,
+    labels_dir: str | Path,
+    out_dir: str | Path,
+    classes: str | ClassSpec | None = None,
+    dataset_json: str | Path | None = None,
+    nsd_tolerance_mm: float = 1.0,
+    distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
+    affine_tol_mm: float = 1e-3,
+    workers: int | None = None,
+    name: str | None = None,
+    protocol: str | None = None,
+    only_predicted: bool = False,
+    progress: bool = True,
+) -> ScoreResult:
+    """Score every prediction of ``pred_dir`` against its label; write ``per_case.csv`` and ``summary.json``.
+
+    Args:
+        pred_dir: folder of predicted label maps, ``CASE.nii.gz`` or ``CASE.nii`` (nnU-Net's
+            ``nnUNetv2_predict`` output or ``fold_k/validation``, MONAI's ``SaveImage`` ...).
+        labels_dir: folder of ground-truth label maps with the same case ids (nnU-Net's
+            ``labelsTr`` or ``gt_segmentations``, MSD's ``labelsTr``).
+        out_dir: where to write the two files (created).
+        classes: the scored classes as ``"NAME=V[,V...];..."`` (a region joins several label
+            values) or a :data:`ClassSpec`; default see :func:`scored_classes`.
+        dataset_json: a ``dataset.json`` (MSD or nnU-Net v2) naming the classes.
+        nsd_tolerance_mm: NSD tolerance (mm).
+        distance_penalty_mm: HD95 and ASD of a class empty in exactly one mask (mm; default the
+            BraTS 373.13 mm); None leaves them undefined.
+        affine_tol_mm: largest allowed difference between a prediction's and its label's affine
+            entries (mm).
+        workers: worker processes (default :func:`default_workers`; 1 scores in this process).
+        name: the system's name in the summary (default the prediction folder's name).
+        protocol: how the predictions were made, if known: ``heldout`` (test cases), ``cv``
+            (out-of-fold, e.g. nnU-Net's ``fold_k/validation`` folders merged) or ``paper``
+            (cases that chose the checkpoint); recorded for the report. None: not recorded.
+        only_predicted: the predictions cover a chosen subset of the labelled cases (one
+            nnU-Net fold's ``validation`` folder against the whole ``labelsTr``): labels without a
+            prediction are listed in ``summary.json`` as ``not_predicted`` instead of ``missing``.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`ScoreResult`; unreadable cases and grid mismatches are in ``failed``.
+
+    Raises:
+        DataError: a folder is missing or holds no NIfTI file, a case has two files, the classes
+            cannot be determined, or no case has both a prediction and a label.
+        ConfigError: ``classes`` text is malformed.
+        ValueError: an invalid tolerance, penalty, worker count or protocol.
+    """
+    pred_dir, labels_dir, out_dir = Path(pred_dir), Path(labels_dir), Path(out_dir)
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
+    if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
+        raise ValueError(f"the NSD tolerance must be a finite number >= 0 mm, got {nsd_tolerance_mm}.")
+    if not (math.isfinite(affine_tol_mm) and affine_tol_mm >= 0):
+        raise ValueError(f"the affine tolerance must be a finite number >= 0 mm, got {affine_tol_mm}.")
+    if distance_penalty_mm is not None and math.isnan(distance_penalty_mm):
+        distance_penalty_mm = None
+    if distance_penalty_mm is not None and not (math.isfinite(distance_penalty_mm) and distance_penalty_mm >= 0):
+        raise ValueError(f"the distance penalty must be a finite number >= 0 mm (or nan), got {distance_penalty_mm}.")
+    if protocol is not None and protocol not in PROTOCOL_SPLITS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOL_SPLITS)}, got {protocol!r}.")
+    pairs, missing, extra = match_cases(pred_dir, labels_dir)
+    not_predicted = missing if only_predicted else []
+    missing = [] if only_predicted else missing
+    if not pairs:
+        raise DataError(f"{pred_dir}: none of its {len(extra)} prediction(s) has a label in {labels_dir} "
+                        "(cases are matched by file name without .nii/.nii.gz).")
+    spec, source = scored_classes(labels_dir, classes, dataset_json, workers)
+    name = name or pred_dir.resolve().name
+
+    jobs = [(case, pred, label, spec, nsd_tolerance_mm, distance_penalty_mm, affine_tol_mm) for case, pred, label in pairs]
+    result = ScoreResult(out_dir, name, pred_dir, missing=missing, extra=extra)
+    for (case, _, _), out in zip(pairs, _map(_score_case, jobs, workers, f"score {name}", progress)):
+        if isinstance(out, BaseException):
+            result.failed.append((case, str(out)))
+        else:
+            result.rows.extend(out)
+    result.summary = summarize(
+        result.rows, [n for n, _ in spec], result.failed, nsd_tolerance_mm, distance_penalty_mm,
+        task=_task_name(labels_dir, source), system=name, origin="beseg score", predictions=str(pred_dir.resolve()),
+        labels=str(labels_dir.resolve()), classes_from=source, class_values={n: list(v) for n, v in spec},
+        missing=missing, not_predicted=not_predicted, extra=extra, protocol=protocol, split=PROTOCOL_SPLITS.get(protocol or ""), folds=None,
+        selection=None, case_ids=[c for c, _, _ in pairs],
+    )
+    write_scores(out_dir, result.rows, result.summary)
+    return result
