@@ -1,4 +1,8 @@
-"""Tests of beseg.report.compare, demo and reproduce, and their CLI commands, on a tiny phantom."""
+"""Tests of beseg.report.compare, demo and reproduce, and their CLI commands, on a tiny phantom.
+
+The protocols: held-out (default; numbers on test cases only), paper (on the validation cases that
+chose best.pt) and k-fold cross-validation (out-of-fold, every case once, merged per run).
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,13 @@ import beseg.report.compare as compare_module
 from beseg.cli import main
 from beseg.data.phantom import make_phantom
 from beseg.engine.checkpoint import load_checkpoint
+from beseg.data import load_task, make_split
 from beseg.engine.config import load_config
+from beseg.engine.evaluate import evaluate
 from beseg.errors import ConfigError, DataError
+from beseg.report.collect import collect_results
 from beseg.report.compare import resolve_system, run_compare
-from beseg.report.demo import DEMO_OVERRIDES, demo_overrides
+from beseg.report.demo import DEMO_OVERRIDES, DEMO_PHANTOM, DEMO_SPLIT, demo_overrides
 
 # Tiny runs: 16^3 patches, 8 filters, 1 epoch of 2 steps of batch 1, one thread, no worker processes.
 TINY = ["train.epochs=1", "train.steps_per_epoch=2", "data.patch_size=[16,16,16]", "data.batch_size=1",
@@ -35,7 +42,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """A 10-case phantom spleen (8 train, 2 validation cases) of 32x32x12 voxels."""
+    """A 10-case phantom spleen (7 train, 1 validation, 2 test cases by default) of 32x32x12 voxels."""
     return make_phantom(tmp_path_factory.mktemp("data") / "phantom", cases=10, test_cases=0, size=(32, 32, 12),
                         progress=False)
 
@@ -87,9 +94,18 @@ def test_table_dice_is_mean_over_seeds_of_per_case_csv(compared):
         assert sd == pytest.approx(np.std(per_seed, ddof=1), abs=5e-4)
 
 
+def _csv_cases(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return sorted({r["case"] for r in csv.DictReader(f)})
+
+
 @pytest.mark.slow
-def test_every_run_uses_the_pinned_split_and_its_seed(compared):
+def test_every_run_is_scored_on_the_held_out_test_cases_only(compared, tiny_data):
     split = json.loads((compared / "split.json").read_text())
+    train, val, test = (set(split[k]) for k in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (7, 1, 2)
+    assert not train & val and not train & test and not val & test
+    assert train | val | test == {c.id for c in load_task(tiny_data).training}
     for system in ("segresnet_dice", "segresnet_be"):
         for k in (0, 1):
             run = compared / system / f"seed{k}"
@@ -97,9 +113,16 @@ def test_every_run_uses_the_pinned_split_and_its_seed(compared):
             assert config["train"]["seed"] == k
             assert config["system"] == system
             assert Path(config["data"]["split_file"]) == (compared / "split.json").resolve()
-            with open(run / "eval" / "per_case.csv", newline="") as f:
-                assert sorted({r["case"] for r in csv.DictReader(f)}) == sorted(split["val"])
-    assert len(split["val"]) == 2
+            assert _csv_cases(run / "eval" / "per_case.csv") == sorted(test)
+            summary = json.loads((run / "eval" / "summary.json").read_text())
+            assert (summary["protocol"], summary["split"], summary["folds"]) == ("heldout", "test", None)
+            assert summary["selection"] == "best.pt by val Dice" and sorted(summary["case_ids"]) == sorted(test)
+            assert Path(summary["checkpoint"]).name == "best.pt"
+    # What the report reads: per-case rows of test cases only.
+    results = collect_results(compared)
+    assert len(results.runs) == 4
+    assert all({r["case"] for r in run.per_case} == test for run in results.runs)
+    assert yaml.safe_load((compared / "compare.yaml").read_text())["protocol"] == "heldout"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +195,7 @@ def test_interrupted_training_resumes_where_it_stopped(tiny_data, tmp_path, monk
     run_compare(tiny_data, ["dice", "be"], 1, out, overrides=overrides, progress=False, log=lines.append,
                 report=False)
     assert spy.train_calls == [(run, True), (out / "segresnet_be" / "seed0", False)]
-    assert "resumes at epoch 2 of 2" in lines[1]
+    assert "resumes at epoch 2 of 2" in lines[2]  # after the comparison line and the protocol line
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()
             if json.loads(x)["kind"] == "train"] == [1, 2]
@@ -186,7 +209,105 @@ def test_changed_settings_are_refused_not_reused(compared, tiny_data):
 
 
 # ----------------------------------------------------------------------------------------------
+# (c) the paper protocol and k-fold cross-validation
+
+
+@pytest.mark.slow
+def test_paper_protocol_scores_the_validation_cases_and_says_so(tiny_data, tmp_path):
+    out = tmp_path / "paper"
+    lines: list[str] = []
+    run_compare(tiny_data, ["dice"], 1, out, overrides=_tiny(tmp_path), progress=False, report=False,
+                protocol="paper", log=lines.append)
+    split = json.loads((out / "split.json").read_text())
+    assert split["test"] == [] and (len(split["train"]), len(split["val"])) == (8, 2)  # the paper's 80/20
+    run = out / "segresnet_dice" / "seed0"
+    assert _csv_cases(run / "eval" / "per_case.csv") == sorted(split["val"])
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert (summary["protocol"], summary["split"], summary["selection"]) == ("paper", "val", "best.pt by val Dice")
+    assert any("protocol paper" in line and "optimistic" in line for line in lines)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["data"]["val_frac"], config["data"]["test_frac"]) == (0.2, 0.0)
+    # Nothing was held out: a test evaluation is refused, and so is a held-out comparison in this folder.
+    with pytest.raises(DataError, match="no test cases: a two-way train/val split"):
+        evaluate(run, tiny_data, split="test", out=tmp_path / "ev", progress=False)
+    with pytest.raises(ValueError, match="protocol 'heldout' does not fit split 'val'"):
+        evaluate(run, tiny_data, split="val", out=tmp_path / "ev", progress=False, protocol="heldout")
+    with pytest.raises(ConfigError, match="made with protocol paper, not protocol heldout"):
+        run_compare(tiny_data, ["dice"], 1, out, overrides=_tiny(tmp_path), progress=False, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_cross_validation_scores_every_case_once_and_merges_the_folds(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "cv"
+    run_compare(tiny_data, ["dice"], 1, out, overrides=_tiny(tmp_path), progress=False, report=False, folds=3,
+                log=lambda _: None)
+    ids = sorted(c.id for c in load_task(tiny_data).training)
+    folds = [json.loads((out / f"split_fold{f}.json").read_text()) for f in range(3)]
+    assert sorted(c for fold in folds for c in fold["test"]) == ids  # every case tested exactly once
+    seed = out / "segresnet_dice" / "seed0"
+    rows = []
+    for f, fold in enumerate(folds):
+        assert not (set(fold["train"]) | set(fold["val"])) & set(fold["test"])
+        fold_eval = seed / f"fold{f}" / "eval"
+        assert _csv_cases(fold_eval / "per_case.csv") == sorted(fold["test"])
+        assert json.loads((fold_eval / "summary.json").read_text())["protocol"] == "cv"
+        rows += list(csv.DictReader(open(fold_eval / "per_case.csv", newline="")))
+    merged = list(csv.DictReader(open(seed / "eval" / "per_case.csv", newline="")))
+    assert sorted(r["case"] for r in merged) == ids  # one class: one row per case
+    by_case = {r["case"]: r for r in rows}
+    for row in merged:  # the fold's own numbers, unchanged
+        assert float(row["dice"]) == pytest.approx(float(by_case[row["case"]]["dice"]), abs=1e-12)
+    summary = json.loads((seed / "eval" / "summary.json").read_text())
+    assert (summary["protocol"], summary["split"], summary["folds"]) == ("cv", "oof", 3)
+    assert sorted(summary["case_ids"]) == ids and summary["cases"] == len(ids)
+    assert summary["mean"]["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]), abs=1e-9)
+    assert sorted(p.name for p in (seed / "eval" / "predictions").iterdir()) == [f"{c}.nii.gz" for c in ids]
+    # The report reads the K folds as one run.
+    results = collect_results(out)
+    assert [(r.system, r.seed) for r in results.runs] == [("segresnet_dice", 0)]
+    assert sorted({r["case"] for r in results.runs[0].per_case}) == ids and results.runs[0].train
+
+    # Rerun: nothing trains or evaluates, the merge is kept; a lost merge is redone from the folds alone.
+    stamp = (seed / "eval" / "summary.json").stat().st_mtime_ns
+    spy = _Spy(monkeypatch)
+    run_compare(tiny_data, ["dice"], 1, out, overrides=_tiny(tmp_path), progress=False, report=False, folds=3,
+                log=lambda _: None)
+    assert spy.train_calls == [] and spy.eval_calls == []
+    assert (seed / "eval" / "summary.json").stat().st_mtime_ns == stamp
+    import shutil
+
+    shutil.rmtree(seed / "eval")
+    run_compare(tiny_data, ["dice"], 1, out, overrides=_tiny(tmp_path), progress=False, report=False, folds=3,
+                log=lambda _: None)
+    assert spy.train_calls == [] and spy.eval_calls == []
+    assert list(csv.DictReader(open(seed / "eval" / "per_case.csv", newline=""))) == merged
+    with pytest.raises(ConfigError, match="made with protocol cv with 3 folds, not protocol cv with 2 folds"):
+        run_compare(tiny_data, ["dice"], 1, out, overrides=_tiny(tmp_path), folds=2, log=lambda _: None)
+
+
+# ----------------------------------------------------------------------------------------------
 # naming and errors (fast)
+
+
+def test_protocol_arguments_and_a_two_way_split_are_refused_before_training(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="--protocol must be one of heldout, paper"):
+        run_compare(tiny_data, ["dice"], 1, tmp_path / "r", protocol="optimistic", log=lambda _: None)
+    with pytest.raises(ConfigError, match="--folds must be at least 2"):
+        run_compare(tiny_data, ["dice"], 1, tmp_path / "r", folds=1, log=lambda _: None)
+    with pytest.raises(ConfigError, match="the paper protocol has no test cases"):
+        run_compare(tiny_data, ["dice"], 1, tmp_path / "r", protocol="paper", folds=5, log=lambda _: None)
+    with pytest.raises(ConfigError, match="compare sets .*data.test_frac itself"):
+        run_compare(tiny_data, ["dice"], 1, tmp_path / "r", protocol="paper", overrides=["data.test_frac=0.3"],
+                    log=lambda _: None)
+    assert not (tmp_path / "r").exists()
+    # A results folder from before held-out test sets: a two-way split.json is never taken for a test set.
+    old = tmp_path / "old"
+    old.mkdir()
+    ids = sorted(c.id for c in load_task(tiny_data).training)
+    (old / "split.json").write_text(json.dumps({"seed": 0, "val_frac": 0.2, "train": ids[2:], "val": ids[:2]}))
+    with pytest.raises(DataError, match=r"split.json is a two-way train/val split .* cannot be a held-out test set"):
+        run_compare(tiny_data, ["dice"], 1, old, overrides=_tiny(tmp_path), log=lambda _: None)
+    assert sorted(p.name for p in old.iterdir()) == ["split.json"]  # nothing trained
 
 
 def test_system_names_aliases_and_yaml(tmp_path):
@@ -212,10 +333,18 @@ def test_pinned_keys_and_bad_data_are_refused(tiny_data, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_demo_runs_the_phantom_presets_own_schedule():
-    assert demo_overrides() == DEMO_OVERRIDES == []
-    preset, _ = load_config("phantom_spleen_segresnet_be")
-    assert preset.data.patch_size == (48, 48, 48) and (preset.train.epochs, preset.train.steps_per_epoch) == (12, 32)
+def test_demo_runs_the_phantom_presets_own_schedule_on_16_test_cases():
+    assert demo_overrides() == DEMO_OVERRIDES
+    assert not [o for o in DEMO_OVERRIDES if not o.startswith(("data.test_frac=", "data.val_frac="))]
+    preset, _ = load_config("phantom_spleen_segresnet_be", DEMO_OVERRIDES)
+    shipped, _ = load_config("phantom_spleen_segresnet_be")
+    assert (preset.data.patch_size, preset.train) == (shipped.data.patch_size, shipped.train)  # the same schedule
+    # Enough paired test cases for an exact Wilcoxon test to reach p < 0.001 (2 / 2^n), and cases left to train on.
+    ids = [f"case{i}" for i in range(DEMO_PHANTOM["cases"])]
+    split = make_split(ids, val_frac=preset.data.val_frac, test_frac=preset.data.test_frac)
+    assert len(split.test) >= 16 and 2 / 2 ** len(split.test) < 1e-3
+    assert (len(split.train), len(split.val)) == (20, 4)
+    assert DEMO_SPLIT == {"test_frac": preset.data.test_frac, "val_frac": preset.data.val_frac}
     tiny = demo_overrides(epochs=1, steps=2, patch=16, init_filters=8)
     assert "train.epochs=1" in tiny and "data.patch_size=[16,16,16]" in tiny and "train.val_every=1" in tiny
 
@@ -269,6 +398,9 @@ def test_cli_demo_tiny(tmp_path, capsys):
     assert f"open it: {(out / 'report' / 'report.html').resolve().as_uri()}" in text
     md = (out / "report" / "report.md").read_text()
     assert "segresnet_be" in md and "segresnet_dice" in md
+    test = json.loads((out / "split.json").read_text())["test"]
+    assert len(test) == 4  # 40 % of 10 phantom cases
+    assert _csv_cases(out / "segresnet_be" / "seed0" / "eval" / "per_case.csv") == sorted(test)
     assert main(argv) == 0  # reuses the folder
     assert capsys.readouterr().out.count("skipped") == 2
 

@@ -22,6 +22,7 @@ from beseg.data import (
     load_or_make_split,
     load_split,
     load_task,
+    make_folds,
     make_split,
     msd_brats_regions,
     preset_for_task,
@@ -162,34 +163,97 @@ def test_missing_folder_and_dataset_json(tmp_path):
 
 # ---- splits ----------------------------------------------------------------------------------
 
-def test_split_is_seeded_disjoint_and_has_paper_sizes():
+def test_split_is_seeded_three_way_and_disjoint():
     ids = [f"c{i}" for i in range(41)]
     a, b = make_split(ids, seed=3), make_split(list(reversed(ids)), seed=3)
-    assert a == b
-    assert make_split(ids, seed=4).val != a.val
-    assert (len(a.train), len(a.val)) == (33, 8) and not set(a.train) & set(a.val)
+    assert a == b and a.protocol == "heldout"
+    assert make_split(ids, seed=4).test != a.test
+    # defaults: 20 % test, 10 % validation of all cases, floor, at least 1
+    assert (len(a.train), len(a.val), len(a.test)) == (29, 4, 8)
+    assert sorted(a.train + a.val + a.test) == sorted(ids)
+    assert not set(a.train) & set(a.val) and not set(a.train) & set(a.test) and not set(a.val) & set(a.test)
+    tiny = make_split([f"c{i}" for i in range(5)])
+    assert (len(tiny.train), len(tiny.val), len(tiny.test)) == (3, 1, 1)
+    assert len(make_split([f"c{i}" for i in range(100)], test_frac=0.29).test) == 29  # 0.29 * 100 is 28.999...
+    assert len(make_split(ids, n_test=16, n_val=4).test) == 16
+    with pytest.raises(ValueError, match="val_frac"):
+        make_split(ids, val_frac=1.5)
+    with pytest.raises(ValueError, match="test_frac"):
+        make_split(ids, test_frac=-0.1)
+    with pytest.raises(ValueError, match="leave no training case"):
+        make_split(ids[:3], n_test=2, n_val=1)
+
+
+def test_two_way_split_has_paper_sizes_and_the_same_validation_cases():
+    ids = [f"c{i}" for i in range(41)]
+    paper = make_split(ids, val_frac=0.2, test_frac=0, seed=3)
+    assert paper.protocol == "paper" and paper.test == [] and (len(paper.train), len(paper.val)) == (33, 8)
     spleen, brain = get_preset("task09"), get_preset("task01")
     assert spleen.default_val_count(41) == 9 and brain.default_val_count(484) == 96
     assert spleen.default_val_count(40) is None
-    assert len(make_split([f"c{i}" for i in range(484)], n_val=96).train) == 388
-    with pytest.raises(ValueError, match="val_frac"):
-        make_split(ids, val_frac=1.5)
+    assert len(make_split([f"c{i}" for i in range(484)], n_val=96, test_frac=0).train) == 388
+    # The same cases as the two-way splits made before test sets existed: the first n_val of the seeded permutation.
+    order = np.random.default_rng(3).permutation(41)
+    assert paper.val == sorted(sorted(ids)[i] for i in order[:8])
+
+
+def test_folds_test_every_case_exactly_once():
+    ids = [f"c{i}" for i in range(23)]
+    folds = make_folds(ids, 5, seed=2)
+    assert [f.fold for f in folds] == list(range(5)) and {f.folds for f in folds} == {5}
+    assert {f.protocol for f in folds} == {"cv"}
+    tested = [c for f in folds for c in f.test]
+    assert sorted(tested) == sorted(ids)  # each case once
+    assert sorted(len(f.test) for f in folds) == [4, 4, 5, 5, 5]
+    for f in folds:
+        assert len(f.val) == 2  # floor(0.1 * 23)
+        assert sorted(f.train + f.val + f.test) == sorted(ids)
+        assert not (set(f.train) | set(f.val)) & set(f.test) and not set(f.train) & set(f.val)
+    assert make_folds(list(reversed(ids)), 5, seed=2) == folds
+    assert make_folds(ids, 5, seed=3) != folds
+    with pytest.raises(ValueError, match="folds must be an integer >= 2"):
+        make_folds(ids, 1)
+    assert [len(f.train) for f in make_folds(ids[:3], 3)] == [1, 1, 1]  # 1 test, 1 validation, 1 training case
+    with pytest.raises(ValueError, match="too few for 2 folds"):
+        make_folds(ids[:2], 2)
 
 
 def test_split_file_roundtrip_and_validation(tmp_path):
     ids = [f"c{i}" for i in range(10)]
     path = save_split(make_split(ids, seed=1), tmp_path / "s" / "split.json")
+    assert json.loads(path.read_text())["test"] == make_split(ids, seed=1).test
     assert load_split(path, known_ids=ids) == make_split(ids, seed=1)
+    assert [p.name for p in path.parent.iterdir()] == ["split.json"]  # no temporary file left
     # An existing split file wins over new arguments: every loss sees the same cases.
-    assert load_or_make_split(path, ids, seed=99) == make_split(ids, seed=1)
+    assert load_or_make_split(path, ids, seed=99, test_frac=0.5) == make_split(ids, seed=1)
+    fold = save_split(make_folds(ids, 3)[2], tmp_path / "fold2.json")
+    assert load_split(fold) == make_folds(ids, 3)[2]
     with pytest.raises(DataError, match=r"split.json: case ids not in the task's dataset.json: c0"):
         load_split(path, known_ids=ids[1:])
-    path.write_text(json.dumps({"train": ["a", "b"], "val": ["b"]}))
-    with pytest.raises(DataError, match="cases in both train and val: b"):
-        load_split(path)
+    for raw, message in [
+        ({"train": ["a", "b"], "val": ["b"]}, "cases in both train and val: b"),
+        ({"train": ["a"], "val": ["b"], "test": ["a"]}, "cases in both train and test: a"),
+        ({"train": ["a"], "val": ["b"], "test": "c"}, "'test' must be a list of case id strings"),
+        ({"train": ["a"], "val": ["b"], "test": ["c"], "fold": 3, "folds": 3}, "0 <= fold < folds"),
+    ]:
+        path.write_text(json.dumps(raw))
+        with pytest.raises(DataError, match=message):
+            load_split(path)
     path.write_text("{")
     with pytest.raises(DataError, match="cannot read split file"):
         load_split(path)
+
+
+def test_a_two_way_split_file_is_the_paper_protocol_never_a_held_out_one(tmp_path):
+    ids = [f"c{i}" for i in range(10)]
+    path = tmp_path / "split.json"
+    # A file from before test sets existed: no "test" key.
+    path.write_text(json.dumps({"seed": 0, "val_frac": 0.2, "train": ids[2:], "val": ids[:2]}))
+    old = load_split(path, known_ids=ids)
+    assert old.test == [] and old.protocol == "paper"
+    with pytest.raises(DataError, match="two-way train/val split with no 'test' cases.*data.test_frac is 0.2"):
+        load_or_make_split(path, ids)
+    assert load_or_make_split(path, ids, test_frac=0) == old  # the paper protocol, asked for explicitly
 
 
 # ---- presets: the paper's normalisation and label conversion --------------------------------
@@ -311,8 +375,11 @@ def test_build_task_data_end_to_end(tmp_path):
     root = make_task(tmp_path / "T", n=5)
     data = build_task_data(load_task(root), get_preset("phantom-spleen"), cache_dir=tmp_path / "cache",
                            patch_size=(8, 8, 4))
-    assert (len(data.split.train), len(data.split.val)) == (4, 1)
+    assert (len(data.split.train), len(data.split.val), len(data.split.test)) == (3, 1, 1)
     assert (tmp_path / "cache" / "split.json").is_file()
+    # The held-out case is in neither dataset.
+    assert sorted(d["id"] for d in data.train.data) == data.split.train
+    assert [d["id"] for d in data.val.data] == data.split.val
     assert data.out_channels == 2 and data.activation == "softmax"
     sample = data.train[0][0]
     assert sample["image"].shape == (1, 8, 8, 4)
@@ -367,6 +434,75 @@ def test_check_reports_every_problem_with_file_names(tmp_path):
         assert any(str(path.resolve()) in p and text in p for p in probs), (text, probs)
     with pytest.raises(DataError, match="6 problem"):
         report.raise_for_problems()
+
+
+def _five_bad_cases(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A task of six cases, five of them bad in five ways; returns the folder and case -> expected problem."""
+    root = make_task(tmp_path / "T", n=6)
+    write_nii(root / "labelsTr" / "case_0.nii.gz", np.zeros((8, 8, 5), np.uint8))
+    nan = np.zeros((8, 8, 6), np.float32)
+    nan[3, 3, 3] = np.nan
+    write_nii(root / "imagesTr" / "case_1.nii.gz", nan)
+    undeclared = np.zeros((8, 8, 6), np.uint8)
+    undeclared[0, 0, 0] = 4
+    write_nii(root / "labelsTr" / "case_2.nii.gz", undeclared)
+    (root / "imagesTr" / "case_3.nii.gz").unlink()
+    # A valid label outside the folder, with a value that would be reported if it were ever read.
+    write_nii(tmp_path / "outside.nii.gz", np.full((8, 8, 6), 9, np.uint8))
+    edit_json(root, lambda m: m["training"][4].update(label="../outside.nii.gz"))
+    return root, {
+        "case_0": "shape (8, 8, 5) does not match image shape (8, 8, 6)",
+        "case_1": "1 NaN and 0 Inf voxel(s)",
+        "case_2": "label values [4] are not declared",
+        "case_3": "case_3.nii.gz: file not found",
+        "case_4": "training[4]: path '../outside.nii.gz' resolves to",
+    }
+
+
+def test_check_lists_every_problem_of_every_case_path_escapes_included(tmp_path):
+    root, expected = _five_bad_cases(tmp_path)
+    report = check_task(root, progress=False)
+    assert report.bad_cases == list(expected)
+    by_case = {c.id: c.problems for c in report.cases}
+    for case, problem in expected.items():
+        assert len(by_case[case]) == 1 and problem in by_case[case][0], (case, by_case[case])
+    assert "outside the task folder" in by_case["case_4"][0]
+    assert not any("[9]" in p for p in report.all_problems)  # the escaping file was never read
+    assert by_case["case_5"] == [] and report.problems == []
+    # The image of the entry with the escaping label is still checked.
+    write_nii(root / "imagesTr" / "case_4.nii.gz", np.full((8, 8, 6), np.inf, np.float32))
+    assert any("case_4.nii.gz: 0 NaN and 384 Inf" in p for p in check_task(root, progress=False).cases[4].problems)
+
+
+def test_cli_check_and_train_name_all_five_bad_cases(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BESEG_CACHE_DIR", str(tmp_path / "cache"))
+    root, expected = _five_bad_cases(tmp_path)
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: 5 problem(s):" in out
+    for case, problem in expected.items():
+        assert any(problem in line for line in out.splitlines()), (case, out)
+        assert any(line.startswith(case) and "1 problem(s)" in line for line in out.splitlines()), (case, out)
+    run = tmp_path / "run"
+    argv = ["train", "phantom_spleen_segresnet_dice", "--data", str(root), "--out", str(run), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "5 problem(s) in 5 case(s) (case_0, case_1, case_2, case_3, case_4)" in err
+    assert all(problem in err for problem in expected.values())
+    assert not (run / "checkpoints").exists()
+
+
+def test_load_task_names_every_bad_entry_in_one_error(tmp_path):
+    root = make_task(tmp_path / "T", n=4)
+    edit_json(root, lambda m: (m["training"][0].update(label="/etc/passwd"), m["training"][2].pop("image"),
+                               m["training"].append(dict(m["training"][1])), m.update(numTraining=5)))
+    with pytest.raises(DataError) as err:
+        load_task(root)
+    msg = str(err.value)
+    assert msg.startswith(f"{root.resolve() / 'dataset.json'}: 3 problems: ")
+    assert "training[0]: absolute path '/etc/passwd'" in msg and "training[2]: missing required key 'image'" in msg
+    assert "training[4]: case 'case_1' is listed twice (also training[1])" in msg
 
 
 def test_check_corrupt_and_wrong_channel_files(tmp_path):

@@ -1,8 +1,10 @@
 """``beseg data check``: validate an MSD task folder before anyone spends GPU hours on it.
 
-Every problem is collected (not just the first): missing files, unreadable or corrupt NIfTI,
-image/label shape or affine mismatches, wrong channel counts, NaN/Inf voxels, non-integer or
-undeclared label values. Each problem names the file and says what is wrong.
+Every problem of every case is collected in one run (not just the first): entries of
+``dataset.json`` whose path leaves the task folder or that repeat a case, missing files, unreadable
+or corrupt NIfTI, image/label shape or affine mismatches, wrong channel counts, NaN/Inf voxels,
+non-integer or undeclared label values. Each problem names the file (or the ``dataset.json``
+entry) and says what is wrong. A file whose path leaves the task folder is never read.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from beseg.data.msd import Case, MSDTask, is_apple_double, load_task
+from beseg.data.msd import BadEntry, MSDTask, is_apple_double, load_task, parse_task
 from beseg.data.nifti import NiftiHeader, read_array
 from beseg.errors import DataError
+from beseg.fileio import atomic_write_text
 
 __all__ = ["CaseReport", "CheckReport", "check_task", "require_valid_task"]
 
@@ -71,11 +74,18 @@ class CheckReport:
         """True when no problem was found."""
         return not self.all_problems
 
+    @property
+    def bad_cases(self) -> list[str]:
+        """Ids of the cases with at least one problem, in ``dataset.json`` order."""
+        return [c.id for c in self.cases if c.problems]
+
     def raise_for_problems(self) -> None:
-        """Raise one :class:`DataError` listing every problem (for ``beseg train`` before it starts)."""
+        """Raise one :class:`DataError` naming every bad case and listing every problem (for
+        ``beseg train`` before it starts)."""
         if not self.ok:
-            probs = self.all_problems
-            raise DataError(f"{self.root}: {len(probs)} problem(s): " + "; ".join(probs))
+            probs, bad = self.all_problems, self.bad_cases
+            where = f" in {len(bad)} case(s) ({', '.join(bad)})" if bad else ""
+            raise DataError(f"{self.root}: {len(probs)} problem(s){where}: " + "; ".join(probs))
 
     def format_table(self) -> str:
         """Per-case table: id, shape (voxels), spacing (mm), channels, label volumes (mL), status."""
@@ -133,42 +143,50 @@ def _check_image(path: Path, num_channels: int, problems: list[str]) -> NiftiHea
     return header
 
 
-def _check_case(case: Case, task: MSDTask, affine_tol: float) -> CaseReport:
-    rep = CaseReport(case.id)
-    ih = _check_image(case.image, task.num_channels, rep.problems)
-    if ih is not None:
-        rep.shape, rep.spacing, rep.channels = ih.spatial_shape, ih.spacing, ih.channels
+def _check_case(rep: CaseReport, image: Path | None, label: Path | None, task: MSDTask,
+                affine_tol: float) -> CaseReport:
+    """Append the problems of one case's files to ``rep``; a ``None`` path (one that does not
+    resolve inside the task folder) is not read."""
+    missing = [p for p in (image, label) if p is not None and not p.is_file()]
+    rep.problems.extend(f"{p}: file not found (listed in dataset.json)" for p in missing)
+    ih = None
+    if image is not None and image not in missing:
+        ih = _check_image(image, task.num_channels, rep.problems)
+        if ih is not None:
+            rep.shape, rep.spacing, rep.channels = ih.spatial_shape, ih.spacing, ih.channels
+    if label is None or label in missing:
+        return rep
     try:
-        label, lh = read_array(case.label)
+        label_array, lh = read_array(label)
     except DataError as err:
         rep.problems.append(str(err))
         return rep
     if len(lh.shape) != 3:
-        rep.problems.append(f"{case.label}: a label map must be 3D, got shape {lh.shape}")
+        rep.problems.append(f"{label}: a label map must be 3D, got shape {lh.shape}")
         return rep
     if ih is not None:
         if lh.spatial_shape != ih.spatial_shape:
-            rep.problems.append(f"{case.label}: shape {lh.spatial_shape} does not match image shape "
-                                f"{ih.spatial_shape} of {case.image.name}")
+            rep.problems.append(f"{label}: shape {lh.spatial_shape} does not match image shape "
+                                f"{ih.spatial_shape} of {image.name}")
         elif not np.allclose(lh.affine, ih.affine, atol=affine_tol, rtol=0):
             diff = float(np.abs(lh.affine - ih.affine).max())
-            rep.problems.append(f"{case.label}: affine differs from the image's by up to {diff:.4g} "
+            rep.problems.append(f"{label}: affine differs from the image's by up to {diff:.4g} "
                                 f"(tolerance {affine_tol:g})")
-    values = np.unique(label)
+    values = np.unique(label_array)
     if np.issubdtype(values.dtype, np.floating):
         if not np.all(np.isfinite(values)):
-            rep.problems.append(f"{case.label}: NaN or Inf label values")
+            rep.problems.append(f"{label}: NaN or Inf label values")
             values = values[np.isfinite(values)]
         frac = values[values != np.round(values)]
         if frac.size:
-            rep.problems.append(f"{case.label}: non-integer label values, e.g. {', '.join(f'{v:g}' for v in frac[:5])}")
+            rep.problems.append(f"{label}: non-integer label values, e.g. {', '.join(f'{v:g}' for v in frac[:5])}")
             values = values[values == np.round(values)]
     undeclared = sorted(int(v) for v in values if int(v) not in task.labels)
     if undeclared:
-        rep.problems.append(f"{case.label}: label values {undeclared} are not declared in dataset.json "
+        rep.problems.append(f"{label}: label values {undeclared} are not declared in dataset.json "
                             f"'labels' ({sorted(task.labels)})")
     voxel_ml = float(np.prod(lh.spacing)) / 1000.0
-    counts = {int(v): int(n) for v, n in zip(*np.unique(label, return_counts=True)) if v == np.round(v)}
+    counts = {int(v): int(n) for v, n in zip(*np.unique(label_array, return_counts=True)) if v == np.round(v)}
     rep.label_volumes = {k: counts.get(k, 0) * voxel_ml for k in task.labels if k != 0}
     return rep
 
@@ -188,22 +206,28 @@ def check_task(root: str | Path, affine_tol: float = 1e-3, progress: bool | None
     root = Path(root)
     report = CheckReport(root)
     try:
-        task = load_task(root, check_files=False)
+        parsed = parse_task(root)
     except DataError as err:
         report.problems.append(str(err))
         return report
+    task = parsed.task
     report.task, report.root = task, task.root
+    report.problems.extend(parsed.problems)
     report.ignored = sum(1 for sub in ("imagesTr", "labelsTr", "imagesTs") if (task.root / sub).is_dir()
                          for p in (task.root / sub).iterdir() if is_apple_double(p))
-    for case in tqdm(task.training, desc="checking", unit="case", disable=None if progress is None else not progress):
-        missing = [p for p in (case.image, case.label) if not p.is_file()]
-        if missing:
-            report.cases.append(CaseReport(case.id, problems=[f"{p}: file not found (listed in dataset.json)"
-                                                              for p in missing]))
-            continue
-        report.cases.append(_check_case(case, task, affine_tol))
+    disable = None if progress is None else not progress  # None: tqdm decides (a bar on a terminal only)
+    for entry in tqdm(parsed.entries, desc="checking", unit="case", disable=disable):
+        if isinstance(entry, BadEntry):
+            # The entry's own problems, then whatever its files that do resolve inside the folder show.
+            rep = CaseReport(entry.case, problems=list(entry.problems))
+            report.cases.append(_check_case(rep, entry.image, entry.label, task, affine_tol))
+        else:
+            report.cases.append(_check_case(CaseReport(entry.id), entry.image, entry.label, task, affine_tol))
     for path in task.test:
         report.test_images += 1
+        if not path.is_file():
+            report.problems.append(f"{path}: file not found (listed in dataset.json 'test')")
+            continue
         _check_image(path, task.num_channels, report.problems)
     return report
 
@@ -227,7 +251,7 @@ def require_valid_task(root: str | Path, cache_dir: str | Path | None = None, pr
     try:
         task = load_task(root, check_files=False)
         files = [root / "dataset.json", *(p for c in task.training for p in (c.image, c.label)), *task.test]
-        h = hashlib.sha1(f"check v1 {root.resolve()}".encode())
+        h = hashlib.sha1(f"check v2 {root.resolve()}".encode())  # v2: entries checked one by one
         for path in files:
             st = path.stat()
             h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -239,7 +263,6 @@ def require_valid_task(root: str | Path, cache_dir: str | Path | None = None, pr
     check_task(root, progress=progress).raise_for_problems()
     if marker is not None:
         try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("passed\n")
+            atomic_write_text(marker, "passed\n")
         except OSError:
             pass  # a read-only cache only costs a re-check next time

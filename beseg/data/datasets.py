@@ -27,7 +27,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from beseg.data.intensity import IntensityRange, default_cache_dir, foreground_percentiles
 from beseg.data.msd import MSDTask
 from beseg.data.presets import TaskPreset
-from beseg.data.splits import Split, load_or_make_split
+from beseg.data.splits import DEFAULT_TEST_FRAC, DEFAULT_VAL_FRAC, Split, load_or_make_split, load_split
 
 __all__ = ["TaskData", "build_task_data", "make_dataset", "CacheMode"]
 
@@ -41,7 +41,8 @@ class TaskData:
     Attributes:
         task: the parsed folder.
         preset: the preset used.
-        split: the train/validation case ids.
+        split: the train/validation/test case ids (the test cases are in no dataset here: no
+            training or selection decision sees them).
         stats: training-set intensity range (``None`` unless the preset needs it).
         train: dataset of random patches (see :meth:`TaskPreset.train_transforms`).
         val: dataset of whole resampled volumes (see :meth:`TaskPreset.val_transforms`).
@@ -105,10 +106,13 @@ def _tag(preset: TaskPreset, stats: IntensityRange | None) -> str:
 
 def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | None = None,
                     cache_dir: str | Path | None = None, patch_size: Sequence[int] | None = None,
-                    cache: CacheMode = "memory", val_frac: float = 0.2, seed: int = 0,
+                    cache: CacheMode = "memory", val_frac: float = DEFAULT_VAL_FRAC, seed: int = 0,
                     num_samples: int = 1, pos: float = 1.0, neg: float = 1.0,
-                    progress: bool = False) -> TaskData:
+                    progress: bool = False, test_frac: float | None = None) -> TaskData:
     """Split the task, compute training-set statistics, and build the train and validation datasets.
+
+    The test cases of the split are held out: they are in neither dataset, and the intensity
+    statistics come from the training cases alone.
 
     Args:
         task: from :func:`beseg.data.load_task`.
@@ -118,8 +122,10 @@ def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | 
             :func:`beseg.data.default_cache_dir`.
         patch_size: training patch (voxels); default the preset's.
         cache: see :func:`make_dataset`.
-        val_frac, seed: for a new split; the paper's validation size is used when the folder has
-            the paper's number of cases.
+        val_frac, test_frac, seed: for a new split (see :func:`beseg.data.make_split`); with
+            ``test_frac=0`` (the paper's two-way protocol) the paper's validation size is used when
+            the folder has the paper's number of cases. ``test_frac=None`` takes an existing split
+            file as it is (two-way or not) and makes a new one with the default test fraction.
         num_samples, pos, neg: patch sampling, see :meth:`TaskPreset.train_transforms`.
         progress: show progress bars.
 
@@ -127,14 +133,19 @@ def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | 
         The :class:`TaskData`.
 
     Raises:
-        DataError: the task does not fit the preset, the split file is invalid, or the training
-            images cannot be read for the statistics.
+        DataError: the task does not fit the preset, the split file is invalid (or a two-way
+            split while ``test_frac > 0``), or the training images cannot be read for the statistics.
     """
     preset.validate(task)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(task.root)
     ids = [c.id for c in task.training]
-    split = load_or_make_split(split_file or cache_dir / "split.json", ids, val_frac=val_frac, seed=seed,
-                               n_val=preset.default_val_count(len(ids), val_frac))
+    paper_val = preset.default_val_count(len(ids), val_frac) if test_frac == 0 else None
+    path = Path(split_file) if split_file else cache_dir / "split.json"
+    if test_frac is None:
+        split = load_split(path, known_ids=ids) if path.exists() else \
+            load_or_make_split(path, ids, val_frac=val_frac, seed=seed, test_frac=DEFAULT_TEST_FRAC)
+    else:
+        split = load_or_make_split(path, ids, val_frac=val_frac, seed=seed, n_val=paper_val, test_frac=test_frac)
     train_cases = [task.case(i) for i in split.train]
     stats = foreground_percentiles(train_cases, cache_dir, progress=progress) \
         if preset.needs_intensity_stats else None

@@ -5,8 +5,12 @@ inside the real MSD archives are never read: they are skipped when a folder is l
 entry of ``dataset.json`` that names one is an error. Every listed path must resolve inside the
 task folder (no absolute paths, no ``..`` or symlink that leads out of it).
 
-Every problem raises :class:`beseg.errors.DataError`, and the ``dataset.json`` parser raises
-nothing else, whatever the file contains.
+Two entry points. :func:`parse_task` reads the file and collects what is wrong with each
+``training``/``test`` entry (a path that leaves the folder, a duplicate, a missing key) without
+stopping, so ``beseg data check`` can list every bad case in one run; only a file that cannot be
+read as a task at all (no folder, invalid JSON, a required key missing or of the wrong type)
+raises. :func:`load_task` raises one :class:`beseg.errors.DataError` listing every problem.
+The parser raises nothing but ``DataError``, whatever the file contains.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 
 from beseg.errors import DataError
 
-__all__ = ["Case", "MSDTask", "load_task", "is_apple_double", "list_nifti", "case_id"]
+__all__ = ["BadEntry", "Case", "MSDTask", "ParsedTask", "load_task", "parse_task", "is_apple_double", "list_nifti",
+           "case_id"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -147,28 +152,54 @@ def _int_keyed(mapping: dict, key: str, where: str) -> dict[int, str]:
     return out
 
 
-def load_task(root: str | Path, check_files: bool = True) -> MSDTask:
-    """Parse ``root/dataset.json`` into an :class:`MSDTask`.
+@dataclass(frozen=True)
+class BadEntry:
+    """A ``training`` entry of ``dataset.json`` that cannot be used as a case.
 
-    Args:
-        root: the task folder, e.g. ``Task09_Spleen``.
-        check_files: also verify that every listed image and label exists; all missing files are
-            reported together in one error.
-
-    Returns:
-        The parsed task, with absolute paths.
-
-    Raises:
-        DataError: the folder or ``dataset.json`` is missing or invalid JSON; a required key
-            (``name``, ``modality``, ``labels``, ``training``) is missing or of the wrong type;
-            ``numTraining`` disagrees with ``training``; a path is absolute, escapes the folder or
-            names a ``._`` file; a case is listed twice; or (``check_files``) files are missing.
+    Attributes:
+        where: the entry, ``training[3]``.
+        case: the case id from its image path when there is one (``spleen_3``), else ``where``.
+        problems: one message per problem, each naming ``dataset.json`` and the entry.
+        image: the image path if it resolved inside the task folder (it may still be missing), else ``None``.
+        label: the same for the label.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root}: task folder not found")
-    root = root.resolve()
-    where = str(root / "dataset.json")
+
+    where: str
+    case: str
+    problems: tuple[str, ...]
+    image: Path | None = None
+    label: Path | None = None
+
+
+@dataclass
+class ParsedTask:
+    """What :func:`parse_task` found.
+
+    Attributes:
+        task: the task, with the usable training cases only.
+        entries: every ``training`` entry in file order: a :class:`Case` or a :class:`BadEntry`.
+        problems: problems of the file itself and of its ``test`` entries (``numTraining``
+            disagreeing with ``training``, a ``test`` path leaving the folder...).
+        test_index: for each path in ``task.test``, its index in ``dataset.json``'s ``test``.
+    """
+
+    task: MSDTask
+    entries: list[Case | BadEntry] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    test_index: list[int] = field(default_factory=list)
+
+    @property
+    def bad_entries(self) -> list[BadEntry]:
+        """The training entries that are not usable cases."""
+        return [e for e in self.entries if isinstance(e, BadEntry)]
+
+    @property
+    def all_problems(self) -> list[str]:
+        """File-level problems, then every bad entry's."""
+        return [*self.problems, *(p for e in self.bad_entries for p in e.problems)]
+
+
+def _read_meta(root: Path, where: str) -> dict:
     try:
         text = (root / "dataset.json").read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -179,8 +210,58 @@ def load_task(root: str | Path, check_files: bool = True) -> MSDTask:
         meta = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:  # a few thousand nested brackets
+        raise DataError(f"{where}: invalid JSON: nested too deeply") from None
     if not isinstance(meta, dict):
         raise DataError(f"{where}: top level must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _training_entry(root: Path, entry: Any, ewhere: str, seen: dict[str, str]) -> Case | BadEntry:
+    """One ``training`` entry as a case, or everything that is wrong with it."""
+    if not isinstance(entry, dict):
+        return BadEntry(ewhere, ewhere, (f"{ewhere} must be an object with 'image' and 'label', got "
+                                         f"{type(entry).__name__}",))
+    problems: list[str] = []
+    paths: dict[str, Path | None] = {}
+    for key in ("image", "label"):
+        try:
+            paths[key] = _resolve(root, _expect(entry, key, str, ewhere), ewhere)
+        except DataError as err:
+            problems.append(str(err))
+            paths[key] = None
+    rel = entry.get("image")
+    cid = case_id(rel) if isinstance(rel, str) and rel.strip() else ewhere
+    if cid != ewhere:
+        if cid in seen:
+            problems.append(f"{ewhere}: case {cid!r} is listed twice (also {seen[cid]})")
+        else:
+            seen[cid] = ewhere.rsplit(": ", 1)[-1]
+    if problems:
+        return BadEntry(ewhere.rsplit(": ", 1)[-1], cid, tuple(problems), paths["image"], paths["label"])
+    return Case(cid, paths["image"], paths["label"])
+
+
+def parse_task(root: str | Path) -> ParsedTask:
+    """Parse ``root/dataset.json``, collecting the problems of every entry instead of stopping at one.
+
+    Args:
+        root: the task folder, e.g. ``Task09_Spleen``.
+
+    Returns:
+        A :class:`ParsedTask`; its ``task`` holds the usable cases (absolute paths inside the
+        folder), its ``entries`` every training entry, and nothing is read but ``dataset.json``.
+
+    Raises:
+        DataError: the folder or ``dataset.json`` is missing or not valid JSON, or a required key
+            (``name``, ``modality``, ``labels``, ``training``) is missing or of the wrong type.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: task folder not found")
+    root = root.resolve()
+    where = str(root / "dataset.json")
+    meta = _read_meta(root, where)
 
     name = _expect(meta, "name", str, where)
     modality = _int_keyed(_expect(meta, "modality", dict, where), "modality", where)
@@ -191,41 +272,80 @@ def load_task(root: str | Path, check_files: bool = True) -> MSDTask:
         raise DataError(f"{where}: 'modality' keys must be 0..{len(modality) - 1}, got {sorted(modality)}")
     if 0 not in labels:
         raise DataError(f"{where}: 'labels' must declare 0 (background), got {sorted(labels)}")
-    entries = _expect(meta, "training", list, where)
+    raw_entries = _expect(meta, "training", list, where)
 
-    training: list[Case] = []
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(entries):
-        ewhere = f"{where}: training[{i}]"
-        if not isinstance(entry, dict):
-            raise DataError(f"{ewhere} must be an object with 'image' and 'label', got {type(entry).__name__}")
-        image = _resolve(root, _expect(entry, "image", str, ewhere), ewhere)
-        label = _resolve(root, _expect(entry, "label", str, ewhere), ewhere)
-        cid = case_id(image)
-        if cid in seen:
-            raise DataError(f"{ewhere}: case {cid!r} is listed twice (also training[{seen[cid]}])")
-        seen[cid] = i
-        training.append(Case(cid, image, label))
-
+    seen: dict[str, str] = {}
+    entries = [_training_entry(root, entry, f"{where}: training[{i}]", seen) for i, entry in enumerate(raw_entries)]
+    problems: list[str] = []
     if "numTraining" in meta:
-        num = _expect(meta, "numTraining", int, where)
-        if num != len(training):
-            raise DataError(f"{where}: numTraining is {num} but 'training' lists {len(training)} cases")
+        try:
+            num = _expect(meta, "numTraining", int, where)
+        except DataError as err:
+            problems.append(str(err))
+        else:
+            if num != len(raw_entries):
+                problems.append(f"{where}: numTraining is {num} but 'training' lists {len(raw_entries)} cases")
 
+    test: list[Path] = []
+    test_index: list[int] = []
     test_entries = meta.get("test", [])
     if not isinstance(test_entries, list):
-        raise DataError(f"{where}: key 'test' must be list, got {type(test_entries).__name__}")
-    test: list[Path] = []
+        problems.append(f"{where}: key 'test' must be list, got {type(test_entries).__name__}")
+        test_entries = []
     for i, entry in enumerate(test_entries):
         # Some MSD variants list test cases as {"image": ...} objects instead of strings.
         rel = entry.get("image") if isinstance(entry, dict) else entry
-        test.append(_resolve(root, rel, f"{where}: test[{i}]"))
+        try:
+            test.append(_resolve(root, rel, f"{where}: test[{i}]"))
+            test_index.append(i)
+        except DataError as err:
+            problems.append(str(err))
 
-    task = MSDTask(root, name, modality, labels, training, test)
-    if check_files:
-        missing = [p for c in training for p in (c.image, c.label) if not p.is_file()]
-        missing += [p for p in test if not p.is_file()]
-        if missing:
-            listed = ", ".join(str(p.relative_to(root)) for p in missing)
-            raise DataError(f"{where}: {len(missing)} listed file(s) missing: {listed}")
-    return task
+    task = MSDTask(root, name, modality, labels, [e for e in entries if isinstance(e, Case)], test)
+    return ParsedTask(task, entries, problems, test_index)
+
+
+def _missing_files(parsed: ParsedTask) -> str | None:
+    """One problem naming every listed file that does not exist, with its entry; ``None`` if none."""
+    task = parsed.task
+    missing = []
+    for i, entry in enumerate(parsed.entries):
+        if isinstance(entry, Case):
+            missing += [(p, f"training[{i}] {k}") for k, p in (("image", entry.image), ("label", entry.label))
+                        if not p.is_file()]
+    missing += [(p, f"test[{i}]") for i, p in zip(parsed.test_index, task.test) if not p.is_file()]
+    if not missing:
+        return None
+    listed = ", ".join(f"{p.relative_to(task.root)} ({what})" for p, what in missing)
+    return f"{task.root / 'dataset.json'}: {len(missing)} listed file(s) missing: {listed}"
+
+
+def load_task(root: str | Path, check_files: bool = True) -> MSDTask:
+    """Parse ``root/dataset.json`` into an :class:`MSDTask`, refusing a file with any problem.
+
+    Args:
+        root: the task folder, e.g. ``Task09_Spleen``.
+        check_files: also verify that every listed image and label exists; all missing files are
+            reported together in one error.
+
+    Returns:
+        The parsed task, with absolute paths.
+
+    Raises:
+        DataError: one error listing every problem: the folder or ``dataset.json`` is missing or
+            invalid JSON; a required key (``name``, ``modality``, ``labels``, ``training``) is
+            missing or of the wrong type; ``numTraining`` disagrees with ``training``; a path is
+            absolute, escapes the folder or names a ``._`` file; a case is listed twice; or
+            (``check_files``) files are missing.
+    """
+    parsed = parse_task(root)
+    problems = parsed.all_problems
+    if check_files and (missing := _missing_files(parsed)):
+        problems.append(missing)
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        where = str(parsed.task.root / "dataset.json")
+        raise DataError(f"{where}: {len(problems)} problems: "
+                        + "; ".join(p.removeprefix(f"{where}: ") for p in problems))
+    return parsed.task

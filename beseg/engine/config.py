@@ -36,9 +36,18 @@ class DataConfig:
         batch_size: patches per step per process.
         num_samples: patches drawn per volume per visit.
         pos, neg: ratio of foreground- to background-centred patches.
-        val_frac, split_seed: for a new split (the paper's sizes are used for full MSD tasks).
-        split_file: JSON split; ``None`` uses the cache folder's ``split.json``, shared by every run
-            on the same data so that every system is compared on the same cases.
+        val_frac: share of all cases that choose the checkpoint (``best.pt``), at least 1 case;
+            default 0.1.
+        test_frac: share of all cases held out for testing, at least 1 case when > 0; default
+            0.2. The test cases are never trained on nor used to choose a checkpoint; reports are
+            computed on them. ``0`` is the paper's two-way protocol (80/20 with ``val_frac=0.2``,
+            the paper's 32/9 and 388/96 on the full MSD tasks), whose validation numbers are
+            optimistic because the same cases chose ``best.pt``.
+        split_seed: seed of a new split.
+        split_file: JSON split (see :mod:`beseg.data.splits`); ``None`` uses the cache folder's
+            ``split.json``, shared by every run on the same data so that every system is compared
+            on the same cases. An existing file wins over the fractions (delete it to re-split);
+            a two-way file is refused while ``test_frac > 0``.
         cache: ``memory`` (CacheDataset), ``disk`` (PersistentDataset) or ``none``.
         cache_dir: cache folder; ``None`` uses the data layer's default.
         num_workers: DataLoader worker processes.
@@ -50,7 +59,8 @@ class DataConfig:
     num_samples: int = 1
     pos: float = 1.0
     neg: float = 1.0
-    val_frac: float = 0.2
+    val_frac: float = 0.1
+    test_frac: float = 0.2
     split_seed: int = 0
     split_file: str | None = None
     cache: Literal["memory", "disk", "none"] = "memory"
@@ -85,7 +95,17 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Training loss (see :data:`beseg.losses.registry.LOSSES`) and its weights."""
+    """Training loss (see :data:`beseg.losses.registry.LOSSES`) and its weights.
+
+    Attributes:
+        name: the loss, e.g. ``dice`` or ``dice_be``.
+        include_background: keep the background channel of a softmax task in the loss.
+        lambda_dice, lambda_be, lambda_boundary, lambda_focal, lambda_ce, lambda_hd: term weights.
+        focal_gamma: focusing exponent of the focal term.
+        smoothing_passes: box-filter passes before the Laplacian in the BE term (the paper: 3).
+        padding: BE filter padding, ``same`` (the paper's) or ``valid`` (the author's code).
+        impl: BE implementation, ``fast`` or ``reference`` (the paper's literal convolutions).
+    """
 
     name: str = "dice"
     include_background: bool = False
@@ -97,6 +117,8 @@ class LossConfig:
     lambda_hd: float = 1.0
     focal_gamma: float = 2.0
     smoothing_passes: int = 3
+    padding: str = "same"
+    impl: str = "fast"
 
 
 @dataclass
@@ -131,6 +153,10 @@ class TrainConfig:
         checkpoint_every: write ``last.pt`` every this many epochs (and after the last).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         threads: torch CPU threads; ``None`` leaves torch's default.
+        dist_timeout_s: under torchrun, how long a process waits for the others in any collective
+            before it fails (seconds). Failures that raise stop every process at once; this only
+            bounds the wait for a process that stops answering. It must cover rank 0's first data
+            check (minutes on Task01) while the others wait.
     """
 
     epochs: int = 100
@@ -144,6 +170,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     device: str = "auto"
     threads: int | None = None
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -167,7 +194,7 @@ class Config:
         Raises:
             ConfigError: the first invalid value, named by its dotted key.
         """
-        from beseg.losses.registry import LOSSES
+        from beseg.losses.registry import check_loss_config
 
         positive = {
             "data.batch_size": self.data.batch_size, "data.num_samples": self.data.num_samples,
@@ -184,6 +211,11 @@ class Config:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}.")
         if not 0.0 < self.data.val_frac < 1.0:
             raise ConfigError(f"data.val_frac must be between 0 and 1, got {self.data.val_frac}.")
+        if not 0.0 <= self.data.test_frac < 1.0:
+            raise ConfigError(f"data.test_frac must be at least 0 and below 1, got {self.data.test_frac}.")
+        if self.data.val_frac + self.data.test_frac >= 1.0:
+            raise ConfigError(f"data.val_frac + data.test_frac must be below 1 (cases are left to train on), got "
+                              f"{self.data.val_frac} + {self.data.test_frac}.")
         if self.data.patch_size is not None and min(self.data.patch_size) < 1:
             raise ConfigError(f"data.patch_size must be positive, got {list(self.data.patch_size)}.")
         if not 0.0 <= self.train.sw_overlap < 1.0:
@@ -197,8 +229,9 @@ class Config:
             raise ConfigError(f"model.init_filters must be a multiple of 8 for segresnet, got {self.model.init_filters}.")
         if not 0 <= self.model.ahnet_psp_blocks <= 4:
             raise ConfigError(f"model.ahnet_psp_blocks must be 0 to 4, got {self.model.ahnet_psp_blocks}.")
-        if self.loss.name not in LOSSES:
-            raise ConfigError(f"unknown loss.name {self.loss.name!r}; choose one of: {', '.join(LOSSES)}.")
+        check_loss_config(self.loss)
+        if not self.train.dist_timeout_s > 0:
+            raise ConfigError(f"train.dist_timeout_s must be > 0, got {self.train.dist_timeout_s}.")
         if self.train.device not in ("auto", "cpu") and not self.train.device.startswith("cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda[:N], got {self.train.device!r}.")
         from beseg.data.presets import PRESETS

@@ -4,30 +4,42 @@ Predictions are brought back to each image's original geometry (as ``beseg predi
 and scored against the original label at its own voxel spacing, so the distances are those of the
 data as acquired, not of the 1 mm training grid.
 
-Writes ``eval/per_case.csv`` (case, class, dice, hd95_mm, asd_mm, nsd), ``eval/summary.json`` and
-``eval/predictions/<case>.nii.gz`` into the run folder (or ``out``).
+Writes ``eval/per_case.csv`` (case, class, dice, hd95_mm, asd_mm, nsd, empty_in), ``eval/summary.json``
+(both by :mod:`beseg.score`, as ``beseg score`` writes them) and ``eval/predictions/<case>.nii.gz`` into
+the run folder (or ``out``).
+
+Which cases: the ``test`` cases of the run's own split file (``data.split_file``, or the cache's
+``split.json``) by default, which neither training nor the choice of ``best.pt`` saw. The summary
+records how the numbers were made (:func:`protocol_fields`): ``protocol`` (``heldout``, ``cv``,
+``paper``, or ``null`` for training cases), ``split``, ``folds``, ``fold``, ``selection`` and the
+``case_ids`` scored.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from beseg.data import default_cache_dir, load_or_make_split, load_task, msd_brats_regions
+from beseg.data import Split, default_cache_dir, load_split, load_task
+from beseg.data.classes import class_masks
 from beseg.data.nifti import read_array
 from beseg.engine.predict import LoadedModel, load_model, predict_image, write_label
 from beseg.engine.trainer import class_names
 from beseg.errors import BesegError, DataError
-from beseg.fileio import atomic_output, atomic_write_text
-from beseg.metrics import METRIC_NAMES, case_metrics
+from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, case_metrics
+from beseg.score import summarize, write_per_case, write_summary
 
-__all__ = ["EvalSummary", "evaluate", "one_hot_scored"]
+__all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSummary", "evaluate", "one_hot_scored", "protocol_fields", "run_split"]
+
+#: ``evaluate(split=...)`` values: the run's held-out test cases (default), its validation cases
+#: (which chose best.pt: optimistic), its training cases, or every labelled case.
+EVAL_SPLITS = ("test", "val", "train", "all")
+#: How a number was made: held-out test cases, out-of-fold k-fold predictions, or the paper's
+#: protocol (scored on the cases that chose the checkpoint).
+PROTOCOLS = ("heldout", "cv", "paper")
 
 
 @dataclass
@@ -39,47 +51,115 @@ class EvalSummary:
 
 
 def one_hot_scored(labels: np.ndarray, loaded: LoadedModel) -> np.ndarray:
-    """A label map in the dataset's values -> (K', H, W, D) bool masks of the scored classes."""
-    if loaded.preset.label_mode == "brats_regions":
-        return np.asarray(msd_brats_regions(labels[None]), dtype=bool)
-    return np.stack([labels == k for k in range(1, loaded.preset.out_channels)])
+    """A label map in the dataset's values -> (K', H, W, D) bool masks of the scored classes.
+
+    The same masks validation scores: ``class_masks(labels, preset.scored_classes)``, for the
+    prediction and the truth alike.
+    """
+    return class_masks(labels, loaded.preset.scored_classes)
 
 
-def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "val", out: str | Path | None = None,
-             nsd_tolerance_mm: float = 1.0, device: str = "auto", progress: bool = True) -> EvalSummary:
+def run_split(loaded: LoadedModel, task_root: Path, case_ids: list[str]) -> tuple[Split, Path]:
+    """The split a run was trained with, from its config (``data.split_file``, else the cache's ``split.json``).
+
+    Raises:
+        DataError: the file is missing (evaluation never makes a new split: it could put training
+            cases into the test set), invalid, or names cases not in the task.
+    """
+    cfg = loaded.config.data
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(task_root)
+    split_file = Path(cfg.split_file) if cfg.split_file else cache_dir / "split.json"
+    if not split_file.is_file():
+        raise DataError(
+            f"{split_file}: split file not found; it holds the split {loaded.checkpoint} was trained with, and "
+            "without it the held-out cases cannot be told from the training cases (--split all scores every case)."
+        )
+    return load_split(split_file, known_ids=case_ids), split_file
+
+
+def protocol_fields(split: str, parts: Split | None, checkpoint: Path, protocol: str | None = None) -> dict[str, Any]:
+    """The summary.json fields that say how the scores were made.
+
+    Args:
+        split: the evaluated part (``test``, ``val``, ``train``, ``all``).
+        parts: the run's split (``None`` only for ``all``).
+        checkpoint: the scored checkpoint (``best.pt`` was chosen by validation Dice).
+        protocol: ``heldout``, ``cv`` or ``paper``; ``None`` infers it: ``test`` cases of a fold
+            are ``cv``, other ``test`` cases ``heldout``, ``val`` cases ``paper`` (they chose the
+            checkpoint), training cases none.
+
+    Returns:
+        ``{"protocol", "split", "folds", "fold", "selection"}``.
+
+    Raises:
+        ValueError: an unknown protocol, or one that contradicts the split (``heldout`` and
+            ``cv`` are scored on test cases, ``paper`` on validation cases).
+    """
+    folds = parts.folds if parts is not None else None
+    inferred = {"test": "cv" if folds else "heldout", "val": "paper"}.get(split)
+    if protocol is not None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
+        if protocol != inferred:
+            raise ValueError(f"protocol {protocol!r} does not fit split {split!r}"
+                             + (f" of this run (that is protocol {inferred!r})" if inferred else "")
+                             + ": heldout and cv score the test cases, paper the validation cases.")
+    name = Path(checkpoint).name
+    selection = {"best.pt": "best.pt by val Dice", "last.pt": "last.pt (final epoch, no selection)"}.get(name, name)
+    return {"protocol": inferred, "split": split, "folds": folds,
+            "fold": parts.fold if parts is not None else None, "selection": selection}
+
+
+def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", out: str | Path | None = None,
+             nsd_tolerance_mm: float = 1.0, device: str = "auto", progress: bool = True,
+             protocol: str | None = None,
+             distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM) -> EvalSummary:
     """Score a trained model on the ``split`` cases of ``data_dir``.
 
     Args:
         checkpoint: checkpoint file, or run folder (its best checkpoint).
         data_dir: the MSD-layout task folder trained on.
-        split: ``val``, ``train`` or ``all`` (every labelled case).
+        split: ``test`` (the held-out cases of the run's split file, the default), ``val`` (the
+            cases that chose ``best.pt``: optimistic), ``train`` or ``all`` (every labelled case).
         out: output folder; default ``<run folder>/eval``.
         nsd_tolerance_mm: boundary tolerance of the normalised surface Dice (mm).
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: show a progress bar.
+        protocol: ``heldout``, ``cv`` or ``paper``, recorded in ``summary.json``; ``None``
+            infers it from the split (see :func:`protocol_fields`).
+        distance_penalty_mm: HD95 and ASD (mm) of a class empty in exactly one of prediction and
+            label (default 373.13 mm, the BraTS convention); ``None`` leaves them undefined (NaN,
+            counted in ``summary.json``). See :func:`beseg.metrics.case_metrics`.
 
     Returns:
         An :class:`EvalSummary`; cases that could not be read are listed in ``failed``.
 
     Raises:
-        CheckpointError, DataError, ConfigError: the model or the dataset cannot be used at all.
+        CheckpointError, DataError, ConfigError: the model or the dataset cannot be used at all,
+            the run's split file is missing, or ``split="test"`` on a two-way split (no test cases).
+        ValueError: an unknown split or protocol, or a protocol that contradicts the split.
     """
     from tqdm.auto import tqdm
 
-    if split not in ("val", "train", "all"):
-        raise ValueError(f"--split must be val, train or all, got {split!r}.")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"--split must be {', '.join(EVAL_SPLITS[:-1])} or {EVAL_SPLITS[-1]}, got {split!r}.")
     loaded = load_model(checkpoint, device)
     task = load_task(data_dir, check_files=False)  # a missing file fails its case, not the run
     ids = [c.id for c in task.training]
+    parts: Split | None = None
     if split == "all":
         chosen = ids
     else:
-        cfg = loaded.config.data
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(task.root)
-        split_file = Path(cfg.split_file) if cfg.split_file else cache_dir / "split.json"
-        parts = load_or_make_split(split_file, ids, val_frac=cfg.val_frac, seed=cfg.split_seed,
-                                   n_val=loaded.preset.default_val_count(len(ids), cfg.val_frac))
-        chosen = list(parts.val if split == "val" else parts.train)
+        parts, split_file = run_split(loaded, task.root, ids)
+        chosen = parts.cases(split)
+        if split == "test" and not chosen:
+            raise DataError(
+                f"{split_file}: no test cases: a two-way train/val split (the paper's protocol, or a split made before "
+                "held-out test sets), so nothing was held out from the choice of best.pt. --split val scores the "
+                "validation cases (optimistic: they chose best.pt); retrain on a train/val/test split for held-out "
+                "numbers."
+            )
+    fields = protocol_fields(split, parts, loaded.checkpoint, protocol)
     run_root = loaded.checkpoint.parent.parent
     out_dir = Path(out) if out is not None else run_root / "eval"
     names = class_names(loaded.preset)
@@ -95,44 +175,23 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "val", o
                 raise DataError(f"{case.label}: shape {truth.shape} differs from its image's {labels.shape}.")
             spacing = list(truth_header.spacing)
             scores = case_metrics(one_hot_scored(labels, loaded), one_hot_scored(truth, loaded), spacing, names,
-                                  nsd_tolerance_mm, include_background=True)
+                                  nsd_tolerance_mm, include_background=True, distance_penalty_mm=distance_penalty_mm)
         except (BesegError, OSError, ValueError) as err:
             result.failed.append((cid, str(err)))
             continue
         result.rows.extend({"case": cid, **row} for row in scores)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(result.rows, out_dir / "per_case.csv")
-    result.summary = _summary(result, loaded, split, nsd_tolerance_mm, names)
-    _write_json(result.summary, out_dir / "summary.json")
+    write_per_case(result.rows, out_dir / "per_case.csv")
+    result.summary = _summary(result, loaded, split, nsd_tolerance_mm, names, distance_penalty_mm)
+    result.summary.update(fields, case_ids=list(chosen))  # how these numbers were made (the report reads it)
+    write_summary(result.summary, out_dir / "summary.json")
     return result
 
 
-def _mean(values: list[float]) -> float | None:
-    finite = [v for v in values if isinstance(v, float) and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
+def _summary(result: EvalSummary, loaded: LoadedModel, split: str, tol: float, names: list[str],
+             penalty: float | None) -> dict[str, Any]:
+    """summary.json of an evaluation: :func:`beseg.score.summarize` of the rows, plus what was scored."""
+    return summarize(result.rows, names, result.failed, tol, penalty,
+                     task=loaded.preset.name, system=loaded.config.system, split=split,
+                     checkpoint=str(loaded.checkpoint), epoch=loaded.epoch)
 
-
-def _summary(result: EvalSummary, loaded: LoadedModel, split: str, tol: float, names: list[str]) -> dict[str, Any]:
-    per_class = {
-        name: {m: _mean([r[m] for r in result.rows if r["class"] == name]) for m in METRIC_NAMES}
-        for name in names
-    }
-    return {
-        "task": loaded.preset.name, "system": loaded.config.system, "classes": names, "split": split,
-        "checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "nsd_tolerance_mm": tol,
-        "cases": len({r["case"] for r in result.rows}), "failed": [{"case": c, "reason": r} for c, r in result.failed],
-        "per_class": per_class,
-        "mean": {m: _mean([v[m] for v in per_class.values() if v[m] is not None]) for m in METRIC_NAMES},
-        "note": "distances in mm at the original voxel spacing; NaN distances (one mask empty) are left out of means",
-    }
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "class", *METRIC_NAMES])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _write_json(obj: dict[str, Any], path: Path) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
