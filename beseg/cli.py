@@ -17,6 +17,8 @@ from beseg.errors import BesegError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+#: Commands that train in this process; they set the CPU allocator as :mod:`beseg.allocator` explains.
+TRAINING_COMMANDS = ("train", "compare", "demo", "reproduce")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +34,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     loss.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     loss.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     loss.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    loss.add_argument("--malloc", choices=("default", "keep"), default="default",
+                      help="CPU allocator: glibc's defaults (as in your own loop), or keeping freed memory as "
+                           "beseg train does")
     loss.set_defaults(func=_run_bench_loss)
     data = bench_sub.add_parser(
         "data", help="patches/s of the cached phantom training pipeline against the CPU training step time"
@@ -54,6 +59,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        help="volume for the sliding-window inference timing")
     train.add_argument("--repeats", type=int, default=3)
     train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA runs the step under float16 autocast)")
+    train.add_argument("--malloc", choices=("default", "keep"), default="default",
+                       help="CPU allocator: glibc's defaults, or keeping freed memory as beseg train does")
     train.set_defaults(func=_run_bench_train)
 
 
@@ -63,7 +71,7 @@ def _run_bench_loss(args: argparse.Namespace) -> int:
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else None
     run_loss_benchmark(
         shapes=shapes, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-        device=args.device, memory=not args.no_memory,
+        device=args.device, memory=not args.no_memory, malloc=args.malloc,
     )
     return 0
 
@@ -72,7 +80,7 @@ def _run_bench_train(args: argparse.Namespace) -> int:
     from beseg.bench.train import run_train_benchmark
 
     run_train_benchmark(patch=tuple(args.patch), init_filters=args.init_filters, repeats=args.repeats,
-                        volume=tuple(args.volume), threads=args.threads)
+                        volume=tuple(args.volume), threads=args.threads, device=args.device, malloc=args.malloc)
     return 0
 
 
@@ -146,10 +154,15 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("evaluate", help="Dice, HD95, ASD and NSD per case of a trained model")
     evaluate.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
     evaluate.add_argument("--data", metavar="DIR", help="the task folder (default for phantom tasks: the phantom)")
-    evaluate.add_argument("--split", choices=("val", "train", "all"), default="val")
+    evaluate.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
+                          help="cases of the run's split file: test (held out; default), val (chose best.pt: "
+                               "optimistic), train, or all labelled cases")
     evaluate.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/eval)")
     evaluate.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
                           help="surface Dice tolerance in mm")
+    evaluate.add_argument("--distance-penalty", type=float, default=None, metavar="MM",
+                          help="HD95 and ASD of a class empty in exactly one of prediction and label (default "
+                               "373.13, the BraTS convention); nan leaves them undefined (left out of means, counted)")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=_run_evaluate)
 
@@ -220,10 +233,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if data is None:
         data = _data_dir(None, load_model(args.checkpoint, "cpu").preset.name)
     result = evaluate(args.checkpoint, data, split=args.split, out=args.out,
-                      nsd_tolerance_mm=args.nsd_tolerance, device=args.device)
-    mean = result.summary["mean"]
-    print(f"{result.summary['cases']} case(s): " + ", ".join(
-        f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in mean.items()))
+                      nsd_tolerance_mm=args.nsd_tolerance, device=args.device,
+                      distance_penalty_mm=_distance_penalty(args.distance_penalty))
+    mean, protocol = result.summary["mean"], result.summary.get("protocol")
+    how = f"protocol {protocol}" + ("; optimistic: these cases chose best.pt" if protocol == "paper" else "")
+    print(f"{result.summary['cases']} case(s) of split {args.split}" + (f" ({how})" if protocol else "") + ": "
+          + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in mean.items()))
     print(f"wrote {result.out_dir / 'per_case.csv'} and {result.out_dir / 'summary.json'}")
     return _report_failures(result.failed)
 
@@ -244,7 +259,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     compare = sub.add_parser(
         "compare", help="train and evaluate systems x seeds on one split, then write the Table 1 report",
         description="Train and evaluate every system with every seed on the same split (finished runs are "
-                    "skipped, interrupted ones resumed), then write RESULTS_DIR/report/report.{md,html}.")
+                    "skipped, interrupted ones resumed), then write RESULTS_DIR/report/report.{md,html}. By default "
+                    "best.pt is chosen on validation cases and every reported number is on held-out test cases.")
     compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     compare.add_argument("--data", metavar="DIR", help="MSD task folder (default for phantom tasks: the phantom)")
     compare.add_argument("--systems", default="dice,dice_be", metavar="A,B,...",
@@ -256,15 +272,18 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                          help="preset prefix: phantom_spleen, task09 or task01 (default: from the dataset)")
     compare.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                          help="config override for every run (repeatable), e.g. --set train.epochs=5")
+    _add_protocol(compare, "heldout")
     compare.add_argument("--no-report", action="store_true", help="train and evaluate only")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
     compare.set_defaults(func=_run_compare)
 
     demo = sub.add_parser(
-        "demo", help="the main command: Dice vs Dice + BE on the phantom spleen, report in ./beseg-demo/ (~10 min on 2 CPU cores)",
-        description="Generate the phantom spleen (cached), train and evaluate SegResNet + Dice and SegResNet + "
-                    "Dice + BE with a CPU-sized schedule, and write the report into OUT/report/. Rerunning "
-                    "reuses OUT (finished runs are skipped).")
+        "demo", help="the main command: Dice vs Dice + BE on the phantom spleen, scored on 16 held-out test cases, "
+                     "report in ./beseg-demo/ (about 11 min on 2 CPU cores)",
+        description="Generate the 40-case phantom spleen (cached), train SegResNet + Dice and SegResNet + Dice + BE "
+                    "with a CPU-sized schedule on 20 cases (4 more choose best.pt), score both on the 16 held-out "
+                    "test cases, and write the report into OUT/report/. Rerunning reuses OUT (finished runs are "
+                    "skipped).")
     demo.add_argument("--out", default="beseg-demo", metavar="DIR", help="results folder (default ./beseg-demo)")
     demo.add_argument("--seeds", type=int, default=1, help="seeds per system (default 1)")
     demo.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -286,9 +305,20 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--seeds", type=int, default=3, help="seeds per system (default 3)")
     reproduce.add_argument("--out", metavar="RESULTS_DIR", help="results folder (default results-<task>)")
     reproduce.add_argument("--systems", default=None, metavar="A,B,...", help="subset of Table 1 rows (default all)")
+    _add_protocol(reproduce, "paper")
     reproduce.add_argument("--cpu-ok", action="store_true", help="run even without a CUDA device")
     reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
     reproduce.set_defaults(func=_run_reproduce)
+
+
+def _add_protocol(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--protocol", choices=("heldout", "paper"), default=default,
+                        help="heldout: best.pt chosen on validation cases, every number on held-out test cases "
+                             "(data.test_frac, default 0.2); paper: the paper's 80/20 split, scored on the validation "
+                             f"cases that chose best.pt (optimistic). Default {default}")
+    parser.add_argument("--folds", type=int, default=None, metavar="K",
+                        help="k-fold cross-validation (with --protocol heldout): every case is scored once, by the "
+                             "fold model that neither trained on it nor chose best.pt with it")
 
 
 def _systems(text: str) -> list[str]:
@@ -317,7 +347,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         data = _data_dir(None, task, progress)
     result = run_compare(data, _systems(args.systems), args.seeds, args.out, overrides=[*args.sets, *args.overrides],
                          prefix=args.task.lower().replace("-", "_") if args.task else None, progress=progress,
-                         report=not args.no_report)
+                         report=not args.no_report, protocol=args.protocol, folds=args.folds)
     _print_report(result)
     return 0
 
@@ -344,9 +374,124 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
     systems = _systems(args.systems) if args.systems else list(TABLE1_SYSTEMS)
     result = run_reproduce(args.task, args.data, seeds=args.seeds, out=args.out, systems=systems,
-                           overrides=args.overrides, cpu_ok=args.cpu_ok, progress=not args.no_progress)
+                           overrides=args.overrides, cpu_ok=args.cpu_ok, progress=not args.no_progress,
+                           protocol=args.protocol, folds=args.folds)
     _print_report(result)
     return 0
+
+
+def _add_nnunet(sub: argparse._SubParsersAction) -> None:
+    nnunet = sub.add_parser(
+        "nnunet", help="BE trainers for nnU-Net v2 (needs the nnunet extra)",
+        description="nnU-Net v2 (>= 2.8) finds the trainers nnUNetTrainerBE, nnUNetTrainerDiceBE, "
+                    "nnUNetTrainerDiceNoBE, nnUNetTrainerBESpacing, nnUNetTrainerDiceBESpacing and their short "
+                    "schedules (e.g. nnUNetTrainerBE_5epochs) in the folder named by nnUNet_extTrainer: "
+                    "export nnUNet_extTrainer=$(beseg nnunet trainer-dir)")
+    nnunet_sub = nnunet.add_subparsers(dest="nnunet_command", required=True, metavar="WHAT")
+    trainer_dir = nnunet_sub.add_parser("trainer-dir", help="print the folder to put in nnUNet_extTrainer")
+    trainer_dir.set_defaults(func=_run_nnunet_trainer_dir)
+
+
+def _run_nnunet_trainer_dir(args: argparse.Namespace) -> int:
+    from beseg.nnunet import require_nnunet, trainer_dir
+
+    require_nnunet()
+    print(trainer_dir())
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    score = sub.add_parser(
+        "score", help="Dice, HD95, ASD and NSD of NIfTI prediction folders (nnU-Net, MONAI, ...) against labels; "
+                      "two or more folders: the paired comparison report",
+        description="Score every CASE.nii.gz of PRED_DIR against LABELS/CASE.nii.gz per case and class, in mm at each "
+                    "label's own spacing, into OUT/per_case.csv and OUT/summary.json. With two or more PRED_DIRs, "
+                    "each is scored into OUT/<name>/ and OUT/report/report.{md,html} compares them case by case "
+                    "against the first (or --baseline). Exit code 1 if a case failed or has no prediction.")
+    score.add_argument("pred_dirs", nargs="+", metavar="PRED_DIR", help="folder(s) of predicted label maps")
+    score.add_argument("--labels", required=True, metavar="DIR",
+                       help="ground-truth label maps with the same case ids (nnU-Net labelsTr or gt_segmentations)")
+    score.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    score.add_argument("--classes", metavar="SPEC",
+                       help="scored classes as NAME=V[,V...] separated by ';', a region joining label values, e.g. "
+                            "'TC=2,3;WT=1,2,3;ET=3' (default: --dataset-json, the dataset.json beside LABELS, or "
+                            "every non-zero value in the labels)")
+    score.add_argument("--dataset-json", metavar="FILE", help="dataset.json (MSD or nnU-Net v2) naming the classes")
+    score.add_argument("--names", metavar="A,B,...",
+                       help="system names, one per PRED_DIR (default: the folder names that tell them apart)")
+    score.add_argument("--baseline", metavar="NAME", help="system the others are compared with (default the first)")
+    score.add_argument("--images", metavar="DIR",
+                       help="images for the report's contour figure (CASE.nii.gz or CASE_0000.nii.gz; default the "
+                            "imagesTr beside a labelsTr folder)")
+    score.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
+                       help="normalised surface Dice tolerance in mm (default 1)")
+    score.add_argument("--distance-penalty", type=float, default=None, metavar="MM",
+                       help="HD95 and ASD of a class empty in exactly one of prediction and label (default 373.13, "
+                            "the BraTS convention); nan leaves them undefined (left out of means, counted)")
+    score.add_argument("--affine-tol", type=float, default=1e-3, metavar="MM",
+                       help="largest allowed difference between a prediction's and its label's affine (default 1e-3)")
+    score.add_argument("--protocol", choices=("heldout", "cv", "paper"),
+                       help="how the predictions were made, recorded for the report: heldout (test cases), cv "
+                            "(out-of-fold), paper (the cases that chose the checkpoint: optimistic)")
+    score.add_argument("--only-predicted", action="store_true",
+                       help="score only the cases that have a prediction (e.g. one nnU-Net fold's validation folder "
+                            "against the whole labelsTr); without it a labelled case without a prediction is an error")
+    score.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="worker processes (default: the CPUs available, at most 8)")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.set_defaults(func=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from beseg.report import compare_predictions
+    from beseg.score import score_predictions
+
+    kwargs = {"classes": args.classes, "dataset_json": args.dataset_json, "nsd_tolerance_mm": args.nsd_tolerance,
+              "distance_penalty_mm": _distance_penalty(args.distance_penalty),
+              "affine_tol_mm": args.affine_tol, "workers": args.workers, "protocol": args.protocol,
+              "only_predicted": args.only_predicted, "progress": not args.no_progress}
+    if len(args.pred_dirs) == 1:
+        if args.names or args.baseline or args.images:
+            from beseg.errors import ConfigError
+
+            raise ConfigError("--names, --baseline and --images are for comparing two or more PRED_DIRs.")
+        scored, report = [score_predictions(args.pred_dirs[0], args.labels, args.out, **kwargs)], None
+    else:
+        names = [n.strip() for n in args.names.split(",")] if args.names else None
+        scored, report = compare_predictions(args.pred_dirs, args.labels, args.out, names=names,
+                                             baseline=args.baseline, images_dir=args.images, **kwargs)
+    failed: list[tuple[str, str]] = []
+    for result in scored:
+        summary = result.summary
+        penalised = sum(c["penalised"] for per_class in summary["counts"].values() for c in per_class.values())
+        means = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in summary["mean"].items())
+        print(f"{result.name}: {summary['cases']} case(s) scored: {means}"
+              + (f" ({penalised} penalised distance(s))" if penalised else ""))
+        print(f"wrote {result.out_dir / 'per_case.csv'} and {result.out_dir / 'summary.json'}")
+        if result.extra:
+            print(f"{result.name}: {len(result.extra)} prediction(s) without a label, not scored: "
+                  + ", ".join(result.extra), file=sys.stderr)
+        if result.missing:
+            print(f"{result.name}: {len(result.missing)} labelled case(s) without a prediction: "
+                  + ", ".join(result.missing) + " (--only-predicted scores the predicted subset, e.g. one fold)",
+                  file=sys.stderr)
+        failed += [(case if len(scored) == 1 else f"{result.name}/{case}", reason) for case, reason in result.failed]
+    if report is not None:
+        print(f"report: {report.parent / 'report.md'}")
+        print(f"open it: {report.resolve().as_uri()}")
+    code = _report_failures(failed)
+    return EXIT_FAILURE if code or any(r.missing for r in scored) else 0
+
+
+def _distance_penalty(value: float | None) -> float | None:
+    """``--distance-penalty``: None (not given) is the BraTS default, NaN means "leave undefined" (None)."""
+    import math
+
+    from beseg.metrics import BRATS_DISTANCE_PENALTY_MM
+
+    if value is None:
+        return BRATS_DISTANCE_PENALTY_MM
+    return None if math.isnan(value) else value
 
 
 def _report_failures(failed: list[tuple[str, str]]) -> int:
@@ -368,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_engine(sub)
     _add_compare(sub)
+    _add_nnunet(sub)
+    _add_score(sub)
     return parser
 
 
@@ -380,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in TRAINING_COMMANDS:
+        from beseg.allocator import keep_freed_memory
+
+        keep_freed_memory()  # the process is beseg's own: keep freed volumes (see beseg.allocator)
     try:
         return int(args.func(args) or 0)
     except (BesegError, ValueError, TypeError, OSError) as err:  # OSError: e.g. a full disk

@@ -158,16 +158,32 @@ def _check_filter_input(x: Tensor, spec: FilterSpec, padding: str) -> None:
 # fast implementation: shifted adds
 
 
-def _box_sum_(src: Tensor, dst: Tensor, dim: int) -> None:
+class _Narrow:
+    """``t.narrow(dim, start, length)`` views, made once per call: the 18 box passes of the paper's
+    filter alternate between two buffers, so they reuse the same few views."""
+
+    def __init__(self) -> None:
+        self._views: dict[tuple[int, int, int, int], Tensor] = {}
+
+    def __call__(self, t: Tensor, dim: int, start: int, length: int) -> Tensor:
+        key = (id(t), dim, start, length)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = t.narrow(dim, start, length)
+        return view
+
+
+def _box_sum_(src: Tensor, dst: Tensor, dim: int, narrow: _Narrow | None = None) -> None:
     """``dst = src[i-1] + src[i] + src[i+1]`` along ``dim``, zero outside (unnormalised 3-tap box)."""
     n = src.shape[dim]
     if n == 1:
         dst.copy_(src)
         return
+    nv = narrow or _Narrow()
     # Two full passes instead of copy + two adds: left pair sums first, then the right neighbour.
-    torch.add(src.narrow(dim, 0, n - 1), src.narrow(dim, 1, n - 1), out=dst.narrow(dim, 1, n - 1))
-    dst.narrow(dim, 0, 1).copy_(src.narrow(dim, 0, 1))
-    dst.narrow(dim, 0, n - 1).add_(src.narrow(dim, 1, n - 1))
+    torch.add(nv(src, dim, 0, n - 1), nv(src, dim, 1, n - 1), out=nv(dst, dim, 1, n - 1))
+    nv(dst, dim, 0, 1).copy_(nv(src, dim, 0, 1))
+    nv(dst, dim, 0, n - 1).add_(nv(src, dim, 1, n - 1))
 
 
 def _laplacian_(src: Tensor, dst: Tensor, scale: float | Tensor | None, weights: tuple[float, ...] | None) -> None:
@@ -243,9 +259,10 @@ def _chain_(src: Tensor, out: Tensor, scratch: Tensor, spec: FilterSpec, scale: 
     if first_dst.data_ptr() == src.data_ptr():  # the first stage cannot work in place
         scratch.copy_(src)
         src = scratch
+    narrow = _Narrow()  # lives for this call only; `src`, `out` and `scratch` outlive it
     for i, dim in enumerate(dims):
         dst = out if (len(dims) - i) % 2 == 0 else scratch
-        _box_sum_(src, dst, dim)
+        _box_sum_(src, dst, dim, narrow)
         src = dst
     _laplacian_(src, out, None if scale is None else scale * spec.box_scale, spec.weights)
 
