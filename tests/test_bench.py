@@ -45,12 +45,14 @@ def test_bench_loss_ratios_are_computed_from_the_times_of_the_same_run(capsys):
 def test_bench_loss_reports_a_slowdown_as_a_slowdown(monkeypatch, capsys):
     import beseg.bench.loss as bench
 
-    fake = {"reference": 0.010, "fast": 0.020, "pr_style": 0.015, "dice": 0.004, "dice_be": 0.030}
+    fake = {"reference": 0.010, "fast": 0.020, "fast_spacing": 0.015, "pr_style": 0.015, "dice": 0.004,
+            "dice_be": 0.030}
     monkeypatch.setattr(bench, "time_case", lambda case, *args, **kwargs: (fake[case], 3))
     bench.run_loss_benchmark(shapes=[(1, 1, 8, 8, 8)], memory=False)
     out = capsys.readouterr().out
     assert "fast BE is 2.0x SLOWER than the reference" in out
     assert "fast BE costs 5.0x MONAI DiceLoss" in out
+    assert "spacing-aware fast BE costs 0.75x the default fast BE" in out
     rows = _table_rows(out)
     assert rows["BE fast (beseg default)"][2:] == [2.0, 5.0]
 
