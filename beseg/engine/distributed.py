@@ -16,7 +16,8 @@ that stops answering without raising (killed, or hung in I/O).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -131,12 +132,17 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) 
     return DistInfo(rank, world, local_rank, device, control)
 
 
-def _collective_failed(info: DistInfo, err: RuntimeError) -> DistributedError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return DistributedError(
-        f"rank {info.rank} of {info.world_size} lost contact with the other processes (one of them probably "
-        f"crashed or was killed, see its output, or did not answer within train.dist_timeout_s): {first[:300]}"
-    )
+@contextmanager
+def _collective(info: DistInfo) -> Iterator[None]:
+    """Turn a failed collective (torch raises ``RuntimeError``) into a :class:`DistributedError`."""
+    try:
+        yield
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedError(
+            f"rank {info.rank} of {info.world_size} lost contact with the other processes (one of them probably "
+            f"crashed or was killed, see its output, or did not answer within train.dist_timeout_s): {first[:300]}"
+        ) from None
 
 
 def gather_rows(info: DistInfo, row: Sequence[float]) -> torch.Tensor:
@@ -158,10 +164,8 @@ def gather_rows(info: DistInfo, row: Sequence[float]) -> torch.Tensor:
     table = torch.zeros(info.world_size, len(row), dtype=torch.float64)
     table[info.rank] = torch.tensor([float(v) for v in row], dtype=torch.float64)
     if info.distributed:
-        try:
+        with _collective(info):
             dist.all_reduce(table, group=info.control_group)
-        except RuntimeError as err:
-            raise _collective_failed(info, err) from None
     return table
 
 
@@ -174,10 +178,8 @@ def gather_texts(info: DistInfo, text: str | None) -> list[str | None]:
     if not info.distributed:
         return [text]
     texts: list[str | None] = [None] * info.world_size
-    try:
+    with _collective(info):
         dist.all_gather_object(texts, text, group=info.control_group)
-    except RuntimeError as err:
-        raise _collective_failed(info, err) from None
     return texts
 
 
@@ -188,10 +190,8 @@ def all_reduce_sum(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
         DistributedError: another rank is gone or timed out.
     """
     if info.distributed:
-        try:
+        with _collective(info):
             dist.all_reduce(tensor, group=info.control_group)
-        except RuntimeError as err:
-            raise _collective_failed(info, err) from None
     return tensor
 
 
@@ -202,10 +202,8 @@ def barrier(info: DistInfo) -> None:
         DistributedError: another rank is gone or timed out.
     """
     if info.distributed:
-        try:
+        with _collective(info):
             dist.barrier(group=info.control_group)
-        except RuntimeError as err:
-            raise _collective_failed(info, err) from None
 
 
 def shutdown_distributed(info: DistInfo) -> None:
