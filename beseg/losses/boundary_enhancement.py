@@ -209,11 +209,7 @@ class _FastBEFunction(torch.autograd.Function):
         chunks = _chunks(filtered)
         scratch = _scratch_for(filtered, chunks)
         for idx in chunks:  # chunk by chunk, so that each volume stays in the cache from P - Y to its norm
-            response = filtered[idx]
-            if pred.dtype == work_dtype:
-                torch.sub(pred[idx], target[idx], out=response)
-            else:  # cast first, then subtract: half-precision inputs lose nothing more
-                response.copy_(pred[idx]).sub_(target[idx])
+            response = _difference(pred[idx], target[idx], out=filtered[idx])
             # Unscaled (no final multiply); the norm is scaled instead.
             _chain_(response, response, scratch, spec, None)
             if padding == "valid":
@@ -246,12 +242,17 @@ class _FastBEFunction(torch.autograd.Function):
         return grad_pred, grad_target, None, None
 
 
-def _difference(pred: Tensor, target: Tensor) -> Tensor:
-    """``P - Y`` in at least float32: the Laplacian takes differences of nearly equal smoothed values."""
+def _difference(pred: Tensor, target: Tensor, out: Tensor | None = None) -> Tensor:
+    """``P - Y`` in at least float32: the Laplacian takes differences of nearly equal smoothed values.
+
+    Differentiable without ``out``; with ``out`` (a tensor of the working dtype) written in place.
+    """
     work_dtype = torch.promote_types(pred.dtype, torch.float32)
     if pred.dtype == work_dtype:
-        return torch.sub(pred, target)
-    return pred.to(work_dtype).sub_(target)  # subtract after the cast: half inputs lose nothing more
+        return torch.sub(pred, target, out=out)
+    # Cast first, then subtract: half-precision inputs lose nothing more.
+    cast = pred.to(work_dtype) if out is None else out.copy_(pred)
+    return cast.sub_(target)
 
 
 def _be_per_channel(pred: Tensor, target: Tensor, spec: FilterSpec, padding: str, impl: str) -> Tensor:

@@ -90,13 +90,13 @@ class FilterSpec:
 
 def check_filter_options(smoothing_passes: int, padding: str, impl: str,
                          spacing: Sequence[float] | None = None) -> None:
-    """Raise a ``ValueError`` naming the first invalid filter option."""
+    """Raise a ``ValueError`` naming the first invalid filter option (its message starts with the name)."""
     if isinstance(smoothing_passes, bool) or not isinstance(smoothing_passes, int) or smoothing_passes < 0:
         raise ValueError(f"smoothing_passes must be an integer >= 0, got {smoothing_passes!r}.")
     if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
+        raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}.")
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}.")
     if spacing is not None:
         try:
             values = [float(s) for s in spacing]
@@ -137,6 +137,12 @@ def filter_spec(ndim: int, smoothing_passes: int = 3, spacing: Sequence[float] |
 
 def _check_filter_input(x: Tensor, spec: FilterSpec, padding: str) -> None:
     """Raise if ``x`` is not a (B, C, spatial...) float tensor that ``spec`` and ``padding`` fit."""
+    _check_tensor(x)
+    _check_valid_size(x, spec, padding)
+
+
+def _check_tensor(x: Tensor) -> None:
+    """Raise unless ``x`` is a floating-point (B, C, H, W[, D]) tensor."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}.")
     if not x.is_floating_point():
@@ -145,6 +151,10 @@ def _check_filter_input(x: Tensor, spec: FilterSpec, padding: str) -> None:
         raise ValueError(
             f"x must have shape (B, C, H, W) or (B, C, H, W, D), got {x.ndim} dimensions {tuple(x.shape)}."
         )
+
+
+def _check_valid_size(x: Tensor, spec: FilterSpec, padding: str) -> None:
+    """Raise if ``padding="valid"`` would leave no voxel of ``x``."""
     if padding == "valid":
         small = [s for s, m in zip(x.shape[2:], spec.margins) if s <= 2 * m]
         if small:
@@ -442,11 +452,9 @@ def log_filter(
         torch.Size([1, 1, 16, 16, 16])
     """
     check_filter_options(smoothing_passes, padding, impl, spacing)
-    if isinstance(x, Tensor) and x.ndim in (4, 5):
-        spec = filter_spec(x.ndim - 2, smoothing_passes, spacing)
-    else:
-        spec = FilterSpec((smoothing_passes,))
-    _check_filter_input(x, spec, padding)
+    _check_tensor(x)
+    spec = filter_spec(x.ndim - 2, smoothing_passes, spacing)
+    _check_valid_size(x, spec, padding)
     return _apply(x, spec, padding, impl)
 
 

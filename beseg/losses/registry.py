@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from beseg.errors import ConfigError
 from beseg.losses.boundary_enhancement import DiceBELoss
-from beseg.losses.laplacian import IMPLS, PADDINGS
+from beseg.losses.laplacian import check_filter_options
 
 if TYPE_CHECKING:  # the engine's config module imports this one
     from beseg.engine.config import LossConfig
@@ -59,13 +59,10 @@ def check_loss_config(config: LossConfig) -> None:
     """
     if config.name not in LOSSES:
         raise ConfigError(f"unknown loss.name {config.name!r}; choose one of: {', '.join(LOSSES)}.")
-    if config.impl not in IMPLS:
-        raise ConfigError(f"loss.impl must be one of {', '.join(IMPLS)}, got {config.impl!r}.")
-    if config.padding not in PADDINGS:
-        raise ConfigError(f"loss.padding must be one of {', '.join(PADDINGS)}, got {config.padding!r}.")
-    passes = config.smoothing_passes
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
-        raise ConfigError(f"loss.smoothing_passes must be an integer >= 0, got {passes!r}.")
+    try:  # the BE filter's own checks; their messages start with the option's name
+        check_filter_options(config.smoothing_passes, config.padding, config.impl)
+    except ValueError as err:
+        raise ConfigError(f"loss.{err}") from None
     for key in ("lambda_dice", "lambda_be", "lambda_boundary", "lambda_focal", "lambda_ce", "lambda_hd"):
         value = getattr(config, key)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
