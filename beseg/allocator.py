@@ -11,7 +11,7 @@ the price is that the resident size stays at its peak.
 This is a property of the process, not of the loss, so it is set by the commands that own the
 process (``beseg train``, ``compare``, ``demo``, ``reproduce`` and ``bench ... --malloc keep``),
 never by library code that runs inside a user's loop. Users of the loss in their own CPU loop get
-the same effect with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483648`` in the
+the same effect with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647`` in the
 environment (or another allocator such as jemalloc or tcmalloc via ``LD_PRELOAD``).
 """
 
@@ -21,7 +21,7 @@ import ctypes
 import ctypes.util
 import platform
 
-__all__ = ["KEEP_FREED_MEMORY_ENV", "keep_freed_memory"]
+__all__ = ["keep_freed_memory"]
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -29,9 +29,6 @@ _M_MMAP_THRESHOLD = -3
 #: glibc caps the mmap threshold at 32 MiB on 64-bit systems (HEAP_MAX_SIZE / 2).
 _MMAP_THRESHOLD = 32 * 2**20
 _TRIM_THRESHOLD = 2**31 - 1
-
-#: The same setting as environment variables, for processes beseg does not start itself.
-KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
 
 
 def keep_freed_memory() -> bool:

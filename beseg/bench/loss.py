@@ -223,6 +223,24 @@ def machine_description(device: torch.device, threads: int, malloc: str | None =
     )
 
 
+def apply_malloc(malloc: str) -> str | None:
+    """Apply a benchmark's ``--malloc`` choice to this process.
+
+    Returns:
+        What the machine line should say about the allocator, or ``None`` for glibc's defaults.
+
+    Raises:
+        ValueError: ``malloc`` is not ``"default"`` or ``"keep"``.
+    """
+    if malloc not in ("default", "keep"):
+        raise ValueError(f"--malloc must be default or keep, got {malloc!r}.")
+    if malloc == "default":
+        return None
+    if keep_freed_memory():
+        return "glibc keeping freed memory (beseg.allocator.keep_freed_memory, as beseg train)"
+    return "unchanged (keep_freed_memory does not apply here)"
+
+
 def speed_lines(seconds: dict[str, float]) -> list[str]:
     """The summary lines of one shape: the fast BE against the reference and against DiceLoss.
 
@@ -276,12 +294,7 @@ def run_loss_benchmark(
     """
     if repeats < 1 or warmup < 0 or threads < 1:
         raise ValueError("--repeats and --threads must be >= 1 and --warmup >= 0.")
-    if malloc not in ("default", "keep"):
-        raise ValueError(f"--malloc must be default or keep, got {malloc!r}.")
-    malloc_note = None
-    if malloc == "keep":
-        malloc_note = "glibc keeping freed memory (beseg.allocator.keep_freed_memory, as beseg train)" \
-            if keep_freed_memory() else "unchanged (keep_freed_memory does not apply here)"
+    malloc_note = apply_malloc(malloc)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine.")

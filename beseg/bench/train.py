@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from beseg.allocator import keep_freed_memory
-from beseg.bench.loss import machine_description
+from beseg.bench.loss import apply_malloc, machine_description
 from beseg.engine.config import LossConfig, ModelConfig
 from beseg.engine.inference import autocast_for, predict_probabilities
 from beseg.engine.networks import build_network
@@ -71,9 +70,7 @@ def run_train_benchmark(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine.")
-    if malloc not in ("default", "keep"):
-        raise ValueError(f"--malloc must be default or keep, got {malloc!r}.")
-    kept = keep_freed_memory() if malloc == "keep" and dev.type == "cpu" else False
+    malloc_note = apply_malloc(malloc)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     net = build_network(ModelConfig(network="segresnet", init_filters=init_filters), 1, 2).to(dev)
@@ -109,8 +106,7 @@ def run_train_benchmark(
     print_fn(f"# beseg bench train: SegResNet (init_filters {init_filters}, blocks 1,2,2,4 / 1,1,1), patch "
              f"{'x'.join(map(str, patch))}, batch 1, softmax 2 classes{', float16 autocast' if amp else ''}; "
              f"median of {repeats} after 1 warm-up")
-    note = "glibc keeping freed memory (as beseg train)" if kept else None
-    print_fn(f"# machine: {machine_description(dev, threads, note)}")
+    print_fn(f"# machine: {machine_description(dev, threads, malloc_note)}")
     out: dict[str, float] = {}
     # Interleave the two losses so that machine noise hits both alike.
     for name, fn in losses.items():

@@ -30,7 +30,7 @@ from beseg.engine.predict import LoadedModel, load_model, predict_image, write_l
 from beseg.engine.trainer import class_names
 from beseg.errors import BesegError, DataError
 from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, case_metrics
-from beseg.score import summarize, write_per_case, write_summary
+from beseg.score import summarize, write_scores
 
 __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSummary", "evaluate", "one_hot_scored", "protocol_fields", "run_split"]
 
@@ -180,18 +180,9 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
             result.failed.append((cid, str(err)))
             continue
         result.rows.extend({"case": cid, **row} for row in scores)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_per_case(result.rows, out_dir / "per_case.csv")
-    result.summary = _summary(result, loaded, split, nsd_tolerance_mm, names, distance_penalty_mm)
-    result.summary.update(fields, case_ids=list(chosen))  # how these numbers were made (the report reads it)
-    write_summary(result.summary, out_dir / "summary.json")
+    # How these numbers were made (protocol, split, selection, cases) goes into the summary: the report reads it.
+    result.summary = summarize(result.rows, names, result.failed, nsd_tolerance_mm, distance_penalty_mm,
+                               task=loaded.preset.name, system=loaded.config.system, checkpoint=str(loaded.checkpoint),
+                               epoch=loaded.epoch, **fields, case_ids=list(chosen))
+    write_scores(out_dir, result.rows, result.summary)
     return result
-
-
-def _summary(result: EvalSummary, loaded: LoadedModel, split: str, tol: float, names: list[str],
-             penalty: float | None) -> dict[str, Any]:
-    """summary.json of an evaluation: :func:`beseg.score.summarize` of the rows, plus what was scored."""
-    return summarize(result.rows, names, result.failed, tol, penalty,
-                     task=loaded.preset.name, system=loaded.config.system, split=split,
-                     checkpoint=str(loaded.checkpoint), epoch=loaded.epoch)
-
