@@ -40,14 +40,14 @@ rank = int(os.environ["RANK"])
 
 class NaNOnRank1AtStep2(Trainer):
     skipped_at: list = []
-    def compute_loss(self, batch):
-        loss = super().compute_loss(batch)
+    def compute_loss(self, logits, label):
+        loss = super().compute_loss(logits, label)
         return loss * float("nan") if self.dist.rank == 1 and self.global_step == 1 else loss
-    def train_step(self, batch):
-        value = super().train_step(batch)
-        if value is None:
+    def on_nonfinite(self, what, rank):
+        decision = super().on_nonfinite(what, rank)
+        if decision == "skip":
             self.skipped_at.append(self.global_step + 1)
-        return value
+        return decision
 
 class DiskFullOnRank0(Trainer):
     def save_checkpoint(self, best, last):
@@ -184,7 +184,7 @@ def test_rank_0_learns_of_a_nonfinite_loss_on_rank_1_and_names_it(trainer, monke
     assert values[0] == 0.5 and math.isnan(values[1])
     trainer.config.train.on_nonfinite = "stop"
     with pytest.raises(TrainingError, match="non-finite loss nan on rank 1 at epoch 1, step 1"):
-        trainer.on_nonfinite("loss nan", 1)
+        trainer._act_on_nonfinite("loss nan", 1)
 
 
 def test_cuda_requested_without_cuda_is_a_config_error(monkeypatch):

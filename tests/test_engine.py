@@ -372,6 +372,65 @@ def test_a_trainer_variant_overrides_one_step_and_the_loss_runs_once_per_step(ph
     assert all(r["loss_time_s"] > 0 and r["step_time_s"] > 0 for r in train_lines)
 
 
+class DeepSupervisionTrainer(Trainer):
+    """Overrides forward and compute_loss only (two outputs, as deep supervision), and after_backward."""
+
+    def forward(self, batch):
+        logits, label = super().forward(batch)
+        return [logits, logits * 0.5], label
+
+    def compute_loss(self, outputs, label):
+        return self.loss_fn(outputs[0], label) + 0.5 * self.loss_fn(outputs[1], label)
+
+    def setup_model(self):
+        super().setup_model()
+        self.initial = [p.detach().clone() for p in self.model.parameters()]
+        self.grad_norms = []
+
+    def after_backward(self):
+        self.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))))
+        for p in self.model.parameters():  # a step of SGD without decay then changes nothing
+            p.grad.zero_()
+
+
+@pytest.mark.slow
+def test_step_hooks_keep_the_loss_timing_and_run_before_the_optimiser_step(phantom, tmp_path):
+    cfg = tiny_config(tmp_path, "segresnet_be", train={"epochs": 1, "steps_per_epoch": 2},
+                      optim={"name": "sgd", "weight_decay": 0.0, "lr": 0.1})
+    trainer = DeepSupervisionTrainer(load_config(cfg)[0], phantom, tmp_path / "run", progress=False)
+    trainer.run()
+    assert len(trainer.grad_norms) == 2 and all(n > 0 for n in trainer.grad_norms)
+    assert all(torch.equal(a, b) for a, b in zip(trainer.initial, trainer.model.parameters()))
+    train_lines = [r for r in map(yaml.safe_load, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                   if r["kind"] == "train"]
+    assert train_lines and all(r["loss_time_s"] > 0 for r in train_lines)  # timed without code of its own
+
+
+def test_train_step_is_fixed_and_the_error_names_the_hooks():
+    with pytest.raises(TypeError, match="overrides Trainer.train_step.*forward, compute_loss, after_backward, on_nonfinite"):
+        class Overriding(Trainer):
+            def train_step(self, batch):
+                return 0.0
+
+
+def test_on_nonfinite_must_return_a_decision(tmp_path):
+    class Undecided(Trainer):
+        def on_nonfinite(self, what, rank):
+            return None
+
+    trainer = Undecided(load_config(tiny_config(tmp_path))[0], tmp_path, tmp_path / "run", progress=False)
+    with pytest.raises(TypeError, match="on_nonfinite must return 'skip' or 'stop', got None"):
+        trainer._act_on_nonfinite("loss nan", None)
+    default = Trainer(load_config(tiny_config(tmp_path, train={"on_nonfinite": "skip"}))[0], tmp_path, tmp_path / "run")
+    assert default.on_nonfinite("loss nan", None) == "skip" and default._act_on_nonfinite("loss nan", None) is None
+
+
+def test_an_unknown_schedule_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown optim.schedule 'cosin'; choose one of: cosine, constant, poly"):
+        trainer_mod._lr_lambda("cosin", 10)
+    assert trainer_mod._lr_lambda("cosine", 10)(10) == pytest.approx(0.0)
+
+
 def test_loss_time_is_the_loss_forward_and_backward_of_the_real_step(monkeypatch):
     """A fake clock advances 2 s in the loss's forward, 3 s in its backward and 100 s in the network's
     backward; the timer must report 5 s per step, and ignore a step that never ran backward."""

@@ -19,7 +19,7 @@ from beseg.bench.loss import apply_malloc, machine_description
 from beseg.engine.config import LossConfig, ModelConfig
 from beseg.engine.inference import autocast_for, predict_probabilities
 from beseg.engine.networks import build_network
-from beseg.losses.registry import build_loss
+from beseg.engine.losses import build_loss
 
 __all__ = ["run_train_benchmark"]
 

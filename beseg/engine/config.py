@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Training loss (see :data:`beseg.losses.registry.LOSSES`) and its weights.
+    """Training loss (a name of :data:`beseg.engine.losses.LOSSES`) and its weights.
 
     Attributes:
         name: the loss, e.g. ``dice`` or ``dice_be``.
@@ -119,6 +120,28 @@ class LossConfig:
     smoothing_passes: int = 3
     padding: str = "same"
     impl: str = "fast"
+
+    def validate(self) -> "LossConfig":
+        """Check the section's values; returns ``self``.
+
+        Raises:
+            ConfigError: the first invalid value, named by its dotted key (``loss.padding`` ...).
+        """
+        from beseg.engine.losses import LOSSES
+        from beseg.losses.laplacian import check_filter_options
+
+        if self.name not in LOSSES:
+            raise ConfigError(f"unknown loss.name {self.name!r}; choose one of: {', '.join(LOSSES)}.")
+        try:  # the BE filter's own checks; their messages start with the option's name
+            check_filter_options(self.smoothing_passes, self.padding, self.impl)
+        except ValueError as err:
+            raise ConfigError(f"loss.{err}") from None
+        for f in dataclasses.fields(self):
+            if f.name.startswith("lambda_") or f.name == "focal_gamma":
+                value = getattr(self, f.name)
+                if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                    raise ConfigError(f"loss.{f.name} must be a finite number >= 0, got {value!r}.")
+        return self
 
 
 @dataclass
@@ -194,8 +217,6 @@ class Config:
         Raises:
             ConfigError: the first invalid value, named by its dotted key.
         """
-        from beseg.losses.registry import check_loss_config
-
         positive = {
             "data.batch_size": self.data.batch_size, "data.num_samples": self.data.num_samples,
             "model.init_filters": self.model.init_filters, "train.epochs": self.train.epochs,
@@ -229,7 +250,7 @@ class Config:
             raise ConfigError(f"model.init_filters must be a multiple of 8 for segresnet, got {self.model.init_filters}.")
         if not 0 <= self.model.ahnet_psp_blocks <= 4:
             raise ConfigError(f"model.ahnet_psp_blocks must be 0 to 4, got {self.model.ahnet_psp_blocks}.")
-        check_loss_config(self.loss)
+        self.loss.validate()
         if not self.train.dist_timeout_s > 0:
             raise ConfigError(f"train.dist_timeout_s must be > 0, got {self.train.dist_timeout_s}.")
         if self.train.device not in ("auto", "cpu") and not self.train.device.startswith("cuda"):

@@ -8,11 +8,15 @@
         setup_model()              build_network(), build_loss(), build_optimizer(), schedule, AMP scaler
         restore(checkpoint)        with resume: weights, optimiser, counters, RNG (what fits this machine)
       fit()                        the epoch loop:
-        train_epoch(epoch)           train_step(batch) per batch: compute_loss(batch), then the update
+        train_epoch(epoch)           train_step(batch) per batch, a fixed sequence: forward(batch),
+                                     compute_loss(logits, label), the all-rank decision, the update
+                                     (after_backward() before the optimiser step)
         validate()                   sliding-window Dice per class, scored as ``beseg evaluate`` scores
         save_checkpoint(...)         best.pt / last.pt (rank 0)
 
-A variant overrides one step and keeps the rest (exact resume, DDP, AMP, logs)::
+A variant overrides one step and keeps the rest (exact resume, DDP, AMP, logs). ``train_step``
+itself is fixed: its hooks (``forward``, ``compute_loss``, ``after_backward``, ``on_nonfinite``)
+change what a step does without touching the all-rank decision or the loss timing::
 
     class TverskyTrainer(Trainer):
         def build_loss(self) -> nn.Module:
@@ -38,11 +42,11 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -75,7 +79,7 @@ from beseg.engine.networks import build_network, window_multiple
 from beseg.engine.rundir import RunDir
 from beseg.engine.sampling import EpochSampler, SeededDataset
 from beseg.errors import BesegError, ConfigError
-from beseg.losses.registry import build_loss
+from beseg.engine.losses import build_loss
 
 __all__ = [
     "EpochSampler", "LossTimer", "SeededDataset", "TrainResult", "Trainer", "TrainingError", "class_names",
@@ -152,6 +156,19 @@ class Trainer:
     ``model`` (DDP-wrapped under torchrun), ``loss_fn``, ``optimizer``, ``scheduler``, ``scaler``,
     and the counters ``epoch`` (epochs finished), ``global_step``, ``best_dice``.
     """
+
+    #: The hooks of :meth:`train_step`; the step itself is fixed (see :meth:`__init_subclass__`).
+    STEP_HOOKS = ("forward", "compute_loss", "after_backward", "on_nonfinite")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # train_step holds the all-rank decision and the loss timing: an override that forgets either
+        # hangs DDP or loses the timing, so a variant changes the step through its hooks instead.
+        super().__init_subclass__(**kwargs)
+        if "train_step" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides Trainer.train_step, which is fixed (it shares every rank's loss and "
+                f"times the loss); override one of its hooks instead: {', '.join(Trainer.STEP_HOOKS)} (docs/engine.md)."
+            )
 
     def __init__(self, config: Config | None, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
                  progress: bool = True) -> None:
@@ -414,10 +431,14 @@ class Trainer:
         }
 
     def train_step(self, batch: dict[str, Tensor]) -> float | None:
-        """One optimiser step: :meth:`compute_loss`, a check of every rank's loss, backward, update.
+        """One optimiser step, a fixed sequence that subclasses do not override.
 
-        The loss is read once per step, and under torchrun every rank's value is shared before
-        ``backward``: when any rank's loss is NaN/Inf, every rank skips the step (or stops).
+        1. :meth:`forward` and :meth:`compute_loss` (timed: the loss's forward and backward);
+        2. every rank's loss is shared (one collective under torchrun); when any rank failed, every
+           rank stops with that rank's message; when any loss is NaN/Inf, :meth:`on_nonfinite`
+           decides for all ranks alike whether to skip the step or stop;
+        3. the update: backward (AMP-scaled), unscale, :meth:`after_backward`, a check of the
+           gradient norm (without AMP; the scaler does it with AMP), the optimiser and scaler step.
 
         Args:
             batch: ``{"image": (B, C, *patch), "label": (B, K, *patch)}`` from the loader (CPU).
@@ -426,13 +447,14 @@ class Trainer:
             The loss (mean over processes), or ``None`` when the step was skipped.
 
         Raises:
-            TrainingError: a non-finite loss or gradient with ``train.on_nonfinite: stop``, or a
-                failure on another rank.
+            TrainingError: a non-finite loss or gradient that :meth:`on_nonfinite` decides to stop
+                on, or a failure on another rank.
         """
         self.optimizer.zero_grad(set_to_none=True)
         loss, failure, value = None, None, math.nan
         try:
-            loss = self.compute_loss(batch)
+            logits, label = self.forward(batch)
+            loss = self.timer.measure(self.compute_loss, logits, label)
             value = loss.item()
         except Exception as err:
             if not self.dist.distributed:
@@ -441,51 +463,91 @@ class Trainer:
         values = self._share_losses(value, failure)
         bad = next((r for r, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
-            self.on_nonfinite(f"loss {values[bad]}", bad)
+            self._act_on_nonfinite(f"loss {values[bad]}", bad)
             return None
         self.timer.backward_starts()
         self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # after_backward sees the true gradients, also under AMP
+        self.after_backward()
         if not self.use_amp:
             # Under AMP the scaler skips steps with non-finite gradients; without it nothing else would.
             # After DDP's all-reduce every rank holds the same gradients, so every rank decides alike.
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
             if not math.isfinite(grad_norm):
-                self.on_nonfinite(f"gradient norm {grad_norm}", None)
+                self._act_on_nonfinite(f"gradient norm {grad_norm}", None)
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(np.mean(values))
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """Forward pass and loss of one batch.
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor | Sequence[Tensor], Tensor]:
+        """The network's forward pass on one batch (override for auxiliary or deep-supervision outputs).
 
         Args:
             batch: as :meth:`train_step`'s.
 
         Returns:
-            Scalar float32 loss with its graph. Softmax labels reach the loss as int64 class indices.
+            ``(logits, label)`` on the training device: float32 (B, K, *patch) logits (or several
+            such outputs, which :meth:`compute_loss` then combines) and the label; softmax labels
+            are int64 class indices (the loss one-hots them without a check, so no host read).
         """
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         if self.preset.activation == "softmax":
-            label = label.long()  # class indices: the loss one-hots them without checking (no host read)
+            label = label.long()
         with autocast_for(self.device, self.use_amp):
             logits = self.model(image)
-        return self.timer.measure(self.loss_fn, logits.float(), label)
+        return logits.float(), label
 
-    def on_nonfinite(self, what: str, rank: int | None) -> None:
-        """A non-finite loss or gradient: raise with ``on_nonfinite: stop``, return to skip the step.
+    def compute_loss(self, logits: Tensor | Sequence[Tensor], label: Tensor) -> Tensor:
+        """The training loss of one batch's network output.
+
+        :meth:`train_step` times this call and the backward pass through it; an override needs no
+        timing or DDP code of its own. It must return a scalar on the training device with its
+        graph, and must not call ``backward`` or read values back to the host.
 
         Args:
-            what: e.g. ``"loss nan"``.
-            rank: the rank where it happened, when only some had it.
+            logits: what :meth:`forward` returned.
+            label: the label :meth:`forward` returned.
 
-        Raises:
-            TrainingError: with ``train.on_nonfinite: stop``, naming the epoch, step and last good checkpoint.
+        Returns:
+            Scalar float32 loss with its graph.
         """
-        if self.config.train.on_nonfinite != "stop":
+        return self.loss_fn(logits, label)
+
+    def after_backward(self) -> None:
+        """Called once the gradients are complete and unscaled, before the optimiser step.
+
+        Override to clip or inspect gradients (``torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12)``,
+        as nnU-Net does). Under torchrun the gradients are already all-reduced, so what this does
+        is the same on every rank. It must not step the optimiser, zero the gradients or run a
+        collective; non-finite gradients are handled after it (the gradient-norm check, or the AMP scaler).
+        """
+
+    def on_nonfinite(self, what: str, rank: int | None) -> Literal["skip", "stop"]:
+        """Decide what a non-finite loss or gradient does to the step: ``"skip"`` it or ``"stop"`` training.
+
+        Every rank calls this with the same arguments, so an override must decide from them and
+        from state that is the same on every rank (the default: ``train.on_nonfinite``). On
+        ``"stop"`` the trainer raises a :class:`TrainingError` naming the epoch, step and last good
+        checkpoint.
+
+        Args:
+            what: e.g. ``"loss nan"`` or ``"gradient norm inf"``.
+            rank: the rank where it happened, when only some had it (``None``: all of them).
+
+        Returns:
+            ``"skip"`` or ``"stop"``.
+        """
+        return self.config.train.on_nonfinite
+
+    def _act_on_nonfinite(self, what: str, rank: int | None) -> None:
+        decision = self.on_nonfinite(what, rank)
+        if decision == "skip":
             return
+        if decision != "stop":
+            raise TypeError(f"{type(self).__name__}.on_nonfinite must return 'skip' or 'stop', got {decision!r}.")
         where = f" on rank {rank}" if rank is not None and self.dist.distributed else ""
         last = self.run_dir.last
         raise TrainingError(
@@ -657,13 +719,18 @@ class LossTimer:
             return event
         return time.perf_counter()
 
-    def measure(self, loss_fn: Callable[[Tensor, Tensor], Tensor], input: Tensor, target: Tensor) -> Tensor:
-        """``loss_fn(input, target)``, timing its forward and (through a hook on ``input``) its backward."""
+    def measure(self, loss_fn: Callable[[Any, Tensor], Tensor], input: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
+        """``loss_fn(input, target)``, timing its forward and (through hooks on ``input``) its backward.
+
+        ``input`` may be one tensor or several (deep supervision): the backward ends when the last
+        of them has received its gradient.
+        """
         marks = {"forward": self._now()}
         loss = loss_fn(input, target)
         marks["forward_end"] = self._now()
-        if input.requires_grad:
-            input.register_hook(lambda grad: marks.__setitem__("backward_end", self._now()))
+        for tensor in [input] if isinstance(input, Tensor) else input:
+            if tensor.requires_grad:
+                tensor.register_hook(lambda grad: marks.__setitem__("backward_end", self._now()))
         self._current = marks
         return loss
 
@@ -697,11 +764,18 @@ def _describe(err: BaseException) -> str:
 
 
 def _lr_lambda(schedule: str, epochs: int) -> Callable[[int], float]:
+    """Learning-rate factor per finished epoch for ``optim.schedule``.
+
+    Raises:
+        ConfigError: an unknown schedule (a config built in code skips the YAML loader's check).
+    """
     if schedule == "constant":
         return lambda e: 1.0
     if schedule == "poly":
         return lambda e: (1.0 - min(e, epochs) / epochs) ** 0.9
-    return lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e, epochs) / epochs))
+    if schedule == "cosine":
+        return lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e, epochs) / epochs))
+    raise ConfigError(f"unknown optim.schedule {schedule!r}; choose one of: cosine, constant, poly.")
 
 
 def _patch_size(config: Config, preset: TaskPreset) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ from monai.networks.utils import one_hot
 from beseg.engine.config import LossConfig, config_from_dict
 from beseg.errors import ConfigError
 from beseg.losses import BoundaryEnhancementLoss
-from beseg.losses.registry import LOSSES, build_loss
+from beseg.engine.losses import LOSSES, build_loss
 
 # Weights other than 1 and 1000, so that a term with the wrong weight (or none) shows.
 WEIGHTS = {"lambda_dice": 0.7, "lambda_be": 30.0, "lambda_boundary": 1.3, "lambda_focal": 1.7, "lambda_ce": 0.4,
@@ -86,6 +86,8 @@ def test_the_engine_builds_the_be_loss_without_device_reads():
     ({"impl": "cuda"}, "loss.impl must be one of fast, reference, got 'cuda'"),
     ({"smoothing_passes": -1}, "loss.smoothing_passes must be an integer >= 0, got -1"),
     ({"lambda_be": -5.0}, "loss.lambda_be must be a finite number >= 0, got -5.0"),
+    ({"lambda_hd": float("nan")}, "loss.lambda_hd must be a finite number >= 0, got nan"),
+    ({"focal_gamma": -1}, "loss.focal_gamma must be a finite number >= 0, got -1"),
 ])
 def test_bad_loss_settings_name_the_key(changes, match):
     with pytest.raises(ConfigError, match=match):

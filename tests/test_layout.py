@@ -1,0 +1,64 @@
+"""The package's layering: lower layers never import upward.
+
+The loss library (``beseg.losses``) is a leaf: a user can take it into any training loop without
+beseg's engine, reports or CLI. The check reads the import statements of the source, so it also
+catches imports inside functions and under ``TYPE_CHECKING``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import beseg
+
+PACKAGE = Path(beseg.__file__).parent
+
+
+def _beseg_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every ``beseg...`` import in a source file, relative imports resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = ".".join(("beseg", *path.relative_to(PACKAGE).parent.parts))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.append((node.lineno, module))
+    return [(line, m) for line, m in found if m == "beseg" or m.startswith("beseg.")]
+
+
+def _violations(package: str, allowed: tuple[str, ...]) -> list[str]:
+    bad = []
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        for line, module in _beseg_imports(path):
+            if not any(module == a or module.startswith(a + ".") for a in allowed):
+                bad.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")
+    return bad
+
+
+def test_the_loss_library_imports_nothing_of_beseg_but_itself_and_its_errors():
+    assert _violations("losses", ("beseg.losses", "beseg.errors")) == []
+
+
+def test_the_layout_check_sees_an_upward_import(tmp_path, monkeypatch):
+    # The check must be able to fail: a module importing the engine is reported with its line.
+    fake = tmp_path / "beseg"
+    (fake / "losses").mkdir(parents=True)
+    (fake / "losses" / "bad.py").write_text("import torch\n\ndef f():\n    from beseg.engine.trainer import Trainer\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert _violations("losses", ("beseg.losses", "beseg.errors")) == ["beseg/losses/bad.py:4 imports beseg.engine.trainer"]
+
+
+@pytest.mark.parametrize("package,allowed", [
+    ("data", ("beseg.data", "beseg.errors", "beseg.fileio")),
+])
+def test_lower_layers_do_not_import_upward(package, allowed):
+    assert _violations(package, allowed) == []
