@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 import json
 import math
 import os
@@ -140,7 +141,7 @@ def test_files_written(report):
     assert html == out / "report.html"
     assert (out / "report.md").is_file()
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert pngs == ["figure1_contours.png", "figure1_filter.png", "learning_curves.png"]
+    assert pngs == ["figure1_contours.png", "figure1_filter.png", "learning_curves.png", "paired_dice.png"]
     for p in (out / "figures").glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -180,6 +181,63 @@ def test_penalised_and_undefined_counts_table(report):
     # case values, HD95 pen./undef., ASD pen./undef., Dice/NSD undef.: 4 cases x 2 seeds
     assert rows["segresnet_dice"] == ["8", "1", "0", "1", "0", "0"]
     assert rows["segresnet_be"] == ["8", "0", "1", "0", "1", "0"]
+
+
+def test_the_verdict_comes_before_the_tables_and_its_numbers_are_the_paired_ones(report):
+    results, _, html = report
+    md = (html.parent / "report.md").read_text()
+    assert md.index("## Verdict") < md.index("## How the numbers were made") < md.index("## Table 1: Dice")
+    verdict = md.split("## Verdict", 1)[1].split("## How the numbers were made", 1)[0]
+    dice = [line for line in verdict.splitlines() if ", overlap:" in line]
+    assert len(dice) == 1 and dice[0].lstrip("- ").startswith("segresnet_be vs segresnet_dice on 4 test cases, 2 seeds")
+    # the mean difference is the mean over cases of the seed-averaged per-case differences (numpy, from the CSVs)
+    be = [_csv_values(results, "segresnet_be", s, "dice") for s in SEEDS]
+    base = [_csv_values(results, "segresnet_dice", s, "dice") for s in SEEDS]
+    diff = np.mean([np.mean([b[c] for b in be]) - np.mean([b[c] for b in base]) for c in CASES])
+    assert _numbers(dice[0].split("in Dice", 1)[1])[0] == pytest.approx(diff, abs=5e-4)
+    assert "paired_dice.png" in verdict
+
+
+def _row(metric: str, mean: float, lo: float, hi: float, mdd: float = 0.03, cls: str = "spleen"):
+    from beseg.report.stats import PairedComparison
+    from beseg.report.tables import ComparisonRow
+
+    return ComparisonRow("be", cls, metric, PairedComparison(16, mean, lo, hi, 0.5, mdd=mdd), (0, 0))
+
+
+@pytest.mark.parametrize("metric, mean, lo, hi, word", [
+    ("dice", -0.002, -0.020, 0.021, "no difference shown"),
+    ("dice", 0.03, 0.01, 0.05, "better"),
+    ("dice", -0.03, -0.05, -0.01, "worse"),
+    ("hd95_mm", -2.0, -3.0, -1.0, "better"),  # lower distances are better
+    ("hd95_mm", 2.0, 1.0, 3.0, "worse"),
+    ("nsd", 0.0, 0.0, 0.02, "no difference shown"),  # an interval touching 0 does not exclude it
+])
+def test_verdict_words_follow_the_interval(metric, mean, lo, hi, word):
+    from beseg.report.document import direction
+
+    assert direction(metric, _row(metric, mean, lo, hi).result) == word
+
+
+def test_verdict_sentence_reads_like_the_example(tmp_path):
+    from types import SimpleNamespace
+
+    from beseg.report.document import verdict_sentences
+
+    results = SimpleNamespace(kind="runs", classes=["spleen"], runs=[SimpleNamespace(summary={"split": "test"})],
+                              runs_of=lambda s: [None] * 3)
+    rows = [_row("dice", -0.002, -0.020, 0.021, mdd=0.033), _row("hd95_mm", -1.5, -2.5, -0.5, mdd=0.8),
+            _row("asd_mm", 0.1, -0.2, 0.4, mdd=0.5), _row("nsd", 0.01, -0.01, 0.03, mdd=0.02)]
+    sentences = verdict_sentences(results, rows, "base", optimistic=False)
+    assert sentences[0] == ("be vs base on 16 test cases, 3 seeds, overlap: no difference shown in Dice "
+                            "(-0.002 [-0.020, +0.021]); the test could have detected 0.033.")
+    assert sentences[1].startswith("be vs base on 16 test cases, 3 seeds, boundaries: better in HD95 "
+                                   "(-1.50 [-2.50, -0.50] mm), Wilcoxon p = 0.5; no difference shown in ASD "
+                                   "(+0.10 [-0.20, +0.40] mm); the test could have detected 0.50 mm;")
+    few = _row("dice", 0.2, 0.05, 0.4)
+    few = replace(few, result=replace(few.result, n=4, min_p=0.125))
+    assert "with 4 cases it cannot go below 0.125: a hint, not a finding" in verdict_sentences(
+        results, [few], "base", optimistic=False)[0]
 
 
 def test_report_states_the_protocol_first_and_names_the_split(report):
@@ -271,7 +329,7 @@ def test_html_is_self_contained(report):
     _, _, html = report
     text = html.read_text()
     srcs = re.findall(r'<img src="([^"]*)"', text)
-    assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<link" not in text and "<script" not in text
 
 
@@ -448,7 +506,7 @@ def _load_in_chromium(page: Path, tmp: Path, screenshot: Path | None = None) -> 
     if screenshot is not None:
         args += ["--window-size=1280,4000", f"--screenshot={screenshot}"]
     else:
-        args += ["--dump-dom"]
+        args += ["--window-size=1280,800", "--dump-dom"]  # a laptop's first screen
     proc = subprocess.run([*args, page.as_uri()], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
@@ -470,7 +528,27 @@ def test_every_image_loads_in_headless_chromium(report, tmp_path):
     m = re.search(r'data-images="([^"]*)"', dom)
     assert m, dom[-2000:]
     loaded = json.loads(m.group(1).replace("&quot;", '"'))
-    assert loaded == [True, True, True, False]  # three report figures, then the broken control
+    assert loaded == [True, True, True, True, False]  # four report figures, then the broken control
     shot = tmp_path / "shot.png"
     _load_in_chromium(html, tmp_path, screenshot=shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_the_first_screen_shows_the_verdict_and_the_paired_plot(report, tmp_path):
+    _, _, html = report
+    # In a 1280x800 window: where the verdict's heading and the paired plot end, and where Table 1 starts.
+    probe = (
+        "<script>window.addEventListener('load', () => { const h = [...document.querySelectorAll('h2')]; "
+        "const top = t => h.find(e => e.textContent.startsWith(t)).getBoundingClientRect().top; "
+        "const img = [...document.images].find(i => i.src.length > 0 && i.alt.startsWith('Per-case Dice'));"
+        "document.body.setAttribute('data-layout', JSON.stringify({screen: window.innerHeight, verdict: top('Verdict'), "
+        "plot_bottom: img.getBoundingClientRect().bottom, table1: top('Table 1')})); });</script>"
+    )
+    page = tmp_path / "probe.html"
+    page.write_text(html.read_text().replace("</body>", probe + "</body>"))
+    binary_args_dom = _load_in_chromium(page, tmp_path)
+    m = re.search(r'data-layout="([^"]*)"', binary_args_dom)
+    assert m, binary_args_dom[-2000:]
+    layout = json.loads(m.group(1).replace("&quot;", '"'))
+    assert layout["verdict"] < layout["plot_bottom"] <= layout["screen"] < layout["table1"], layout

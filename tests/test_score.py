@@ -307,9 +307,9 @@ def test_two_folders_give_the_comparison_report(ct, tmp_path, capsys):
     assert len(compared) == 1 and "| 0 / 1 |" in compared[0]  # the baseline's missed spleen, counted
     assert "MDD (80% power)" in md and "min. p" in md
     assert sorted(p.name for p in (out / "report" / "figures").glob("*.png")) == ["figure1_contours.png",
-                                                                                 "figure1_filter.png"]
+                                                                                 "figure1_filter.png", "paired_dice.png"]
     html = (out / "report" / "report.html").read_text()
-    assert html.count('<img src="data:image/png;base64,') == 2 and "Training time" not in html
+    assert html.count('<img src="data:image/png;base64,') == 3 and "Training time" not in html
 
 
 def test_comparison_refuses_bad_names(ct, tmp_path, capsys):

@@ -24,9 +24,11 @@ from beseg.report.paper import PAPER_SOURCE, PAPER_TABLE1, msd_task_key, paper_d
 from beseg.report.render import Block, Figure, Heading, Paragraph, Table
 from beseg.report.stats import PairedComparison
 
-__all__ = ["build_document", "format_value", "format_cell", "protocol_statement", "split_noun"]
+__all__ = ["build_document", "direction", "format_value", "format_cell", "protocol_statement", "split_noun",
+           "verdict_sentences"]
 
 _LABELS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "asd_mm": "ASD (mm)", "nsd": "NSD"}
+_NAMES = {"dice": "Dice", "hd95_mm": "HD95", "asd_mm": "ASD", "nsd": "NSD"}
 _DIGITS = {"dice": 3, "hd95_mm": 2, "asd_mm": 2, "nsd": 3}
 N_RESAMPLES = 10_000
 #: ``summary.json`` ``split`` -> how captions name the cases.
@@ -208,9 +210,95 @@ def _ci(metric: str, r: PairedComparison) -> str:
     return f"[{format_value(metric, r.ci_low, True)}, {format_value(metric, r.ci_high, True)}]"
 
 
-def _comparison_blocks(results: Results, baseline: str, seed: int) -> list[Block]:
+def direction(metric: str, r: PairedComparison) -> str:
+    """``better``, ``worse`` or ``no difference shown``: only what the 95% interval supports.
+
+    A difference is called only when the interval excludes 0; its sign says better or worse by the
+    metric's direction (higher Dice/NSD, lower HD95/ASD). ``not computed`` when there is no interval.
+    """
+    if math.isnan(r.ci_low) or math.isnan(r.ci_high):
+        return "not computed"
+    if r.ci_low > 0 or r.ci_high < 0:
+        return "better" if (r.ci_low > 0) == HIGHER_IS_BETTER[metric] else "worse"
+    return "no difference shown"
+
+
+#: The verdict's metric families: one sentence per system and family.
+_FAMILIES = (("overlap", ("dice",)), ("boundaries", tuple(m for m in METRIC_NAMES if m != "dice")))
+
+
+def verdict_sentences(results: Results, rows: list[tables.ComparisonRow], baseline: str, optimistic: bool) -> list[str]:
+    """One sentence per system and metric family, worded by :func:`direction` from the paired rows.
+
+    For example ``segresnet_be vs segresnet_dice on 16 test cases, 3 seeds, overlap: no difference
+    shown in Dice (-0.002 [-0.020, +0.021]); the test could have detected 0.033.``
+    """
+    noun = split_noun(results) or "scored"
+    sentences = []
+    for system in dict.fromkeys(r.system for r in rows):
+        mine = [r for r in rows if r.system == system]
+        n = max(r.result.n for r in mine)
+        seeds = ""
+        if results.kind == "runs":
+            counts = sorted({len(results.runs_of(s)) for s in (system, baseline)})
+            k = "–".join(map(str, counts))
+            seeds = f", {k} seed{'s' if counts[-1] > 1 else ''}"
+        for family, metrics in _FAMILIES:
+            parts = []
+            for r in (r for m in metrics for r in mine if r.metric == m):
+                cls = f" {r.cls}" if len(results.classes) > 1 else ""
+                res = r.result
+                if math.isnan(res.ci_low):
+                    parts.append(f"not computed for {_LABELS[r.metric]}{cls} ({res.note or 'too few cases'})")
+                    continue
+                word = direction(r.metric, res)
+                unit = " mm" if r.metric in DISTANCE_METRICS else ""
+                text = (f"{word} in {_NAMES[r.metric]}{cls} "
+                        f"({format_value(r.metric, res.mean_diff, True)} {_ci(r.metric, res)}{unit})")
+                if word == "no difference shown":
+                    if not math.isnan(res.mdd):
+                        text += f"; the test could have detected {format_value(r.metric, res.mdd)}{unit}"
+                elif not math.isnan(res.p_value):
+                    text += f", Wilcoxon p = {res.p_value:.3g}"
+                    if res.min_p > 0.05:  # the interval excludes 0, but the rank test cannot confirm it
+                        text += f" (with {res.n} cases it cannot go below {res.min_p:.3g}: a hint, not a finding)"
+                parts.append(text)
+            if parts:
+                sentences.append(f"{system} vs {baseline} on {n} {noun} cases{seeds}, {family}: " + "; ".join(parts)
+                                 + "." + (" (Optimistic protocol: these cases chose the checkpoint.)" if optimistic else ""))
+    return sentences
+
+
+def _verdict_blocks(results: Results, rows: list[tables.ComparisonRow], baseline: str, optimistic: bool,
+                    fig_dir: Path, notes: list[str]) -> list[Block]:
+    """The report's first screen: the verdict in words, beside the per-case paired Dice plot."""
+    if not rows:
+        return []
+    blocks: list[Block] = [Heading("Verdict"), Paragraph(
+        f"Each system against {baseline}, paired by case (system − {baseline}; 95% bootstrap interval). "
+        "'Better' or 'worse' only where the interval excludes 0 (with the Wilcoxon p-value); otherwise 'no "
+        "difference shown', with the smallest difference the test could have detected (80% power).",
+        tuple(verdict_sentences(results, rows, baseline, optimistic)))]
+    panels = []
+    for r in rows:
+        if r.metric != "dice":
+            continue
+        diffs = tables.paired_differences(results, r.system, baseline, r.cls, "dice")
+        label = r.system if len(results.classes) == 1 else f"{r.system}, {r.cls}"
+        panels.append(figures.PairedPanel(label, diffs, r.result.mean_diff, (r.result.ci_low, r.result.ci_high)))
+    try:
+        path = figures.paired_difference_figure(panels, f"Dice difference per case (system − {baseline})",
+                                                fig_dir / "paired_dice.png")
+        blocks.append(Figure(path, f"Per-case Dice differences to {baseline}: one dot per case (seed-averaged); "
+                                   "black bar: the 95% interval of the mean difference; red tick: the mean. The "
+                                   "cases that moved most either way are named."))
+    except (OSError, ValueError) as exc:
+        notes.append(f"paired Dice plot not drawn: {exc}")
+    return blocks
+
+
+def _comparison_blocks(results: Results, rows: list[tables.ComparisonRow], baseline: str, seed: int) -> list[Block]:
     blocks: list[Block] = [Heading(f"Paired comparison against {baseline}")]
-    rows = tables.comparisons(results, baseline, seed=seed)
     if not rows:
         why = (f"the baseline {baseline} has no {'run' if results.kind == 'runs' else 'scores'} here"
                if baseline not in results.systems else f"there is no other system to compare with {baseline}")
@@ -232,10 +320,9 @@ def _comparison_blocks(results: Results, baseline: str, seed: int) -> list[Block
     ))
     body = []
     for r in rows:
-        better = ""
         res = r.result
-        if not math.isnan(res.ci_low) and (res.ci_low > 0 or res.ci_high < 0):
-            better = "better" if (res.ci_low > 0) == HIGHER_IS_BETTER[r.metric] else "worse"
+        better = direction(r.metric, res)
+        better = better if better in ("better", "worse") else ""
         body.append((r.system, r.cls, _LABELS[r.metric], str(res.n), format_value(r.metric, res.mean_diff, True),
                      _ci(r.metric, res), "n/a" if math.isnan(res.p_value) else f"{res.p_value:.3g}",
                      better, format_value(r.metric, res.mdd), "n/a" if math.isnan(res.min_p) else f"{res.min_p:.3g}",
@@ -365,9 +452,11 @@ def build_document(results: Results, data_dir: str | Path | None, fig_dir: str |
     statement, optimistic = protocol_statement(results)
     noun = split_noun(results)
     n_cases = len({row["case"] for r in results.runs for row in r.per_case})
+    rows = tables.comparisons(results, baseline, seed=seed)
+    verdict = _verdict_blocks(results, rows, baseline, optimistic, Path(fig_dir), notes)
     body: list[Block] = []
     body += _table1_blocks(results, optimistic)
-    body += _comparison_blocks(results, baseline, seed)
+    body += _comparison_blocks(results, rows, baseline, seed)
     if results.kind == "runs":
         body += _cost_blocks(results)
     body += _figure_blocks(results, Path(data_dir) if data_dir is not None else None, cases, Path(fig_dir),
@@ -384,6 +473,8 @@ def build_document(results: Results, data_dir: str | Path | None, fig_dir: str |
     head: list[Block] = [
         Heading(f"{title}: {results.task}", level=1),
         Paragraph(statement),
+        *verdict,
+        Heading("How the numbers were made"),
         Paragraph(what, items),
     ]
     if notes:

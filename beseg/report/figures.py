@@ -4,6 +4,7 @@
   of its filtered version, and a 2D slice of each (:func:`beseg.log_filter`).
 * :func:`contour_figure`: the paper's Figure 1 (d): ground-truth and predicted contours on image slices.
 * :func:`learning_curve_figure`: training loss and validation Dice against the step, per system.
+* :func:`paired_difference_figure`: one dot per case, its difference to the baseline, and the interval.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from scipy import ndimage
 from beseg.losses import log_filter
 from beseg.report.collect import Results
 
-__all__ = ["OverlayCase", "filter_figure", "contour_figure", "learning_curve_figure", "CONTOUR_COLORS"]
+__all__ = ["OverlayCase", "PairedPanel", "filter_figure", "contour_figure", "learning_curve_figure",
+           "paired_difference_figure", "CONTOUR_COLORS"]
 
 #: Contour colours of the overlays, chosen to stay distinct on a grey image and for red-green blindness.
 CONTOUR_COLORS = ("#00e000", "#ff3030", "#30b0ff", "#ffd000", "#ff60ff")
@@ -231,4 +233,62 @@ def learning_curve_figure(results: Results, out: str | Path) -> Path:
         if not ax.lines:
             ax.text(0.5, 0.5, "no entries in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
     fig.legend(handles=handles, loc="outside lower center", ncol=max(1, len(handles)), frameon=False)
+    return _save(fig, Path(out))
+
+
+@dataclass(frozen=True)
+class PairedPanel:
+    """One row of the paired-difference figure: a system against the baseline on one class.
+
+    Attributes:
+        label: row label (``system`` or ``system, class``).
+        differences: ``{case: system - baseline}`` in the metric's unit.
+        mean: mean difference; ``ci``: its 95% interval (NaN ends when undefined).
+    """
+
+    label: str
+    differences: Mapping[str, float]
+    mean: float
+    ci: tuple[float, float]
+
+
+def paired_difference_figure(panels: Sequence[PairedPanel], metric_label: str, out: str | Path,
+                             n_named: int = 2) -> Path:
+    """Per-case differences to the baseline: one dot per case, the mean and its interval per row.
+
+    The cases that moved most in each direction are named, so a reader sees which cases changed.
+
+    Args:
+        panels: one row each, drawn top to bottom.
+        metric_label: the x axis, e.g. ``"Dice difference (system − segresnet_dice)"``.
+        out: PNG path to write.
+        n_named: how many of the largest gains and losses per row are labelled with their case id.
+
+    Returns:
+        ``out``.
+    """
+    fig = Figure(figsize=(8, 0.9 + 0.75 * max(1, len(panels))), layout="constrained")
+    ax = fig.subplots()
+    rng = np.random.default_rng(0)  # vertical jitter only, so that equal differences stay visible
+    for row, panel in enumerate(panels):
+        y = len(panels) - 1 - row
+        cases = list(panel.differences)
+        x = np.array([panel.differences[c] for c in cases], dtype=float)
+        ax.scatter(x, y + rng.uniform(-0.18, 0.18, len(x)), s=14, color="#3070b0", alpha=0.75, zorder=3)
+        lo, hi = panel.ci
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.plot([lo, hi], [y - 0.32, y - 0.32], color="black", lw=2.5, solid_capstyle="butt", zorder=4)
+        if np.isfinite(panel.mean):
+            ax.plot([panel.mean], [y - 0.32], marker="|", ms=14, mew=2.5, color="#d03030", zorder=5)
+        order = np.argsort(x)
+        named = list(dict.fromkeys([*order[:n_named], *order[::-1][:n_named]]))
+        for k, i in enumerate(sorted(named, key=lambda i: x[i])):  # staggered so that close labels stay legible
+            if x[i] != 0:
+                ax.annotate(cases[i], (x[i], y + 0.15), xytext=(0, 2 + 9 * (k % 2)), textcoords="offset points",
+                            fontsize=7, ha="center", va="bottom", color="#444444")
+    ax.axvline(0.0, color="grey", lw=1, ls="--", zorder=1)
+    ax.set_yticks(range(len(panels)), [p.label for p in reversed(panels)])
+    ax.set_ylim(-0.7, len(panels) - 0.3)
+    ax.set_xlabel(metric_label)
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, Path(out))

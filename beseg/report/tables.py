@@ -27,7 +27,7 @@ from beseg.report.stats import PairedComparison, paired_comparison
 
 __all__ = [
     "MEAN_COLUMN", "Cell", "RunMean", "CostRow", "ComparisonRow", "run_mean", "table1_columns", "table1",
-    "seed_averaged_cases", "penalised_cases", "comparisons", "cost", "is_penalised",
+    "seed_averaged_cases", "paired_differences", "penalised_cases", "comparisons", "cost", "is_penalised",
 ]
 
 #: Table 1's column averaging over classes, present when a task has more than one class.
@@ -171,6 +171,13 @@ def penalised_cases(results: Results, system: str, cls: str, metric: str) -> set
     """The cases whose value of ``metric`` is a distance penalty in at least one of the system's runs."""
     return {r["case"] for run in results.runs_of(system) for r in run.per_case
             if r["class"] == cls and is_penalised(r, metric)}
+
+
+def paired_differences(results: Results, system: str, baseline: str, cls: str, metric: str) -> dict[str, float]:
+    """``{case: system - baseline}`` over the cases both scored with a finite value (seed-averaged)."""
+    a = seed_averaged_cases(results, system, cls, metric)
+    b = seed_averaged_cases(results, baseline, cls, metric)
+    return {c: a[c] - b[c] for c in sorted(set(a) & set(b)) if math.isfinite(a[c]) and math.isfinite(b[c])}
 
 
 def comparisons(results: Results, baseline: str, seed: int = 0) -> list[ComparisonRow]:
