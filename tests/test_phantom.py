@@ -57,7 +57,7 @@ def test_phantom_folder_passes_check_and_loads_through_its_preset(tmp_path, task
     assert report.ok, report.all_problems
     assert report.cases[0].spacing == pytest.approx((0.8, 0.8, 2.5))
     preset = preset_for_task(load_task(root))
-    assert preset.name == f"phantom-{task}"
+    assert preset.name == f"phantom_{task}"
     data = build_task_data(load_task(root), preset, cache_dir=tmp_path / "cache", patch_size=(16, 16, 16))
     patch = data.train[0][0]
     assert patch["image"].shape == (preset.in_channels, 16, 16, 16)

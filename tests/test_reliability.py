@@ -512,9 +512,9 @@ def test_predict_writes_the_good_images_and_lists_the_bad_ones(trained_run, tiny
         "junk.nii.gz": (lambda p: p.write_bytes(b"junk" * 100), "not a readable NIfTI image"),
         "truncated.nii.gz": (lambda p: p.write_bytes(good.read_bytes()[:3000]), "EOFError"),
         "flat.nii.gz": (lambda p: nib.save(nib.Nifti1Image(np.zeros((16, 16), np.float32), np.eye(4)), p),
-                        "shape (16, 16) does not fit task phantom-spleen"),
+                        "shape (16, 16) does not fit task phantom_spleen"),
         "two-channel.nii.gz": (lambda p: nib.save(nib.Nifti1Image(np.zeros((16, 16, 8, 2), np.float32), np.eye(4)), p),
-                               "shape (16, 16, 8, 2) does not fit task phantom-spleen"),
+                               "shape (16, 16, 8, 2) does not fit task phantom_spleen"),
         "nan.nii.gz": (lambda p: nib.save(nib.Nifti1Image(np.full((16, 16, 8), np.nan, np.float32), np.eye(4)), p),
                        "contains NaN or Inf values"),
     }

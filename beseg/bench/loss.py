@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from beseg.errors import ConfigError
 from beseg.allocator import keep_freed_memory
 from beseg.losses import BoundaryEnhancementLoss, DiceBELoss
 from beseg.losses.laplacian import log_kernels
@@ -201,9 +202,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise ValueError(f"--shapes: {text!r} is not a comma-separated list of integers, e.g. 2,1,96,96,96.") from None
+        raise ConfigError(f"--shapes: {text!r} is not a comma-separated list of integers, e.g. 2,1,96,96,96.") from None
     if len(shape) not in (4, 5) or min(shape) < 1:
-        raise ValueError(f"--shapes: {text!r} must be 4 or 5 positive integers (B,C,H,W[,D]).")
+        raise ConfigError(f"--shapes: {text!r} must be 4 or 5 positive integers (B,C,H,W[,D]).")
     return shape
 
 
@@ -233,7 +234,7 @@ def apply_malloc(malloc: str) -> str | None:
         ValueError: ``malloc`` is not ``"default"`` or ``"keep"``.
     """
     if malloc not in ("default", "keep"):
-        raise ValueError(f"--malloc must be default or keep, got {malloc!r}.")
+        raise ConfigError(f"--malloc must be default or keep, got {malloc!r}.")
     if malloc == "default":
         return None
     if keep_freed_memory():
@@ -293,11 +294,11 @@ def run_loss_benchmark(
         One :class:`CaseResult` per shape and case.
     """
     if repeats < 1 or warmup < 0 or threads < 1:
-        raise ValueError("--repeats and --threads must be >= 1 and --warmup >= 0.")
+        raise ConfigError("--repeats and --threads must be >= 1 and --warmup >= 0.")
     malloc_note = apply_malloc(malloc)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine.")
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine.")
     torch.set_num_threads(threads)
     shapes = [tuple(s) for s in (shapes or DEFAULT_SHAPES)]
     print_fn(f"# beseg bench loss: forward+backward, float32, median of repeated runs after {warmup} warm-up")

@@ -20,6 +20,7 @@ from beseg.engine.config import LossConfig, ModelConfig
 from beseg.engine.inference import autocast_for, predict_probabilities
 from beseg.engine.networks import build_network
 from beseg.engine.losses import build_loss
+from beseg.errors import ConfigError
 
 __all__ = ["run_train_benchmark"]
 
@@ -69,7 +70,7 @@ def run_train_benchmark(
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine.")
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine.")
     malloc_note = apply_malloc(malloc)
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ from beseg.data.intensity import IntensityRange
 from beseg.data.msd import MSDTask
 from beseg.errors import DataError
 
-__all__ = ["BRATS_REGIONS", "MSDBratsRegionsd", "TaskPreset", "PRESETS", "get_preset", "preset_for_task", "msd_brats_regions"]
+__all__ = ["BRATS_REGIONS", "MSDBratsRegionsd", "TaskPreset", "PRESETS", "canonical_task", "get_preset", "preset_for_task", "msd_brats_regions"]
 
 Size3 = tuple[int, int, int]
 
@@ -96,7 +96,8 @@ class TaskPreset:
     """How one task is read, normalised, augmented and predicted.
 
     Attributes:
-        name: registry name (``task01``, ``task09``, ``phantom-brain``, ``phantom-spleen``).
+        name: the canonical task id (``task01``, ``task09``, ``phantom_brain``, ``phantom_spleen``;
+            see :func:`canonical_task`).
         in_channels: image channels the network receives (must equal ``dataset.json`` modality count).
         out_channels: network output channels: 3 sigmoid regions (TC, WT, ET) or 2 softmax classes.
         activation: ``"sigmoid"`` (independent, overlapping regions; the label has ``out_channels``
@@ -137,6 +138,11 @@ class TaskPreset:
         if self.label_mode == "brats_regions":
             return BRATS_REGIONS
         return tuple((name, (k,)) for k, name in enumerate(self.channel_names) if k > 0)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the scored classes, in the order of the scored masks (``TC``, ``WT``, ``ET``; ``spleen``)."""
+        return [name for name, _ in self.scored_classes]
 
     def label_map(self, probs: torch.Tensor) -> torch.Tensor:
         """Network output -> label map in the dataset's own label values.
@@ -319,20 +325,30 @@ _TASK09 = TaskPreset(
 PRESETS: dict[str, TaskPreset] = {
     "task01": _TASK01,
     "task09": _TASK09,
-    "phantom-brain": replace(_TASK01, name="phantom-brain", patch_size=(64, 64, 64), paper_split=None,
+    "phantom_brain": replace(_TASK01, name="phantom_brain", patch_size=(64, 64, 64), paper_split=None,
                              description="beseg phantom brain, read like Task01, 64^3 patches"),
-    "phantom-spleen": replace(_TASK09, name="phantom-spleen", patch_size=(64, 64, 64), paper_split=None,
+    "phantom_spleen": replace(_TASK09, name="phantom_spleen", patch_size=(64, 64, 64), paper_split=None,
                               description="beseg phantom spleen, read like Task09, 64^3 patches"),
 }
 
 
+def canonical_task(name: str) -> str:
+    """The one spelling of a task id: lower case with underscores (``Phantom-Spleen`` -> ``phantom_spleen``).
+
+    Task ids are also the prefixes of the config presets (``phantom_spleen_segresnet_be``), so
+    this is the only place that converts between spellings; ``phantom-spleen`` is accepted as an
+    alias in configs and on the command line.
+    """
+    return name.strip().lower().replace("-", "_")
+
+
 def get_preset(name: str) -> TaskPreset:
-    """The preset called ``name`` (case-insensitive).
+    """The preset called ``name`` (any spelling :func:`canonical_task` accepts).
 
     Raises:
         ValueError: unknown name; the message lists the known ones.
     """
-    key = name.strip().lower()
+    key = canonical_task(name)
     if key not in PRESETS:
         raise ValueError(f"unknown task preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[key]
@@ -347,8 +363,8 @@ def preset_for_task(task: MSDTask) -> TaskPreset:
     name = task.name.lower()
     phantom = "phantom" in name
     if "spleen" in name:
-        return PRESETS["phantom-spleen" if phantom else "task09"]
+        return PRESETS["phantom_spleen" if phantom else "task09"]
     if "brain" in name or task.num_channels == 4:
-        return PRESETS["phantom-brain" if phantom else "task01"]
+        return PRESETS["phantom_brain" if phantom else "task01"]
     raise DataError(f"{task.root / 'dataset.json'}: cannot tell the task preset from name {task.name!r}; "
                     f"choose one of {', '.join(PRESETS)}")

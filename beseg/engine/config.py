@@ -32,7 +32,8 @@ class DataConfig:
     """Which task and how it is sampled.
 
     Attributes:
-        task: task preset (``task01``, ``task09``, ``phantom-spleen``, ``phantom-brain``).
+        task: task preset (``task01``, ``task09``, ``phantom_spleen``, ``phantom_brain``; ``phantom-spleen``
+            is read as ``phantom_spleen``).
         patch_size: training patch in voxels at 1 mm; ``None`` takes the preset's.
         batch_size: patches per step per process.
         num_samples: patches drawn per volume per visit.
@@ -54,7 +55,7 @@ class DataConfig:
         num_workers: DataLoader worker processes.
     """
 
-    task: str = "phantom-spleen"
+    task: str = "phantom_spleen"
     patch_size: tuple[int, int, int] | None = None
     batch_size: int = 2
     num_samples: int = 1
@@ -255,9 +256,10 @@ class Config:
             raise ConfigError(f"train.dist_timeout_s must be > 0, got {self.train.dist_timeout_s}.")
         if self.train.device not in ("auto", "cpu") and not self.train.device.startswith("cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda[:N], got {self.train.device!r}.")
-        from beseg.data.presets import PRESETS
+        from beseg.data.presets import PRESETS, canonical_task
 
-        if self.data.task.lower() not in PRESETS:
+        self.data.task = canonical_task(self.data.task)  # one spelling in every saved config
+        if self.data.task not in PRESETS:
             raise ConfigError(f"unknown data.task {self.data.task!r}; choose one of: {', '.join(PRESETS)}.")
         return self
 
@@ -337,7 +339,7 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
 
 #: Keys every config must set (directly or through its ``base``): what is trained, on what, how.
 REQUIRED_KEYS = {
-    "data.task": "the task preset, e.g. phantom-spleen or task09",
+    "data.task": "the task preset, e.g. phantom_spleen or task09",
     "model.network": "the network: segresnet, unet or ahnet",
     "loss.name": "the training loss, e.g. dice or dice_be",
 }

@@ -27,7 +27,6 @@ from beseg.data import Split, default_cache_dir, load_split, load_task
 from beseg.data.classes import class_masks
 from beseg.data.nifti import read_array
 from beseg.engine.predict import LoadedModel, load_model, predict_image, write_label
-from beseg.engine.trainer import class_names
 from beseg.errors import BesegError, DataError
 from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, case_metrics
 from beseg.score import summarize, write_scores
@@ -162,7 +161,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     fields = protocol_fields(split, parts, loaded.checkpoint, protocol)
     run_root = loaded.checkpoint.parent.parent
     out_dir = Path(out) if out is not None else run_root / "eval"
-    names = class_names(loaded.preset)
+    names = loaded.preset.class_names
     result = EvalSummary(out_dir)
     for cid in tqdm(chosen, desc=f"evaluate {split}", unit="case", disable=not progress):
         case = task.case(cid)

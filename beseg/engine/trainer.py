@@ -82,7 +82,7 @@ from beseg.errors import BesegError, ConfigError
 from beseg.engine.losses import build_loss
 
 __all__ = [
-    "EpochSampler", "LossTimer", "SeededDataset", "TrainResult", "Trainer", "TrainingError", "class_names",
+    "EpochSampler", "LossTimer", "SeededDataset", "TrainResult", "Trainer", "TrainingError",
     "load_resume_checkpoint", "train",
 ]
 
@@ -97,11 +97,6 @@ class TrainResult:
     epochs: int
     best_dice: float
     last_val_dice: float | None
-
-
-def class_names(preset: TaskPreset) -> list[str]:
-    """Names of the scored classes, in the order of the scored masks."""
-    return [name for name, _ in preset.scored_classes]
 
 
 def load_resume_checkpoint(run_dir: str | Path) -> dict[str, Any]:
@@ -574,7 +569,7 @@ class Trainer:
 
         model = _unwrap(self.model)
         model.eval()
-        names = class_names(self.preset)
+        names = self.preset.class_names
         totals = torch.zeros(2, len(names), dtype=torch.float64)  # Dice sums, case counts
         cfg = self.config.train
         with self.all_ranks("validating"):

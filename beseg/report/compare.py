@@ -184,8 +184,10 @@ class CompareResult:
 
 
 def preset_prefix(task_name: str) -> str:
-    """The preset-name prefix of a task preset: ``phantom-spleen`` -> ``phantom_spleen``."""
-    return task_name.lower().replace("-", "_")
+    """The preset-name prefix of a task: its canonical id (``phantom-spleen`` -> ``phantom_spleen``)."""
+    from beseg.data.presets import canonical_task
+
+    return canonical_task(task_name)
 
 
 def _check_prefix(prefix: str) -> str:

@@ -1,0 +1,80 @@
+"""``beseg bench loss|data|train``: benchmarks whose results go to stdout (record them in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    loss = sub.add_parser(
+        "loss", help="forward+backward time and peak memory of the BE loss against the paper's form and MONAI DiceLoss"
+    )
+    loss.add_argument("--shapes", nargs="+", default=None, metavar="B,C,H,W,D",
+                      help="input shapes (default: 2,1,96,96,96 and 1,3,128,128,128)")
+    loss.add_argument("--repeats", type=int, default=15, help="timed repetitions per case; the median is reported")
+    loss.add_argument("--warmup", type=int, default=3, help="untimed repetitions before timing")
+    loss.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    loss.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    loss.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    loss.add_argument("--malloc", choices=("default", "keep"), default="default",
+                      help="CPU allocator: glibc's defaults (as in your own loop), or keeping freed memory as "
+                           "beseg train does")
+    loss.set_defaults(func=_loss)
+    data = sub.add_parser(
+        "data", help="patches/s of the cached phantom training pipeline against the CPU training step time"
+    )
+    data.add_argument("--cases", type=int, default=12, help="phantom spleen training cases to generate")
+    data.add_argument("--patch", type=int, nargs=3, default=(64, 64, 64), metavar=("X", "Y", "Z"),
+                      help="patch size (voxels at 1 mm)")
+    data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    data.add_argument("--patches", type=int, default=200, help="patches to time after the cache is warm")
+    data.add_argument("--steps", type=int, default=3, help="timed training steps per model (median reported)")
+    data.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the training step")
+    data.add_argument("--cache", choices=("memory", "disk"), default="memory", help="dataset cache kind")
+    data.set_defaults(func=_data)
+    train = sub.add_parser(
+        "train", help="share of a SegResNet training step spent in the BE loss, and sliding-window inference time"
+    )
+    train.add_argument("--patch", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"))
+    train.add_argument("--init-filters", type=int, default=16)
+    train.add_argument("--volume", type=int, nargs=3, default=(160, 160, 160), metavar=("X", "Y", "Z"),
+                       help="volume for the sliding-window inference timing")
+    train.add_argument("--repeats", type=int, default=3)
+    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA runs the step under float16 autocast)")
+    train.add_argument("--malloc", choices=("default", "keep"), default="default",
+                       help="CPU allocator: glibc's defaults, or keeping freed memory as beseg train does")
+    train.set_defaults(func=_train)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.func(args)
+
+
+def _loss(args: argparse.Namespace) -> int:
+    from beseg.bench.loss import parse_shape, run_loss_benchmark
+
+    shapes = [parse_shape(s) for s in args.shapes] if args.shapes else None
+    run_loss_benchmark(
+        shapes=shapes, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+        device=args.device, memory=not args.no_memory, malloc=args.malloc,
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from beseg.bench.train import run_train_benchmark
+
+    run_train_benchmark(patch=tuple(args.patch), init_filters=args.init_filters, repeats=args.repeats,
+                        volume=tuple(args.volume), threads=args.threads, device=args.device, malloc=args.malloc)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from beseg.bench.data import run_data_benchmark
+
+    run_data_benchmark(cases=args.cases, patch_size=tuple(args.patch), workers=args.workers,
+                       patches=args.patches, steps=args.steps, threads=args.threads, cache=args.cache)
+    return 0

@@ -1,0 +1,52 @@
+"""``beseg compare``: train and evaluate systems x seeds on one split, then write the Table 1 report."""
+
+from __future__ import annotations
+
+import argparse
+
+from beseg.commands.common import add_protocol, data_dir, print_report, split_systems
+
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from beseg.report.compare import ALIASES, TABLE1_SYSTEMS
+
+    names = ", ".join([*TABLE1_SYSTEMS, *ALIASES])
+    parser.description = (
+        "Train and evaluate every system with every seed on the same split (finished runs are skipped, interrupted "
+        "ones resumed), then write RESULTS_DIR/report/report.{md,html}. By default best.pt is chosen on validation "
+        "cases and every reported number is on held-out test cases.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
+    parser.add_argument("--data", metavar="DIR", help="MSD task folder (default for phantom tasks: the phantom)")
+    parser.add_argument("--systems", default="dice,dice_be", metavar="A,B,...",
+                        help=f"comma-separated Table 1 rows or aliases ({names}) or YAML config files "
+                             "(default: dice,dice_be)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per system: 0..N-1 (default 3)")
+    parser.add_argument("--out", required=True, metavar="RESULTS_DIR", help="results folder (reused to resume)")
+    parser.add_argument("--task", "--preset-prefix", dest="task", metavar="TASK",
+                        help="preset prefix: phantom_spleen, task09 or task01 (default: from the dataset)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (repeatable), e.g. --set train.epochs=5")
+    add_protocol(parser, "heldout")
+    parser.add_argument("--no-report", action="store_true", help="train and evaluate only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from beseg.data.presets import canonical_task
+    from beseg.errors import ConfigError
+    from beseg.report.compare import run_compare
+
+    progress = not args.no_progress
+    task = canonical_task(args.task) if args.task else None
+    data = args.data
+    if data is None:
+        if not (task or "").startswith("phantom_"):
+            raise ConfigError("--data DIR is required: the MSD task folder holding dataset.json (only "
+                              "--task phantom_spleen generates its own data).")
+        data = data_dir(None, task, progress)
+    result = run_compare(data, split_systems(args.systems), args.seeds, args.out, overrides=[*args.sets, *args.overrides],
+                         prefix=task, progress=progress, report=not args.no_report, protocol=args.protocol,
+                         folds=args.folds)
+    print_report(result)
+    return 0
