@@ -428,6 +428,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--distance-penalty", type=float, default=None, metavar="MM",
                        help="HD95 and ASD of a class empty in exactly one of prediction and label (default 373.13, "
                             "the BraTS convention); nan leaves them undefined (left out of means, counted)")
+    score.add_argument("--ignore-label", type=int, default=None, metavar="V",
+                       help="label value whose voxels count in no metric (nnU-Net v2's ignore label; default the "
+                            "'ignore' label of the dataset.json, if any); it is not a class")
     score.add_argument("--affine-tol", type=float, default=1e-3, metavar="MM",
                        help="largest allowed difference between a prediction's and its label's affine (default 1e-3)")
     score.add_argument("--protocol", choices=("heldout", "cv", "paper"),
@@ -448,8 +451,8 @@ def _run_score(args: argparse.Namespace) -> int:
 
     kwargs = {"classes": args.classes, "dataset_json": args.dataset_json, "nsd_tolerance_mm": args.nsd_tolerance,
               "distance_penalty_mm": _distance_penalty(args.distance_penalty),
-              "affine_tol_mm": args.affine_tol, "workers": args.workers, "protocol": args.protocol,
-              "only_predicted": args.only_predicted, "progress": not args.no_progress}
+              "affine_tol_mm": args.affine_tol, "ignore_label": args.ignore_label, "workers": args.workers,
+              "protocol": args.protocol, "only_predicted": args.only_predicted, "progress": not args.no_progress}
     if len(args.pred_dirs) == 1:
         if args.names or args.baseline or args.images:
             from beseg.errors import ConfigError

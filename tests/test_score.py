@@ -19,7 +19,7 @@ from beseg.report import default_names
 from beseg.score import classes_from_dataset_json, score_predictions, summarize
 
 #: per_case.csv's header, typed here (the same file `beseg evaluate` writes).
-HEADER = "case,class,dice,hd95_mm,asd_mm,nsd,empty_in"
+HEADER = "case,class,dice,hd95_mm,asd_mm,nsd,empty_in,dim"
 
 
 def _oblique_lps_affine(spacing: tuple[float, float, float]) -> np.ndarray:
