@@ -230,11 +230,11 @@ def check_same_grid(header: NiftiHeader, reference: NiftiHeader, affine_tol_mm: 
             ``affine_tol_mm``; the message names both files.
     """
     if header.spatial_shape != reference.spatial_shape:
-        raise DataError(f"{what} {header.path} has shape {header.spatial_shape}, its {reference_what} "
+        raise DataError(f"{header.path}: {what} has shape {header.spatial_shape}, its {reference_what} "
                         f"{reference.path} {reference.spatial_shape}; they must be on the same grid.")
     gap = float(np.abs(header.affine - reference.affine).max())
     if not gap <= affine_tol_mm:
-        raise DataError(f"{what} {header.path} and {reference_what} {reference.path} have different affines "
+        raise DataError(f"{header.path}: {what} and its {reference_what} {reference.path} have different affines "
                         f"(largest difference {gap:.3g} mm, tolerance {affine_tol_mm:g} mm); they must be on the "
                         "same grid.")
 
