@@ -468,8 +468,10 @@ def _run_score(args: argparse.Namespace) -> int:
         summary = result.summary
         penalised = sum(c["penalised"] for per_class in summary["counts"].values() for c in per_class.values())
         means = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in summary["mean"].items())
-        print(f"{result.name}: {summary['cases']} case(s) scored: {means}"
-              + (f" ({penalised} penalised distance(s))" if penalised else ""))
+        how = [f"ignore label {summary['ignore_label']}"] if summary.get("ignore_label") is not None else []
+        how += [b for b in [{"2": "2D boundaries", "mixed": "2D and 3D boundaries"}.get(str(summary.get("dim")))] if b]
+        print(f"{result.name}: {summary['cases']} case(s) scored" + (f" ({'; '.join(how)})" if how else "")
+              + f": {means}" + (f" ({penalised} penalised distance(s))" if penalised else ""))
         print(f"wrote {result.out_dir / 'per_case.csv'} and {result.out_dir / 'summary.json'}")
         if result.extra:
             print(f"{result.name}: {len(result.extra)} prediction(s) without a label, not scored: "

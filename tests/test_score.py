@@ -372,7 +372,9 @@ def test_ignore_label_option_without_a_dataset_json(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["score", str(pred), "--labels", str(labels_dir), "--out", str(out), "--ignore-label", "2",
                  "--workers", "1", "--no-progress"])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "pred: 1 case(s) scored (ignore label 2): dice 1.0000" in captured.out
     rows = _rows(out / "per_case.csv")
     assert [(r["class"], r["dice"]) for r in rows] == [("1", "1.0")]  # value 2 is not a class
     summary = json.loads((out / "summary.json").read_text())
