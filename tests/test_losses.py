@@ -752,12 +752,14 @@ def test_cuda_autocast_fast_matches_reference(dtype):
 def test_cuda_training_step_loss_makes_no_host_sync():
     logits = torch.randn(2, 3, 24, 24, 24, device="cuda", requires_grad=True)
     labels = torch.randint(0, 3, (2, 1, 24, 24, 24), device="cuda")
+    mask = torch.rand(2, 1, 24, 24, 24, device="cuda") > 0.3  # the mean over the voxels that count: no read-back
     loss = DiceBELoss(softmax=True, to_onehot_y=True, validate=False)
     loss(logits, labels).backward()  # warm-up: lazy initialisation may sync once
+    loss(logits, labels, mask=mask).backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        value = loss(logits, labels)
+        value = loss(logits, labels) + loss(logits, labels, mask=mask)
         value.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
