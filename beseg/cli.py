@@ -163,6 +163,9 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--distance-penalty", type=float, default=None, metavar="MM",
                           help="HD95 and ASD of a class empty in exactly one of prediction and label (default "
                                "373.13, the BraTS convention); nan leaves them undefined (left out of means, counted)")
+    evaluate.add_argument("--affine-tol", type=float, default=1e-3, metavar="MM",
+                          help="largest allowed difference between a label's and its image's affine (default 1e-3); "
+                               "a label on another grid fails its case")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=_run_evaluate)
 
@@ -234,7 +237,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         data = _data_dir(None, load_model(args.checkpoint, "cpu").preset.name)
     result = evaluate(args.checkpoint, data, split=args.split, out=args.out,
                       nsd_tolerance_mm=args.nsd_tolerance, device=args.device,
-                      distance_penalty_mm=_distance_penalty(args.distance_penalty))
+                      distance_penalty_mm=_distance_penalty(args.distance_penalty), affine_tol_mm=args.affine_tol)
     mean, protocol = result.summary["mean"], result.summary.get("protocol")
     how = f"protocol {protocol}" + ("; optimistic: these cases chose best.pt" if protocol == "paper" else "")
     print(f"{result.summary['cases']} case(s) of split {args.split}" + (f" ({how})" if protocol else "") + ": "

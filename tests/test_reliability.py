@@ -556,6 +556,10 @@ def test_evaluate_checks_labels_as_score_does(trained_run, tiny_phantom, tmp_pat
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["cases"] == 4 and [f["case"] for f in summary["failed"]] == ["phantom_spleen_000", "phantom_spleen_001"]
     assert summary["dim"] == 3 and summary["ignore_label"] is None
+    # A looser --affine-tol accepts the shifted label (then scored where it lies).
+    rc, out, err = run_main(capsys, "evaluate", trained_run, "--data", root, "--split", "all", "--out", out_dir,
+                            "--affine-tol", "5")
+    assert "1 input(s) failed:" in err and "phantom_spleen_001" not in err
 
 
 def test_evaluate_scores_the_good_cases_and_lists_the_bad_ones(trained_run, tiny_phantom, tmp_path, capsys):
