@@ -36,6 +36,19 @@ that both distance columns treat a missed structure alike. ``distance_penalty_mm
 the distances undefined (NaN) instead. Either way the row's ``empty_in`` says which mask was
 empty, so aggregates can (and :mod:`beseg.score` does) count how many distances were penalised
 or undefined. Dice and NSD are well defined (0) and never penalised.
+
+:func:`label_map_metrics` scores two label maps the way ``beseg evaluate`` and ``beseg score``
+both do, adding two conventions on top of :func:`case_metrics`:
+
+* **Ignore label** (nnU-Net v2's ``"ignore"`` label): voxels where the *label* holds it count in no
+  metric. They are set to background in both the prediction and the label before any mask is
+  made, so they add nothing to Dice's overlap or sizes (as nnU-Net's ``evaluate_predictions.py``
+  excludes ``seg_ref == ignore_label``), and a prediction cut off where the annotation stops has
+  its boundary where the label's is.
+* **2D cases**: a 2D label map, or a single-slice volume (exactly one spatial axis of size 1, e.g.
+  ``(X, Y, 1)``), is scored in its plane: boundaries by 2D erosion and distances in the plane. A
+  3D erosion would make every foreground voxel of a one-voxel-thick slab a boundary voxel. Each
+  row's ``dim`` says which was used (2 or 3).
 """
 
 from __future__ import annotations
@@ -49,9 +62,11 @@ import torch
 from monai.metrics.utils import get_edge_surface_distance
 from torch import Tensor
 
+from beseg.data.classes import ClassSpec, class_masks
+
 __all__ = [
     "METRIC_NAMES", "DISTANCE_METRICS", "HIGHER_IS_BETTER", "BRATS_DISTANCE_PENALTY_MM", "EMPTY_IN",
-    "case_metrics",
+    "case_metrics", "label_map_metrics",
 ]
 
 #: The metric keys of every row that :func:`case_metrics` returns, in column order.
@@ -185,3 +200,60 @@ def case_metrics(
                    "empty_in": "prediction" if not n_pred else "label"}
         rows.append({"class": str(name), **{m: row[m] for m in METRIC_NAMES}, "empty_in": row["empty_in"]})
     return rows
+
+
+def label_map_metrics(
+    pred: np.ndarray,
+    label: np.ndarray,
+    classes: ClassSpec,
+    spacing_mm: Sequence[float],
+    nsd_tolerance_mm: float | Sequence[float] = 1.0,
+    ignore_label: int | None = None,
+    distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
+) -> list[dict[str, float | str | int]]:
+    """Dice, HD95, ASD and NSD of one case from two integer label maps, one dict per class.
+
+    Args:
+        pred: (X, Y, Z) or (X, Y) integer label map, prediction.
+        label: the ground truth on the same grid.
+        classes: the scored classes (each a set of label values, see :mod:`beseg.data.classes`).
+        spacing_mm: voxel size (mm) per axis of the arrays, in their axis order (extra values,
+            e.g. the third of a 2D file's header, are not used).
+        nsd_tolerance_mm: NSD tolerance (mm), one for all classes or one per class.
+        ignore_label: label value whose voxels (where ``label`` holds it) count in no metric, or
+            ``None``. It must not be one of the classes' values.
+        distance_penalty_mm: as in :func:`case_metrics`.
+
+    Returns:
+        :func:`case_metrics`' rows (``include_background=True``: every class of ``classes``), each
+        with ``dim``: 2 for a 2D case (a 2D map, or exactly one spatial axis of size 1, which is
+        dropped with its spacing), else 3.
+
+    Raises:
+        ValueError: the shapes differ or are not 2D/3D, the spacing is too short, a class holds
+            the ignore label, or as :func:`case_metrics`.
+    """
+    pred, label = np.asarray(pred), np.asarray(label)
+    if pred.shape != label.shape:
+        raise ValueError(f"pred and label shapes differ: {pred.shape} vs {label.shape}.")
+    if pred.ndim not in (2, 3):
+        raise ValueError(f"label maps must be 2D or 3D, got shape {pred.shape}.")
+    spacing = [float(s) for s in spacing_mm]
+    if len(spacing) < pred.ndim:
+        raise ValueError(f"spacing_mm needs one value per axis of shape {pred.shape}, got {spacing}.")
+    spacing = spacing[: pred.ndim]
+    if ignore_label is not None and any(int(ignore_label) in values for _, values in classes):
+        raise ValueError(f"the ignore label {ignore_label} is one of the scored classes' values "
+                         f"({', '.join(n for n, v in classes if int(ignore_label) in v)}); it is not a class.")
+    singleton = [axis for axis, size in enumerate(pred.shape) if size == 1]
+    if pred.ndim == 3 and len(singleton) == 1:  # a single-slice volume: a 2D case in the other two axes
+        axis = singleton[0]
+        pred, label = pred.squeeze(axis), label.squeeze(axis)
+        del spacing[axis]
+    p, y = class_masks(pred, classes), class_masks(label, classes)
+    if ignore_label is not None:
+        counted = label != ignore_label
+        p &= counted  # the label's masks hold no ignored voxel already: the ignore label is no class's value
+    rows = case_metrics(p, y, spacing, [name for name, _ in classes], nsd_tolerance_mm,
+                        include_background=True, distance_penalty_mm=distance_penalty_mm)
+    return [{**row, "dim": pred.ndim} for row in rows]

@@ -3,12 +3,13 @@
 Two things live here, because ``beseg evaluate`` and ``beseg score`` must write the same files:
 
 * :func:`summarize` and :func:`write_scores`: the per-case table ``per_case.csv`` (columns
-  :data:`CSV_COLUMNS`: ``case, class, dice, hd95_mm, asd_mm, nsd, empty_in``) and
+  :data:`CSV_COLUMNS`: ``case, class, dice, hd95_mm, asd_mm, nsd, empty_in, dim``) and
   ``summary.json`` (per-class means, how many values were penalised or undefined, failed cases).
 * :func:`score_predictions`: ``beseg score``. Predictions from nnU-Net (``CASE.nii.gz``), MONAI or
   anything else are matched to labels by case id (the file name without ``.nii``/``.nii.gz``) and
-  scored per case and class by :func:`beseg.metrics.case_metrics` at each label's own voxel
-  spacing, in a process pool.
+  scored per case and class by :func:`beseg.metrics.label_map_metrics` at each label's own voxel
+  spacing, in a process pool. nnU-Net v2's ignore label (``"ignore"`` in ``dataset.json``, or
+  ``ignore_label``) is no class, and its voxels count in no metric.
 
 How cases count. A case is *scored* when its prediction and label were read and fit the same
 grid; its rows enter every mean. A *failed* case (unreadable file, another grid, not a label
@@ -35,21 +36,26 @@ from typing import Any
 
 import numpy as np
 
-from beseg.data.classes import ClassSpec, class_masks, classes_from_labels, parse_classes
+from beseg.data.classes import ClassSpec, classes_from_labels, parse_classes
 from beseg.data.msd import case_id, list_nifti
-from beseg.data.nifti import read_array, read_header
+from beseg.data.nifti import AFFINE_TOL_MM, check_same_grid, read_label_map
 from beseg.errors import BesegError, ConfigError, DataError
 from beseg.fileio import atomic_output, atomic_write_text
-from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, DISTANCE_METRICS, METRIC_NAMES, case_metrics
+from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, DISTANCE_METRICS, METRIC_NAMES, label_map_metrics
 
 __all__ = [
-    "CSV_COLUMNS", "PROTOCOL_SPLITS", "ScoreResult", "summarize", "write_per_case", "write_summary", "write_scores",
-    "match_cases", "classes_from_dataset_json", "scored_classes", "score_predictions", "default_workers",
+    "CSV_COLUMNS", "IGNORE_NAME", "PROTOCOL_SPLITS", "ScoreResult", "summarize", "write_per_case", "write_summary",
+    "write_scores", "match_cases", "classes_from_dataset_json", "dataset_json_labels", "scored_classes",
+    "score_predictions", "default_workers",
 ]
 
 #: Columns of ``per_case.csv``, one row per case and class. ``empty_in`` is ``none``,
-#: ``prediction``, ``label`` or ``both``: where the class is empty (see :mod:`beseg.metrics`).
-CSV_COLUMNS: tuple[str, ...] = ("case", "class", *METRIC_NAMES, "empty_in")
+#: ``prediction``, ``label`` or ``both``: where the class is empty (see :mod:`beseg.metrics`);
+#: ``dim`` is 2 or 3: the boundaries the distances were measured on (2D for 2D and single-slice cases).
+CSV_COLUMNS: tuple[str, ...] = ("case", "class", *METRIC_NAMES, "empty_in", "dim")
+
+#: The label name that marks nnU-Net v2's ignore label in ``dataset.json`` (either form).
+IGNORE_NAME = "ignore"
 
 #: ``protocol`` -> the ``split`` it scores, as ``beseg evaluate`` records them.
 PROTOCOL_SPLITS: dict[str, str] = {"heldout": "test", "cv": "oof", "paper": "val"}
@@ -73,12 +79,28 @@ def _mean(values: Iterable[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+def _dims(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """``{"2": cases, "3": cases}``: how many cases were scored with 2D and 3D boundaries (rows without ``dim`` skipped)."""
+    by_case: dict[str, set[int]] = {}
+    for r in rows:
+        try:
+            by_case.setdefault(r["case"], set()).add(int(float(r.get("dim"))))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+    counts: dict[str, int] = {}
+    for dims in by_case.values():
+        for d in dims:
+            counts[str(d)] = counts.get(str(d), 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def summarize(
     rows: Sequence[Mapping[str, Any]],
     classes: Sequence[str],
     failed: Iterable[tuple[str, str]] = (),
     nsd_tolerance_mm: float = 1.0,
     distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
+    ignore_label: int | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """The ``summary.json`` object of a set of per-case rows.
@@ -91,12 +113,15 @@ def summarize(
         nsd_tolerance_mm: the NSD tolerance used (mm), recorded.
         distance_penalty_mm: the distance given to a class empty in exactly one mask (mm), or
             None when such distances were left undefined; recorded.
+        ignore_label: the label value whose voxels counted in no metric, or None; recorded.
         **fields: further keys to record (task, system, protocol ...); they may not replace the
             computed keys.
 
     Returns:
         ``classes``, ``cases`` (number of scored cases), ``failed`` (``[{"case", "reason"}]``),
-        ``nsd_tolerance_mm``, ``distance_penalty_mm``, ``per_class`` (``{class: {metric: mean or
+        ``nsd_tolerance_mm``, ``distance_penalty_mm``, ``ignore_label``, ``dim`` (2 or 3: the
+        boundaries every case was scored with, ``"mixed"``, or None for rows without ``dim``),
+        ``dim_cases`` (``{"2": cases, "3": cases}``), ``per_class`` (``{class: {metric: mean or
         None}}``, NaN skipped), ``mean`` (the mean over classes of the per-class means), ``counts``
         (``{class: {metric: {"values", "penalised", "undefined"}}}``: finite values in the mean,
         of which penalised, and NaN values left out), ``note``, then ``fields``.
@@ -119,12 +144,16 @@ def summarize(
             counts[name][metric] = {"values": sum(map(math.isfinite, values)), "penalised": int(penalised),
                                     "undefined": sum(not math.isfinite(v) for v in values)}
     penalty = None if distance_penalty_mm is None or math.isnan(distance_penalty_mm) else float(distance_penalty_mm)
+    dims = _dims(rows)
     summary: dict[str, Any] = {
         "classes": list(classes),
         "cases": len({r["case"] for r in rows}),
         "failed": [{"case": c, "reason": r} for c, r in failed],
         "nsd_tolerance_mm": nsd_tolerance_mm,
         "distance_penalty_mm": penalty,
+        "ignore_label": None if ignore_label is None else int(ignore_label),
+        "dim": (int(next(iter(dims))) if len(dims) == 1 else "mixed") if dims else None,
+        "dim_cases": dims,
         "per_class": per_class,
         "mean": {m: _mean(v[m] for v in per_class.values() if v[m] is not None) for m in METRIC_NAMES},
         "counts": counts,
@@ -132,6 +161,9 @@ def summarize(
                 + (f"label gets HD95 = ASD = {penalty} mm (BraTS convention), counted as 'penalised' and included in "
                    "the means" if penalty is not None else
                    "label has undefined (NaN) distances, counted as 'undefined' and left out of the means")
+                + "; 2D and single-slice cases are scored with 2D boundaries (dim 2)"
+                + ("" if ignore_label is None else
+                   f"; voxels labelled {int(ignore_label)} (the ignore label) count in no metric")
                 + "; failed cases have no rows and are in no mean",
     }
     clash = sorted(set(fields) & set(summary))
@@ -184,12 +216,30 @@ def write_scores(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], summary
 def classes_from_dataset_json(path: str | Path) -> ClassSpec:
     """The scored classes of a ``dataset.json``: MSD (``{"1": "spleen"}``) or nnU-Net v2 (``{"spleen": 1}``).
 
-    nnU-Net v2 region-based datasets give a region as a list of label values
-    (``"tumor core": [2, 3]``). The background (value 0) is never scored.
+    The first element of :func:`dataset_json_labels`: the ignore label is not a class.
 
     Raises:
-        DataError: the file is missing, not JSON, has no ``labels`` mapping, or the mapping is
-            neither form; the message names the file.
+        DataError: as :func:`dataset_json_labels`.
+    """
+    return dataset_json_labels(path)[0]
+
+
+def dataset_json_labels(path: str | Path) -> tuple[ClassSpec, int | None]:
+    """The scored classes and the ignore label of a ``dataset.json``, MSD or nnU-Net v2 form.
+
+    MSD maps values to names (``{"0": "background", "1": "spleen"}``), nnU-Net v2 names to values
+    (``{"background": 0, "spleen": 1}``), where region-based datasets give a region as a list of
+    label values (``"tumor core": [2, 3]``). The background (value 0) is never scored. A label
+    named ``"ignore"`` (nnU-Net v2's ignore label, in either form) is not a class: its value is
+    returned as the ignore label.
+
+    Returns:
+        ``(classes, ignore_label)``; ``ignore_label`` is None when there is none.
+
+    Raises:
+        DataError: the file is missing, not JSON, has no ``labels`` mapping, the mapping is
+            neither form, the ignore label is not one integer or is also a class's value; the
+            message names the file.
     """
     path = Path(path)
     try:
@@ -202,18 +252,33 @@ def classes_from_dataset_json(path: str | Path) -> ClassSpec:
         raise DataError(f"{path}: needs a non-empty 'labels' mapping.")
     try:
         if all(str(k).strip().lstrip("-").isdigit() for k in labels):  # MSD: value -> name
-            return classes_from_labels(labels)
-        out = []
-        for name, value in labels.items():  # nnU-Net v2: name -> value or region (list of values)
-            values = tuple(int(v) for v in (value if isinstance(value, list) else [value]))
-            if values and set(values) != {0}:
-                out.append((str(name), tuple(v for v in values if v != 0)))
-        if not out:
-            raise ConfigError("the labels declare no class besides the background (0).")
-        return tuple(out)
+            ignore = [int(k) for k, name in labels.items() if name == IGNORE_NAME]
+            spec = classes_from_labels({k: name for k, name in labels.items() if name != IGNORE_NAME})
+        else:
+            out = []
+            ignore = []
+            for name, value in labels.items():  # nnU-Net v2: name -> value or region (list of values)
+                if name == IGNORE_NAME:
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise DataError(f"{path}: the ignore label must be one integer label value, got {value!r}.")
+                    ignore.append(value)
+                    continue
+                values = tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+                if values and set(values) != {0}:
+                    out.append((str(name), tuple(v for v in values if v != 0)))
+            if not out:
+                raise ConfigError("the labels declare no class besides the background (0) and the ignore label.")
+            spec = tuple(out)
     except (ConfigError, TypeError, ValueError) as err:
         raise DataError(f"{path}: 'labels' is neither MSD's {{value: name}} nor nnU-Net's {{name: value or "
                         f"[values]}} ({err}).") from None
+    if len(ignore) > 1:
+        raise DataError(f"{path}: more than one label is named {IGNORE_NAME!r} ({ignore}); nnU-Net allows one.")
+    ignore_label = ignore[0] if ignore else None
+    clash = [name for name, values in spec if ignore_label in values]
+    if clash:
+        raise DataError(f"{path}: the ignore label {ignore_label} is also a value of {', '.join(clash)}.")
+    return spec, ignore_label
 
 
 def match_cases(pred_dir: str | Path, labels_dir: str | Path) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
@@ -250,7 +315,7 @@ def match_cases(pred_dir: str | Path, labels_dir: str | Path) -> tuple[list[tupl
 
 def _label_values(path: Path) -> set[int]:
     """The label values of one label map (worker function)."""
-    return {int(v) for v in np.unique(_label_map(path, "label"))}
+    return {int(v) for v in np.unique(read_label_map(path, "label")[0])}
 
 
 def scored_classes(
@@ -258,85 +323,80 @@ def scored_classes(
     classes: str | ClassSpec | None = None,
     dataset_json: str | Path | None = None,
     workers: int = 1,
-) -> tuple[ClassSpec, str]:
-    """The classes to score and where they came from.
+    ignore_label: int | None = None,
+) -> tuple[ClassSpec, str, int | None, str | None]:
+    """The classes to score, the ignore label, and where they came from.
 
-    In order: ``classes`` (``"TC=2,3;WT=1,2,3;ET=3"`` or a :data:`ClassSpec`), else
+    Classes, in order: ``classes`` (``"TC=2,3;WT=1,2,3;ET=3"`` or a :data:`ClassSpec`), else
     ``dataset_json``, else the ``dataset.json`` beside the labels folder (nnU-Net's raw
     ``DatasetXXX/labelsTr`` and preprocessed ``gt_segmentations``, MSD's ``labelsTr``), else every
-    non-zero value found in the label files, each its own class named by its value.
+    non-zero value found in the label files (but the ignore label), each its own class named by
+    its value.
+
+    The ignore label: ``ignore_label``, else the ``"ignore"`` label of ``dataset_json`` or of the
+    ``dataset.json`` beside the labels (read for it also when ``classes`` is given), else none.
 
     Returns:
-        ``(classes, source)``: the classes, and a phrase naming their source for the summary.
+        ``(classes, source, ignore_label, ignore_source)``: the classes, a phrase naming their
+        source for the summary, the ignore label (None if none) and its source (None if none).
 
     Raises:
-        ConfigError: ``classes`` text is malformed.
+        ConfigError: ``classes`` text is malformed, ``ignore_label`` contradicts the
+            ``dataset.json``'s, or a class holds the ignore label.
         DataError: the ``dataset.json`` is unusable, or the readable labels hold no non-zero value.
     """
+    json_path = Path(dataset_json) if dataset_json is not None else Path(labels_dir).parent / "dataset.json"
+    from_json: tuple[ClassSpec, int | None] | None = None
+    if dataset_json is not None or json_path.is_file():
+        from_json = dataset_json_labels(json_path)
+    ignore_source = None
+    if ignore_label is not None:
+        ignore_label, ignore_source = int(ignore_label), "--ignore-label"
+        if from_json is not None and from_json[1] is not None and from_json[1] != ignore_label:
+            raise ConfigError(f"--ignore-label {ignore_label} contradicts {json_path}, whose ignore label is "
+                              f"{from_json[1]}.")
+    elif from_json is not None and from_json[1] is not None:
+        ignore_label, ignore_source = from_json[1], str(json_path)
     if classes is not None:
         spec = parse_classes(classes) if isinstance(classes, str) else tuple(classes)
-        return spec, "--classes"
-    if dataset_json is not None:
-        return classes_from_dataset_json(dataset_json), str(dataset_json)
-    beside = Path(labels_dir).parent / "dataset.json"
-    if beside.is_file():
-        return classes_from_dataset_json(beside), str(beside)
-    files = list_nifti(labels_dir)
-    values: set[int] = set()
-    for found in _map(_label_values, [(f,) for f in files], workers, "label values", progress=False):
-        if not isinstance(found, BaseException):  # an unreadable label fails its own case later, with the reason
-            values |= found
-    values.discard(0)
-    if not values:
-        raise DataError(f"{labels_dir}: the labels hold no non-zero value to score.")
-    return tuple((str(v), (v,)) for v in sorted(values)), f"the label values found in {labels_dir}"
+        source = "--classes"
+    elif from_json is not None:
+        spec, source = from_json[0], str(json_path)
+    else:
+        files = list_nifti(labels_dir)
+        values: set[int] = set()
+        for found in _map(_label_values, [(f,) for f in files], workers, "label values", progress=False):
+            if not isinstance(found, BaseException):  # an unreadable label fails its own case later, with the reason
+                values |= found
+        values -= {0, ignore_label}
+        if not values:
+            raise DataError(f"{labels_dir}: the labels hold no non-zero value to score"
+                            + (f" besides the ignore label {ignore_label}." if ignore_label is not None else "."))
+        spec, source = tuple((str(v), (v,)) for v in sorted(values)), f"the label values found in {labels_dir}"
+    clash = [name for name, values in spec if ignore_label is not None and ignore_label in values]
+    if clash:
+        raise ConfigError(f"class {', '.join(clash)} ({source}) holds the ignore label {ignore_label} "
+                          f"({ignore_source}); the ignore label is not a class.")
+    return spec, source, ignore_label, ignore_source
 
 
 # --------------------------------------------------------------------------- scoring one case
 
 
-def _label_map(path: Path, what: str) -> np.ndarray:
-    """A 3D integer label map from a NIfTI file.
-
-    Raises:
-        DataError: unreadable, not 3D, or holding non-finite or non-integer values.
-    """
-    array, _ = read_array(path)
-    if array.ndim != 3:
-        raise DataError(f"{path}: a {what} must be a 3D label map, got shape {tuple(array.shape)}.")
-    if array.dtype.kind in "iub":
-        return array
-    array = np.asarray(array)
-    if not np.isfinite(array).all():
-        raise DataError(f"{path}: {what} holds NaN or Inf values.")
-    rounded = np.rint(array)
-    if not np.array_equal(rounded, array):
-        raise DataError(f"{path}: {what} holds non-integer values (probabilities?); give label maps.")
-    return rounded.astype(np.int32)
-
-
 def _score_case(case: str, pred_path: Path, label_path: Path, classes: ClassSpec, nsd_tolerance_mm: float,
-                distance_penalty_mm: float | None, affine_tol_mm: float) -> list[dict[str, Any]]:
+                distance_penalty_mm: float | None, affine_tol_mm: float,
+                ignore_label: int | None = None) -> list[dict[str, Any]]:
     """The rows of one case (worker function).
 
     Raises:
         DataError: a file is unreadable or not a label map, or the two grids differ.
         ValueError: from the metrics, on inputs they reject.
     """
-    label_header = read_header(label_path)
-    pred_header = read_header(pred_path)
-    if pred_header.shape != label_header.shape:
-        raise DataError(f"{case}: prediction {pred_path} has shape {pred_header.shape}, its label {label_path} "
-                        f"{label_header.shape}; they must be on the same grid.")
-    gap = float(np.abs(pred_header.affine - label_header.affine).max())
-    if not gap <= affine_tol_mm:
-        raise DataError(f"{case}: prediction {pred_path} and label {label_path} have different affines (largest "
-                        f"difference {gap:.3g} mm, tolerance {affine_tol_mm:g} mm); they must be on the same grid.")
-    label = _label_map(label_path, "label")
-    pred = _label_map(pred_path, "prediction")
-    names = [name for name, _ in classes]
-    rows = case_metrics(class_masks(pred, classes), class_masks(label, classes), label_header.spacing, names,
-                        nsd_tolerance_mm, include_background=True, distance_penalty_mm=distance_penalty_mm)
+    label, label_header = read_label_map(label_path, "label")
+    pred, pred_header = read_label_map(pred_path, "prediction")
+    check_same_grid(pred_header, label_header, affine_tol_mm)
+    rows = label_map_metrics(pred, label, classes, label_header.spacing, nsd_tolerance_mm, ignore_label,
+                             distance_penalty_mm)
     return [{"case": case, **row} for row in rows]
 
 
@@ -452,7 +512,8 @@ def score_predictions(
     dataset_json: str | Path | None = None,
     nsd_tolerance_mm: float = 1.0,
     distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
-    affine_tol_mm: float = 1e-3,
+    affine_tol_mm: float = AFFINE_TOL_MM,
+    ignore_label: int | None = None,
     workers: int | None = None,
     name: str | None = None,
     protocol: str | None = None,
@@ -475,6 +536,9 @@ def score_predictions(
             BraTS 373.13 mm); None leaves them undefined.
         affine_tol_mm: largest allowed difference between a prediction's and its label's affine
             entries (mm).
+        ignore_label: label value whose voxels (where the label holds it) count in no metric, as
+            nnU-Net v2's ignore label; default the ``"ignore"`` label of the ``dataset.json`` (see
+            :func:`scored_classes`), else none.
         workers: worker processes (default :func:`default_workers`; 1 scores in this process).
         name: the system's name in the summary (default the prediction folder's name).
         protocol: how the predictions were made, if known: ``heldout`` (test cases), ``cv``
@@ -491,7 +555,7 @@ def score_predictions(
     Raises:
         DataError: a folder is missing or holds no NIfTI file, a case has two files, the classes
             cannot be determined, or no case has both a prediction and a label.
-        ConfigError: ``classes`` text is malformed.
+        ConfigError: ``classes`` text is malformed, or the ignore label is contradicted or a class's.
         ValueError: an invalid tolerance, penalty, worker count or protocol.
     """
     pred_dir, labels_dir, out_dir = Path(pred_dir), Path(labels_dir), Path(out_dir)
@@ -514,10 +578,11 @@ def score_predictions(
     if not pairs:
         raise DataError(f"{pred_dir}: none of its {len(extra)} prediction(s) has a label in {labels_dir} "
                         "(cases are matched by file name without .nii/.nii.gz).")
-    spec, source = scored_classes(labels_dir, classes, dataset_json, workers)
+    spec, source, ignore_label, ignore_source = scored_classes(labels_dir, classes, dataset_json, workers, ignore_label)
     name = name or pred_dir.resolve().name
 
-    jobs = [(case, pred, label, spec, nsd_tolerance_mm, distance_penalty_mm, affine_tol_mm) for case, pred, label in pairs]
+    jobs = [(case, pred, label, spec, nsd_tolerance_mm, distance_penalty_mm, affine_tol_mm, ignore_label)
+            for case, pred, label in pairs]
     result = ScoreResult(out_dir, name, pred_dir, missing=missing, extra=extra)
     for (case, _, _), out in zip(pairs, _map(_score_case, jobs, workers, f"score {name}", progress)):
         if isinstance(out, BaseException):
@@ -525,9 +590,10 @@ def score_predictions(
         else:
             result.rows.extend(out)
     result.summary = summarize(
-        result.rows, [n for n, _ in spec], result.failed, nsd_tolerance_mm, distance_penalty_mm,
+        result.rows, [n for n, _ in spec], result.failed, nsd_tolerance_mm, distance_penalty_mm, ignore_label,
         task=_task_name(labels_dir, source), system=name, origin="beseg score", predictions=str(pred_dir.resolve()),
         labels=str(labels_dir.resolve()), classes_from=source, class_values={n: list(v) for n, v in spec},
+        ignore_label_from=ignore_source,
         missing=missing, not_predicted=not_predicted, extra=extra, protocol=protocol, split=PROTOCOL_SPLITS.get(protocol or ""), folds=None,
         selection=None, case_ids=[c for c, _, _ in pairs],
     )

@@ -552,3 +552,73 @@ def test_require_valid_task_remembers_a_pass_until_a_file_changes(tmp_path, monk
     with pytest.raises(DataError, match="phantom_spleen_000.nii.gz"):
         require_valid_task(root, tmp_path / "cache")
     assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- NIfTI geometry and the shared input check
+
+
+def _nifti(path: Path, array: np.ndarray, affine: np.ndarray, edit=None) -> Path:
+    img = nib.Nifti1Image(array, affine)
+    if edit is not None:
+        edit(img)
+    nib.save(img, str(path))
+    return path
+
+
+def test_spacing_is_the_affines_column_lengths_and_a_disagreeing_pixdim_is_named(tmp_path):
+    import warnings
+
+    from beseg.data.nifti import read_header
+
+    a, b = np.deg2rad(25.0), np.deg2rad(10.0)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ \
+        np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.8, 0.9, 2.5])
+    path = _nifti(tmp_path / "oblique.nii.gz", np.zeros((4, 5, 6), np.uint8), affine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pixdim agrees with this affine: no warning
+        header = read_header(path)
+    assert header.spacing == pytest.approx((0.8, 0.9, 2.5), rel=1e-6)
+    bad = _nifti(tmp_path / "pixdim.nii.gz", np.zeros((4, 5, 6), np.uint8), affine,
+                 lambda img: img.header.set_zooms((1.0, 1.0, 1.0)))
+    with pytest.warns(UserWarning, match=r"pixdim\.nii\.gz: pixdim says 1 x 1 x 1 mm .*0\.8 x 0\.9 x 2\.5 mm"):
+        assert read_header(bad).spacing == pytest.approx((0.8, 0.9, 2.5), rel=1e-6)
+
+
+def test_micrometre_and_metre_headers_are_read_in_mm(tmp_path):
+    from beseg.data.nifti import read_header
+
+    for unit, scale in (("micron", 1000.0), ("meter", 1e-3), ("mm", 1.0), ("unknown", 1.0)):
+        affine = np.diag([0.8 * scale, 0.8 * scale, 2.5 * scale, 1.0])
+        affine[:3, 3] = [10 * scale, -20 * scale, 5 * scale]
+        path = _nifti(tmp_path / f"{unit}.nii.gz", np.zeros((3, 3, 3), np.uint8), affine,
+                      lambda img, u=unit: img.header.set_xyzt_units(u))
+        header = read_header(path)
+        assert header.spacing == pytest.approx((0.8, 0.8, 2.5), rel=1e-6), unit
+        assert header.affine[:3, 3] == pytest.approx([10.0, -20.0, 5.0], rel=1e-6), unit
+
+
+def test_the_shared_input_check_names_the_file(tmp_path):
+    from beseg.data.nifti import check_same_grid, read_header, read_image_header, read_label_map
+
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    labels = _nifti(tmp_path / "labels.nii.gz", np.eye(4, dtype=np.uint8)[..., None].repeat(3, 2), affine)
+    flat = _nifti(tmp_path / "flat.nii.gz", np.eye(4, dtype=np.int16), affine)  # a 2D label map is fine
+    soft = _nifti(tmp_path / "soft.nii.gz", np.full((4, 4, 3), 0.5, np.float32), affine)
+    moved = affine.copy()
+    moved[0, 3] = 0.01
+    other = _nifti(tmp_path / "other.nii.gz", np.zeros((4, 4, 3), np.uint8), moved)
+    assert read_label_map(labels)[0].shape == (4, 4, 3) and read_label_map(flat)[0].shape == (4, 4)
+    with pytest.raises(DataError, match=r"soft\.nii\.gz: prediction holds non-integer values"):
+        read_label_map(soft, "prediction")
+    with pytest.raises(DataError, match=r"other\.nii\.gz: prediction and its label .*labels\.nii\.gz have different "
+                                        r"affines \(largest difference 0\.01 mm"):
+        check_same_grid(read_header(other), read_header(labels))
+    check_same_grid(read_header(other), read_header(labels), affine_tol_mm=0.02)
+    with pytest.raises(DataError, match=r"flat\.nii\.gz: prediction has shape \(4, 4\), its label"):
+        check_same_grid(read_header(flat, allow_2d=True), read_header(labels))
+    with pytest.raises(DataError, match=r"flat\.nii\.gz: shape \(4, 4\) does not fit task x \(1 channel"):
+        read_image_header(flat, 1, "task x")
+    with pytest.raises(DataError, match=r"flat\.nii\.gz: expected a 3D or 4D image, got 2D"):
+        read_header(flat)

@@ -588,15 +588,112 @@ def test_masked_voxels_contribute_nothing_and_get_no_gradient():
     p = pred.clone().requires_grad_(True)
     value = loss(p, label, mask=mask)
     value.backward()
-    # Independent: the masked difference filtered by scipy, mean over all voxels.
+    # Independent: the masked difference filtered by scipy, mean over the voxels that count.
     diff = ((pred - label) * mask).numpy()
-    expected = np.mean([np.mean(scipy_log(diff[0, c], 3, "same") ** 2) for c in range(2)])
+    n = int(mask.sum())
+    expected = np.mean([np.sum(scipy_log(diff[0, c], 3, "same") ** 2) / n for c in range(2)])
     assert abs(value.item() - expected) < 1e-12
     assert p.grad[~mask.expand_as(p)].abs().max() == 0
     # Whatever prediction and label hold under the mask, the loss is the same.
     scrambled_pred = torch.where(mask, pred, torch.rand_like(pred))
     scrambled_label = torch.where(mask, label, 1 - label)
     torch.testing.assert_close(loss(scrambled_pred, scrambled_label, mask=mask), value.detach(), rtol=0, atol=1e-14)
+
+
+def _sparse_masks(shape, seed=0):
+    """(B, 1, ...) masks: item 0 annotated in a block, item 1 not at all (every voxel ignored)."""
+    mask = torch.zeros(shape[0], 1, *shape[2:], dtype=torch.bool)
+    mask[0, :, 2:-3, 1:-2, 3:] = True
+    return mask
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_masked_mean_is_over_the_voxels_that_count_per_reduction(padding):
+    pred, label = sample((3, 2, 12, 13, 11), torch.float64)
+    mask = torch.zeros(3, 1, 12, 13, 11, dtype=torch.bool)
+    mask[0, :, 2:9, 1:11, 3:] = True  # a block
+    mask[1, :, :, :, :6] = True       # a few slices (two of them inside the valid border)
+    # item 2: nothing annotated
+    diff = ((pred - label) * mask).numpy()
+    inner = (slice(None),) * 2 if padding == "same" else (slice(4, -4),) * 3
+    sums = np.array([[np.sum(scipy_log(diff[b, c], 3, padding) ** 2) for c in range(2)] for b in range(3)])
+    counts = np.array([mask[b, 0].numpy()[inner].sum() for b in range(3)], dtype=np.float64)[:, None]
+    counts = np.broadcast_to(counts, sums.shape)
+    assert counts[0, 0] > 0 and counts[1, 0] > 0 and counts[2, 0] == 0
+    per_item = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    expected = {"none": per_item, "sum": per_item.sum(), "mean": np.where(counts > 0, sums, 0).sum() / counts.sum()}
+    for reduction, want in expected.items():
+        for impl in IMPLS:
+            loss = BoundaryEnhancementLoss(include_background=True, padding=padding, reduction=reduction, impl=impl)
+            got = loss(pred, label, mask=mask).numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=0)
+    # An unannotated item changes nothing in the mean, and it is finite.
+    mean = BoundaryEnhancementLoss(include_background=True, padding=padding)
+    torch.testing.assert_close(mean(pred, label, mask=mask), mean(pred[:2], label[:2], mask=mask[:2]))
+    nothing = mean(pred[2:], label[2:], mask=mask[2:])
+    assert nothing.item() == 0.0
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("channel_mask", [False, True])
+def test_masked_fast_gradient_matches_autograd_of_the_reference(padding, reduction, channel_mask):
+    pred, label = sample((2, 2, 10, 11, 10), torch.float64, seed=3)
+    mask = _sparse_masks(pred.shape)
+    if channel_mask:  # a mask per channel: channel 1 of item 0 annotated on fewer voxels
+        mask = mask.repeat(1, 2, 1, 1, 1)
+        mask[0, 1, :5] = False
+    weights = torch.rand(2, 2, dtype=torch.float64) if reduction == "none" else None
+    out = {}
+    for impl in IMPLS:
+        p = pred.clone().requires_grad_(True)
+        value = BoundaryEnhancementLoss(include_background=True, padding=padding, reduction=reduction,
+                                        impl=impl)(p, label, mask=mask)
+        (value * weights).sum().backward() if weights is not None else value.backward()
+        out[impl] = (value.detach(), p.grad)
+        assert torch.isfinite(p.grad).all() and p.grad[1].abs().max() == 0  # the unannotated item: no gradient
+    torch.testing.assert_close(out["fast"][0], out["reference"][0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(out["fast"][1], out["reference"][1], rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_fast_loss_gradcheck(padding, reduction):
+    pred, label = sample((2, 1, 9, 10, 9), torch.float64, seed=4)
+    mask = _sparse_masks(pred.shape)
+    mask[1, :, 1:5, 2:6, 3:7] = True
+    loss = BoundaryEnhancementLoss(include_background=True, padding=padding, reduction=reduction, impl="fast")
+    assert torch.autograd.gradcheck(lambda p, y: loss(p, y, mask=mask),
+                                    (pred.requires_grad_(True), label.requires_grad_(True)))
+
+
+def test_masked_be_does_not_shrink_with_the_annotated_fraction():
+    """The issue's case: the BE of the same predictions, annotated on 100 %, 12.5 % and 1.6 % of the patch.
+
+    With the mean over all voxels it shrank in proportion (0.001216, 0.000163, 0.000020 in the
+    nnU-Net trainer); over the voxels that count it stays about the same.
+    """
+    pred, label = _periodic_case()
+    loss = BoundaryEnhancementLoss(softmax=True, to_onehot_y=True)
+    full = loss(pred, label).item()
+    for side in (16, 8):  # 12.5 % and 1.6 % of 32^3
+        mask = torch.zeros(2, 1, 32, 32, 32, dtype=torch.bool)
+        mask[..., 8:8 + side, 8:8 + side, 8:8 + side] = True
+        ratio = loss(pred, label, mask=mask).item() / full
+        assert 0.75 < ratio < 1.5, (side, ratio)
+        # The DiceBE's BE term is the same mean.
+        dice_be = DiceBELoss(softmax=True, to_onehot_y=True, include_background=False, lambda_dice=0.0)
+        torch.testing.assert_close(dice_be(pred, label, mask=mask), 1000 * loss(pred, label, mask=mask))
+
+
+def _periodic_case():
+    """Logits and labels with the same statistics everywhere: a periodic pattern of 4-voxel cubes."""
+    idx = torch.arange(32)
+    i, j, k = torch.meshgrid(idx, idx, idx, indexing="ij")
+    label = ((i // 4 + 2 * (j // 4) + k // 4) % 3).expand(2, 1, 32, 32, 32)
+    wobble = torch.sin(i * 0.7) * torch.cos(j * 0.9) + torch.sin(k * 1.3)
+    logits = 2.0 * torch.nn.functional.one_hot(label[:, 0], 3).permute(0, 4, 1, 2, 3).float() + wobble
+    return logits, label
 
 
 def test_mask_shape_is_checked():
@@ -655,12 +752,14 @@ def test_cuda_autocast_fast_matches_reference(dtype):
 def test_cuda_training_step_loss_makes_no_host_sync():
     logits = torch.randn(2, 3, 24, 24, 24, device="cuda", requires_grad=True)
     labels = torch.randint(0, 3, (2, 1, 24, 24, 24), device="cuda")
+    mask = torch.rand(2, 1, 24, 24, 24, device="cuda") > 0.3  # the mean over the voxels that count: no read-back
     loss = DiceBELoss(softmax=True, to_onehot_y=True, validate=False)
     loss(logits, labels).backward()  # warm-up: lazy initialisation may sync once
+    loss(logits, labels, mask=mask).backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        value = loss(logits, labels)
+        value = loss(logits, labels) + loss(logits, labels, mask=mask)
         value.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric, SurfaceDistanceMetric
 
-from beseg.metrics import METRIC_NAMES, case_metrics
+from beseg.metrics import METRIC_NAMES, case_metrics, label_map_metrics
 
 
 def _plates(shape, thickness: int, shift: int, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -193,3 +193,74 @@ def test_shape_and_binary_errors():
         case_metrics(x, x[:, :5], (1, 1, 1), ["a"])
     with pytest.raises(ValueError, match="binary"):
         case_metrics(x + 2, x, (1, 1, 1), ["a"])
+
+
+# --------------------------------------------------------------------------- label maps: 2D cases, ignore label
+
+
+def _reference_scores(pred: np.ndarray, gt: np.ndarray, spacing, tol: float) -> dict:
+    """HD95, ASD and NSD from erosion boundaries and scipy's EDT in the arrays' own dimension (independent of MONAI)."""
+    d_pg, d_gp = _reference_distances(pred, gt, spacing)
+    both = np.concatenate([d_pg, d_gp])
+    return {"hd95_mm": max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)), "asd_mm": both.mean(),
+            "nsd": (both <= tol).mean()}
+
+
+def _ellipses() -> tuple[np.ndarray, np.ndarray]:
+    """Two overlapping 2D ellipses on a 40 x 36 grid: a label and a smaller, shifted prediction."""
+    y, x = np.mgrid[:40, :36]
+    gt = ((y - 20) / 12.0) ** 2 + ((x - 18) / 9.0) ** 2 <= 1
+    pred = ((y - 22) / 10.0) ** 2 + ((x - 17) / 9.5) ** 2 <= 1
+    return pred, gt
+
+
+@pytest.mark.parametrize("layout", ["2d", "xy1", "x1z"])
+def test_single_slice_and_2d_label_maps_get_2d_boundaries(layout):
+    pred, gt = _ellipses()
+    spacing2d = (0.7, 1.3)
+    want = _reference_scores(pred, gt, spacing2d, tol=1.0)  # boundaries by 2D erosion, distances in the plane
+    if layout == "2d":
+        p, y, spacing = pred, gt, spacing2d
+    elif layout == "xy1":  # a 2D dataset stored as (X, Y, 1) NIfTI
+        p, y, spacing = pred[..., None], gt[..., None], (*spacing2d, 5.0)
+    else:  # a single slice along another axis
+        p, y, spacing = pred[:, None, :], gt[:, None, :], (0.7, 5.0, 1.3)
+    row = label_map_metrics(p.astype(np.uint8), y.astype(np.uint8), (("fg", (1,)),), spacing, 1.0)[0]
+    assert row["dim"] == 2
+    for metric, value in want.items():
+        assert row[metric] == pytest.approx(value, rel=1e-6), metric
+    # What 3D erosion gave: every foreground voxel a boundary voxel, so a different (wrong) set of distances.
+    flat = case_metrics(pred[None, ..., None], gt[None, ..., None], (*spacing2d, 5.0), ["fg"], 1.0,
+                        include_background=True)[0]
+    assert flat["asd_mm"] < 0.5 * want["asd_mm"]
+
+
+def test_3d_label_maps_stay_3d():
+    gt, pred = _plates((14, 14, 14), thickness=2, shift=1, axis=0)
+    row = label_map_metrics(pred.astype(np.uint8), gt.astype(np.uint8), (("fg", (1,)),), (2.5, 0.8, 0.8), 2.4)[0]
+    assert row["dim"] == 3 and row["hd95_mm"] == pytest.approx(2.5) and row["nsd"] == pytest.approx(0.5)
+
+
+def test_ignored_voxels_count_in_no_metric():
+    """nnU-Net's rule: voxels where the label holds the ignore label are in neither mask."""
+    label = np.zeros((24, 24, 10), np.uint8)
+    label[4:12, 5:13, 2:7] = 1
+    label[14:, :, :] = 2  # unannotated: the ignore label
+    pred = (label == 1).astype(np.uint8)
+    pred[16:22, 3:20, 1:8] = 1  # "organ" predicted where nothing was annotated
+    classes = (("organ", (1,)),)
+    row = label_map_metrics(pred, label, classes, (1.0, 1.0, 2.0), 1.0, ignore_label=2)[0]
+    assert (row["dice"], row["hd95_mm"], row["asd_mm"], row["nsd"]) == (1.0, 0.0, 0.0, 1.0)
+    assert label_map_metrics(pred, label, classes, (1.0, 1.0, 2.0), 1.0)[0]["dice"] < 0.6  # without the rule
+    # An imperfect prediction: Dice counted on the annotated voxels only, as nnU-Net counts tp, fp, fn.
+    pred[4:6, 5:13, 2:7] = 0
+    pred[12:14, 5:13, 2:7] = 1
+    counted = label != 2
+    p, y = (pred == 1) & counted, label == 1
+    tp, fp, fn = (p & y).sum(), (p & ~y).sum(), (~p & y).sum()
+    row = label_map_metrics(pred, label, classes, (1.0, 1.0, 2.0), 1.0, ignore_label=2)[0]
+    assert row["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    ref = _reference_scores(p, y, (1.0, 1.0, 2.0), 1.0)
+    assert row["hd95_mm"] == pytest.approx(ref["hd95_mm"]) and row["asd_mm"] == pytest.approx(ref["asd_mm"])
+    with pytest.raises(ValueError, match="ignore label 2 is one of the scored classes"):
+        label_map_metrics(pred, label, (("organ", (1, 2)),), (1.0, 1.0, 2.0), ignore_label=2)

@@ -26,7 +26,7 @@ import torch
 import beseg.nnunet
 from beseg.cli import main
 from beseg.data import make_phantom
-from beseg.losses import BoundaryEnhancementLoss
+from beseg.losses import BoundaryEnhancementLoss, log_filter
 from beseg.nnunet import trainer_dir
 from beseg.nnunet.loss import NNUNetBELoss, NNUNetBETerm, deep_supervision_spacings
 
@@ -111,6 +111,31 @@ def test_ignored_voxels_contribute_nothing_to_be():
     assert not (logits.grad * ignored).any() and (logits.grad * ~ignored).any()
     other = torch.where(ignored, 20 * torch.randn(logits.shape, generator=gen), logits.detach())
     torch.testing.assert_close(term(other, torch.where(ignored, 3, target)), value.detach())
+
+
+@pytest.mark.parametrize("side", [16, 8])
+def test_be_weight_does_not_shrink_with_the_annotated_fraction_of_the_patch(side):
+    """The issue's case: the same logits and labels annotated on all of a 32^3 patch and on 12.5 % (16^3)
+    or 1.6 % (8^3) of it, the rest the ignore label. nnU-Net's Dice + CE do not change; BE shrank in
+    proportion (0.001216, 0.000163, 0.000020) when it averaged over all voxels."""
+    idx = torch.arange(32)
+    i, j, k = torch.meshgrid(idx, idx, idx, indexing="ij")
+    target = ((i // 4 + 2 * (j // 4) + k // 4) % 3).expand(2, 1, 32, 32, 32).to(torch.int16)
+    wobble = torch.sin(i * 0.7) * torch.cos(j * 0.9) + torch.sin(k * 1.3)
+    logits = 2.0 * torch.nn.functional.one_hot(target[:, 0].long(), 3).movedim(-1, 1).float() + wobble
+    term = NNUNetBETerm(regions=False, ignore_label=3)
+    full = term(logits, target)
+    sparse = torch.full_like(target, 3)
+    block = (..., slice(8, 8 + side), slice(8, 8 + side), slice(8, 8 + side))
+    sparse[block] = target[block]
+    ratio = float(term(logits, sparse) / full)
+    assert 0.75 < ratio < 1.5, ratio
+    # The mean over the annotated voxels: the masked response's sum over 2 items x 2 channels x side^3 voxels.
+    mask = (sparse != 3)
+    probs = torch.softmax(logits, 1)[:, 1:]
+    truth = torch.nn.functional.one_hot(torch.where(mask, sparse, 0)[:, 0].long(), 3).movedim(-1, 1)[:, 1:]
+    response = log_filter((probs - truth) * mask, smoothing_passes=3)
+    torch.testing.assert_close(term(logits, sparse), response.square().sum() / (2 * 2 * side ** 3))
 
 
 def test_region_targets_use_sigmoid_every_channel_and_the_last_channel_as_ignore_mask():

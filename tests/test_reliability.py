@@ -508,8 +508,8 @@ def test_predict_writes_the_good_images_and_lists_the_bad_ones(trained_run, tiny
     bad_dir = tmp_path / "inputs"
     bad_dir.mkdir()
     bad = {
-        "empty.nii.gz": (lambda p: p.write_bytes(b""), "not a readable NIfTI image"),
-        "junk.nii.gz": (lambda p: p.write_bytes(b"junk" * 100), "not a readable NIfTI image"),
+        "empty.nii.gz": (lambda p: p.write_bytes(b""), "file is empty"),
+        "junk.nii.gz": (lambda p: p.write_bytes(b"junk" * 100), "not a readable NIfTI"),
         "truncated.nii.gz": (lambda p: p.write_bytes(good.read_bytes()[:3000]), "EOFError"),
         "flat.nii.gz": (lambda p: nib.save(nib.Nifti1Image(np.zeros((16, 16), np.float32), np.eye(4)), p),
                         "shape (16, 16) does not fit task phantom_spleen"),
@@ -530,9 +530,36 @@ def test_predict_writes_the_good_images_and_lists_the_bad_ones(trained_run, tiny
     listed = err.splitlines()[1:]
     for name, (_, reason) in bad.items():
         assert any(line.startswith(f"  - {bad_dir / name}: ") and reason in line for line in listed), (name, err)
-    assert any(line.startswith(f"  - {missing}: ") and "No such file" in line for line in listed), err
+    assert any(line.startswith(f"  - {missing}: ") and "file not found" in line for line in listed), err
     assert sorted(p.name for p in out_dir.iterdir()) == [good.name]
     assert tree_state(tiny_phantom, trained_run, bad_dir) == before
+
+
+def test_evaluate_checks_labels_as_score_does(trained_run, tiny_phantom, tmp_path, capsys):
+    """A label with non-integer values, or of the image's shape on another grid, fails its case with the
+    reason (as in ``beseg score``), rather than being rounded or scored misaligned."""
+    root = shutil.copytree(tiny_phantom, tmp_path / "task")
+    name = lambda i: f"phantom_spleen_{i:03d}.nii.gz"  # noqa: E731
+    soft = _voxels(root / "labelsTr" / name(0)).astype(np.float32)
+    soft[soft > 0] = 0.6  # probabilities, not labels: rounding them would score a made-up label map
+    _rewrite(root / "labelsTr" / name(0), soft)
+    shifted = nib.load(str(root / "labelsTr" / name(1))).affine.copy()
+    shifted[:3, 3] += [3.0, 0.0, 0.0]  # same shape, 3 mm away
+    _rewrite(root / "labelsTr" / name(1), _voxels(root / "labelsTr" / name(1)), shifted)
+    out_dir = tmp_path / "ev"
+    rc, out, err = run_main(capsys, "evaluate", trained_run, "--data", root, "--split", "all", "--out", out_dir)
+    assert_clear_error(rc, err, "2 input(s) failed:", one_line=False)
+    assert any(line.startswith(f"  - phantom_spleen_000: {root / 'labelsTr' / name(0)}: label holds non-integer")
+               for line in err.splitlines()), err
+    assert any(line.startswith(f"  - phantom_spleen_001: {root / 'labelsTr' / name(1)}: label and its image")
+               and "different affines (largest difference 3 mm" in line for line in err.splitlines()), err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["cases"] == 4 and [f["case"] for f in summary["failed"]] == ["phantom_spleen_000", "phantom_spleen_001"]
+    assert summary["dim"] == 3 and summary["ignore_label"] is None
+    # A looser --affine-tol accepts the shifted label (then scored where it lies).
+    rc, out, err = run_main(capsys, "evaluate", trained_run, "--data", root, "--split", "all", "--out", out_dir,
+                            "--affine-tol", "5")
+    assert "1 input(s) failed:" in err and "phantom_spleen_001" not in err
 
 
 def test_evaluate_scores_the_good_cases_and_lists_the_bad_ones(trained_run, tiny_phantom, tmp_path, capsys):
@@ -548,9 +575,9 @@ def test_evaluate_scores_the_good_cases_and_lists_the_bad_ones(trained_run, tiny
     assert_clear_error(rc, err, "4 input(s) failed:", one_line=False)
     expected = [
         (0, root / "labelsTr" / name(0), "truncated or corrupt"),
-        (1, root / "imagesTr" / name(1), "not a readable NIfTI image"),
-        (2, root / "labelsTr" / name(2), "shape (8, 8, 8) differs from its image's (32, 32, 12)"),
-        (3, root / "imagesTr" / name(3), "No such file"),
+        (1, root / "imagesTr" / name(1), "not a readable NIfTI"),
+        (2, root / "labelsTr" / name(2), "label has shape (8, 8, 8), its image"),
+        (3, root / "imagesTr" / name(3), "file not found"),
     ]
     for i, path, reason in expected:
         assert any(line.startswith(f"  - phantom_spleen_{i:03d}: {path}") and reason in line

@@ -19,7 +19,7 @@ from beseg.report import default_names
 from beseg.score import classes_from_dataset_json, score_predictions, summarize
 
 #: per_case.csv's header, typed here (the same file `beseg evaluate` writes).
-HEADER = "case,class,dice,hd95_mm,asd_mm,nsd,empty_in"
+HEADER = "case,class,dice,hd95_mm,asd_mm,nsd,empty_in,dim"
 
 
 def _oblique_lps_affine(spacing: tuple[float, float, float]) -> np.ndarray:
@@ -205,7 +205,8 @@ def test_missing_extra_and_failed_cases_are_listed(ct, tmp_path, capsys):
     assert "1 prediction(s) without a label, not scored: unknown_case" in captured.err
     assert "2 input(s) failed:" in captured.err
     assert re.search(rf"  - {cases[1]}: .*{cases[1]}\.nii\.gz: not a readable NIfTI", captured.err)
-    assert re.search(rf"  - {cases[2]}: prediction .* different affines \(largest difference 0\.5 mm", captured.err)
+    assert re.search(rf"  - {cases[2]}: .*{cases[2]}\.nii\.gz: prediction and its label .* different affines "
+                     r"\(largest difference 0\.5 mm", captured.err)
     assert [r["case"] for r in _rows(out / "per_case.csv")] == [cases[0]]
     summary = json.loads((out / "summary.json").read_text())
     assert [f["case"] for f in summary["failed"]] == [cases[1], cases[2]]
@@ -332,3 +333,113 @@ def test_comparison_with_an_unscorable_folder_says_why(ct, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "no case could be scored (4 failed" in err and "not a readable NIfTI" in err
     assert len(json.loads((tmp_path / "out" / "junk" / "summary.json").read_text())["failed"]) == 4
+
+
+# --------------------------------------------------------------------------- nnU-Net's conventions
+
+
+def _ignore_case(tmp_path: Path) -> tuple[Path, Path]:
+    """One case: an organ annotated in part of the volume, the rest nnU-Net's ignore label 2, and a
+    prediction that is perfect on the annotated voxels but also finds "organ" in unannotated ones."""
+    label = np.zeros((24, 24, 10), np.uint8)
+    label[4:12, 5:13, 2:7] = 1
+    label[14:, :, :] = 2
+    pred = (label == 1).astype(np.uint8)
+    pred[16:22, 3:20, 1:8] = 1
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    _save(tmp_path / "Dataset777_Sparse" / "labelsTr" / "sparse_001.nii.gz", label, affine)
+    _save(tmp_path / "pred" / "sparse_001.nii.gz", pred, affine)
+    return tmp_path / "pred", tmp_path / "Dataset777_Sparse" / "labelsTr"
+
+
+@pytest.mark.parametrize("labels", [{"background": 0, "organ": 1, "ignore": 2},       # nnU-Net v2
+                                    {"0": "background", "1": "organ", "2": "ignore"}],  # MSD's form
+                         ids=["nnunet", "msd"])
+def test_the_ignore_label_is_no_class_and_its_voxels_count_in_no_metric(tmp_path, labels):
+    pred, labels_dir = _ignore_case(tmp_path)
+    (labels_dir.parent / "dataset.json").write_text(json.dumps({"labels": labels}))
+    assert classes_from_dataset_json(labels_dir.parent / "dataset.json") == (("organ", (1,)),)
+    result = score_predictions(pred, labels_dir, tmp_path / "out", workers=1, progress=False)
+    assert [(r["class"], r["dice"], r["hd95_mm"], r["asd_mm"], r["nsd"]) for r in result.rows] == \
+        [("organ", 1.0, 0.0, 0.0, 1.0)]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["classes"] == ["organ"] and summary["ignore_label"] == 2
+    assert summary["ignore_label_from"].endswith("dataset.json")
+
+
+def test_ignore_label_option_without_a_dataset_json(tmp_path, capsys):
+    pred, labels_dir = _ignore_case(tmp_path)
+    out = tmp_path / "out"
+    code = main(["score", str(pred), "--labels", str(labels_dir), "--out", str(out), "--ignore-label", "2",
+                 "--workers", "1", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "pred: 1 case(s) scored (ignore label 2): dice 1.0000" in captured.out
+    rows = _rows(out / "per_case.csv")
+    assert [(r["class"], r["dice"]) for r in rows] == [("1", "1.0")]  # value 2 is not a class
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ignore_label"] == 2 and summary["ignore_label_from"] == "--ignore-label"
+    # The ignore label cannot also be a class, nor contradict the dataset's.
+    code = main(["score", str(pred), "--labels", str(labels_dir), "--out", str(out), "--ignore-label", "2",
+                 "--classes", "organ=1;other=2"])
+    assert code == 1 and "holds the ignore label 2" in capsys.readouterr().err
+    (labels_dir.parent / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1, "ignore": 2}}))
+    code = main(["score", str(pred), "--labels", str(labels_dir), "--out", str(out), "--ignore-label", "3"])
+    assert code == 1 and "--ignore-label 3 contradicts" in capsys.readouterr().err
+
+
+def _plate_pair(tmp_path: Path, header) -> tuple[Path, Path]:
+    """A plate and the same plate two voxels further along the third axis; ``header(img)`` edits each file's header."""
+    label = np.zeros((12, 12, 10), np.uint8)
+    label[2:10, 2:10, 3] = 1
+    for folder, array in (("labels", label), ("pred", np.roll(label, 2, axis=2))):
+        img = nib.Nifti1Image(array, np.diag([0.8, 0.8, 2.5, 1.0]))
+        header(img)
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        nib.save(img, str(tmp_path / folder / "case.nii.gz"))
+    return tmp_path / "pred", tmp_path / "labels"
+
+
+def test_spacing_comes_from_the_affine_not_pixdim(tmp_path):
+    """The issue's file: sform 0.8 x 0.8 x 2.5 mm, pixdim 1 mm. Two slices apart is 5.0 mm, not 2.0."""
+    pred, labels = _plate_pair(tmp_path, lambda img: img.header.set_zooms((1.0, 1.0, 1.0)))
+    with pytest.warns(UserWarning, match=r"case\.nii\.gz: pixdim says 1 x 1 x 1 mm but the affine"):
+        result = score_predictions(pred, labels, tmp_path / "out", classes="plate=1", workers=1, progress=False)
+    assert result.rows[0]["hd95_mm"] == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("unit, scale", [("micron", 1000.0), ("meter", 0.001)])
+def test_nifti_length_units_are_converted_to_mm(tmp_path, unit, scale):
+    def in_unit(img):
+        img.set_sform(np.diag([0.8 * scale, 0.8 * scale, 2.5 * scale, 1.0]), code=1)
+        img.set_qform(np.diag([0.8 * scale, 0.8 * scale, 2.5 * scale, 1.0]), code=1)
+        img.header.set_xyzt_units(unit)
+
+    pred, labels = _plate_pair(tmp_path, in_unit)
+    result = score_predictions(pred, labels, tmp_path / "out", classes="plate=1", workers=1, progress=False)
+    assert result.rows[0]["hd95_mm"] == pytest.approx(5.0)  # not 5000 "mm" (or 0.005)
+
+
+@pytest.mark.parametrize("layout", ["2d", "xy1"])
+def test_2d_cases_are_scored_with_2d_boundaries_and_say_so(tmp_path, layout):
+    y, x = np.mgrid[:30, :26]
+    gt = (((y - 15) / 9.0) ** 2 + ((x - 13) / 7.0) ** 2 <= 1).astype(np.uint8)
+    pred = (((y - 16) / 8.0) ** 2 + ((x - 12) / 7.5) ** 2 <= 1).astype(np.uint8)
+    if layout == "xy1":
+        gt, pred = gt[..., None], pred[..., None]
+    affine = np.diag([0.7, 1.3, 3.0, 1.0])
+    _save(tmp_path / "labels" / "slice.nii.gz", gt, affine)
+    _save(tmp_path / "pred" / "slice.nii.gz", pred, affine)
+    result = score_predictions(tmp_path / "pred", tmp_path / "labels", tmp_path / "out", workers=1, progress=False)
+    row = result.rows[0]
+    # Independent: 2D boundaries (scipy erosion in the plane) and 2D distances.
+    g, p = gt.reshape(30, 26) > 0, pred.reshape(30, 26) > 0
+    edge = lambda m: m & ~ndimage.binary_erosion(m)  # noqa: E731
+    d_pg = ndimage.distance_transform_edt(~edge(g), sampling=(0.7, 1.3))[edge(p)]
+    d_gp = ndimage.distance_transform_edt(~edge(p), sampling=(0.7, 1.3))[edge(g)]
+    both = np.concatenate([d_pg, d_gp])
+    assert row["hd95_mm"] == pytest.approx(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
+    assert row["asd_mm"] == pytest.approx(both.mean()) and row["nsd"] == pytest.approx((both <= 1.0).mean())
+    assert _rows(tmp_path / "out" / "per_case.csv")[0]["dim"] == "2"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["dim"] == 2 and summary["dim_cases"] == {"2": 1}

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/eval)")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM", help="surface Dice tolerance in mm")
     add_distance_penalty(parser)
+    parser.add_argument("--affine-tol", type=float, default=1e-3, metavar="MM",
+                        help="largest allowed difference between a label's and its image's affine (default 1e-3); "
+                             "a label on another grid fails its case")
     parser.add_argument("--device", default="auto")
 
 
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         data = data_dir(None, load_model(args.checkpoint, "cpu").preset.name)
     result = evaluate(args.checkpoint, data, split=args.split, out=args.out,
                       nsd_tolerance_mm=args.nsd_tolerance, device=args.device,
-                      distance_penalty_mm=distance_penalty(args.distance_penalty))
+                      distance_penalty_mm=distance_penalty(args.distance_penalty), affine_tol_mm=args.affine_tol)
     mean, protocol = result.summary["mean"], result.summary.get("protocol")
     how = f"protocol {protocol}" + ("; optimistic: these cases chose best.pt" if protocol == "paper" else "")
     print(f"{result.summary['cases']} case(s) of split {args.split}" + (f" ({how})" if protocol else "") + ": "

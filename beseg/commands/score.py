@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
                         help="normalised surface Dice tolerance in mm (default 1)")
     add_distance_penalty(parser)
+    parser.add_argument("--ignore-label", type=int, default=None, metavar="V",
+                        help="label value whose voxels count in no metric (nnU-Net v2's ignore label; default the "
+                             "'ignore' label of the dataset.json, if any); it is not a class")
     parser.add_argument("--affine-tol", type=float, default=1e-3, metavar="MM",
                         help="largest allowed difference between a prediction's and its label's affine (default 1e-3)")
     parser.add_argument("--protocol", choices=("heldout", "cv", "paper"),
@@ -52,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     kwargs = {"classes": args.classes, "dataset_json": args.dataset_json, "nsd_tolerance_mm": args.nsd_tolerance,
               "distance_penalty_mm": distance_penalty(args.distance_penalty),
-              "affine_tol_mm": args.affine_tol, "workers": args.workers, "protocol": args.protocol,
-              "only_predicted": args.only_predicted, "progress": not args.no_progress}
+              "affine_tol_mm": args.affine_tol, "ignore_label": args.ignore_label, "workers": args.workers,
+              "protocol": args.protocol, "only_predicted": args.only_predicted, "progress": not args.no_progress}
     if len(args.pred_dirs) == 1:
         if args.names or args.baseline or args.images:
             from beseg.errors import ConfigError
@@ -69,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
         summary = result.summary
         penalised = sum(c["penalised"] for per_class in summary["counts"].values() for c in per_class.values())
         means = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in summary["mean"].items())
-        print(f"{result.name}: {summary['cases']} case(s) scored: {means}"
-              + (f" ({penalised} penalised distance(s))" if penalised else ""))
+        how = [f"ignore label {summary['ignore_label']}"] if summary.get("ignore_label") is not None else []
+        how += [b for b in [{"2": "2D boundaries", "mixed": "2D and 3D boundaries"}.get(str(summary.get("dim")))] if b]
+        print(f"{result.name}: {summary['cases']} case(s) scored" + (f" ({'; '.join(how)})" if how else "")
+              + f": {means}" + (f" ({penalised} penalised distance(s))" if penalised else ""))
         print(f"wrote {result.out_dir / 'per_case.csv'} and {result.out_dir / 'summary.json'}")
         if result.extra:
             print(f"{result.name}: {len(result.extra)} prediction(s) without a label, not scored: "

@@ -2,7 +2,12 @@
 
 Predictions are brought back to each image's original geometry (as ``beseg predict`` writes them)
 and scored against the original label at its own voxel spacing, so the distances are those of the
-data as acquired, not of the 1 mm training grid.
+data as acquired, not of the 1 mm training grid. Each label goes through the same input check as
+``beseg score`` (:func:`beseg.data.nifti.read_label_map`, :func:`beseg.data.nifti.check_same_grid`):
+an integer label map on its image's grid (shape, and affine within
+:data:`beseg.data.nifti.AFFINE_TOL_MM`), checked before the image is predicted; a label that fails
+fails its case with the reason. Cases are scored by :func:`beseg.metrics.label_map_metrics`, as
+``beseg score`` scores them.
 
 Writes ``eval/per_case.csv`` (case, class, dice, hd95_mm, asd_mm, nsd, empty_in), ``eval/summary.json``
 (both by :mod:`beseg.score`, as ``beseg score`` writes them) and ``eval/predictions/<case>.nii.gz`` into
@@ -25,10 +30,10 @@ import numpy as np
 
 from beseg.data import Split, default_cache_dir, load_split, load_task
 from beseg.data.classes import class_masks
-from beseg.data.nifti import read_array
+from beseg.data.nifti import AFFINE_TOL_MM, check_same_grid, read_header, read_label_map
 from beseg.engine.predict import LoadedModel, load_model, predict_image, write_label
 from beseg.errors import BesegError, DataError
-from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, case_metrics
+from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, label_map_metrics
 from beseg.score import summarize, write_scores
 
 __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSummary", "evaluate", "one_hot_scored", "protocol_fields", "run_split"]
@@ -112,7 +117,8 @@ def protocol_fields(split: str, parts: Split | None, checkpoint: Path, protocol:
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", out: str | Path | None = None,
              nsd_tolerance_mm: float = 1.0, device: str = "auto", progress: bool = True,
              protocol: str | None = None,
-             distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM) -> EvalSummary:
+             distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
+             affine_tol_mm: float = AFFINE_TOL_MM) -> EvalSummary:
     """Score a trained model on the ``split`` cases of ``data_dir``.
 
     Args:
@@ -129,9 +135,12 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
         distance_penalty_mm: HD95 and ASD (mm) of a class empty in exactly one of prediction and
             label (default 373.13 mm, the BraTS convention); ``None`` leaves them undefined (NaN,
             counted in ``summary.json``). See :func:`beseg.metrics.case_metrics`.
+        affine_tol_mm: largest allowed difference between a label's and its image's affine
+            entries (mm); a label on another grid fails its case.
 
     Returns:
-        An :class:`EvalSummary`; cases that could not be read are listed in ``failed``.
+        An :class:`EvalSummary`; cases that could not be read, whose label is not an integer label
+        map, or whose label is on another grid than its image are listed in ``failed``.
 
     Raises:
         CheckpointError, DataError, ConfigError: the model or the dataset cannot be used at all,
@@ -166,15 +175,13 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     for cid in tqdm(chosen, desc=f"evaluate {split}", unit="case", disable=not progress):
         case = task.case(cid)
         try:
-            truth_raw, truth_header = read_array(case.label)  # any unreadable label is a DataError
-            truth = np.asarray(truth_raw).round().astype(np.int64)
+            # The label is checked before the (costly) prediction: an integer map on its image's grid.
+            truth, truth_header = read_label_map(case.label, "label")
+            check_same_grid(truth_header, read_header(case.image), affine_tol_mm, "label", "image")
             labels, ref = predict_image(loaded, case.image)
             write_label(labels, ref, out_dir / "predictions" / f"{cid}.nii.gz")
-            if truth.shape != labels.shape:
-                raise DataError(f"{case.label}: shape {truth.shape} differs from its image's {labels.shape}.")
-            spacing = list(truth_header.spacing)
-            scores = case_metrics(one_hot_scored(labels, loaded), one_hot_scored(truth, loaded), spacing, names,
-                                  nsd_tolerance_mm, include_background=True, distance_penalty_mm=distance_penalty_mm)
+            scores = label_map_metrics(labels, truth, loaded.preset.scored_classes, truth_header.spacing,
+                                       nsd_tolerance_mm, distance_penalty_mm=distance_penalty_mm)
         except (BesegError, OSError, ValueError) as err:
             result.failed.append((cid, str(err)))
             continue

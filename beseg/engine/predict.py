@@ -20,6 +20,7 @@ from torch import nn
 
 from beseg.data import IntensityRange, TaskPreset, get_preset
 from beseg.data.msd import case_id
+from beseg.data.nifti import read_image_header
 from beseg.engine.checkpoint import CheckpointError, load_checkpoint
 from beseg.engine.config import Config, config_from_dict
 from beseg.engine.inference import predict_probabilities
@@ -115,18 +116,9 @@ def predict_image(loaded: LoadedModel, image_path: str | Path) -> tuple[np.ndarr
         DataError: the image cannot be read or has the wrong number of channels.
     """
     image_path = Path(image_path)
-    try:
-        original = nib.load(str(image_path))
-        original.header.get_data_shape()
-    except Exception as err:  # nibabel raises many types for non-NIfTI input
-        raise DataError(f"{image_path}: not a readable NIfTI image ({type(err).__name__}: {err}).") from None
-    shape = original.shape
-    channels = shape[3] if len(shape) == 4 else 1
-    if len(shape) not in (3, 4) or channels != loaded.preset.in_channels or min(shape) == 0:
-        raise DataError(
-            f"{image_path}: shape {shape} does not fit task {loaded.preset.name} "
-            f"({loaded.preset.in_channels} channel(s), 3 spatial dimensions)."
-        )
+    # The input check that evaluate and score share (readable NIfTI, 3D or 4D, the task's channels).
+    shape = read_image_header(image_path, loaded.preset.in_channels, f"task {loaded.preset.name}").shape
+    original = nib.load(str(image_path))
     infer = loaded.preset.infer_transforms(loaded.stats)
     try:
         data = infer({"image": str(image_path)})

@@ -189,7 +189,10 @@ class _PreprocessedLoss(_Loss):
 
 
 class _FastBEFunction(torch.autograd.Function):
-    """Per-(batch, channel) ``mean(F(P - Y)^2)`` with the analytic gradient ``(2/N) F(F(P - Y))``.
+    """Per-(batch, channel) ``sum(F(P - Y)^2)`` with the analytic gradient ``2 F(F(P - Y))``.
+
+    The sum, not the mean: the caller divides by the number of voxels that count (all of them, or
+    those of a mask), so the normalisation is an ordinary differentiable division.
 
     The first backward reuses the filtered difference kept from the forward pass (kept without the
     box filters' constant normalisation, which is applied to the norm instead: one pass less). A backward that
@@ -216,20 +219,17 @@ class _FastBEFunction(torch.autograd.Function):
                 # The valid result is the interior; zeroing the border makes sum and gradient both right.
                 _zero_border_(response, spec.margins)
             torch.linalg.vector_norm(response.flatten(2), dim=2, out=squares[idx])
-        n_voxels = math.prod(s - 2 * m for s, m in zip(pred.shape[2:], spec.margins)) if padding == "valid" \
-            else filtered[0, 0].numel()
-        ctx.n_voxels = n_voxels
         # pred and target are the caller's tensors (no copy); only a graph-building backward reads them.
         ctx.save_for_backward(filtered, pred, target)
-        return squares.mul_(spec.box_scale).square_().div_(n_voxels)
+        return squares.mul_(spec.box_scale).square_()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
         filtered, pred, target = ctx.saved_tensors
         spec = ctx.spec
-        scale = grad_out.to(filtered.dtype).mul(2.0 / ctx.n_voxels)
+        scale = grad_out.to(filtered.dtype).mul(2.0)
         if torch.is_grad_enabled():
-            # F is symmetric: d/dD mean((Z F D)^2) = (2/N) F Z F D, Z zeroing the valid border.
+            # F is symmetric: d/dD sum((Z F D)^2) = 2 F Z F D, Z zeroing the valid border.
             response = _LoGFilterFunction.apply(_difference(pred, target), spec, "same")
             if ctx.padding == "valid":
                 response = _pad_back(_crop(response, spec.margins), spec.margins)
@@ -256,13 +256,47 @@ def _difference(pred: Tensor, target: Tensor, out: Tensor | None = None) -> Tens
 
 
 def _be_per_channel(pred: Tensor, target: Tensor, spec: FilterSpec, padding: str, impl: str) -> Tensor:
-    """``mean over voxels of (F(P) - F(Y))^2``, shape (B, C), in at least float32."""
+    """``sum over the output voxels of (F(P) - F(Y))^2``, shape (B, C), in at least float32."""
     if impl == "fast":
         return _FastBEFunction.apply(pred, target, spec, padding)
     work_dtype = torch.promote_types(pred.dtype, torch.float32)
     # The literal form: the filter chain runs on the prediction and on the label separately.
     diff = _log_reference(pred.to(work_dtype), spec, padding) - _log_reference(target.to(work_dtype), spec, padding)
-    return diff.square().flatten(2).mean(dim=2)
+    return diff.square().flatten(2).sum(dim=2)
+
+
+def _output_voxels(shape: Sequence[int], spec: FilterSpec, padding: str) -> int:
+    """Voxels of the filter's output per volume: all of them (``same``), or the interior (``valid``)."""
+    if padding == "valid":
+        return math.prod(s - 2 * m for s, m in zip(shape, spec.margins))
+    return math.prod(shape)
+
+
+def _counted_voxels(mask: Tensor, spec: FilterSpec, padding: str) -> Tensor:
+    """Voxels that count per (batch item, mask channel): the mask's sum over the output voxels, (B, 1 or C')."""
+    if padding == "valid":
+        mask = _crop(mask, spec.margins)
+    return mask.flatten(2).sum(dim=2)
+
+
+def _reduce_be(sums: Tensor, counts: Tensor | None, n_voxels: int, reduction: str) -> Tensor:
+    """The BE value from the per-(batch, channel) sums of squares, normalised by the voxels that count.
+
+    Without a mask every output voxel counts. With one, an item or channel with no voxel that
+    counts has the value 0 (and no gradient), and ``"mean"`` pools: all sums over all counts.
+    """
+    if counts is None:
+        per_channel = sums / n_voxels
+        if reduction == LossReduction.MEAN.value:
+            return per_channel.mean()
+        return per_channel.sum() if reduction == LossReduction.SUM.value else per_channel
+    counts = counts.to(sums.dtype).expand_as(sums)
+    # With padding="valid" the response reaches the interior from a mask lying only in the border.
+    sums = torch.where(counts > 0, sums, torch.zeros((), dtype=sums.dtype, device=sums.device))
+    if reduction == LossReduction.MEAN.value:
+        return sums.sum() / counts.sum().clamp(min=1)
+    per_channel = sums / counts.clamp(min=1)
+    return per_channel.sum() if reduction == LossReduction.SUM.value else per_channel
 
 
 class BoundaryEnhancementLoss(_PreprocessedLoss):
@@ -279,6 +313,22 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
     reduced over batch and channels; the paper's "l2 norm" is this mean of squares (as in the
     author's public code), which is what makes its weight of 1000 sensible.
 
+    With a ``mask`` of the voxels that count (e.g. all but nnU-Net's ignore label), ``P - Y`` is
+    zeroed outside it before filtering, and the mean is over the voxels that count, not over all:
+    with ``M`` the mask, ``O`` the output voxels (all of them; the interior with
+    ``padding="valid"``) and ``S_bc = sum over O of F(M (P - Y))^2``,
+
+    * ``"none"``: ``S_bc / n_bc``, where ``n_bc`` is the number of voxels of ``O`` in ``M`` for
+      item ``b`` (and channel ``c`` for a per-channel mask);
+    * ``"sum"``: the sum of those;
+    * ``"mean"``: ``sum S_bc / sum n_bc``, every voxel that counts weighing the same, in any item
+      and channel (as nnU-Net's cross-entropy averages over its non-ignored voxels), so an item
+      with little annotation weighs little and the BE weight does not shrink with the annotated
+      fraction of a patch.
+
+    An item or channel without any voxel that counts adds 0 (no NaN, no gradient). Without a mask
+    ``n_bc`` is the number of output voxels and the three agree with the unmasked mean.
+
     Guarantees (each tested; see the README's "Using the loss in your own loop"):
 
     * no state: nothing is kept between calls, so calls under ``torch.no_grad()`` or
@@ -290,7 +340,9 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
     * with ``validate=False`` the loss reads nothing back from the device: no host synchronisation
       inside a CUDA training step (pass integer class indices, or a one-hot target);
     * the value and gradient of ``impl="fast"`` equal the paper's literal convolutions
-      (``impl="reference"``) up to rounding.
+      (``impl="reference"``) up to rounding, with or without a mask;
+    * with a mask, ignored voxels change neither the value nor the gradient, and the value is a
+      mean over the voxels that count (above).
 
     Example:
         >>> loss = BoundaryEnhancementLoss(softmax=True, to_onehot_y=True)
@@ -323,7 +375,8 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
             softmax: apply a softmax over channels to the prediction first.
             other_act: any other callable applied to the prediction first, e.g. ``torch.tanh``.
             reduction: ``"mean"`` or ``"sum"`` over batch and channels, or ``"none"`` for a
-                (B, C') tensor of per-item, per-channel losses.
+                (B, C') tensor of per-item, per-channel losses (with a mask, ``"mean"`` is the mean
+                over every voxel that counts; see the class docstring).
             smoothing_passes: box filters before the Laplacian; the paper uses 3.
             padding: ``"same"`` (zero padding keeping the size; the paper's form) or ``"valid"``
                 (only voxels whose whole stencil lies inside, as in the author's MONAI pull
@@ -366,8 +419,9 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
             mask: optional (B, 1, H, W[, D]) or (B, C', H, W[, D]) boolean or 0/1 tensor of the voxels
                 that count (e.g. all but an ignore label). ``P - Y`` is set to 0 outside it before
                 filtering, so masked voxels contribute nothing, whatever the prediction or the
-                target hold there; the mean is still over all voxels. Class indices under masked
-                voxels must still be valid (replace an ignore label by 0 first).
+                target hold there, and the mean is over the voxels that count (see the class
+                docstring). Class indices under masked voxels must still be valid (replace an
+                ignore label by 0 first).
 
         Returns:
             A scalar for ``"mean"``/``"sum"``; a (B, C') tensor for ``"none"``, where ``C'`` is the
@@ -384,14 +438,12 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
         spec = self._spec(pred)
         _check_filter_input(pred, spec, self.padding)
         with _autocast_off(pred.device):
-            per_channel = _be_per_channel(pred, target, spec, self.padding, self.impl)
+            sums = _be_per_channel(pred, target, spec, self.padding, self.impl)
+            counts = None if mask is None else _counted_voxels(mask, spec, self.padding)
+            value = _reduce_be(sums, counts, _output_voxels(pred.shape[2:], spec, self.padding), self.reduction)
         if self.validate:
-            _raise_if_not_finite(per_channel, input, target)
-        if self.reduction == LossReduction.MEAN.value:
-            return per_channel.mean()
-        if self.reduction == LossReduction.SUM.value:
-            return per_channel.sum()
-        return per_channel
+            _raise_if_not_finite(value, input, target)
+        return value
 
     def _spec(self, pred: Tensor) -> FilterSpec:
         try:
@@ -526,7 +578,8 @@ class DiceBELoss(_PreprocessedLoss):
             input: (B, C, H, W[, D]) floating-point prediction.
             target: (B, C, H, W[, D]) label, or (B, 1, H, W[, D]) class indices with ``to_onehot_y``.
             mask: optional voxels that count, as in :meth:`BoundaryEnhancementLoss.forward`; it
-                applies to both terms (masked voxels are zeroed in prediction and target).
+                applies to both terms (masked voxels are zeroed in prediction and target, and the
+                BE term is the mean over the voxels that count).
 
         Returns:
             Scalar loss.
@@ -535,5 +588,6 @@ class DiceBELoss(_PreprocessedLoss):
             TypeError, ValueError: as :class:`BoundaryEnhancementLoss`.
         """
         pred, target = self.prepare(input, target)
-        pred, target = _apply_mask(pred, target, mask)
-        return self.lambda_dice * self.dice(pred, target) + self.lambda_be * self.be(pred, target)
+        # The BE term masks (and counts the voxels that count) itself.
+        return self.lambda_dice * self.dice(*_apply_mask(pred, target, mask)) + \
+            self.lambda_be * self.be(pred, target, mask=mask)

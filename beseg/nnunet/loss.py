@@ -59,7 +59,9 @@ class NNUNetBETerm(nn.Module):
     The logits are cast to float32 before the softmax/sigmoid, so under nnU-Net's CUDA autocast
     the probabilities and the BE (which disables autocast itself) are float32; nnU-Net's
     GradScaler scales the sum as usual. Ignored voxels are passed to the BE loss as its ``mask``:
-    ``P - Y`` is zero there, so they contribute neither to the value nor to the gradient.
+    ``P - Y`` is zero there, so they contribute neither to the value nor to the gradient, and the
+    BE is the mean over the voxels that count (as nnU-Net's cross-entropy averages over its
+    non-ignored voxels), so its weight does not shrink with the annotated fraction of the patch.
 
     Example:
         >>> term = NNUNetBETerm(regions=False, ignore_label=3)
@@ -111,7 +113,8 @@ class NNUNetBETerm(nn.Module):
                 ``regions`` and ``ignore_label``), any dtype nnU-Net produces.
 
         Returns:
-            Scalar BE, float32: the mean over batch items and kept channels.
+            Scalar BE, float32: the mean over the voxels that count (all but the ignored ones) of
+            every batch item and kept channel.
         """
         mask = None
         if self.regions:

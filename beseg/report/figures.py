@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import matplotlib
 import torch
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import ndimage
 
+from beseg.data.nifti import read_array
 from beseg.losses import log_filter
 from beseg.report.collect import Results
 
@@ -52,11 +52,10 @@ class OverlayCase:
 
 def _load(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Array and voxel size (mm) of a NIfTI file; 4D channel-last images keep only channel 0."""
-    img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)
+    data, header = read_array(path, allow_2d=True)  # the voxel size from the affine, in mm (as scoring uses)
     if data.ndim == 4:
         data = data[..., 0]
-    return np.asarray(data), tuple(float(z) for z in img.header.get_zooms()[:3])
+    return np.asarray(data), header.spacing
 
 
 def _bbox(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:

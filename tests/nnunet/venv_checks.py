@@ -3,7 +3,8 @@
 tests/test_nnunet.py runs this file with pytest under the nnU-Net virtual environment's
 interpreter (``BESEG_NNUNET_PYTHON``); the main test run does not collect it (its name does not
 start with ``test_``). Every expected loss is built here from nnU-Net's own loss classes and
-weights and beseg's :class:`BoundaryEnhancementLoss`, not from the trainer's code.
+weights and BE written out from beseg's filter (:func:`beseg.losses.log_filter`), not from the
+trainer's code nor from the loss class.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.helpers import softmax_helper_dim1
 
-from beseg.losses import BoundaryEnhancementLoss
+from beseg.losses import log_filter
 from beseg.nnunet import trainer_dir
 
 SPACING = (2.5, 0.8, 0.8)  # (z, y, x): the plan's order, which is the tensors' axis order
@@ -133,11 +134,18 @@ def _valid(trainer: nnUNetTrainer, target: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _be(trainer: nnUNetTrainer, logits: torch.Tensor, target: torch.Tensor, spacing=None) -> torch.Tensor:
+    """BE written out from beseg's filter alone: the masked P - Y filtered, squared, summed, and divided
+    by the voxels that count in every item and kept channel (the loss's mean over the voxels that count)."""
     regions = trainer.label_manager.has_regions
     target, mask = _valid(trainer, target)
-    be = BoundaryEnhancementLoss(include_background=regions, to_onehot_y=not regions, sigmoid=regions,
-                                 softmax=not regions, spacing=spacing)
-    return be(logits, target.float() if regions else target, mask=mask)
+    if regions:
+        probs, truth = torch.sigmoid(logits.float()), target.float()
+    else:  # softmax, one-hot target, background channel left out
+        probs = torch.softmax(logits.float(), dim=1)[:, 1:]
+        truth = torch.nn.functional.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1)[:, 1:].float()
+    counts = torch.ones_like(probs) if mask is None else mask.float().expand_as(probs)
+    response = log_filter((probs - truth) * counts, smoothing_passes=3, spacing=spacing)
+    return response.square().sum() / counts.sum()
 
 
 def _expected(trainer: nnUNetTrainer, outputs, targets, base, lambda_be=1000.0, spacings=None) -> torch.Tensor:
