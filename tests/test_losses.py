@@ -10,6 +10,7 @@ from monai.losses import DiceLoss
 from scipy import ndimage
 
 from beseg import BoundaryEnhancementLoss, DiceBELoss, log_filter
+from beseg.losses import LoGFilter
 
 IMPLS = ("fast", "reference")
 
@@ -791,7 +792,30 @@ def test_chunked_evaluation_equals_whole_tensor_evaluation(monkeypatch, chunk_vo
 
     whole = run()
     monkeypatch.setattr(lap, "_CPU_CHUNK_BYTES", chunk_volumes * 11 * 12 * 13 * 4)
-    assert len(lap._chunks(pred)) == 2 * (3 if chunk_volumes == 1 else 2)
+    assert len(lap.cpu_chunks(pred)) == 2 * (3 if chunk_volumes == 1 else 2)
     chunked = run()
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_print_shows_the_settings_of_each_loss_module():
+    be = BoundaryEnhancementLoss(sigmoid=True, smoothing_passes=1, padding="valid", impl="reference", spacing=(1, 1, 5))
+    assert "activation=sigmoid" in repr(be) and "smoothing_passes=1, padding=valid, impl=reference" in repr(be)
+    assert "spacing=(1.0, 1.0, 5.0)" in repr(be)
+    dbe = DiceBELoss(softmax=True, to_onehot_y=True, lambda_be=30.0)
+    assert "lambda_dice=1, lambda_be=30" in repr(dbe).splitlines()[1]
+    assert repr(LoGFilter(smoothing_passes=2)) == "LoGFilter(smoothing_passes=2, padding=same, impl=fast, spacing=None)"
+
+
+def test_with_two_softmax_classes_the_background_channel_does_not_change_the_mean_be():
+    # The README's reason why the two losses may keep different include_background defaults: the
+    # background's probabilities are 1 - the foreground's, so its filtered difference is the negative.
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 2, 12, 12, 12, generator=g), torch.randint(0, 2, (2, 1, 12, 12, 12), generator=g)
+    with_bg = BoundaryEnhancementLoss(softmax=True, to_onehot_y=True, include_background=True)(x, y)
+    without = BoundaryEnhancementLoss(softmax=True, to_onehot_y=True, include_background=False)(x, y)
+    assert float(with_bg) == pytest.approx(float(without), rel=1e-6)
+    three = torch.randn(2, 3, 12, 12, 12, generator=g), torch.randint(0, 3, (2, 1, 12, 12, 12), generator=g)
+    a = BoundaryEnhancementLoss(softmax=True, to_onehot_y=True, include_background=True)(*three)
+    b = BoundaryEnhancementLoss(softmax=True, to_onehot_y=True, include_background=False)(*three)
+    assert float(a) != pytest.approx(float(b), rel=1e-3)  # with three classes it does

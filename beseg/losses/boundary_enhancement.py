@@ -15,22 +15,22 @@ from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
 from beseg.losses.laplacian import (
+    check_filter_input,
+    check_filter_options,
+    cpu_chunks,
+    crop_margins,
+    fast_log_filter,
+    filter_chain_,
+    filter_spec,
     FilterSpec,
     Impl,
+    LoGFilterFunction,
+    pad_margins,
     Padding,
-    _check_filter_input,
-    _chain_,
-    _chunks,
-    _crop,
-    _fast_filter,
-    _LoGFilterFunction,
-    _log_reference,
-    _pad_back,
-    _per_volume,
-    _scratch_for,
-    _zero_border_,
-    check_filter_options,
-    filter_spec,
+    per_volume_scale,
+    reference_log_filter,
+    scratch_for,
+    zero_border_,
 )
 
 __all__ = ["BoundaryEnhancementLoss", "DiceBELoss", "prepare_prediction_and_target"]
@@ -180,6 +180,12 @@ class _PreprocessedLoss(_Loss):
         self.other_act = other_act
         self.validate = validate
 
+    def extra_repr(self) -> str:
+        act = "sigmoid" if self.sigmoid else "softmax" if self.softmax else (
+            getattr(self.other_act, "__name__", "other_act") if self.other_act is not None else "none")
+        return (f"activation={act}, include_background={self.include_background}, to_onehot_y={self.to_onehot_y}, "
+                f"reduction={self.reduction}, validate={self.validate}")
+
     def prepare(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """:func:`prepare_prediction_and_target` with this loss's options."""
         return prepare_prediction_and_target(
@@ -209,15 +215,15 @@ class _FastBEFunction(torch.autograd.Function):
         work_dtype = torch.promote_types(pred.dtype, torch.float32)
         filtered = torch.empty(pred.shape, dtype=work_dtype, device=pred.device)
         squares = torch.empty(pred.shape[:2], dtype=work_dtype, device=pred.device)
-        chunks = _chunks(filtered)
-        scratch = _scratch_for(filtered, chunks)
+        chunks = cpu_chunks(filtered)
+        scratch = scratch_for(filtered, chunks)
         for idx in chunks:  # chunk by chunk, so that each volume stays in the cache from P - Y to its norm
             response = _difference(pred[idx], target[idx], out=filtered[idx])
             # Unscaled (no final multiply); the norm is scaled instead.
-            _chain_(response, response, scratch, spec, None)
+            filter_chain_(response, response, scratch, spec, None)
             if padding == "valid":
                 # The valid result is the interior; zeroing the border makes sum and gradient both right.
-                _zero_border_(response, spec.margins)
+                zero_border_(response, spec.margins)
             torch.linalg.vector_norm(response.flatten(2), dim=2, out=squares[idx])
         # pred and target are the caller's tensors (no copy); only a graph-building backward reads them.
         ctx.save_for_backward(filtered, pred, target)
@@ -230,13 +236,13 @@ class _FastBEFunction(torch.autograd.Function):
         scale = grad_out.to(filtered.dtype).mul(2.0)
         if torch.is_grad_enabled():
             # F is symmetric: d/dD sum((Z F D)^2) = 2 F Z F D, Z zeroing the valid border.
-            response = _LoGFilterFunction.apply(_difference(pred, target), spec, "same")
+            response = LoGFilterFunction.apply(_difference(pred, target), spec, "same")
             if ctx.padding == "valid":
-                response = _pad_back(_crop(response, spec.margins), spec.margins)
-            grad = _LoGFilterFunction.apply(response * _per_volume(scale, response.ndim), spec, "same")
+                response = pad_margins(crop_margins(response, spec.margins), spec.margins)
+            grad = LoGFilterFunction.apply(response * per_volume_scale(scale, response.ndim), spec, "same")
         else:
             # `filtered` is F(D) without the box normalisation s, and F = s F', so F(F(D)) = s F(filtered).
-            grad = _fast_filter(filtered, spec, scale=scale.mul_(spec.box_scale))
+            grad = fast_log_filter(filtered, spec, scale=scale.mul_(spec.box_scale))
         grad_pred = grad.to(ctx.out_dtype) if ctx.needs_input_grad[0] else None
         grad_target = grad.neg().to(ctx.target_dtype) if ctx.needs_input_grad[1] else None
         return grad_pred, grad_target, None, None
@@ -261,7 +267,7 @@ def _be_per_channel(pred: Tensor, target: Tensor, spec: FilterSpec, padding: str
         return _FastBEFunction.apply(pred, target, spec, padding)
     work_dtype = torch.promote_types(pred.dtype, torch.float32)
     # The literal form: the filter chain runs on the prediction and on the label separately.
-    diff = _log_reference(pred.to(work_dtype), spec, padding) - _log_reference(target.to(work_dtype), spec, padding)
+    diff = reference_log_filter(pred.to(work_dtype), spec, padding) - reference_log_filter(target.to(work_dtype), spec, padding)
     return diff.square().flatten(2).sum(dim=2)
 
 
@@ -275,7 +281,7 @@ def _output_voxels(shape: Sequence[int], spec: FilterSpec, padding: str) -> int:
 def _counted_voxels(mask: Tensor, spec: FilterSpec, padding: str) -> Tensor:
     """Voxels that count per (batch item, mask channel): the mask's sum over the output voxels, (B, 1 or C')."""
     if padding == "valid":
-        mask = _crop(mask, spec.margins)
+        mask = crop_margins(mask, spec.margins)
     return mask.flatten(2).sum(dim=2)
 
 
@@ -410,6 +416,10 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
         self.impl = impl
         self.spacing = tuple(float(s) for s in spacing) if spacing is not None else None
 
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, smoothing_passes={self.smoothing_passes}, padding={self.padding}, "
+                f"impl={self.impl}, spacing={self.spacing}")
+
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """
         Args:
@@ -436,7 +446,7 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
         pred, target = self.prepare(input, target)
         pred, target = _apply_mask(pred, target, mask)
         spec = self._spec(pred)
-        _check_filter_input(pred, spec, self.padding)
+        check_filter_input(pred, spec, self.padding)
         with _autocast_off(pred.device):
             sums = _be_per_channel(pred, target, spec, self.padding, self.impl)
             counts = None if mask is None else _counted_voxels(mask, spec, self.padding)
@@ -571,6 +581,9 @@ class DiceBELoss(_PreprocessedLoss):
             include_background=True, reduction=reduction, smoothing_passes=smoothing_passes,
             padding=padding, impl=impl, spacing=spacing, validate=validate,
         )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lambda_dice={self.lambda_dice:g}, lambda_be={self.lambda_be:g}"
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """

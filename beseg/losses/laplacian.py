@@ -45,6 +45,10 @@ from torch import Tensor
 
 __all__ = [
     "IMPLS", "PADDINGS", "FilterSpec", "LoGFilter", "filter_spec", "log_filter", "log_kernels", "log_margin",
+    # The building blocks the BE loss (boundary_enhancement.py) filters with; public within beseg.losses.
+    "LoGFilterFunction", "check_filter_input", "check_filter_options", "cpu_chunks", "crop_margins",
+    "fast_log_filter", "filter_chain_", "pad_margins", "per_volume_scale", "reference_log_filter", "scratch_for",
+    "zero_border_",
 ]
 
 PADDINGS = ("same", "valid")
@@ -135,7 +139,7 @@ def filter_spec(ndim: int, smoothing_passes: int = 3, spacing: Sequence[float] |
     return FilterSpec(passes, tuple(ratios))
 
 
-def _check_filter_input(x: Tensor, spec: FilterSpec, padding: str) -> None:
+def check_filter_input(x: Tensor, spec: FilterSpec, padding: str) -> None:
     """Raise if ``x`` is not a (B, C, spatial...) float tensor that ``spec`` and ``padding`` fit."""
     _check_tensor(x)
     _check_valid_size(x, spec, padding)
@@ -228,7 +232,7 @@ def _laplacian_(src: Tensor, dst: Tensor, scale: float | Tensor | None, weights:
 _CPU_CHUNK_BYTES = 4 * 2**20
 
 
-def _chunks(x: Tensor) -> list[tuple[slice, slice]]:
+def cpu_chunks(x: Tensor) -> list[tuple[slice, slice]]:
     """Index tuples ``(batch slice, channel slice)`` of the chunks of ``x`` to filter one after the other.
 
     One chunk (all of ``x``) on CUDA or when ``x`` is small; otherwise runs of channels of one
@@ -243,13 +247,13 @@ def _chunks(x: Tensor) -> list[tuple[slice, slice]]:
             for b in range(x.shape[0]) for c in range(0, x.shape[1], per_chunk)]
 
 
-def _scratch_for(x: Tensor, chunks: list[tuple[slice, slice]], dtype: torch.dtype | None = None) -> Tensor:
+def scratch_for(x: Tensor, chunks: list[tuple[slice, slice]], dtype: torch.dtype | None = None) -> Tensor:
     """One scratch tensor large enough for the largest chunk of ``x``."""
     largest = max(chunks, key=lambda idx: x[idx].numel())
     return torch.empty(x[largest].shape, dtype=dtype or x.dtype, device=x.device)
 
 
-def _chain_(src: Tensor, out: Tensor, scratch: Tensor, spec: FilterSpec, scale: float | Tensor | None) -> None:
+def filter_chain_(src: Tensor, out: Tensor, scratch: Tensor, spec: FilterSpec, scale: float | Tensor | None) -> None:
     """``out = scale * F(src)`` ("same" zero padding) by shifted adds, ping-ponging between ``out`` and ``scratch``.
 
     ``out`` may be ``src`` itself (in place). The stages are assigned backwards from the last one,
@@ -277,12 +281,12 @@ def _chain_(src: Tensor, out: Tensor, scratch: Tensor, spec: FilterSpec, scale: 
     _laplacian_(src, out, None if scale is None else scale * spec.box_scale, spec.weights)
 
 
-def _per_volume(scale: Tensor, ndim: int) -> Tensor:
+def per_volume_scale(scale: Tensor, ndim: int) -> Tensor:
     """A (B, C) tensor of factors, shaped to broadcast over (B, C, *spatial) with ``ndim`` dimensions."""
     return scale.reshape(*scale.shape, *([1] * (ndim - 2)))
 
 
-def _fast_filter(x: Tensor, spec: FilterSpec, scale: float | Tensor = 1.0) -> Tensor:
+def fast_log_filter(x: Tensor, spec: FilterSpec, scale: float | Tensor = 1.0) -> Tensor:
     """``scale * F(x)`` with "same" zero padding, chunk by chunk, into a new tensor.
 
     Args:
@@ -294,21 +298,21 @@ def _fast_filter(x: Tensor, spec: FilterSpec, scale: float | Tensor = 1.0) -> Te
         A new contiguous tensor of the shape and dtype of ``x``.
     """
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    chunks = _chunks(out)
-    scratch = _scratch_for(out, chunks)
+    chunks = cpu_chunks(out)
+    scratch = scratch_for(out, chunks)
     for idx in chunks:
-        s = _per_volume(scale[idx], x.ndim) if isinstance(scale, Tensor) else scale
-        _chain_(x[idx], out[idx], scratch, spec, s)
+        s = per_volume_scale(scale[idx], x.ndim) if isinstance(scale, Tensor) else scale
+        filter_chain_(x[idx], out[idx], scratch, spec, s)
     return out
 
 
-def _crop(x: Tensor, margins: Sequence[int]) -> Tensor:
+def crop_margins(x: Tensor, margins: Sequence[int]) -> Tensor:
     for dim, m in zip(range(2, x.ndim), margins):
         x = x.narrow(dim, m, x.shape[dim] - 2 * m)
     return x
 
 
-def _zero_border_(x: Tensor, margins: Sequence[int]) -> Tensor:
+def zero_border_(x: Tensor, margins: Sequence[int]) -> Tensor:
     """Zero the outer ``margins[d]`` voxels on both sides of every spatial axis ``d``, in place."""
     for dim, m in zip(range(2, x.ndim), margins):
         n = x.shape[dim]
@@ -317,32 +321,32 @@ def _zero_border_(x: Tensor, margins: Sequence[int]) -> Tensor:
     return x
 
 
-def _pad_back(x: Tensor, margins: Sequence[int]) -> Tensor:
-    """Zero-pad a valid-cropped tensor back to the full size (the adjoint of :func:`_crop`)."""
+def pad_margins(x: Tensor, margins: Sequence[int]) -> Tensor:
+    """Zero-pad a valid-cropped tensor back to the full size (the adjoint of :func:`crop_margins`)."""
     pad: list[int] = []
     for m in reversed(margins):  # F.pad lists the last axis first
         pad += [m, m]
     return F.pad(x, pad)
 
 
-class _LoGFilterFunction(torch.autograd.Function):
+class LoGFilterFunction(torch.autograd.Function):
     """``F(x)`` (cropped for "valid") with the adjoint ``F`` as backward; differentiable to any order."""
 
     @staticmethod
     def forward(ctx, x: Tensor, spec: FilterSpec, padding: str) -> Tensor:  # type: ignore[override]
         ctx.spec, ctx.padding = spec, padding
-        out = _fast_filter(x, spec)
+        out = fast_log_filter(x, spec)
         if padding == "valid":
-            out = _crop(out, spec.margins).contiguous()
+            out = crop_margins(out, spec.margins).contiguous()
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         if ctx.padding == "valid":
-            grad = _pad_back(grad, ctx.spec.margins)
+            grad = pad_margins(grad, ctx.spec.margins)
         # F is symmetric, so its adjoint is itself; applying it through this Function again keeps
         # the backward differentiable (double backward, Hessian-vector products).
-        return _LoGFilterFunction.apply(grad, ctx.spec, "same"), None, None
+        return LoGFilterFunction.apply(grad, ctx.spec, "same"), None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +373,7 @@ def _laplacian_kernel(ndim: int, weights: Sequence[float] | None, dtype: torch.d
     return lap
 
 
-def _log_reference(x: Tensor, spec: FilterSpec, padding: str) -> Tensor:
+def reference_log_filter(x: Tensor, spec: FilterSpec, padding: str) -> Tensor:
     """The literal chain of fixed convolutions: box filters, then the Laplacian.
 
     The paper's form runs ``k`` 3x3x3 box convolutions; a spacing-aware spec runs each axis's 1D
@@ -400,8 +404,8 @@ def _log_reference(x: Tensor, spec: FilterSpec, padding: str) -> Tensor:
 
 def _apply(x: Tensor, spec: FilterSpec, padding: str, impl: str) -> Tensor:
     if impl == "reference":
-        return _log_reference(x, spec, padding)
-    return _LoGFilterFunction.apply(x, spec, padding)
+        return reference_log_filter(x, spec, padding)
+    return LoGFilterFunction.apply(x, spec, padding)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,6 +483,9 @@ class LoGFilter(torch.nn.Module):
         check_filter_options(smoothing_passes, padding, impl, spacing)
         self.smoothing_passes, self.padding, self.impl = smoothing_passes, padding, impl
         self.spacing = tuple(float(s) for s in spacing) if spacing is not None else None
+
+    def extra_repr(self) -> str:
+        return f"smoothing_passes={self.smoothing_passes}, padding={self.padding}, impl={self.impl}, spacing={self.spacing}"
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W[, D]) -> filtered, see :func:`log_filter`."""
