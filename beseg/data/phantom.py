@@ -304,7 +304,7 @@ def ensure_phantom(task: PhantomTask = "spleen", root: str | Path | None = None,
                    **overrides) -> Path:
     """The default phantom folder for ``task``, generated once and reused.
 
-    It lives under ``root`` (default ``$BESEG_CACHE_DIR`` or ``~/.cache/beseg``) in a folder named
+    It lives under ``root`` (default :func:`beseg.data.intensity.cache_base`: ``$BESEG_CACHE`` or ``~/.cache/beseg``) in a folder named
     by task and settings. It is written to a temporary folder and renamed when complete, so an
     interrupted generation is never mistaken for a dataset.
 
@@ -317,8 +317,9 @@ def ensure_phantom(task: PhantomTask = "spleen", root: str | Path | None = None,
     import tempfile
 
     cfg = PhantomConfig(**{**PhantomConfig().__dict__, "task": task, **overrides})
-    base = Path(root or os.environ.get("BESEG_CACHE_DIR")
-                or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "beseg").expanduser()
+    from beseg.data.intensity import cache_base
+
+    base = Path(root).expanduser() if root else cache_base()
     key = {**cfg.__dict__, "generator": PHANTOM_VERSION}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:10]
     target = base / f"phantom-{task}-{digest}"
