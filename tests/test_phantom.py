@@ -98,6 +98,9 @@ def test_default_spleen_phantom_is_fast_and_valid(tmp_path):
 def test_bench_data_smoke(capsys):
     from beseg.bench.data import run_data_benchmark
 
-    res = run_data_benchmark(cases=3, patch_size=(32, 32, 32), workers=0, patches=4, steps=1)
-    assert res["patches_per_s"] > 0 and all(v > 0 for k, v in res.items() if k.startswith("step_s"))
-    assert "patches/s" in capsys.readouterr().out
+    res = run_data_benchmark(cases=5, patch_size=(16, 16, 16), workers=2, items=3, steps=1, baseline=True)
+    assert res["patches_per_s[1]"] > 0 and res["patches_per_s[2]"] > 0 and res["baseline_patches_per_s[1]"] > 0
+    assert res["worker_pss_mb[1]"] > 0 and res["worker_pss_mb[2]"] > 0  # read from the workers' /proc entries
+    assert res["batches_per_step[1]"] == pytest.approx(res["patches_per_s[1]"] * res["step_s"] / 2)
+    out = capsys.readouterr().out
+    assert "1 worker(s) make" in out and "2 worker(s) make" in out and "as fast" in out

@@ -1,13 +1,19 @@
 """Datasets that read the preprocessed store (:mod:`beseg.data.store`): random patches for training,
 whole volumes for validation.
 
-Training (:class:`StorePatchDataset`), per sample: choose the patch centre from the case's stored
-voxel locations (foreground with probability ``pos / (pos + neg)``, a foreground class in
-proportion to its voxels, so the centre is uniform over the foreground as with MONAI's
-``RandCropByPosNegLabeld``; background otherwise), open the arrays memory-mapped, copy only the
-patch, then normalise (when the store holds raw intensities), flip and shift that patch. No volume
-is read, copied or scanned, so a sample costs the same on a 405x405x450 CT as on a phantom, and a
-process's memory does not grow with the number of cases.
+Training (:class:`StorePatchDataset`), per sample: choose the patch centre (with probability
+``pos / (pos + neg)`` a foreground voxel from the case's stored locations, a class in proportion to
+its voxels, so the centre is uniform over the foreground; otherwise any voxel of the stored
+volume), open the arrays memory-mapped, copy only the patch, then normalise (when the store holds
+raw intensities), flip and shift that patch. No volume is read, copied or scanned, so a sample
+costs the same on a 405x405x450 CT as on a phantom, and a process's memory does not grow with the
+number of cases.
+
+This is the distribution today's ``RandCropByPosNegLabeld`` chain draws from: its "negative"
+centres are meant to lie outside the label, but MONAI's ``map_binary_to_indices`` inverts a uint8
+label tensor bitwise (``~1 == 254``), so every voxel counts as background and the negative centres
+are uniform over the volume (checked with MONAI 1.6.1; nnU-Net's non-oversampled patches are
+likewise random anywhere). ``tests/test_store.py`` checks that both give the same foreground share.
 
 The crop follows ``SpatialPadd`` + ``RandCropByPosNegLabeld``: a volume smaller than the patch is
 zero-padded symmetrically, and a centre too close to the border moves inwards so the patch stays
@@ -75,7 +81,8 @@ class StorePatchDataset(Dataset):
         patch: patch size (voxels).
         read_transform: normalisation left for reading time (:meth:`TaskPreset.read_transform`).
         target: stored label patch (1, ...) uint8 -> loss target (:meth:`TaskPreset.training_target`).
-        pos, neg: ratio of foreground- to background-centred patches (as ``RandCropByPosNegLabeld``).
+        pos, neg: ratio of foreground-centred to randomly centred patches (as today's
+            ``RandCropByPosNegLabeld``, see the module docstring).
         num_samples: patches per visit (a list; MONAI's ``list_data_collate`` flattens it).
         flip_prob: probability of flipping each spatial axis.
         shift_offset, shift_prob: random intensity shift in ``[-offset, offset]`` with this probability.
@@ -121,15 +128,14 @@ class StorePatchDataset(Dataset):
         out = []
         shape = arrays.image.shape[1:]
         for _ in range(self.num_samples):
-            use_fg = bool(fg_values) and (rng.random() < self.pos_prob or not np.any(loc[:, 0] == 0))
-            if use_fg:
+            if fg_values and rng.random() < self.pos_prob:
                 # A class in proportion to its voxels, then a stored voxel of it: uniform over the foreground.
                 weights = np.array([counts[str(v)] for v in fg_values], dtype=np.float64)
                 value = fg_values[rng.choice(len(fg_values), p=weights / weights.sum())]
+                rows = loc[loc[:, 0] == value]
+                centre = rows[rng.integers(len(rows)), 1:]
             else:
-                value = 0
-            rows = loc[loc[:, 0] == value]
-            centre = rows[rng.integers(len(rows)), 1:] if len(rows) else np.asarray(shape) // 2
+                centre = np.array([rng.integers(n) for n in shape])  # any voxel (see the module docstring)
             start = crop_start(centre, shape, self.patch)
             image = read_region(arrays.image, start, self.patch, self.read_transform)
             label = read_region(arrays.label, start, self.patch)

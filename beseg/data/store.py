@@ -251,7 +251,8 @@ class Store:
                     touch_lock(lock)
             info = {"case": case.id, "settings": self.settings.digest, "source": _source_sizes(case),
                     "files": files, "properties": props}
-            atomic_write_text(self.path(case.id, "json"), json.dumps(info, indent=1))
+            manifest = atomic_write_text(self.path(case.id, "json"), json.dumps(info, indent=1))
+            os.chmod(manifest, 0o644)  # readable by every user sharing the store, like the arrays
             _fsync_dir(self.root)
         finally:
             stop.set()
@@ -329,7 +330,7 @@ def open_store(task: MSDTask, preset: TaskPreset, cache_dir: str | Path | None =
     try:
         root.mkdir(parents=True, exist_ok=True)
         if not record.is_file():
-            atomic_write_text(record, json.dumps(wanted, indent=1))
+            os.chmod(atomic_write_text(record, json.dumps(wanted, indent=1)), 0o644)
         found = json.loads(record.read_text())
     except OSError as err:
         raise DataError(f"{root}: cannot create the preprocessed store: {err.strerror or err}.") from None
