@@ -52,10 +52,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                       help="patch size (voxels at 1 mm; default the config's)")
     data.add_argument("--workers", type=int, default=2, help="the N of the N-worker timing (1 worker is always timed)")
     data.add_argument("--items", type=int, default=20, help="case visits timed per loader timing")
-    data.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
+    data.add_argument("--steps", type=int, default=3, help="timed training steps (median reported; 0: none)")
     data.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the training step")
     data.add_argument("--baseline", action="store_true",
                       help="also time the cache: memory chain (the loader before the store) on the same cases")
+    data.add_argument("--train-memory", type=int, default=None, metavar="STEPS",
+                      help="instead: the peak PSS (process tree, loader workers included) of a STEPS-step training "
+                           "of CONFIG on --data, without validation")
     data.set_defaults(func=_run_bench_data)
     train = bench_sub.add_parser(
         "train", help="share of a SegResNet training step spent in the BE loss, and sliding-window inference time"
@@ -94,8 +97,17 @@ def _run_bench_train(args: argparse.Namespace) -> int:
 def _run_bench_data(args: argparse.Namespace) -> int:
     from beseg.bench.data import run_data_benchmark
 
-    if args.workers < 1 or args.items < 1 or args.steps < 1:
-        raise ValueError("--workers, --items and --steps must be at least 1.")
+    if args.workers < 1 or args.items < 1 or args.steps < 0:
+        raise ValueError("--workers and --items must be at least 1, --steps at least 0.")
+    if args.train_memory is not None:
+        from beseg.bench.data import training_memory
+
+        if not args.data:
+            raise ValueError("--train-memory needs --data DIR.")
+        res = training_memory(args.data, args.config, args.overrides, steps=args.train_memory)
+        print(f"short training ({args.train_memory} steps, {args.config} on {args.data}): peak PSS "
+              f"{res['peak_pss_gb']:.2f} GB over {res['processes']} process(es), {res['seconds']:.0f} s")
+        return 0
     run_data_benchmark(args.data, args.config, args.overrides, cases=args.cases, workers=args.workers,
                        items=args.items, steps=args.steps, threads=args.threads, baseline=args.baseline,
                        patch_size=tuple(args.patch) if args.patch else None)

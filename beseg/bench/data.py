@@ -132,7 +132,7 @@ def run_data_benchmark(data_dir: str | Path | None = None, config: str = "phanto
         cases: phantom cases when ``data_dir`` is ``None``.
         workers: the N of the N-worker timing (1 worker is always timed).
         items: timed loader items (each ``data.num_samples`` patches) per timing.
-        steps: timed training steps.
+        steps: timed training steps (0: no step timing).
         threads: torch intra-op threads for the step.
         baseline: also time today's ``cache: memory`` chain on the same cases.
         seed: phantom and split seed.
@@ -176,9 +176,10 @@ def run_data_benchmark(data_dir: str | Path | None = None, config: str = "phanto
             results[f"worker_rss_mb[{n}]"] = max((m[1] for m in memory), default=0) / 1e6
         per_step = d.batch_size * d.num_samples
         batch = {k: item[k][:1].repeat(per_step, *([1] * (item[k].ndim - 1))) for k in ("image", "label")}
-        results["step_s"] = step_time(cfg, preset, batch, steps)
-        for n in counts:
-            results[f"batches_per_step[{n}]"] = results[f"patches_per_s[{n}]"] * results["step_s"] / per_step
+        if steps:
+            results["step_s"] = step_time(cfg, preset, batch, steps)
+            for n in counts:
+                results[f"batches_per_step[{n}]"] = results[f"patches_per_s[{n}]"] * results["step_s"] / per_step
         if baseline:
             start = time.perf_counter()
             old = build_task_data(task, preset, split_file=split, cache_dir=cache_dir, patch_size=patch,
@@ -200,9 +201,12 @@ def run_data_benchmark(data_dir: str | Path | None = None, config: str = "phanto
     for n in counts:
         print(f"loader, {n} worker(s): {results[f'patches_per_s[{n}]']:.2f} patches/s; largest worker PSS "
               f"{results[f'worker_pss_mb[{n}]']:.0f} MB (RSS {results[f'worker_rss_mb[{n}]']:.0f} MB)")
-    print(f"training step ({cfg.model.network}, loss {cfg.loss.name}, {per_step} patches): {results['step_s']:.2f} s "
-          f"(median of {steps})")
-    for n in counts:
+    if not steps:
+        print("training step: not timed (--steps 0)")
+    else:
+        print(f"training step ({cfg.model.network}, loss {cfg.loss.name}, {per_step} patches): {results['step_s']:.2f} s "
+              f"(median of {steps})")
+    for n in counts if steps else []:
         ratio = results[f"batches_per_step[{n}]"]
         verdict = "OK" if ratio >= 1 else "LOADER TOO SLOW"
         print(f"{n} worker(s) make {ratio:.1f} batches per training step [{verdict}, need >= 1]")
@@ -213,3 +217,70 @@ def run_data_benchmark(data_dir: str | Path | None = None, config: str = "phanto
               f"{results['baseline_fill_s']:.1f} s; the store's loader is {results['patches_per_s[1]'] / old_rate:.1f}x "
               "as fast")
     return results
+
+
+_SHORT_TRAINING = """
+import sys
+from beseg.allocator import keep_freed_memory
+from beseg.engine.config import load_config
+from beseg.engine.trainer import Trainer
+
+class ShortTraining(Trainer):
+    def validate(self):  # whole-volume validation is timed elsewhere; see training_memory
+        return {"dice_mean": 0.0, "dice": {}}
+
+keep_freed_memory()  # as beseg train does
+config, _ = load_config(sys.argv[1], sys.argv[4:])
+ShortTraining(config, sys.argv[2], sys.argv[3], progress=False).run()
+"""
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """``(PSS, processes)`` of ``pid`` and all its descendants."""
+    total, count, todo = 0, 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += process_memory(p)[0]
+        count += 1
+        todo += child_pids(p)
+    return total, count
+
+
+def training_memory(data_dir: str | Path, config: str, overrides: Sequence[str] = (), steps: int = 3,
+                    interval_s: float = 0.1) -> dict[str, float]:
+    """Peak PSS of a short ``beseg train`` (process tree, loader workers included).
+
+    The training runs in a child process (``train.epochs=1``, ``train.steps_per_epoch=steps``, the
+    run folder in a temporary directory) with every step of a real run (data check, split,
+    statistics, store, loader workers, network, optimiser, checkpoint) except validation, which
+    reads one whole volume at a time whatever the number of cases and, on a CPU, takes minutes
+    per Task09-sized volume. The PSS of the process and all its descendants is sampled every
+    ``interval_s`` seconds.
+
+    Returns:
+        ``{"peak_pss_gb", "seconds", "processes"}``.
+
+    Raises:
+        RuntimeError: the training failed (its stderr's last lines in the message).
+    """
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="beseg-bench-mem-") as tmp:
+        args = [sys.executable, "-c", _SHORT_TRAINING, config, str(data_dir), str(Path(tmp) / "run"),
+                *overrides, "train.epochs=1", f"train.steps_per_epoch={steps}"]
+        err_path = Path(tmp) / "stderr"
+        with open(err_path, "w") as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+            peak, procs = 0, 0
+            while proc.poll() is None:
+                pss, count = tree_memory(proc.pid)
+                if pss > peak:
+                    peak, procs = pss, count
+                time.sleep(interval_s)
+            seconds = time.perf_counter() - start
+        if proc.returncode:
+            tail = err_path.read_text().strip().splitlines()[-5:]
+            raise RuntimeError(f"the short training failed (exit {proc.returncode}): " + " | ".join(tail))
+    return {"peak_pss_gb": peak / 1e9, "seconds": seconds, "processes": procs}
