@@ -16,9 +16,9 @@ from monai.metrics import compute_dice
 from monai.transforms import CastToTyped, Compose
 
 from beseg.cli import main
-from beseg.data import build_task_data, foreground_percentiles, get_preset, load_task, make_phantom
+from beseg.data import build_task_data, foreground_percentiles, get_preset, load_task, make_phantom, msd_brats_regions
 from beseg.data.classes import class_masks
-from beseg.data.patches import StorePatchDataset, StoreVolumeDataset, crop_start
+from beseg.data.patches import StorePatchDataset, StoreVolumeDataset, crop_start, read_region
 from beseg.data.store import Store, open_store, prepare_store, sample_locations
 from beseg.engine.inference import predict_probabilities
 from beseg.errors import DataError
@@ -197,6 +197,26 @@ def test_crop_start_keeps_the_patch_inside_the_padded_volume():
     assert crop_start((0, 50, 99), (100, 100, 100), (20, 20, 20)) == (0, 40, 80)
     # a volume smaller than the patch is padded symmetrically: (20 - 8) // 2 = 6 voxels before it
     assert crop_start((4, 4, 4), (8, 8, 30), (20, 20, 20)) == (-6, -6, 0)
+
+
+@pytest.mark.parametrize("start,flip", [((-2, 1, 3), (True, False, True)), ((0, 0, 0), (False, True, False)),
+                                        ((1, -1, 2), (True, True, True)), ((0, 1, 0), (False, False, False))])
+def test_read_region_is_pad_crop_flip_in_one_copy(start, flip):
+    array = np.arange(2 * 5 * 6 * 7, dtype=np.float32).reshape(2, 5, 6, 7)
+    out = read_region(array, start, (6, 4, 6), flip=flip)
+    padded = np.zeros((2, 13, 14, 15), np.float32)  # zero padding of 4 on every side, then crop, then flip
+    padded[:, 4:9, 4:10, 4:11] = array
+    expected = padded[:, start[0] + 4:start[0] + 10, start[1] + 4:start[1] + 8, start[2] + 4:start[2] + 10]
+    expected = np.flip(expected, tuple(i + 1 for i, f in enumerate(flip) if f))
+    np.testing.assert_array_equal(out, expected)
+    assert out.flags.writeable and out.flags.c_contiguous and not np.shares_memory(out, array)
+
+
+def test_brats_training_target_is_the_msd_regions_as_float32():
+    label = np.random.default_rng(0).integers(0, 4, (1, 9, 9, 9)).astype(np.uint8)
+    target = get_preset("task01").training_target(label)
+    assert target.dtype == np.float32
+    np.testing.assert_array_equal(target, msd_brats_regions(label).astype(np.float32))
 
 
 def test_patch_sampling_gives_the_foreground_share_of_randcropbyposneglabeld(tmp_path):

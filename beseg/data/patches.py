@@ -47,28 +47,43 @@ def crop_start(centre: Sequence[int], shape: Sequence[int], patch: Sequence[int]
 
 
 def read_region(array: np.ndarray, start: Sequence[int], size: Sequence[int],
-                transform: Callable[[Any], Any] | None = None) -> np.ndarray:
-    """``array[:, start : start + size]`` of a (C, X, Y, Z) array, zero outside it.
+                transform: Callable[[Any], Any] | None = None,
+                flip: Sequence[bool] = (False, False, False)) -> np.ndarray:
+    """``array[:, start : start + size]`` of a (C, X, Y, Z) array, zero outside it, flipped on request.
+
+    The region is copied once, straight from the (memory-mapped) array into the result, flips
+    included (read through reversed views), so a patch costs one pass over its own voxels.
 
     Args:
         array: (C, X, Y, Z), typically memory-mapped (only the region is read).
         start, size: the region (voxels); it may reach outside the array.
         transform: applied to the part inside the array before the zero padding (the padding of a
             normalised volume is 0, as after ``SpatialPadd``).
+        flip: flip the result along each spatial axis.
 
     Returns:
-        (C, *size) array of ``array``'s dtype (or the transform's).
+        (C, *size) array of ``array``'s dtype (float32 with a transform), writable and contiguous.
     """
     shape = array.shape[1:]
-    src = tuple(slice(max(s, 0), min(s + k, n)) for s, k, n in zip(start, size, shape))
-    dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
-    part = np.array(array[(slice(None), *src)])  # the only read of the mapped file
+    src = [slice(max(s, 0), min(s + k, n)) for s, k, n in zip(start, size, shape)]
+    dst = [slice(a.start - s, a.stop - s) for a, s in zip(src, start)]
+    view = array[(slice(None), *src)]
+    axes = tuple(i + 1 for i, f in enumerate(flip) if f)
+    if axes:
+        view = np.flip(view, axes)
+        dst = [slice(k - d.stop, k - d.start) if f else d for d, k, f in zip(dst, size, flip)]
+    whole = all(d.start == 0 and d.stop == k for d, k in zip(dst, size))
     if transform is not None:
-        part = np.asarray(transform(torch.from_numpy(part)), dtype=np.float32)
-    if part.shape[1:] == tuple(size):
-        return part
-    out = np.zeros((array.shape[0], *size), part.dtype)
-    out[(slice(None), *dst)] = part
+        part = np.asarray(transform(torch.from_numpy(np.array(view))), dtype=np.float32)
+        if whole:
+            return part
+        out = np.zeros((array.shape[0], *size), np.float32)
+        out[(slice(None), *dst)] = part
+        return out
+    if whole:
+        return np.array(view)  # always a copy: never a view of the mapped file
+    out = np.zeros((array.shape[0], *size), array.dtype)
+    out[(slice(None), *dst)] = view
     return out
 
 
@@ -137,15 +152,12 @@ class StorePatchDataset(Dataset):
             else:
                 centre = np.array([rng.integers(n) for n in shape])  # any voxel (see the module docstring)
             start = crop_start(centre, shape, self.patch)
-            image = read_region(arrays.image, start, self.patch, self.read_transform)
-            label = read_region(arrays.label, start, self.patch)
-            for axis in range(3):  # flips of the patch only, the volume is never copied
-                if rng.random() < self.flip_prob:
-                    image, label = np.flip(image, axis + 1), np.flip(label, axis + 1)
+            flip = [bool(rng.random() < self.flip_prob) for _ in range(3)]  # of the patch only, read flipped
+            image = read_region(arrays.image, start, self.patch, self.read_transform, flip)
+            label = read_region(arrays.label, start, self.patch, flip=flip)
             if rng.random() < self.shift_prob:
-                image = image + np.float32(rng.uniform(-self.shift_offset, self.shift_offset))
-            out.append({"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                        "label": torch.from_numpy(np.ascontiguousarray(self.target(label)))})
+                image += np.float32(rng.uniform(-self.shift_offset, self.shift_offset))  # in place: the patch is ours
+            out.append({"image": torch.from_numpy(image), "label": torch.from_numpy(np.ascontiguousarray(self.target(label)))})
         del arrays  # unmaps the case: no pages of it stay in this process
         return out
 

@@ -282,7 +282,14 @@ class TaskPreset:
         """A stored label patch (1, ...) uint8 -> what the loss gets: (K, ...) float32 (BraTS regions for
         a sigmoid preset, the class indices as they are for a softmax one)."""
         if self.label_mode == "brats_regions":
-            label = msd_brats_regions(label)
+            label = label[0] if label.ndim == 4 else label
+            out = np.empty((3, *label.shape), np.float32)  # TC, WT, ET as msd_brats_regions, straight to float32
+            np.greater_equal(label, 2, out=out[0])
+            np.not_equal(label, 0, out=out[1])
+            np.equal(label, 3, out=out[2])
+            out[0] *= label <= 3
+            out[1] *= label <= 3
+            return out
         return np.asarray(label, dtype=np.float32)
 
     def train_transforms(self, patch_size: Sequence[int] | None = None, stats: IntensityRange | None = None,
