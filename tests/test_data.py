@@ -392,10 +392,11 @@ def test_build_task_data_end_to_end(tmp_path):
                              patch_size=(8, 8, 4), cache="memory")
     assert memory.split == data.split and memory.train[1][0]["image"].shape == (1, 8, 8, 4)
     np.testing.assert_allclose(np.asarray(memory.val[0]["image"]), data.val[0]["image"].numpy(), atol=1e-6)
+    assert data.store is not None and data.store.root.parent == tmp_path / "cache"
     disk = build_task_data(load_task(root), get_preset("phantom-spleen"), cache_dir=tmp_path / "cache",
-                           patch_size=(8, 8, 4), cache="disk")
-    assert disk.split == data.split and disk.train[1][0]["image"].shape == (1, 8, 8, 4)
-    assert any((tmp_path / "cache" / "persistent").rglob("*.pt"))
+                           patch_size=(8, 8, 4), cache="disk")  # the old name of the store
+    assert disk.store is not None and disk.store.root == data.store.root
+    assert not (tmp_path / "cache" / "persistent").exists()
 
 
 def test_preset_validation_and_lookup(tmp_path):

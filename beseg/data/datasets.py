@@ -130,7 +130,8 @@ def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | 
         patch_size: training patch (voxels); default the preset's.
         cache: ``"store"`` (default): both datasets read the preprocessed store
             (:mod:`beseg.data.store`, built here for the train and validation cases if missing, shared
-            by every run and process); ``"memory"``, ``"disk"`` or ``"none"``: see :func:`make_dataset`.
+            by every run and process; ``"disk"`` is its old name); ``"memory"`` or ``"none"``: see
+            :func:`make_dataset`.
         val_frac, test_frac, seed: for a new split (see :func:`beseg.data.make_split`); with
             ``test_frac=0`` (the paper's two-way protocol) the paper's validation size is used when
             the folder has the paper's number of cases. ``test_frac=None`` takes an existing split
@@ -158,7 +159,7 @@ def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | 
     train_cases = [task.case(i) for i in split.train]
     stats = foreground_percentiles(train_cases, cache_dir, progress=progress) \
         if preset.needs_intensity_stats else None
-    if cache == "store":
+    if cache in ("store", "disk"):  # "disk": the old name of the store (whole-volume files are gone)
         val_cases = [task.case(i) for i in split.val]
         store = prepare_store(task, preset, cache_dir, cases=[*train_cases, *val_cases], progress=progress)
         read = preset.read_transform(stats)

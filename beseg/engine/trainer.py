@@ -4,7 +4,7 @@
 
     Trainer.run()                  process group, the run folder's lock, then
       setup()
-        setup_data()               data check, split and intensity statistics (rank 0 first), datasets
+        setup_data()               data check, split, intensity statistics and the store (rank 0 first), datasets
         setup_model()              build_network(), build_loss(), build_optimizer(), schedule, AMP scaler
         restore(checkpoint)        with resume: weights, optimiser, counters, RNG (what fits this machine)
       fit()                        the epoch loop:
@@ -248,8 +248,9 @@ class Trainer:
     def setup_data(self) -> None:
         """Check the task folder, split it and build the datasets and the seeded loader.
 
-        Rank 0 checks the folder and writes the split and the intensity statistics to the cache
-        first; the other ranks then read them, so no two processes write the same file.
+        Rank 0 checks the folder, writes the split and the intensity statistics to the cache and
+        builds the missing cases of the preprocessed store first; the other ranks then read them, so
+        no two processes write the same file.
         """
         store = self.config.data.cache in ("store", "disk")
         with self.all_ranks("checking the task folder and preparing the data"):
@@ -278,7 +279,7 @@ class Trainer:
         d = self.config.data
         return build_task_data(
             load_task(self.data_dir), self.preset, split_file=d.split_file, cache_dir=self._cache_dir(),
-            patch_size=self.patch, cache="store" if cache == "disk" else cache, val_frac=d.val_frac,
+            patch_size=self.patch, cache=cache, val_frac=d.val_frac,
             test_frac=d.test_frac, seed=d.split_seed, num_samples=d.num_samples, pos=d.pos, neg=d.neg,
             progress=self.progress and self.dist.is_main,
         )
