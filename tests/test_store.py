@@ -152,6 +152,28 @@ def test_a_dead_builders_lock_is_taken_over(spleen, tmp_path):
     assert not store.path(case.id, "lock").exists()
 
 
+def test_a_live_builders_lock_is_waited_for_not_built_over(spleen, tmp_path):
+    import socket
+    import threading
+
+    task = load_task(spleen)
+    store = open_store(task, get_preset("phantom-spleen"), tmp_path / "cache")
+    case = task.training[0]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store.path(case.id, "lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        done = []
+        waiter = threading.Thread(target=lambda: done.append(store.ensure(case, poll_s=0.05)))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not store.ready(case) and builds(store) == []  # waits, builds nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    waiter.join(30)  # the holder died without finishing: its lock is taken over and the case built once
+    assert done == [True] and store.ready(case) and builds(store) == [case.id]
+
+
 BUILD_AND_READ = textwrap.dedent("""
     import sys, time
     from pathlib import Path
