@@ -182,8 +182,8 @@ def _run_data_phantom(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = make_phantom(args.out, task=task, cases=args.cases, test_cases=args.test_cases, seed=args.seed,
                        size=size, spacing=spacing)
-    print(f"wrote {task} phantom ({args.cases} training + {args.test_cases} test cases of "
-          f"{'x'.join(map(str, size))} voxels at {'x'.join(f'{s:g}' for s in spacing)} mm) to {out} "
+    print(f"wrote {task} phantom ({args.cases} training + {args.test_cases} test cases) of "
+          f"{'x'.join(map(str, size))} voxels at {'x'.join(f'{s:g}' for s in spacing)} mm to {out} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -84,6 +84,20 @@ def test_cli_phantom_then_check(tmp_path, capsys):
     assert "phantom_brain_001" in capsys.readouterr().out
 
 
+def test_cli_phantom_like_the_real_archives(tmp_path, capsys, monkeypatch):
+    import beseg.data.phantom as phantom_mod
+
+    calls = []
+    monkeypatch.setattr(phantom_mod, "make_phantom", lambda out, **kw: calls.append(kw) or out)
+    assert main(["data", "phantom", str(tmp_path / "a"), "--like", "task09", "--cases", "1"]) == 0
+    assert main(["data", "phantom", str(tmp_path / "b"), "--like", "task01", "--cases", "1"]) == 0
+    assert [(c["task"], c["size"], c["spacing"]) for c in calls] == [
+        ("spleen", (512, 512, 90), (0.79, 0.79, 5.0)), ("brain", (240, 240, 155), (1.0, 1.0, 1.0))]
+    assert "of 240x240x155 voxels at 1x1x1 mm" in capsys.readouterr().out
+    assert main(["data", "phantom", str(tmp_path / "c"), "--like", "task01", "--task", "spleen"]) == 1
+    assert "--like task01 is a brain phantom" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_default_spleen_phantom_is_fast_and_valid(tmp_path):
     start = time.perf_counter()
