@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.transforms import Compose
 
 from beseg.cli import main
 from beseg.data import (
@@ -327,9 +328,12 @@ def test_task01_preset_regions_and_nonzero_zscore(tmp_path):
     task = load_task(root)
     preset = preset_for_task(task)
     assert preset.name == "task01" and preset.out_channels == 3 and preset.activation == "sigmoid"
-    out = preset.val_transforms()(task.training[0].as_dict())
+    out = Compose(preset.deterministic_transforms())(task.training[0].as_dict())  # the training chain's prefix
     img, lab = out["image"].numpy(), out["label"].numpy()
     assert img.shape == (4, 6, 6, 6) and lab.shape == (3, 6, 6, 6)
+    val = preset.val_transforms()(task.training[0].as_dict())  # validation: the label map itself
+    np.testing.assert_array_equal(val["label"].numpy()[0], label)
+    np.testing.assert_array_equal(val["image"].numpy(), img)
     nz = image[..., 0] != 0
     for c in range(4):  # zero mean, unit variance over the non-zero voxels of each channel; zeros stay 0
         assert img[c][nz].mean() == pytest.approx(0.0, abs=1e-5)
@@ -384,10 +388,15 @@ def test_build_task_data_end_to_end(tmp_path):
     sample = data.train[0][0]
     assert sample["image"].shape == (1, 8, 8, 4)
     assert data.val[0]["image"].shape == (1, 8, 8, 6)
+    memory = build_task_data(load_task(root), get_preset("phantom-spleen"), cache_dir=tmp_path / "cache",
+                             patch_size=(8, 8, 4), cache="memory")
+    assert memory.split == data.split and memory.train[1][0]["image"].shape == (1, 8, 8, 4)
+    np.testing.assert_allclose(np.asarray(memory.val[0]["image"]), data.val[0]["image"].numpy(), atol=1e-6)
+    assert data.store is not None and data.store.root.parent == tmp_path / "cache"
     disk = build_task_data(load_task(root), get_preset("phantom-spleen"), cache_dir=tmp_path / "cache",
-                           patch_size=(8, 8, 4), cache="disk")
-    assert disk.split == data.split and disk.train[1][0]["image"].shape == (1, 8, 8, 4)
-    assert any((tmp_path / "cache" / "persistent").rglob("*.pt"))
+                           patch_size=(8, 8, 4), cache="disk")  # the old name of the store
+    assert disk.store is not None and disk.store.root == data.store.root
+    assert not (tmp_path / "cache" / "persistent").exists()
 
 
 def test_preset_validation_and_lookup(tmp_path):

@@ -239,6 +239,34 @@ def test_predict_keeps_shape_and_oblique_anisotropic_affine(trained, tmp_path, c
     assert "wrote" in capsys.readouterr().out
 
 
+def test_an_epoch_has_the_same_steps_on_any_number_of_processes():
+    # 29 training cases, batch 2: 14 steps per epoch on 1 GPU and on 16 (it was 29 // 32 -> 1 on 16 GPUs)
+    assert trainer_mod.steps_per_epoch(None, 29, 2) == 14
+    assert trainer_mod.steps_per_epoch(250, 29, 2) == 250 and trainer_mod.steps_per_epoch(None, 1, 2) == 1
+    sampler = EpochSampler(29, 14, 2, seed=0, rank=3, world_size=16)
+    assert len(sampler) == 28 and len(sampler.global_sequence()) == 14 * 2 * 16
+
+
+@pytest.mark.slow
+def test_the_run_folder_records_its_split_and_evaluate_reads_it(trained, phantom, tmp_path):
+    from beseg.data import load_split
+
+    recorded = load_split(trained / "split.json")
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    assert config["data"]["split_file"] is not None
+    used = Path(config["data"]["split_file"])
+    assert load_split(used) == recorded and len(recorded.test) == 1
+    assert load_checkpoint(trained / "checkpoints" / "last.pt")["config"]["data"]["split_file"] == str(used)
+    backup = used.read_text()
+    used.unlink()  # the shared cache's split is gone: the run still knows its cases
+    try:
+        assert main(["evaluate", str(trained), "--data", str(phantom), "--out", str(tmp_path / "ev")]) == 0
+        summary = yaml.safe_load((tmp_path / "ev" / "summary.json").read_text())
+        assert summary["case_ids"] == recorded.test
+    finally:
+        used.write_text(backup)  # the module's other tests share this run
+
+
 @pytest.mark.slow
 def test_evaluate_writes_per_case_metrics_in_mm(trained, phantom, tmp_path):
     assert main(["evaluate", str(trained), "--data", str(phantom), "--out", str(tmp_path / "ev")]) == 0

@@ -84,6 +84,20 @@ def test_cli_phantom_then_check(tmp_path, capsys):
     assert "phantom_brain_001" in capsys.readouterr().out
 
 
+def test_cli_phantom_like_the_real_archives(tmp_path, capsys, monkeypatch):
+    import beseg.data.phantom as phantom_mod
+
+    calls = []
+    monkeypatch.setattr(phantom_mod, "make_phantom", lambda out, **kw: calls.append(kw) or out)
+    assert main(["data", "phantom", str(tmp_path / "a"), "--like", "task09", "--cases", "1"]) == 0
+    assert main(["data", "phantom", str(tmp_path / "b"), "--like", "task01", "--cases", "1"]) == 0
+    assert [(c["task"], c["size"], c["spacing"]) for c in calls] == [
+        ("spleen", (512, 512, 90), (0.79, 0.79, 5.0)), ("brain", (240, 240, 155), (1.0, 1.0, 1.0))]
+    assert "of 240x240x155 voxels at 1x1x1 mm" in capsys.readouterr().out
+    assert main(["data", "phantom", str(tmp_path / "c"), "--like", "task01", "--task", "spleen"]) == 1
+    assert "--like task01 is a brain phantom" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_default_spleen_phantom_is_fast_and_valid(tmp_path):
     start = time.perf_counter()
@@ -98,6 +112,9 @@ def test_default_spleen_phantom_is_fast_and_valid(tmp_path):
 def test_bench_data_smoke(capsys):
     from beseg.bench.data import run_data_benchmark
 
-    res = run_data_benchmark(cases=3, patch_size=(32, 32, 32), workers=0, patches=4, steps=1)
-    assert res["patches_per_s"] > 0 and all(v > 0 for k, v in res.items() if k.startswith("step_s"))
-    assert "patches/s" in capsys.readouterr().out
+    res = run_data_benchmark(cases=5, patch_size=(16, 16, 16), workers=2, items=3, steps=1, baseline=True)
+    assert res["patches_per_s[1]"] > 0 and res["patches_per_s[2]"] > 0 and res["baseline_patches_per_s[1]"] > 0
+    assert res["worker_pss_mb[1]"] > 0 and res["worker_pss_mb[2]"] > 0  # read from the workers' /proc entries
+    assert res["batches_per_step[1]"] == pytest.approx(res["patches_per_s[1]"] * res["step_s"] / 2)
+    out = capsys.readouterr().out
+    assert "1 worker(s) make" in out and "2 worker(s) make" in out and "as fast" in out

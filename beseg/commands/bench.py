@@ -23,16 +23,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "beseg train does")
     loss.set_defaults(func=_loss)
     data = sub.add_parser(
-        "data", help="patches/s of the cached phantom training pipeline against the CPU training step time"
-    )
-    data.add_argument("--cases", type=int, default=12, help="phantom spleen training cases to generate")
-    data.add_argument("--patch", type=int, nargs=3, default=(64, 64, 64), metavar=("X", "Y", "Z"),
-                      help="patch size (voxels at 1 mm)")
-    data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    data.add_argument("--patches", type=int, default=200, help="patches to time after the cache is warm")
-    data.add_argument("--steps", type=int, default=3, help="timed training steps per model (median reported)")
+        "data", help="patches/s of the store's training loader (1 and N workers), memory per worker, and the "
+                     "ratio to the training step it feeds",
+        description="Prepare (or reuse) the preprocessed store of DATA for CONFIG and time the training loader "
+                    "against the config's CPU training step. Without --data: a generated phantom spleen.")
+    data.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.patch_size=[64,64,64]")
+    data.add_argument("--data", metavar="DIR", help="MSD task folder (default: a generated phantom spleen)")
+    data.add_argument("--config", default="phantom_spleen_segresnet_be", metavar="CONFIG",
+                      help="preset name or YAML file (default phantom_spleen_segresnet_be)")
+    data.add_argument("--cases", type=int, default=12, help="phantom spleen cases to generate without --data")
+    data.add_argument("--patch", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                      help="patch size (voxels at 1 mm; default the config's)")
+    data.add_argument("--workers", type=int, default=2, help="the N of the N-worker timing (1 worker is always timed)")
+    data.add_argument("--items", type=int, default=20, help="case visits timed per loader timing")
+    data.add_argument("--steps", type=int, default=3, help="timed training steps (median reported; 0: none)")
     data.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the training step")
-    data.add_argument("--cache", choices=("memory", "disk"), default="memory", help="dataset cache kind")
+    data.add_argument("--baseline", action="store_true",
+                      help="also time the cache: memory chain (the loader before the store) on the same cases")
+    data.add_argument("--train-memory", type=int, default=None, metavar="STEPS",
+                      help="instead: the peak PSS (process tree, loader workers included) of a STEPS-step training "
+                           "of CONFIG on --data, without validation")
     data.set_defaults(func=_data)
     train = sub.add_parser(
         "train", help="share of a SegResNet training step spent in the BE loss, and sliding-window inference time"
@@ -74,7 +84,20 @@ def _train(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from beseg.bench.data import run_data_benchmark
+    from beseg.errors import ConfigError
 
-    run_data_benchmark(cases=args.cases, patch_size=tuple(args.patch), workers=args.workers,
-                       patches=args.patches, steps=args.steps, threads=args.threads, cache=args.cache)
+    if args.workers < 1 or args.items < 1 or args.steps < 0:
+        raise ConfigError("--workers and --items must be at least 1, --steps at least 0.")
+    if args.train_memory is not None:
+        from beseg.bench.data import training_memory
+
+        if not args.data:
+            raise ConfigError("--train-memory needs --data DIR.")
+        res = training_memory(args.data, args.config, args.overrides, steps=args.train_memory)
+        print(f"short training ({args.train_memory} steps, {args.config} on {args.data}): peak PSS "
+              f"{res['peak_pss_gb']:.2f} GB over {res['processes']} process(es), {res['seconds']:.0f} s")
+        return 0
+    run_data_benchmark(args.data, args.config, args.overrides, cases=args.cases, workers=args.workers,
+                       items=args.items, steps=args.steps, threads=args.threads, baseline=args.baseline,
+                       patch_size=tuple(args.patch) if args.patch else None)
     return 0

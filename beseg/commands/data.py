@@ -1,4 +1,4 @@
-"""``beseg data check|phantom``: validate MSD task folders and make phantom datasets."""
+"""``beseg data check|prepare|phantom``: validate and prepare MSD task folders, make phantom datasets."""
 
 from __future__ import annotations
 
@@ -9,23 +9,43 @@ from beseg.commands.common import EXIT_FAILURE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from beseg.data.phantom import PHANTOM_GEOMETRIES
+
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="WHAT")
     check = sub.add_parser("check", help="validate an MSD task folder; exits 1 listing every problem")
     check.add_argument("dir", metavar="DIR", help="task folder containing dataset.json")
     check.add_argument("--affine-tol", type=float, default=1e-3,
                        help="largest allowed image/label affine difference (mm)")
     check.set_defaults(func=_check)
+    prepare = sub.add_parser(
+        "prepare", help="build the preprocessed, memory-mapped store a config trains from (once per dataset and "
+                        "preprocessing settings; shared by every run)",
+        description="Resample and store every labelled case of DATA as a config's training reads it, in "
+                    "data.cache_dir (default $BESEG_CACHE/<folder>-<hash>). Cases already stored are kept; other "
+                    "processes may prepare or train at the same time (each case is built once).")
+    prepare.add_argument("dir", metavar="DATA", help="MSD task folder containing dataset.json")
+    prepare.add_argument("--config", required=True, metavar="CONFIG", help="preset name or YAML file")
+    prepare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.cache_dir=/scratch/c")
+    prepare.add_argument("--workers", type=int, default=1, metavar="N",
+                         help="cases built in parallel (each needs about 4 resampled cases of RAM; default 1)")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare.set_defaults(func=_prepare)
     phantom = sub.add_parser("phantom", help="write a synthetic task folder in MSD layout")
     phantom.add_argument("out", metavar="OUT", help="folder to create")
-    phantom.add_argument("--task", choices=("spleen", "brain"), default="spleen",
-                         help="spleen: CT-like, read like Task09; brain: 4-channel MRI-like, read like Task01")
+    phantom.add_argument("--task", choices=("spleen", "brain"), default=None,
+                         help="spleen: CT-like, read like Task09; brain: 4-channel MRI-like, read like Task01 "
+                              "(default spleen, or the --like task's)")
+    phantom.add_argument("--like", choices=tuple(PHANTOM_GEOMETRIES), default=None,
+                         help="the real archive's geometry: " + "; ".join(
+                             f"{k}: {v.describe()}" for k, v in PHANTOM_GEOMETRIES.items())
+                         + " (sets --task, --size and --spacing)")
     phantom.add_argument("--cases", type=int, default=24, help="training cases")
     phantom.add_argument("--test-cases", type=int, default=4, help="unlabelled cases in imagesTs/")
     phantom.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    phantom.add_argument("--size", type=int, nargs=3, default=(96, 96, 32), metavar=("X", "Y", "Z"),
-                         help="voxels per axis")
-    phantom.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 2.5), metavar=("SX", "SY", "SZ"),
-                         help="voxel size in mm")
+    phantom.add_argument("--size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                         help="voxels per axis (default 96 96 32)")
+    phantom.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
+                         help="voxel size in mm (default 0.8 0.8 2.5)")
     phantom.set_defaults(func=_phantom)
 
 
@@ -47,11 +67,41 @@ def _check(args: argparse.Namespace) -> int:
 def _phantom(args: argparse.Namespace) -> int:
     import time
 
-    from beseg.data.phantom import make_phantom
+    from beseg.data.phantom import PHANTOM_GEOMETRIES, make_phantom
+    from beseg.errors import ConfigError
 
+    like = PHANTOM_GEOMETRIES[args.like] if args.like else PHANTOM_GEOMETRIES["default"]
+    if args.like and args.task not in (None, like.task):
+        raise ConfigError(f"--like {args.like} is a {like.task} phantom; drop --task {args.task} or --like.")
+    task = args.task or like.task
+    size, spacing = tuple(args.size or like.size), tuple(args.spacing or like.spacing)
     start = time.perf_counter()
-    out = make_phantom(args.out, task=args.task, cases=args.cases, test_cases=args.test_cases, seed=args.seed,
-                       size=tuple(args.size), spacing=tuple(args.spacing))
-    print(f"wrote {args.task} phantom ({args.cases} training + {args.test_cases} test cases) to {out} "
+    out = make_phantom(args.out, task=task, cases=args.cases, test_cases=args.test_cases, seed=args.seed,
+                       size=size, spacing=spacing)
+    print(f"wrote {task} phantom ({args.cases} training + {args.test_cases} test cases) of "
+          f"{'x'.join(map(str, size))} voxels at {'x'.join(f'{s:g}' for s in spacing)} mm to {out} "
           f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from beseg.data import get_preset, load_task, require_valid_task
+    from beseg.data.store import prepare_store
+    from beseg.engine.config import load_config
+    from beseg.errors import ConfigError
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}.")
+    config, _ = load_config(args.config, args.overrides)
+    preset = get_preset(config.data.task)
+    task = load_task(args.dir)
+    preset.validate(task)
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else None
+    require_valid_task(task.root, cache_dir, progress=not args.no_progress)
+    store = prepare_store(task, preset, cache_dir, workers=args.workers, progress=not args.no_progress)
+    size = store.size_bytes()
+    print(f"store {store.root}: {len(task.training)} case(s), {size / 1e9:.2f} GB "
+          f"({size / max(1, len(task.training)) / 1e6:.1f} MB per case)")
     return 0

@@ -10,6 +10,8 @@ The public API for the training engine:
   ``val_transforms``, ``infer_transforms``, ``inverter``, ``out_channels`` and ``activation``.
 * :func:`foreground_percentiles` -- the Task09 normalisation range, cached as JSON.
 * :func:`build_task_data` -> :class:`TaskData` -- split + stats + cached train/val datasets in one call.
+* :func:`prepare_store` / :func:`open_store` -> :class:`Store` -- the preprocessed, memory-mapped copy of a
+  dataset that training and validation read (:class:`StorePatchDataset`, :class:`StoreVolumeDataset`).
 * :func:`check_task` -> :class:`CheckReport`; :func:`make_phantom` -- the synthetic task folders.
 """
 
@@ -19,6 +21,8 @@ from beseg.data.intensity import IntensityRange, default_cache_dir, foreground_p
 from beseg.data.msd import BadEntry, Case, MSDTask, ParsedTask, case_id, is_apple_double, list_nifti, load_task, parse_task
 from beseg.data.phantom import PhantomConfig, ensure_phantom, make_phantom, phantom_case
 from beseg.data.presets import PRESETS, MSDBratsRegionsd, TaskPreset, get_preset, msd_brats_regions, preset_for_task
+from beseg.data.patches import StorePatchDataset, StoreVolumeDataset
+from beseg.data.store import Store, open_store, prepare_store
 from beseg.data.splits import Split, load_or_make_split, load_split, make_folds, make_split, save_split
 
 __all__ = [
@@ -27,5 +31,5 @@ __all__ = [
     "default_cache_dir", "foreground_percentiles", "get_preset", "is_apple_double", "list_nifti",
     "load_or_make_split", "load_split", "load_task", "make_dataset", "make_phantom", "msd_brats_regions",
     "phantom_case", "preset_for_task", "save_split", "make_split", "make_folds", "BadEntry", "ParsedTask",
-    "parse_task",
+    "parse_task", "Store", "StorePatchDataset", "StoreVolumeDataset", "open_store", "prepare_store",
 ]

@@ -27,11 +27,13 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from beseg.data.intensity import IntensityRange, default_cache_dir, foreground_percentiles
 from beseg.data.msd import MSDTask
 from beseg.data.presets import TaskPreset
+from beseg.data.patches import StorePatchDataset, StoreVolumeDataset
 from beseg.data.splits import DEFAULT_TEST_FRAC, DEFAULT_VAL_FRAC, Split, load_or_make_split, load_split
+from beseg.data.store import Store, prepare_store
 
 __all__ = ["TaskData", "build_task_data", "make_dataset", "CacheMode"]
 
-CacheMode = Literal["memory", "disk", "none"]
+CacheMode = Literal["store", "memory", "disk", "none"]
 
 
 @dataclass
@@ -47,6 +49,8 @@ class TaskData:
         train: dataset of random patches (see :meth:`TaskPreset.train_transforms`).
         val: dataset of whole resampled volumes (see :meth:`TaskPreset.val_transforms`).
         cache_dir: the cache folder used.
+        store: the preprocessed store both datasets read (``cache="store"``), else ``None``.
+        split_file: the split file read or written.
     """
 
     task: MSDTask
@@ -56,6 +60,8 @@ class TaskData:
     train: Dataset
     val: Dataset
     cache_dir: Path
+    store: Store | None = None
+    split_file: Path | None = None
 
     @property
     def out_channels(self) -> int:
@@ -75,9 +81,10 @@ def make_dataset(items: Sequence[dict], transform, cache: CacheMode, cache_dir: 
     Args:
         items: ``{"image": path, "label": path, ...}`` dicts.
         transform: a ``Compose`` (its deterministic prefix is cached).
-        cache: ``"memory"`` (CacheDataset: fastest, holds every preprocessed volume in RAM; right for
-            the phantom and Task09), ``"disk"`` (PersistentDataset under ``cache_dir``: for Task01,
-            whose preprocessed volumes do not fit in RAM), or ``"none"``.
+        cache: ``"memory"`` (CacheDataset: holds every preprocessed volume in every process's RAM; only
+            for small datasets), ``"disk"`` (PersistentDataset under ``cache_dir``, whole volumes read
+            per patch), or ``"none"``. The store (``"store"``, the default of :func:`build_task_data`)
+            is built there, not here.
         cache_dir: required for ``"disk"``.
         tag: names the disk cache subfolder; it must change whenever the deterministic transforms do
             (presets, stats), because PersistentDataset keys its files by the input dict only.
@@ -106,7 +113,7 @@ def _tag(preset: TaskPreset, stats: IntensityRange | None) -> str:
 
 def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | None = None,
                     cache_dir: str | Path | None = None, patch_size: Sequence[int] | None = None,
-                    cache: CacheMode = "memory", val_frac: float = DEFAULT_VAL_FRAC, seed: int = 0,
+                    cache: CacheMode = "store", val_frac: float = DEFAULT_VAL_FRAC, seed: int = 0,
                     num_samples: int = 1, pos: float = 1.0, neg: float = 1.0,
                     progress: bool = False, test_frac: float | None = None) -> TaskData:
     """Split the task, compute training-set statistics, and build the train and validation datasets.
@@ -121,7 +128,10 @@ def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | 
         cache_dir: cache folder (intensity stats, disk cache); default
             :func:`beseg.data.default_cache_dir`.
         patch_size: training patch (voxels); default the preset's.
-        cache: see :func:`make_dataset`.
+        cache: ``"store"`` (default): both datasets read the preprocessed store
+            (:mod:`beseg.data.store`, built here for the train and validation cases if missing, shared
+            by every run and process; ``"disk"`` is its old name); ``"memory"`` or ``"none"``: see
+            :func:`make_dataset`.
         val_frac, test_frac, seed: for a new split (see :func:`beseg.data.make_split`); with
             ``test_frac=0`` (the paper's two-way protocol) the paper's validation size is used when
             the folder has the paper's number of cases. ``test_frac=None`` takes an existing split
@@ -149,6 +159,14 @@ def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | 
     train_cases = [task.case(i) for i in split.train]
     stats = foreground_percentiles(train_cases, cache_dir, progress=progress) \
         if preset.needs_intensity_stats else None
+    if cache in ("store", "disk"):  # "disk": the old name of the store (whole-volume files are gone)
+        val_cases = [task.case(i) for i in split.val]
+        store = prepare_store(task, preset, cache_dir, cases=[*train_cases, *val_cases], progress=progress)
+        read = preset.read_transform(stats)
+        train = StorePatchDataset(store, split.train, patch_size or preset.patch_size, read, preset.training_target,
+                                  pos=pos, neg=neg, num_samples=num_samples)
+        return TaskData(task, preset, split, stats, train, StoreVolumeDataset(store, split.val, read), cache_dir, store,
+                        path)
     tag = _tag(preset, stats)
     train = make_dataset([c.as_dict() for c in train_cases],
                          preset.train_transforms(patch_size, stats, pos=pos, neg=neg, num_samples=num_samples),
@@ -157,4 +175,4 @@ def build_task_data(task: MSDTask, preset: TaskPreset, split_file: str | Path | 
     # and a case may move between them when the split changes.
     val = make_dataset([task.case(i).as_dict() for i in split.val], preset.val_transforms(stats),
                        cache, cache_dir, f"{tag}-val", progress=progress)
-    return TaskData(task, preset, split, stats, train, val, cache_dir)
+    return TaskData(task, preset, split, stats, train, val, cache_dir, split_file=path)

@@ -24,7 +24,7 @@ from beseg.data.nifti import read_array
 from beseg.errors import DataError
 from beseg.fileio import atomic_write_text
 
-__all__ = ["IntensityRange", "default_cache_dir", "foreground_percentiles"]
+__all__ = ["IntensityRange", "cache_base", "default_cache_dir", "foreground_percentiles"]
 
 STATS_FILE = "intensity_stats.json"
 
@@ -46,13 +46,25 @@ class IntensityRange:
     num_voxels: int = 0
 
 
+def cache_base() -> Path:
+    """Folder holding beseg's per-dataset caches: ``$BESEG_CACHE``, else ``$BESEG_CACHE_DIR`` (its older
+    name), else ``$XDG_CACHE_HOME/beseg`` (``~/.cache/beseg``).
+
+    On a cluster point ``BESEG_CACHE`` at a project or scratch filesystem every node sees, not the
+    home folder: the preprocessed store (:mod:`beseg.data.store`) is about the size of the
+    uncompressed dataset.
+    """
+    base = os.environ.get("BESEG_CACHE") or os.environ.get("BESEG_CACHE_DIR") \
+        or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "beseg"
+    return Path(base).expanduser()
+
+
 def default_cache_dir(task_root: str | Path) -> Path:
-    """Per-task cache folder: ``$BESEG_CACHE_DIR`` or ``$XDG_CACHE_HOME/beseg`` (``~/.cache/beseg``),
-    then ``<folder name>-<hash of its absolute path>`` so two copies of a task never share a cache."""
+    """Per-task cache folder: :func:`cache_base` / ``<folder name>-<hash of its absolute path>``, so two
+    copies of a task never share a cache (``data.cache_dir`` replaces this whole path)."""
     root = Path(task_root).expanduser().resolve()
-    base = os.environ.get("BESEG_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "beseg"
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:12]
-    return Path(base).expanduser() / f"{root.name}-{digest}"
+    return cache_base() / f"{root.name}-{digest}"
 
 
 def _fingerprint(cases: Sequence[Case], percentiles: tuple[float, float]) -> str:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from beseg.data.nifti import write_nifti
 from beseg.errors import DataError
 
-__all__ = ["PhantomConfig", "ensure_phantom", "make_phantom", "phantom_case"]
+__all__ = ["PHANTOM_GEOMETRIES", "PhantomConfig", "PhantomGeometry", "ensure_phantom", "make_phantom", "phantom_case"]
 
 PhantomTask = Literal["spleen", "brain"]
 
@@ -94,6 +94,29 @@ class _Grid:
         u = [sum(rot[j, i] * rel[i] for i in range(3)) / radii[j] for j in range(3)]
         norm = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2)
         return (norm - 1.0) * radii.mean() + deform * self.smooth_field(rng)
+
+
+@dataclass(frozen=True)
+class PhantomGeometry:
+    """A phantom's task and voxel grid, e.g. one like a real archive's."""
+
+    task: PhantomTask
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+    def describe(self) -> str:
+        return (f"{self.task}, {'x'.join(map(str, self.size))} voxels at "
+                f"{'x'.join(f'{s:g}' for s in self.spacing)} mm")
+
+
+#: Phantom grids: the default CPU-sized one, and the real archives' (MSD Task09 spleen CTs: 512x512
+#: in-plane at about 0.79 mm, 90 slices of 5 mm, ~405x405x450 at 1 mm; Task01 BraTS MRIs:
+#: 240x240x155 at 1 mm, 4 channels), for benchmarks at real sizes.
+PHANTOM_GEOMETRIES: dict[str, PhantomGeometry] = {
+    "default": PhantomGeometry("spleen", (96, 96, 32), (0.8, 0.8, 2.5)),
+    "task09": PhantomGeometry("spleen", (512, 512, 90), (0.79, 0.79, 5.0)),
+    "task01": PhantomGeometry("brain", (240, 240, 155), (1.0, 1.0, 1.0)),
+}
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -304,7 +327,7 @@ def ensure_phantom(task: PhantomTask = "spleen", root: str | Path | None = None,
                    **overrides) -> Path:
     """The default phantom folder for ``task``, generated once and reused.
 
-    It lives under ``root`` (default ``$BESEG_CACHE_DIR`` or ``~/.cache/beseg``) in a folder named
+    It lives under ``root`` (default :func:`beseg.data.intensity.cache_base`: ``$BESEG_CACHE`` or ``~/.cache/beseg``) in a folder named
     by task and settings. It is written to a temporary folder and renamed when complete, so an
     interrupted generation is never mistaken for a dataset.
 
@@ -317,8 +340,9 @@ def ensure_phantom(task: PhantomTask = "spleen", root: str | Path | None = None,
     import tempfile
 
     cfg = PhantomConfig(**{**PhantomConfig().__dict__, "task": task, **overrides})
-    base = Path(root or os.environ.get("BESEG_CACHE_DIR")
-                or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "beseg").expanduser()
+    from beseg.data.intensity import cache_base
+
+    base = Path(root).expanduser() if root else cache_base()
     key = {**cfg.__dict__, "generator": PHANTOM_VERSION}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:10]
     target = base / f"phantom-{task}-{digest}"

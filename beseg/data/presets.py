@@ -8,7 +8,10 @@ transform chains:
   dataset caches (:mod:`beseg.data.datasets`).
 * ``train_transforms`` -- the above, then pad to the patch size, sample patches with a
   positive/negative ratio around the label, random flips on each axis and a random intensity shift.
-* ``val_transforms`` -- the deterministic part only: whole resampled volumes.
+* ``val_transforms`` -- the deterministic part only: whole resampled volumes, labels as label maps.
+* ``store_transforms`` / ``read_transform`` / ``training_target`` -- what the preprocessed store
+  (:mod:`beseg.data.store`) keeps per case, the normalisation left for reading time, and the patch
+  label the loss gets.
 * ``infer_transforms`` -- image only, invertible with :meth:`TaskPreset.inverter` so predictions go
   back to the original geometry.
 
@@ -23,7 +26,7 @@ tumour core; :class:`MSDBratsRegionsd` implements the MSD mapping instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Hashable, Literal, Mapping, Sequence
+from typing import Callable, Hashable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     RandFlipd,
     RandShiftIntensityd,
+    ScaleIntensityRange,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -243,6 +247,57 @@ class TaskPreset:
             CastToTyped(keys=("image", "label"), dtype=(np.float32, np.uint8)),
         ]
 
+    # ---- the preprocessed store (beseg.data.store) -------------------------------------------
+
+    @property
+    def store_normalizes(self) -> bool:
+        """True when the normalisation depends on the case alone (per-case z-score), so the store holds
+        normalised images; False when it needs training-set statistics (Task09's percentiles), so the
+        store holds resampled raw intensities and :meth:`read_transform` scales each read. The store is
+        then the same for every split, fold and seed."""
+        return self.normalization == "zscore_nonzero"
+
+    @property
+    def crop_nonzero(self) -> bool:
+        """True when the store may crop a case to its non-zero bounding box: with the non-zero z-score,
+        voxels that are zero in every channel stay exactly 0 and never enter the statistics, so the crop
+        loses nothing (whole volumes are rebuilt exactly by zero padding)."""
+        return self.normalization == "zscore_nonzero"
+
+    def store_transforms(self) -> Compose:
+        """What the store keeps per case: ``{"image": path(s), "label": path}`` -> ``{"image": (C, H, W, D)
+        float32, "label": (1, H, W, D) uint8}`` at :attr:`pixdim` in RAS, labels as the dataset's values,
+        images normalised only when :attr:`store_normalizes`."""
+        return Compose([
+            *self._geometry(("image", "label"), ("bilinear", "nearest")),
+            *(self._normalize(None) if self.store_normalizes else []),
+            CastToTyped(keys=("image", "label"), dtype=(np.float32, np.uint8)),
+        ])
+
+    def read_transform(self, stats: IntensityRange | None) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The normalisation left for reading time (``None`` when the store holds normalised images):
+        an array transform applied to a stored patch or volume, the same MONAI transform, hence the same
+        numbers, as the cached chain's."""
+        if self.store_normalizes:
+            return None
+        if stats is None:
+            raise ValueError(f"preset {self.name!r} needs intensity stats (beseg.data.foreground_percentiles)")
+        return ScaleIntensityRange(a_min=stats.low, a_max=stats.high, b_min=0.0, b_max=1.0, clip=True)
+
+    def training_target(self, label: np.ndarray) -> np.ndarray:
+        """A stored label patch (1, ...) uint8 -> what the loss gets: (K, ...) float32 (BraTS regions for
+        a sigmoid preset, the class indices as they are for a softmax one)."""
+        if self.label_mode == "brats_regions":
+            label = label[0] if label.ndim == 4 else label
+            out = np.empty((3, *label.shape), np.float32)  # TC, WT, ET as msd_brats_regions, straight to float32
+            np.greater_equal(label, 2, out=out[0])
+            np.not_equal(label, 0, out=out[1])
+            np.equal(label, 3, out=out[2])
+            out[0] *= label <= 3
+            out[1] *= label <= 3
+            return out
+        return np.asarray(label, dtype=np.float32)
+
     def train_transforms(self, patch_size: Sequence[int] | None = None, stats: IntensityRange | None = None,
                          pos: float = 1.0, neg: float = 1.0, num_samples: int = 1, flip_prob: float = 0.5,
                          shift_offset: float = 0.1, shift_prob: float = 1.0) -> Compose:
@@ -281,9 +336,11 @@ class TaskPreset:
         ])
 
     def val_transforms(self, stats: IntensityRange | None = None) -> Compose:
-        """Validation chain: whole volumes, ``{"image": (C, H, W, D) float32, "label": (K, H, W, D)
-        float32}`` at :attr:`pixdim` (MetaTensors, so they can be inverted like the inference chain)."""
-        return Compose([*self.deterministic_transforms(stats), CastToTyped(keys="label", dtype=np.float32)])
+        """Validation chain: whole volumes, ``{"image": (C, H, W, D) float32, "label": (1, H, W, D)
+        uint8}`` at :attr:`pixdim`, the label in the dataset's own values (validation scores
+        ``class_masks(label, scored_classes)``, as evaluation does)."""
+        return Compose([*self._geometry(("image", "label"), ("bilinear", "nearest")), *self._normalize(stats),
+                        CastToTyped(keys=("image", "label"), dtype=(np.float32, np.uint8))])
 
     def infer_transforms(self, stats: IntensityRange | None = None) -> Compose:
         """Image-only chain for prediction: ``{"image": path}`` -> ``(C, H, W, D)`` float32 MetaTensor.

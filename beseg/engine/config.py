@@ -49,9 +49,14 @@ class DataConfig:
         split_file: JSON split (see :mod:`beseg.data.splits`); ``None`` uses the cache folder's
             ``split.json``, shared by every run on the same data so that every system is compared
             on the same cases. An existing file wins over the fractions (delete it to re-split);
-            a two-way file is refused while ``test_frac > 0``.
-        cache: ``memory`` (CacheDataset), ``disk`` (PersistentDataset) or ``none``.
-        cache_dir: cache folder; ``None`` uses the data layer's default.
+            a two-way file is refused while ``test_frac > 0``. A run records the file it used here
+            (in its ``config.yaml``) and a copy as ``RUN_DIR/split.json``.
+        cache: ``store`` (default): the preprocessed, memory-mapped store (:mod:`beseg.data.store`),
+            built once per dataset and preprocessing settings and shared by every run and process;
+            ``memory`` (every preprocessed volume in every process's RAM: only for small datasets);
+            ``none`` (read the NIfTI files for every patch). ``disk`` is the old name of ``store``.
+        cache_dir: the dataset's cache folder (store, split, statistics); ``None`` uses
+            ``$BESEG_CACHE/<folder name>-<hash of its path>`` (``~/.cache/beseg/...`` without ``BESEG_CACHE``).
         num_workers: DataLoader worker processes.
     """
 
@@ -65,7 +70,7 @@ class DataConfig:
     test_frac: float = 0.2
     split_seed: int = 0
     split_file: str | None = None
-    cache: Literal["memory", "disk", "none"] = "memory"
+    cache: Literal["store", "memory", "disk", "none"] = "store"
     cache_dir: str | None = None
     num_workers: int = 2
 
@@ -166,7 +171,9 @@ class TrainConfig:
 
     Attributes:
         epochs: training epochs.
-        steps_per_epoch: optimiser steps per epoch; ``None`` is one pass over the training cases.
+        steps_per_epoch: optimiser steps per epoch, the same on any number of processes; ``None`` is
+            one pass over the training cases at one process's batch size (see
+            :func:`beseg.engine.trainer.steps_per_epoch`).
         val_every: validate every this many epochs (and after the last).
         sw_overlap: sliding-window overlap at validation (small, as in the paper).
         sw_batch_size: windows per forward pass at validation.

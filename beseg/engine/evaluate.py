@@ -13,8 +13,8 @@ Writes ``eval/per_case.csv`` (case, class, dice, hd95_mm, asd_mm, nsd, empty_in)
 (both by :mod:`beseg.score`, as ``beseg score`` writes them) and ``eval/predictions/<case>.nii.gz`` into
 the run folder (or ``out``).
 
-Which cases: the ``test`` cases of the run's own split file (``data.split_file``, or the cache's
-``split.json``) by default, which neither training nor the choice of ``best.pt`` saw. The summary
+Which cases: the ``test`` cases of the run's own split (``RUN_DIR/split.json``, else ``data.split_file``, or
+the cache's ``split.json``) by default, which neither training nor the choice of ``best.pt`` saw. The summary
 records how the numbers were made (:func:`protocol_fields`): ``protocol`` (``heldout``, ``cv``,
 ``paper``, or ``null`` for training cases), ``split``, ``folds``, ``fold``, ``selection`` and the
 ``case_ids`` scored.
@@ -31,6 +31,7 @@ import numpy as np
 from beseg.data import Split, default_cache_dir, load_split, load_task
 from beseg.data.classes import class_masks
 from beseg.data.nifti import AFFINE_TOL_MM, check_same_grid, read_header, read_label_map
+from beseg.engine.rundir import RunDir
 from beseg.engine.predict import LoadedModel, load_model, predict_image, write_label
 from beseg.errors import BesegError, DataError
 from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, label_map_metrics
@@ -64,7 +65,8 @@ def one_hot_scored(labels: np.ndarray, loaded: LoadedModel) -> np.ndarray:
 
 
 def run_split(loaded: LoadedModel, task_root: Path, case_ids: list[str]) -> tuple[Split, Path]:
-    """The split a run was trained with, from its config (``data.split_file``, else the cache's ``split.json``).
+    """The split a run was trained with: the run folder's ``split.json``, else its config's ``data.split_file``,
+    else the cache's ``split.json``.
 
     Raises:
         DataError: the file is missing (evaluation never makes a new split: it could put training
@@ -73,6 +75,9 @@ def run_split(loaded: LoadedModel, task_root: Path, case_ids: list[str]) -> tupl
     cfg = loaded.config.data
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(task_root)
     split_file = Path(cfg.split_file) if cfg.split_file else cache_dir / "split.json"
+    own = RunDir(loaded.checkpoint.parent.parent).split
+    if own.is_file():
+        split_file = own  # the run's own record of its cases (written when it started training)
     if not split_file.is_file():
         raise DataError(
             f"{split_file}: split file not found; it holds the split {loaded.checkpoint} was trained with, and "

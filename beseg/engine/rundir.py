@@ -3,7 +3,8 @@
 ::
 
     RUN_DIR/
-      config.yaml            the resolved config
+      config.yaml            the resolved config (data.split_file: the split file it used)
+      split.json             the cases it trained on, validated on (chose best.pt) and is tested on
       metrics.jsonl          one JSON object per line: {"kind": "train"|"val", "epoch", "step", ...}
       checkpoints/last.pt    written every ``train.checkpoint_every`` epochs (atomically)
       checkpoints/best.pt    best mean validation Dice so far
@@ -16,15 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from beseg.errors import BesegError
-from beseg.fileio import atomic_write_text
+from beseg.fileio import atomic_write_text, lock_holder, release_lock, try_lock
 
 __all__ = ["RunDir", "RunLockedError", "read_metrics"]
 
@@ -42,6 +41,10 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.json"
 
     @property
     def metrics(self) -> Path:
@@ -82,49 +85,21 @@ class RunDir:
         Raises:
             RunLockedError: another running process holds the lock.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        me = f"{os.getpid()} {socket.gethostname()}\n"
         for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None:
-                    pid, host = holder
-                    raise RunLockedError(
-                        f"run folder {self.root} is in use by process {pid} on {host} (lock file {self.lock}); "
-                        "wait for it to finish or stop it, or pick another --out folder."
-                    ) from None
-                self.lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            return
+            if try_lock(self.lock):
+                return
+            holder = lock_holder(self.lock)
+            if holder is not None:
+                pid, host = holder
+                raise RunLockedError(
+                    f"run folder {self.root} is in use by process {pid} on {host} (lock file {self.lock}); "
+                    "wait for it to finish or stop it, or pick another --out folder."
+                ) from None
+            self.lock.unlink(missing_ok=True)  # stale: its process is gone
         raise RunLockedError(f"could not take the lock {self.lock}; another process is racing for it.")
 
-    def _holder(self) -> tuple[int, str] | None:
-        try:
-            pid_text, _, host = self.lock.read_text().strip().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            return None
-        if host and host != socket.gethostname():
-            return pid, host  # another machine's process: assume it is alive
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return pid, host or socket.gethostname()
-
     def release(self) -> None:
-        try:
-            holder = self.lock.read_text().split()[0]
-        except (OSError, IndexError):
-            return
-        if holder == str(os.getpid()):
-            self.lock.unlink(missing_ok=True)
+        release_lock(self.lock)
 
     # -- metrics ------------------------------------------------------------------------------
 

@@ -56,7 +56,8 @@ class EpochSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Seeds the random transforms of a MONAI dataset from the sampler's seed before each item."""
+    """Draws each item with the sampler's seed: ``dataset.sample(index, seed)`` when the dataset has it
+    (the store's patch dataset), else the MONAI dataset's random transforms seeded before the item."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -66,5 +67,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
+        if hasattr(self.dataset, "sample"):
+            return self.dataset.sample(index, seed)
         self.dataset.transform.set_random_state(seed=seed)
         return self.dataset[index]

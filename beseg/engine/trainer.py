@@ -4,7 +4,7 @@
 
     Trainer.run()                  process group, the run folder's lock, then
       setup()
-        setup_data()               data check, split and intensity statistics (rank 0 first), datasets
+        setup_data()               data check, split, intensity statistics and the store (rank 0 first), datasets
         setup_model()              build_network(), build_loss(), build_optimizer(), schedule, AMP scaler
         restore(checkpoint)        with resume: weights, optimiser, counters, RNG (what fits this machine)
       fit()                        the epoch loop:
@@ -55,7 +55,7 @@ from monai.metrics import compute_dice
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from beseg.data import TaskData, TaskPreset, build_task_data, get_preset, load_task, require_valid_task
+from beseg.data import TaskData, TaskPreset, build_task_data, get_preset, load_task, require_valid_task, save_split
 from beseg.data.classes import class_masks
 from beseg.engine.checkpoint import (
     FORMAT_VERSION,
@@ -83,7 +83,7 @@ from beseg.engine.losses import build_loss
 
 __all__ = [
     "EpochSampler", "LossTimer", "SeededDataset", "TrainResult", "Trainer", "TrainingError",
-    "load_resume_checkpoint", "train",
+    "load_resume_checkpoint", "steps_per_epoch", "train",
 ]
 
 
@@ -242,6 +242,11 @@ class Trainer:
         self.timer = LossTimer(self.device)
         with self.all_ranks("writing the run folder"):
             if self.dist.is_main:
+                # The run records the cases it trained, validated and is tested on: split.json in the run
+                # folder, and the split file it used in config.yaml (and every checkpoint).
+                save_split(self.data.split, self.run_dir.split)
+                if self.config.data.split_file is None and self.data.split_file is not None:
+                    self.config.data.split_file = str(Path(self.data.split_file).resolve())
                 self.run_dir.write_config(config_to_dict(self.config))
                 if self.checkpoint is not None:
                     self.run_dir.truncate_metrics(self.epoch)
@@ -255,19 +260,24 @@ class Trainer:
     def setup_data(self) -> None:
         """Check the task folder, split it and build the datasets and the seeded loader.
 
-        Rank 0 checks the folder and writes the split and the intensity statistics to the cache
-        first; the other ranks then read them, so no two processes write the same file.
+        Rank 0 checks the folder, writes the split and the intensity statistics to the cache and
+        builds the missing cases of the preprocessed store first; the other ranks then read them, so
+        no two processes write the same file.
         """
-        with self.all_ranks("checking the task folder"):
+        store = self.config.data.cache in ("store", "disk")
+        with self.all_ranks("checking the task folder and preparing the data"):
             if self.dist.is_main:
                 # Fail before any compute on a folder with bad files, listing every problem at once.
                 require_valid_task(self.data_dir, self._cache_dir(), progress=self.progress)
                 if self.dist.distributed:
-                    self.build_data(cache="none")  # cheap: writes split.json and the statistics once
+                    # Once: split.json, the statistics and (with the store) every missing case. The
+                    # store's case locks would also let all ranks build at once; this keeps their
+                    # memory and the shared filesystem quiet meanwhile.
+                    self.build_data(cache="store" if store else "none")
         with self.all_ranks("building the datasets"):
             self.data = self.build_data(cache=self.config.data.cache)
         d, world = self.config.data, self.dist.world_size
-        self.steps = self.config.train.steps_per_epoch or max(1, len(self.data.train) // (d.batch_size * world))
+        self.steps = steps_per_epoch(self.config.train.steps_per_epoch, len(self.data.train), d.batch_size)
         self.sampler = EpochSampler(len(self.data.train), self.steps, d.batch_size, self.config.train.seed,
                                     self.dist.rank, world)
         self.loader = DataLoader(
@@ -281,8 +291,9 @@ class Trainer:
         d = self.config.data
         return build_task_data(
             load_task(self.data_dir), self.preset, split_file=d.split_file, cache_dir=self._cache_dir(),
-            patch_size=self.patch, cache=cache, val_frac=d.val_frac, test_frac=d.test_frac, seed=d.split_seed,
-            num_samples=d.num_samples, pos=d.pos, neg=d.neg, progress=self.progress and self.dist.is_main,
+            patch_size=self.patch, cache=cache, val_frac=d.val_frac,
+            test_frac=d.test_frac, seed=d.split_seed, num_samples=d.num_samples, pos=d.pos, neg=d.neg,
+            progress=self.progress and self.dist.is_main,
         )
 
     def setup_model(self) -> None:
@@ -580,7 +591,8 @@ class Trainer:
                 probs = predict_probabilities(model, image, self.patch, self.preset.activation, cfg.sw_overlap,
                                               cfg.sw_batch_size, cfg.amp)
                 pred = self._scored(self.preset.label_map(probs))
-                truth = self._scored(self._truth_label_map(torch.as_tensor(item["label"])[None].to(self.device)))
+                # The validation label is a label map in the dataset's values, as evaluation reads it.
+                truth = self._scored(torch.as_tensor(item["label"])[None].to(self.device).long())
                 # Both masks empty counts as a perfect score, as in beseg.metrics.
                 dice = compute_dice(pred.float(), truth.float(), include_background=True, ignore_empty=False)[0]
                 totals[0] += dice.double().cpu()
@@ -589,15 +601,6 @@ class Trainer:
         model.train()
         per_class = (totals[0] / totals[1].clamp(min=1)).tolist()
         return {"dice_mean": float(np.mean(per_class)), "dice": dict(zip(names, per_class))}
-
-    def _truth_label_map(self, label: Tensor) -> Tensor:
-        """The validation label as a label map in the dataset's values: (1, K, ...) -> (1, 1, ...)."""
-        if self.preset.activation == "softmax":
-            return label.round().long()
-        # The validation chain has already turned a BraTS label into its nested regions (TC, WT, ET);
-        # label_map paints them back to exactly the MSD labels they came from (1, 2, 3), so the truth's
-        # masks are those evaluate makes from the label file.
-        return self.preset.label_map(label)
 
     def _scored(self, labels: Tensor) -> Tensor:
         """(B, 1, ...) label map -> (B, K, ...) bool masks of the scored classes."""
@@ -756,6 +759,18 @@ class LossTimer:
 
 def _describe(err: BaseException) -> str:
     return str(err) if isinstance(err, BesegError) else f"{type(err).__name__}: {err}"
+
+
+def steps_per_epoch(configured: int | None, train_cases: int, batch_size: int) -> int:
+    """Optimiser steps per epoch: ``train.steps_per_epoch``, else one pass over the training cases at one
+    process's batch size, ``cases // batch_size`` (at least 1).
+
+    The number does not depend on the number of processes: on 16 GPUs an epoch has as many steps as on
+    one (each step then sees 16 times the samples), so ``val_every``, ``checkpoint_every`` and the
+    learning-rate schedule, all counted in epochs, mean the same on any world size (nnU-Net, likewise,
+    fixes 250 iterations per epoch).
+    """
+    return configured or max(1, train_cases // batch_size)
 
 
 def _lr_lambda(schedule: str, epochs: int) -> Callable[[int], float]:

@@ -51,7 +51,7 @@ class Run:
         system: system name (the run's grandparent folder name, or the scored prediction folder's name).
         seed: the ``k`` of its ``seed<k>`` folder; None for a scored prediction folder.
         path: the run folder (for a scored prediction folder: the folder holding its scores).
-        task: task name from ``eval/summary.json`` (``task09``, ``phantom-spleen``...).
+        task: task name from ``eval/summary.json`` (``task09``, ``phantom_spleen``...).
         classes: scored class names, in the order of ``eval/summary.json``.
         summary: the whole ``eval/summary.json`` object.
         config: the parsed ``config.yaml`` ({} if missing or unreadable).

@@ -422,13 +422,14 @@ def prepare_splits(results_dir: str | Path, data_dir: str | Path, protocol: str,
 # running
 
 
-def _check_data(data_dir: Path, task_names: set[str]) -> None:
-    """Fail before any training when the folder is unusable or is not the configs' task.
+def _check_data(data_dir: Path, task_names: set[str], cache_dir: str | None = None) -> None:
+    """Fail before any training when the folder is unusable or is not the configs' task (the pass is
+    remembered in the runs' ``data.cache_dir``, where their training looks for it).
 
     Raises:
         DataError: listing every problem in the folder, or naming the mismatched task.
     """
-    require_valid_task(data_dir)
+    require_valid_task(data_dir, cache_dir)
     task = load_task(data_dir, check_files=False)
     for name in sorted(task_names):
         get_preset(name).validate(task)
@@ -621,7 +622,7 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     results_dir = Path(results_dir)
     _check_plan(results_dir, protocol, folds)
     planned = plan_runs(specs, seed_list, results_dir, overrides, "heldout" if protocol == "cv" else protocol, folds)
-    _check_data(data_dir, {p.config.data.task.lower() for p in planned})
+    _check_data(data_dir, {p.config.data.task.lower() for p in planned}, planned[0].config.data.cache_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     splits = prepare_splits(results_dir, data_dir, protocol, folds, planned[0].config)
     _write_plan(results_dir, data_dir, specs, seed_list, overrides, protocol, folds)

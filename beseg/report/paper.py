@@ -48,7 +48,7 @@ PAPER_TABLE1: tuple[PaperRow, ...] = (
 def msd_task_key(task: str) -> str | None:
     """``task01`` or ``task09`` when ``task`` names that MSD task (``Task09_Spleen``, ``task09``), else None.
 
-    Phantom datasets (``phantom-spleen``) and other tasks give None: the paper has no values for them.
+    Phantom datasets (``phantom_spleen``) and other tasks give None: the paper has no values for them.
     """
     m = re.fullmatch(r"task0?(\d+)(?:_.*)?", task.strip().lower())
     if m is None:
