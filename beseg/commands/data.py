@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="the real archive's geometry: " + "; ".join(
                              f"{k}: {v.describe()}" for k, v in PHANTOM_GEOMETRIES.items())
                          + " (sets --task, --size and --spacing)")
-    phantom.add_argument("--cases", type=int, default=24, help="training cases")
+    phantom.add_argument("--cases", type=int, default=40, help="labelled training cases (default 40)")
     phantom.add_argument("--test-cases", type=int, default=4, help="unlabelled cases in imagesTs/")
     phantom.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     phantom.add_argument("--size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),

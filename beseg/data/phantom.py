@@ -53,7 +53,7 @@ class PhantomConfig:
     """
 
     task: PhantomTask = "spleen"
-    cases: int = 24
+    cases: int = 40
     test_cases: int = 4
     size: tuple[int, int, int] = (96, 96, 32)
     spacing: tuple[float, float, float] = (0.8, 0.8, 2.5)
