@@ -253,7 +253,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    from beseg.report.compare import ALIASES, TABLE1_SYSTEMS
+    from beseg.experiment.compare import ALIASES, TABLE1_SYSTEMS
 
     names = ", ".join([*TABLE1_SYSTEMS, *ALIASES])
     compare = sub.add_parser(
@@ -312,7 +312,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_protocol(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--protocol", choices=("heldout", "paper"), default=default,
+    from beseg.experiment.plan import PROTOCOLS
+
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=default,
                         help="heldout: best.pt chosen on validation cases, every number on held-out test cases "
                              "(data.test_frac, default 0.2); paper: the paper's 80/20 split, scored on the validation "
                              f"cases that chose best.pt (optimistic). Default {default}")
@@ -335,7 +337,7 @@ def _print_report(result) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from beseg.errors import ConfigError
-    from beseg.report.compare import run_compare
+    from beseg.experiment.compare import run_compare
 
     progress = not args.no_progress
     data = args.data
@@ -353,7 +355,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from beseg.report.demo import demo_overrides, run_demo
+    from beseg.experiment.demo import demo_overrides, run_demo
 
     phantom = {}
     if args.phantom_cases is not None:
@@ -369,8 +371,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
-    from beseg.report.compare import TABLE1_SYSTEMS
-    from beseg.report.reproduce import run_reproduce
+    from beseg.experiment.compare import TABLE1_SYSTEMS
+    from beseg.experiment.reproduce import run_reproduce
 
     systems = _systems(args.systems) if args.systems else list(TABLE1_SYSTEMS)
     result = run_reproduce(args.task, args.data, seeds=args.seeds, out=args.out, systems=systems,
@@ -401,6 +403,8 @@ def _run_nnunet_trainer_dir(args: argparse.Namespace) -> int:
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
+    from beseg.data.splits import PROTOCOLS as PROTOCOL_SPECS
+
     score = sub.add_parser(
         "score", help="Dice, HD95, ASD and NSD of NIfTI prediction folders (nnU-Net, MONAI, ...) against labels; "
                       "two or more folders: the paired comparison report",
@@ -430,7 +434,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                             "the BraTS convention); nan leaves them undefined (left out of means, counted)")
     score.add_argument("--affine-tol", type=float, default=1e-3, metavar="MM",
                        help="largest allowed difference between a prediction's and its label's affine (default 1e-3)")
-    score.add_argument("--protocol", choices=("heldout", "cv", "paper"),
+    score.add_argument("--protocol", choices=tuple(PROTOCOL_SPECS),
                        help="how the predictions were made, recorded for the report: heldout (test cases), cv "
                             "(out-of-fold), paper (the cases that chose the checkpoint: optimistic)")
     score.add_argument("--only-predicted", action="store_true",

@@ -128,7 +128,7 @@ def test_an_exception_on_rank_0_stops_both_ranks_with_its_message(tiny_phantom, 
         assert ("training stopped on all 2 processes: rank 0 failed while writing the logs and checkpoints: "
                 f"could not write checkpoint {run / 'checkpoints' / 'last.pt'}: No space left on device") in lines[0]
         assert "Traceback" not in proc.stderr
-    assert not (run / ".lock").exists()
+    assert not (run / ".claim").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from beseg.data import Split, default_cache_dir, load_split, load_task
+from beseg.data.splits import PROTOCOLS as PROTOCOL_SPECS
+from beseg.data.splits import get_protocol
 from beseg.data.classes import class_masks
 from beseg.data.nifti import read_array
 from beseg.engine.predict import LoadedModel, load_model, predict_image, write_label
@@ -37,9 +39,9 @@ __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSummary", "evaluate", "one_hot_score
 #: ``evaluate(split=...)`` values: the run's held-out test cases (default), its validation cases
 #: (which chose best.pt: optimistic), its training cases, or every labelled case.
 EVAL_SPLITS = ("test", "val", "train", "all")
-#: How a number was made: held-out test cases, out-of-fold k-fold predictions, or the paper's
-#: protocol (scored on the cases that chose the checkpoint).
-PROTOCOLS = ("heldout", "cv", "paper")
+#: How a number was made (:data:`beseg.data.splits.PROTOCOLS`): held-out test cases, out-of-fold
+#: k-fold predictions, or the paper's protocol (scored on the cases that chose the checkpoint).
+PROTOCOLS = tuple(PROTOCOL_SPECS)
 
 
 @dataclass
@@ -59,8 +61,10 @@ def one_hot_scored(labels: np.ndarray, loaded: LoadedModel) -> np.ndarray:
     return class_masks(labels, loaded.preset.scored_classes)
 
 
-def run_split(loaded: LoadedModel, task_root: Path, case_ids: list[str]) -> tuple[Split, Path]:
-    """The split a run was trained with, from its config (``data.split_file``, else the cache's ``split.json``).
+def run_split(loaded: LoadedModel, task_root: Path, case_ids: list[str],
+              split_file: str | Path | None = None) -> tuple[Split, Path]:
+    """The split a run was trained with, from its config (``data.split_file``, else the cache's ``split.json``),
+    or ``split_file`` where the caller knows the file's present place (a moved results folder).
 
     Raises:
         DataError: the file is missing (evaluation never makes a new split: it could put training
@@ -68,7 +72,9 @@ def run_split(loaded: LoadedModel, task_root: Path, case_ids: list[str]) -> tupl
     """
     cfg = loaded.config.data
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(task_root)
-    split_file = Path(cfg.split_file) if cfg.split_file else cache_dir / "split.json"
+    if split_file is None:
+        split_file = Path(cfg.split_file) if cfg.split_file else cache_dir / "split.json"
+    split_file = Path(split_file)
     if not split_file.is_file():
         raise DataError(
             f"{split_file}: split file not found; it holds the split {loaded.checkpoint} was trained with, and "
@@ -98,9 +104,7 @@ def protocol_fields(split: str, parts: Split | None, checkpoint: Path, protocol:
     folds = parts.folds if parts is not None else None
     inferred = {"test": "cv" if folds else "heldout", "val": "paper"}.get(split)
     if protocol is not None:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
-        if protocol != inferred:
+        if get_protocol(protocol).eval_split != split or protocol != inferred:
             raise ValueError(f"protocol {protocol!r} does not fit split {split!r}"
                              + (f" of this run (that is protocol {inferred!r})" if inferred else "")
                              + ": heldout and cv score the test cases, paper the validation cases.")
@@ -113,7 +117,8 @@ def protocol_fields(split: str, parts: Split | None, checkpoint: Path, protocol:
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", out: str | Path | None = None,
              nsd_tolerance_mm: float = 1.0, device: str = "auto", progress: bool = True,
              protocol: str | None = None,
-             distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM) -> EvalSummary:
+             distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
+             split_file: str | Path | None = None) -> EvalSummary:
     """Score a trained model on the ``split`` cases of ``data_dir``.
 
     Args:
@@ -130,6 +135,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
         distance_penalty_mm: HD95 and ASD (mm) of a class empty in exactly one of prediction and
             label (default 373.13 mm, the BraTS convention); ``None`` leaves them undefined (NaN,
             counted in ``summary.json``). See :func:`beseg.metrics.case_metrics`.
+        split_file: the run's split file, where it is now (default: the one its config names).
 
     Returns:
         An :class:`EvalSummary`; cases that could not be read are listed in ``failed``.
@@ -150,7 +156,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     if split == "all":
         chosen = ids
     else:
-        parts, split_file = run_split(loaded, task.root, ids)
+        parts, split_file = run_split(loaded, task.root, ids, split_file)
         chosen = parts.cases(split)
         if split == "test" and not chosen:
             raise DataError(

@@ -1,4 +1,4 @@
-"""The run folder: its layout, its lock, and its metric log.
+"""The run folder: its layout, its claim, and its metric log.
 
 ::
 
@@ -9,28 +9,22 @@
       checkpoints/best.pt    best mean validation Dice so far
       tensorboard/           the same metrics for TensorBoard
       eval/                  written by ``beseg evaluate``
-      .lock                  held by the training process that owns the folder
+      .claim                 the claim of the process working on the folder (host, pid, SLURM job, heartbeat)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from beseg.errors import BesegError
+from beseg.engine.claim import Claim, RunLockedError
 from beseg.fileio import atomic_write_text
 
 __all__ = ["RunDir", "RunLockedError", "read_metrics"]
-
-
-class RunLockedError(BesegError):
-    """Another live process is training into the same run folder."""
 
 
 class RunDir:
@@ -69,62 +63,30 @@ class RunDir:
 
     @property
     def lock(self) -> Path:
-        return self.root / ".lock"
+        """The claim file (see :mod:`beseg.engine.claim`)."""
+        return self.root / ".claim"
 
     def write_config(self, config: dict) -> None:
         atomic_write_text(self.config, yaml.safe_dump(config, sort_keys=False))
 
-    # -- lock ---------------------------------------------------------------------------------
+    # -- claim ---------------------------------------------------------------------------------
 
     def acquire(self) -> None:
-        """Take the folder's lock, or raise if a live process holds it (a dead holder's is taken over).
+        """Claim the folder (:class:`beseg.engine.claim.Claim`): a dead or stale holder's claim is taken
+        over with a warning; nothing to do when this process holds it already (e.g. ``beseg compare``).
 
         Raises:
-            RunLockedError: another running process holds the lock.
+            RunLockedError: a live process (on any host) holds it.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        me = f"{os.getpid()} {socket.gethostname()}\n"
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None:
-                    pid, host = holder
-                    raise RunLockedError(
-                        f"run folder {self.root} is in use by process {pid} on {host} (lock file {self.lock}); "
-                        "wait for it to finish or stop it, or pick another --out folder."
-                    ) from None
-                self.lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            return
-        raise RunLockedError(f"could not take the lock {self.lock}; another process is racing for it.")
-
-    def _holder(self) -> tuple[int, str] | None:
-        try:
-            pid_text, _, host = self.lock.read_text().strip().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            return None
-        if host and host != socket.gethostname():
-            return pid, host  # another machine's process: assume it is alive
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return pid, host or socket.gethostname()
+        claim = Claim(self.lock)
+        self._claim = claim if claim.acquire() else None
 
     def release(self) -> None:
-        try:
-            holder = self.lock.read_text().split()[0]
-        except (OSError, IndexError):
-            return
-        if holder == str(os.getpid()):
-            self.lock.unlink(missing_ok=True)
+        """Release the claim if :meth:`acquire` took it."""
+        claim = getattr(self, "_claim", None)
+        if claim is not None:
+            claim.release()
+            self._claim = None
 
     # -- metrics ------------------------------------------------------------------------------
 

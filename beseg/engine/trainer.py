@@ -61,7 +61,7 @@ from beseg.engine.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
-from beseg.engine.config import Config, config_from_dict, config_to_dict
+from beseg.engine.config import Config, config_from_dict, config_to_dict, with_runtime_settings
 from beseg.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -117,7 +117,8 @@ def train(config: Config | None, data_dir: str | Path, run_dir: str | Path, resu
     """Train ``config`` on the task folder ``data_dir`` into ``run_dir`` with the default :class:`Trainer`.
 
     Args:
-        config: the configuration; ignored with ``resume`` (the checkpoint's is used).
+        config: the configuration; with ``resume`` the checkpoint's is used, and only the runtime
+            settings of ``config`` (if given) replace its own (:data:`beseg.engine.config.RUNTIME_KEYS`).
         data_dir: MSD-layout task folder.
         run_dir: run folder (see :mod:`beseg.engine.rundir`); created if needed.
         resume: continue from ``run_dir/checkpoints/last.pt``.
@@ -137,7 +138,8 @@ class Trainer:
     """One training run, in steps a variant can override (see the module docstring).
 
     Args:
-        config: the configuration; ignored with ``resume`` (the checkpoint's is used).
+        config: the configuration; with ``resume`` the checkpoint's is used, and only the runtime
+            settings of ``config`` (if given) replace its own (:data:`beseg.engine.config.RUNTIME_KEYS`).
         data_dir: MSD-layout task folder.
         run_dir: run folder; created if needed.
         resume: continue from ``run_dir/checkpoints/last.pt``.
@@ -160,7 +162,9 @@ class Trainer:
         self.progress = progress
         self.checkpoint: dict[str, Any] | None = load_resume_checkpoint(run_dir) if resume else None
         if self.checkpoint is not None:
-            config = config_from_dict(self.checkpoint["config"])
+            saved = config_from_dict(self.checkpoint["config"])
+            # A config given with resume only says where the run now executes (its runtime settings).
+            config = saved if config is None else with_runtime_settings(saved, config)
         if config is None:
             raise ConfigError("no config given.")
         self.config = config

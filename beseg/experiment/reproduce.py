@@ -1,6 +1,6 @@
 """``beseg reproduce``: the paper's full protocol (Table 1, paper patch sizes) on real MSD data.
 
-This is :func:`beseg.report.compare.run_compare` with every Table 1 row and the ``task01_*`` or
+This is :func:`beseg.experiment.compare.run_compare` with every Table 1 row and the ``task01_*`` or
 ``task09_*`` presets (paper patches, 500/300 epochs, AMP). It is meant for GPUs: on a CPU a single
 run takes days, so without CUDA it refuses unless ``cpu_ok`` is set.
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from beseg.errors import ConfigError
-from beseg.report.compare import TABLE1_SYSTEMS, CompareResult, run_compare
+from beseg.experiment.compare import TABLE1_SYSTEMS, CompareResult, run_compare
 
 __all__ = ["PAPER_TASKS", "run_reproduce"]
 

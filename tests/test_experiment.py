@@ -1,4 +1,4 @@
-"""Tests of beseg.report.compare, demo and reproduce, and their CLI commands, on a tiny phantom.
+"""Tests of beseg.experiment.compare, demo and reproduce, and their CLI commands, on a tiny phantom.
 
 The protocols: held-out (default; numbers on test cases only), paper (on the validation cases that
 chose best.pt) and k-fold cross-validation (out-of-fold, every case once, merged per run).
@@ -17,7 +17,8 @@ import torch
 import yaml
 
 import beseg.engine.trainer as trainer_module
-import beseg.report.compare as compare_module
+import beseg.experiment.compare as compare_module
+import beseg.experiment.worker as worker_module
 from beseg.cli import main
 from beseg.data.phantom import make_phantom
 from beseg.engine.checkpoint import load_checkpoint
@@ -26,8 +27,8 @@ from beseg.engine.config import load_config
 from beseg.engine.evaluate import evaluate
 from beseg.errors import ConfigError, DataError
 from beseg.report.collect import collect_results
-from beseg.report.compare import resolve_system, run_compare
-from beseg.report.demo import DEMO_OVERRIDES, DEMO_PHANTOM, DEMO_SPLIT, demo_overrides
+from beseg.experiment.compare import resolve_system, run_compare
+from beseg.experiment.demo import DEMO_OVERRIDES, DEMO_PHANTOM, DEMO_SPLIT, demo_overrides
 
 # Tiny runs: 16^3 patches, 8 filters, 1 epoch of 2 steps of batch 1, one thread, no worker processes.
 TINY = ["train.epochs=1", "train.steps_per_epoch=2", "data.patch_size=[16,16,16]", "data.batch_size=1",
@@ -133,7 +134,7 @@ class _Spy:
     def __init__(self, monkeypatch):
         self.train_calls: list[tuple[Path, bool]] = []
         self.eval_calls: list[Path] = []
-        real_train, real_eval = compare_module.train, compare_module.evaluate
+        real_train, real_eval = worker_module.train, worker_module.evaluate
 
         def train(config, data_dir, run_dir, resume=False, progress=True):
             self.train_calls.append((Path(run_dir), resume))
@@ -143,8 +144,8 @@ class _Spy:
             self.eval_calls.append(Path(run_dir))
             return real_eval(run_dir, data_dir, **kwargs)
 
-        monkeypatch.setattr(compare_module, "train", train)
-        monkeypatch.setattr(compare_module, "evaluate", evaluate)
+        monkeypatch.setattr(worker_module, "train", train)
+        monkeypatch.setattr(worker_module, "evaluate", evaluate)
 
 
 @pytest.mark.slow

@@ -1,0 +1,152 @@
+"""Execute one planned run: claim its folder, train (or resume), evaluate into the results layout, release.
+
+Every launcher ends here: the local one calls :func:`execute_run` in its own process (one run at a
+time) or starts ``python -m beseg.experiment.worker RESULTS RUN_ID`` per run (devices, ``--jobs``),
+and a SLURM job script runs the same command. The worker reads the run from ``RESULTS/plan.json``.
+
+A run that raises leaves ``RUN_DIR/.failed`` (the error and the log file) for ``--status`` and the
+final listing; it is removed when the run is tried again. Exit codes of the module: 0 done (or found
+done), 1 failed, :data:`EXIT_BUSY` another live process holds the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from beseg.data.splits import get_protocol
+from beseg.engine.claim import Claim, RunLockedError
+from beseg.engine.config import Config
+from beseg.engine.evaluate import evaluate
+from beseg.engine.rundir import RunDir
+from beseg.engine.trainer import train
+from beseg.errors import BesegError
+from beseg.fileio import atomic_write_text
+
+__all__ = ["EXIT_BUSY", "FAILED_FILE", "execute_run", "read_failure", "main"]
+
+#: Exit code of the worker when another live process holds the run (sysexits' EX_TEMPFAIL).
+EXIT_BUSY = 75
+#: Marker of a run whose last attempt failed (JSON: error, log, host, time).
+FAILED_FILE = ".failed"
+
+
+def read_failure(run_dir: str | Path) -> dict[str, Any] | None:
+    """The ``.failed`` record of a run folder, or None."""
+    try:
+        record = json.loads((Path(run_dir) / FAILED_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, protocol: str,
+                log_file: str | Path | None = None, progress: bool = True,
+                log: Callable[[str], None] = print, label: str | None = None) -> dict[str, Any] | None:
+    """Train (fresh or resumed) and evaluate one run, holding its claim throughout.
+
+    Args:
+        run_dir: the run folder.
+        config: the run's config (its ``data.split_file`` where the split file is now).
+        data_dir: the task folder.
+        protocol: ``heldout``, ``cv`` or ``paper``: what is evaluated (its ``eval_split``).
+        log_file: where this run's output goes, recorded in ``.failed`` when it fails.
+        progress: progress bars.
+        log: receives warnings about failed cases.
+        label: the run's name in messages.
+
+    Returns:
+        The evaluation summary, or None when the run was found finished already (nothing done).
+
+    Raises:
+        RunLockedError: another live process holds the run.
+        Exception: whatever training or evaluation raised (``.failed`` records it first).
+    """
+    from beseg.experiment.plan import run_state  # the plan's state rules, shared with planning
+
+    run_dir = Path(run_dir)
+    label = label or str(run_dir)
+    claim = Claim(RunDir(run_dir).lock)
+    taken = claim.acquire()
+    try:
+        state, _ = run_state(run_dir, config)
+        if state == "done":
+            return None
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)
+        try:
+            if state == "fresh":
+                train(config, data_dir, run_dir, progress=progress)
+            elif state == "resume":
+                train(config, data_dir, run_dir, resume=True, progress=progress)
+            evaluated = evaluate(run_dir, data_dir, split=get_protocol(protocol).eval_split, progress=progress,
+                                 protocol=protocol, device=config.train.device, split_file=config.data.split_file)
+        except Exception as err:
+            text = str(err) if isinstance(err, BesegError) else f"{type(err).__name__}: {err}"
+            atomic_write_text(run_dir / FAILED_FILE, json.dumps({
+                "error": text.strip().splitlines()[0][:500] if text.strip() else type(err).__name__,
+                "log": str(log_file) if log_file else None, "host": socket.gethostname(), "time": time.time()}))
+            raise
+        for case, reason in evaluated.failed:
+            log(f"warning: {label}: case {case} could not be evaluated: {reason}")
+        return evaluated.summary
+    finally:
+        if taken:
+            claim.release()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m beseg.experiment.worker RESULTS RUN_ID``: execute one run of a plan."""
+    from beseg.experiment.layout import ResultsLayout
+    from beseg.experiment.plan import read_plan_json
+
+    parser = argparse.ArgumentParser(prog="python -m beseg.experiment.worker",
+                                     description="execute one run of RESULTS/plan.json")
+    parser.add_argument("results", metavar="RESULTS")
+    parser.add_argument("run_id", metavar="RUN_ID")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    from beseg.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    layout = ResultsLayout(Path(args.results).resolve())
+    try:
+        plan = read_plan_json(layout.root)
+        entry = next((e for e in plan["runs"] if e["id"] == args.run_id), None)
+        if entry is None:
+            print(f"worker: no run {args.run_id!r} in {layout.plan}", file=sys.stderr)
+            return 1
+        config = entry["resolved"]
+        threads = os.environ.get("BESEG_RUN_THREADS")
+        if threads and not config.train.threads:
+            config.train.threads = int(threads)  # this run's share of the cores (local --jobs)
+        print(f"worker: {args.run_id} on {socket.gethostname()} (pid {os.getpid()}"
+              + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "") + ")",
+              flush=True)
+        summary = execute_run(entry["path"], config, plan["data"], plan["protocol"], layout.log(args.run_id),
+                              progress=not args.no_progress, label=args.run_id)
+    except RunLockedError as err:
+        print(f"worker: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    except Exception as err:  # the run failed: its .failed says so; the traceback goes to its log
+        traceback.print_exc()
+        print(f"worker: {args.run_id} failed: {err}", file=sys.stderr)
+        return 1
+    if summary is None:
+        print(f"worker: {args.run_id} was finished already", flush=True)
+    else:
+        dice = summary["mean"].get("dice")
+        print(f"worker: {args.run_id} done: Dice {dice:.4f} over {summary['cases']} case(s)" if dice is not None
+              else f"worker: {args.run_id} done: no case could be scored", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
