@@ -267,7 +267,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                          help=f"comma-separated Table 1 rows or aliases ({names}) or YAML config files "
                               "(default: dice,dice_be)")
     compare.add_argument("--seeds", type=int, default=3, help="seeds per system: 0..N-1 (default 3)")
-    compare.add_argument("--out", required=True, metavar="RESULTS_DIR", help="results folder (reused to resume)")
+    compare.add_argument("--out", metavar="RESULTS_DIR", help="results folder (reused to resume); required")
     compare.add_argument("--task", "--preset-prefix", dest="task", metavar="TASK",
                          help="preset prefix: phantom_spleen, task09 or task01 (default: from the dataset)")
     compare.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -275,6 +275,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     _add_protocol(compare, "heldout")
     compare.add_argument("--no-report", action="store_true", help="train and evaluate only")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_launchers(compare)
     compare.set_defaults(func=_run_compare)
 
     demo = sub.add_parser(
@@ -311,6 +312,33 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     reproduce.set_defaults(func=_run_reproduce)
 
 
+def _add_launchers(compare: argparse.ArgumentParser) -> None:
+    """compare's launcher options: where the runs execute (see beseg.experiment.launch)."""
+    group = compare.add_argument_group(
+        "where the runs execute", "Each run is an independent job: trained, then evaluated into RESULTS_DIR. "
+        "Rerunning the same command skips finished runs and resumes interrupted ones, whichever launcher ran them.")
+    group.add_argument("--status", action="store_true",
+                       help="print one line per run (state, host/pid or job, epoch, best val Dice, time) and exit; "
+                            "`beseg compare RESULTS_DIR --status`")
+    group.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local: this machine (default); slurm: one SLURM job per run, submitted with sbatch")
+    group.add_argument("--devices", metavar="0,1,...",
+                       help="local: GPUs to use, one run per GPU at a time (training and evaluation on that GPU)")
+    group.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="local: CPU runs at a time, each with its share of the cores (default 1: in this process)")
+    group.add_argument("--slurm-partition", metavar="NAME", help="slurm: partition (default: the cluster's default)")
+    group.add_argument("--slurm-time", metavar="TIME", help="slurm: time limit per job, e.g. 12:00:00; a job that "
+                                                              "reaches it is requeued and resumes from last.pt")
+    group.add_argument("--gpus-per-run", type=int, default=0, metavar="G",
+                       help="slurm: GPUs per run (G > 1 trains with DDP inside the job; default 0: CPU)")
+    group.add_argument("--cpus-per-run", type=int, default=1, metavar="C", help="slurm: CPU cores per run (default 1)")
+    group.add_argument("--mem-per-run", metavar="MEM", help="slurm: memory per run, e.g. 32G")
+    group.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="slurm: any other sbatch option, repeatable (account=X, qos=Y, constraint=a100)")
+    group.add_argument("--detach", action="store_true",
+                       help="slurm: submit, print the job ids and return; the same command later collects")
+
+
 def _add_protocol(parser: argparse.ArgumentParser, default: str) -> None:
     from beseg.experiment.plan import PROTOCOLS
 
@@ -337,8 +365,23 @@ def _print_report(result) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from beseg.errors import ConfigError
-    from beseg.experiment.compare import run_compare
 
+    if args.status:
+        from beseg.experiment.status import format_status, plan_status
+
+        folders = [o for o in args.overrides if "=" not in o]
+        if len(folders) + (args.out is not None) != 1:
+            raise ConfigError("--status needs the results folder: `beseg compare RESULTS_DIR --status`.")
+        print(format_status(plan_status(args.out or folders[0])))
+        return 0
+    if args.out is None:
+        raise ConfigError("--out RESULTS_DIR is required (the results folder; reused to resume).")
+    from beseg.experiment.compare import run_compare
+    from beseg.experiment.launch import make_launcher
+
+    launcher = make_launcher(args.launcher, devices=args.devices, jobs=args.jobs, partition=args.slurm_partition,
+                             time_limit=args.slurm_time, gpus=args.gpus_per_run, cpus=args.cpus_per_run,
+                             mem=args.mem_per_run, extra=args.slurm_arg, detach=args.detach)
     progress = not args.no_progress
     data = args.data
     if data is None:
@@ -349,7 +392,20 @@ def _run_compare(args: argparse.Namespace) -> int:
         data = _data_dir(None, task, progress)
     result = run_compare(data, _systems(args.systems), args.seeds, args.out, overrides=[*args.sets, *args.overrides],
                          prefix=args.task.lower().replace("-", "_") if args.task else None, progress=progress,
-                         report=not args.no_report, protocol=args.protocol, folds=args.folds)
+                         report=not args.no_report, protocol=args.protocol, folds=args.folds, launcher=launcher)
+    if result.detached:
+        for run_id, job in result.jobs.items():
+            print(f"{run_id}: SLURM job {job}")
+        print(f"submitted; `beseg compare {args.out} --status` shows progress, and the same command again collects "
+              "the results and writes the report")
+        return 0
+    if result.failed:
+        print(f"{len(result.failed)} run(s) failed:", file=sys.stderr)
+        for run_id, (error, log) in result.failed.items():
+            print(f"  - {run_id}: {error}" + (f" (log: {log})" if log else ""), file=sys.stderr)
+        print("the other runs are kept; fix the cause and run the same command again to retry the failed ones",
+              file=sys.stderr)
+        return EXIT_FAILURE
     _print_report(result)
     return 0
 

@@ -200,3 +200,30 @@ class LocalLauncher:
                     log(f"{run_id}: FAILED ({error}); log {log_path}")
         progress.update(len(outcome.done), 0, len(outcome.failed))
         return outcome
+
+
+def make_launcher(kind: str = "local", devices: str | None = None, jobs: int = 1, partition: str | None = None,
+                  time_limit: str | None = None, gpus: int = 0, cpus: int = 1, mem: str | None = None,
+                  extra: Sequence[str] = (), detach: bool = False):
+    """The launcher ``beseg compare`` options describe.
+
+    Raises:
+        ConfigError: options of the other launcher, or invalid values.
+    """
+    if kind == "local":
+        slurm_only = {"--slurm-partition": partition, "--slurm-time": time_limit, "--mem-per-run": mem,
+                      "--gpus-per-run": gpus or None, "--cpus-per-run": cpus if cpus != 1 else None,
+                      "--slurm-arg": list(extra) or None, "--detach": detach or None}
+        given = [k for k, v in slurm_only.items() if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --launcher slurm.")
+        return LocalLauncher(parse_devices(devices), jobs)
+    if kind == "slurm":
+        if devices is not None or jobs != 1:
+            raise ConfigError("--devices and --jobs are for --launcher local; with slurm use --gpus-per-run and "
+                              "--cpus-per-run.")
+        from beseg.experiment.slurm import SlurmLauncher
+
+        return SlurmLauncher(partition=partition, time_limit=time_limit, gpus=gpus, cpus=cpus, mem=mem,
+                             extra=extra, detach=detach)
+    raise ConfigError(f"--launcher must be local or slurm, got {kind!r}.")

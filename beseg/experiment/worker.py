@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from beseg.data.splits import get_protocol
-from beseg.engine.claim import Claim, RunLockedError
+from beseg.engine.claim import Claim, RunLockedError, slurm_job_id
 from beseg.engine.config import Config
 from beseg.engine.evaluate import evaluate
 from beseg.engine.rundir import RunDir
@@ -31,12 +31,14 @@ from beseg.engine.trainer import train
 from beseg.errors import BesegError
 from beseg.fileio import atomic_write_text
 
-__all__ = ["EXIT_BUSY", "FAILED_FILE", "execute_run", "read_failure", "main"]
+__all__ = ["EXIT_BUSY", "FAILED_FILE", "RUN_RECORD", "execute_run", "read_failure", "main"]
 
 #: Exit code of the worker when another live process holds the run (sysexits' EX_TEMPFAIL).
 EXIT_BUSY = 75
 #: Marker of a run whose last attempt failed (JSON: error, log, host, time).
 FAILED_FILE = ".failed"
+#: Record of the attempt that finished the run (JSON: host, pid, job_id, started, finished, seconds).
+RUN_RECORD = "run.json"
 
 
 def read_failure(run_dir: str | Path) -> dict[str, Any] | None:
@@ -81,6 +83,7 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
         if state == "done":
             return None
         (run_dir / FAILED_FILE).unlink(missing_ok=True)
+        started = time.time()
         try:
             if state == "fresh":
                 train(config, data_dir, run_dir, progress=progress)
@@ -94,6 +97,10 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
                 "error": text.strip().splitlines()[0][:500] if text.strip() else type(err).__name__,
                 "log": str(log_file) if log_file else None, "host": socket.gethostname(), "time": time.time()}))
             raise
+        finished = time.time()
+        atomic_write_text(run_dir / RUN_RECORD, json.dumps({
+            "host": socket.gethostname(), "pid": os.getpid(), "job_id": slurm_job_id(), "started": started,
+            "finished": finished, "seconds": finished - started, "state": state}))
         for case, reason in evaluated.failed:
             log(f"warning: {label}: case {case} could not be evaluated: {reason}")
         return evaluated.summary
