@@ -8,7 +8,6 @@ printed as one line on stderr with a non-zero exit and no traceback (so is any `
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -220,7 +219,9 @@ def _run_train(args: argparse.Namespace) -> int:
         if (out / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"run folder {out} already holds a checkpoint; use --resume {out} or another --out.")
         result = train(config, _data_dir(args.data, config.data.task, progress), out, progress=progress)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+    from beseg.engine.distributed import launch_env
+
+    if launch_env().rank == 0:  # under torchrun or srun, one line from rank 0 only
         print(f"done: {result.run_dir} (best validation Dice {result.best_dice:.4f})")
     return 0
 

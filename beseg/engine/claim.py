@@ -116,8 +116,13 @@ class Claim:
         return record if isinstance(record, dict) else {}
 
     def is_mine(self, record: dict[str, Any] | None) -> bool:
-        """The record is this process's (same host and pid)."""
-        return bool(record) and record.get("host") == socket.gethostname() and record.get("pid") == os.getpid()
+        """The record is this process's (same host and pid), or its parent's that handed it down
+        (``BESEG_CLAIM_TOKEN``: a job's worker starting the ranks of a DDP run)."""
+        if not record:
+            return False
+        inherited = os.environ.get("BESEG_CLAIM_TOKEN")
+        return (record.get("host") == socket.gethostname() and record.get("pid") == os.getpid()) or (
+            bool(inherited) and record.get("token") == inherited)
 
     def stale_reason(self, record: dict[str, Any], now: float | None = None) -> str | None:
         """Why the holder of ``record`` is gone, or None when it may be alive.

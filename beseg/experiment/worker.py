@@ -52,7 +52,8 @@ def read_failure(run_dir: str | Path) -> dict[str, Any] | None:
 
 def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, protocol: str,
                 log_file: str | Path | None = None, progress: bool = True,
-                log: Callable[[str], None] = print, label: str | None = None) -> dict[str, Any] | None:
+                log: Callable[[str], None] = print, label: str | None = None,
+                ranks: int = 1) -> dict[str, Any] | None:
     """Train (fresh or resumed) and evaluate one run, holding its claim throughout.
 
     Args:
@@ -64,6 +65,8 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
         progress: progress bars.
         log: receives warnings about failed cases.
         label: the run's name in messages.
+        ranks: train as one DDP run of this many ranks, started with ``srun -n ranks`` inside the
+            current SLURM allocation (evaluation stays in this process).
 
     Returns:
         The evaluation summary, or None when the run was found finished already (nothing done).
@@ -85,7 +88,9 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
         (run_dir / FAILED_FILE).unlink(missing_ok=True)
         started = time.time()
         try:
-            if state == "fresh":
+            if state in ("fresh", "resume") and ranks > 1:
+                _train_with_srun(config, data_dir, run_dir, state == "resume", ranks, claim.token)
+            elif state == "fresh":
                 train(config, data_dir, run_dir, progress=progress)
             elif state == "resume":
                 train(config, data_dir, run_dir, resume=True, progress=progress)
@@ -109,6 +114,36 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
             claim.release()
 
 
+def _train_with_srun(config: Config, data_dir: str | Path, run_dir: Path, resume: bool, ranks: int,
+                     token: str | None) -> None:
+    """``srun -n ranks beseg train ...``: one DDP run inside this job (ranks find their rank through SLURM's variables).
+
+    The ranks inherit this process's claim (``BESEG_CLAIM_TOKEN``), so rank 0 does not see it as someone else's.
+
+    Raises:
+        TrainingError: the training step failed (its output is in this run's log).
+    """
+    import subprocess
+
+    import yaml
+
+    from beseg.engine.config import config_to_dict
+    from beseg.engine.trainer import TrainingError
+
+    cmd = ["srun", "-n", str(ranks), "--kill-on-bad-exit=1", sys.executable, "-m", "beseg.cli", "train",
+           "--no-progress", "--data", str(data_dir)]
+    if resume:
+        cmd += ["--resume", str(run_dir)]
+    else:
+        request = run_dir / ".requested-config.yaml"
+        atomic_write_text(request, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        cmd += [str(request), "--out", str(run_dir)]
+    env = {**os.environ, "BESEG_CLAIM_TOKEN": token or ""}
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise TrainingError(f"`srun -n {ranks} beseg train` exited with code {code}; its output is above in this log.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m beseg.experiment.worker RESULTS RUN_ID``: execute one run of a plan."""
     from beseg.experiment.layout import ResultsLayout
@@ -119,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("results", metavar="RESULTS")
     parser.add_argument("run_id", metavar="RUN_ID")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--ranks", type=int, default=1, help="train as one DDP run of N ranks through srun")
     args = parser.parse_args(argv)
     from beseg.allocator import keep_freed_memory
 
@@ -138,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "") + ")",
               flush=True)
         summary = execute_run(entry["path"], config, plan["data"], plan["protocol"], layout.log(args.run_id),
-                              progress=not args.no_progress, label=args.run_id)
+                              progress=not args.no_progress, label=args.run_id, ranks=args.ranks)
     except RunLockedError as err:
         print(f"worker: {err}", file=sys.stderr)
         return EXIT_BUSY
