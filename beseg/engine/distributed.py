@@ -122,7 +122,7 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
         ConfigError: a malformed variable.
     """
     env = os.environ if environ is None else environ
-    if "RANK" in env or "WORLD_SIZE" in env:
+    if "RANK" in env or "WORLD_SIZE" in env or "LOCAL_RANK" in env:
         return LaunchEnv(_env_int(env, "RANK", 0), _env_int(env, "WORLD_SIZE", 1), _env_int(env, "LOCAL_RANK", 0),
                          "torchrun")
     tasks_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
