@@ -24,7 +24,6 @@ import beseg.engine.trainer as trainer_module
 import beseg.experiment.compare as compare_module
 import beseg.experiment.worker as worker_module
 from beseg.cli import main
-from beseg.data.phantom import make_phantom
 from beseg.engine.checkpoint import load_checkpoint
 from beseg.data import load_task, make_split
 from beseg.engine.config import load_config
@@ -33,12 +32,8 @@ from beseg.errors import ConfigError, DataError
 from beseg.report.collect import collect_results
 from beseg.experiment.compare import resolve_system, run_compare
 from beseg.experiment.launch import LocalLauncher
+from conftest import TINY_COMPARE, per_case_rows, tiny_compare
 from beseg.experiment.demo import DEMO_OVERRIDES, DEMO_PHANTOM, DEMO_SPLIT, demo_overrides
-
-# Tiny runs: 16^3 patches, 8 filters, 1 epoch of 2 steps of batch 1, one thread, no worker processes.
-TINY = ["train.epochs=1", "train.steps_per_epoch=2", "data.patch_size=[16,16,16]", "data.batch_size=1",
-        "model.init_filters=8", "data.num_workers=0", "train.threads=1", "train.sw_batch_size=4"]
-
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
@@ -46,15 +41,8 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BESEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "beseg-cache"))
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    """A 10-case phantom spleen (7 train, 1 validation, 2 test cases by default) of 32x32x12 voxels."""
-    return make_phantom(tmp_path_factory.mktemp("data") / "phantom", cases=10, test_cases=0, size=(32, 32, 12),
-                        progress=False)
-
-
 def _tiny(tmp: Path) -> list[str]:
-    return [*TINY, f"data.cache_dir={tmp / 'cache'}"]
+    return tiny_compare(tmp)
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +373,7 @@ def test_reproduce_refuses_without_gpu_unless_cpu_ok(tiny_data, capsys):
 def test_cli_compare_reuses_finished_runs(compared, tiny_data, capsys):
     # Trailing KEY=VALUE and --set both reach every run; the settings match, so nothing retrains.
     argv = ["compare", "--data", str(tiny_data), "--systems", "dice,dice_be", "--seeds", "2", "--out", str(compared),
-            "--no-progress", *TINY, "--set", f"data.cache_dir={compared.parent / 'cache'}"]
+            "--no-progress", *TINY_COMPARE, "--set", f"data.cache_dir={compared.parent / 'cache'}"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == 4 and "[4/4] segresnet_be seed 1" in out
@@ -437,13 +425,7 @@ def test_compare_report_figures_load_in_headless_chromium(compared, tmp_path):
 # (e) plan, launchers, status: the comparison as independent runs
 
 
-def _rows(results: Path) -> dict[str, list[dict[str, str]]]:
-    """Every run's per-case rows, by run id."""
-    out = {}
-    for path in sorted(results.glob("*/seed*/eval/per_case.csv")):
-        with open(path, newline="") as f:
-            out[str(path.parent.parent.relative_to(results))] = list(csv.DictReader(f))
-    return out
+_rows = per_case_rows
 
 
 @pytest.mark.slow

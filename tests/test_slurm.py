@@ -7,7 +7,6 @@ run is tiny (16^3 patches, 8 filters, a few steps, one thread).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -20,15 +19,13 @@ from pathlib import Path
 import pytest
 
 from beseg.cli import main
-from beseg.data.phantom import make_phantom
+from conftest import per_case_rows, tiny_compare
 from beseg.engine.checkpoint import load_checkpoint
 from beseg.experiment.compare import run_compare
 from beseg.experiment.slurm import SlurmLauncher, job_states
 
 pytestmark = pytest.mark.slow
 
-TINY = ["train.epochs=1", "train.steps_per_epoch=2", "data.patch_size=[16,16,16]", "data.batch_size=1",
-        "model.init_filters=8", "data.num_workers=0", "train.threads=1", "train.sw_batch_size=4"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,21 +73,11 @@ def _env(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_phantom(tmp_path_factory.mktemp("data") / "phantom", cases=10, test_cases=0, size=(32, 32, 12),
-                        progress=False)
+def data(tiny_data) -> Path:
+    return tiny_data
 
 
-def _tiny(tmp: Path) -> list[str]:
-    return [*TINY, f"data.cache_dir={tmp / 'cache'}"]
-
-
-def _rows(results: Path) -> dict[str, list[dict[str, str]]]:
-    out = {}
-    for path in sorted(results.glob("*/seed*/eval/per_case.csv")):
-        with open(path, newline="") as f:
-            out[str(path.parent.parent.relative_to(results))] = list(csv.DictReader(f))
-    return out
+_tiny, _rows = tiny_compare, per_case_rows
 
 
 def _wait_for_jobs_to_end(jobs: list[str], timeout: float = 300) -> None:

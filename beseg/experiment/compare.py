@@ -15,30 +15,27 @@ Protocols (``protocol=``, ``--protocol``; ``--folds K`` for cross-validation):
   selection saw the reported cases, by different amounts per system. Kept to compare with the
   paper's Table 1.
 
-Layout written (what :func:`beseg.report.write_report` reads)::
-
-    RESULTS_DIR/compare.yaml               what was asked: data, systems, seeds, overrides, protocol, folds
-    RESULTS_DIR/split.json                 heldout/paper: the one split every run uses (pinned here so
-                                           the comparison does not depend on a shared cache folder)
-    RESULTS_DIR/split_fold<f>.json         cv: fold f's split
-    RESULTS_DIR/<system>/seed<k>/          heldout/paper: a run folder (see :mod:`beseg.engine.rundir`)
-                                           trained with ``train.seed=k`` and evaluated into ``eval/``
-    RESULTS_DIR/<system>/seed<k>/fold<f>/  cv: fold f's run folder, evaluated on its test cases
-    RESULTS_DIR/<system>/seed<k>/eval/     cv: the K folds' per-case rows and predictions merged
-                                           (``split: "oof"``); ``config.yaml`` and ``metrics.jsonl``
-                                           beside it are fold 0's, for the report's cost and curves
-    RESULTS_DIR/report/                    report.md, report.html, figures/
+Plan, execute, collect. :func:`run_compare` checks the request and the data, pins the split(s)
+in the results folder, plans every (system, seed[, fold]) run (:mod:`beseg.experiment.plan`,
+written to ``RESULTS/plan.json``), has a launcher (:mod:`beseg.experiment.launch`,
+:mod:`beseg.experiment.slurm`) execute the unfinished ones, each by
+:func:`beseg.experiment.worker.execute_run`, waits for runs other processes hold, merges the folds
+(:mod:`beseg.experiment.folds`) and writes the report (:func:`beseg.report.write_report`). The
+folder's layout is :class:`beseg.experiment.layout.ResultsLayout`.
 
 Every ``eval/summary.json`` says how its numbers were made: ``protocol``, ``split`` (``test``,
 ``val`` or ``oof``), ``folds``, ``selection`` and the ``case_ids`` scored.
 
 Resuming: a run is *finished* when ``eval/summary.json`` exists and ``checkpoints/last.pt`` holds
 the config's last epoch; finished runs are skipped. A run with a checkpoint but fewer epochs is
-resumed with ``train(..., resume=True)``; a trained but unevaluated run is only evaluated; a run
-folder without a checkpoint is trained from scratch. In cross-validation each fold is such a run,
-and the merge is redone when a fold was (re)evaluated or the merged files are missing. A run
-whose saved config differs from the requested one is an error (never silently reused or
-overwritten), and so is a results folder made with another protocol or split.
+resumed from ``last.pt``; a trained but unevaluated run is only evaluated; a run folder without a
+checkpoint is trained from scratch. The state is decided again under the run's claim
+(:mod:`beseg.engine.claim`), so two processes never train one run. In cross-validation each fold
+is such a run, and the merge is redone when a fold was (re)evaluated or the merged files are
+missing. A run whose saved config differs from the requested one (runtime settings and the split
+file's path aside) is an error (never silently reused or overwritten), and so is a results folder
+made with another protocol or split. A run that fails is listed with its log; the others finish,
+and the report waits until every run has.
 """
 
 from __future__ import annotations

@@ -137,6 +137,7 @@ class LocalLauncher:
         env = dict(os.environ)
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
+            env["BESEG_RUN_DEVICE"] = "cuda"  # the one GPU the process sees, whatever train.device names
         else:
             share = str(self.threads_per_run())
             env["OMP_NUM_THREADS"] = share

@@ -167,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"worker: no run {args.run_id!r} in {layout.plan}", file=sys.stderr)
             return 1
         config = entry["resolved"]
+        if os.environ.get("BESEG_RUN_DEVICE"):
+            config.train.device = os.environ["BESEG_RUN_DEVICE"]  # training and evaluation on the launcher's GPU
         threads = os.environ.get("BESEG_RUN_THREADS")
         if threads and not config.train.threads:
             config.train.threads = int(threads)  # this run's share of the cores (local --jobs)
