@@ -310,17 +310,19 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     _add_protocol(reproduce, "paper")
     reproduce.add_argument("--cpu-ok", action="store_true", help="run even without a CUDA device")
     reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_launchers(reproduce, status=False)
     reproduce.set_defaults(func=_run_reproduce)
 
 
-def _add_launchers(compare: argparse.ArgumentParser) -> None:
-    """compare's launcher options: where the runs execute (see beseg.experiment.launch)."""
+def _add_launchers(compare: argparse.ArgumentParser, status: bool = True) -> None:
+    """compare's (and reproduce's) launcher options: where the runs execute (see beseg.experiment.launch)."""
     group = compare.add_argument_group(
         "where the runs execute", "Each run is an independent job: trained, then evaluated into RESULTS_DIR. "
         "Rerunning the same command skips finished runs and resumes interrupted ones, whichever launcher ran them.")
-    group.add_argument("--status", action="store_true",
-                       help="print one line per run (state, host/pid or job, epoch, best val Dice, time) and exit; "
-                            "`beseg compare RESULTS_DIR --status`")
+    if status:
+        group.add_argument("--status", action="store_true",
+                           help="print one line per run (state, host/pid or job, epoch, best val Dice, time) and exit; "
+                                "`beseg compare RESULTS_DIR --status`")
     group.add_argument("--launcher", choices=("local", "slurm"), default="local",
                        help="local: this machine (default); slurm: one SLURM job per run, submitted with sbatch")
     group.add_argument("--devices", metavar="0,1,...",
@@ -338,6 +340,14 @@ def _add_launchers(compare: argparse.ArgumentParser) -> None:
                        help="slurm: any other sbatch option, repeatable (account=X, qos=Y, constraint=a100)")
     group.add_argument("--detach", action="store_true",
                        help="slurm: submit, print the job ids and return; the same command later collects")
+
+
+def _launcher(args: argparse.Namespace):
+    from beseg.experiment.launch import make_launcher
+
+    return make_launcher(args.launcher, devices=args.devices, jobs=args.jobs, partition=args.slurm_partition,
+                         time_limit=args.slurm_time, gpus=args.gpus_per_run, cpus=args.cpus_per_run,
+                         mem=args.mem_per_run, extra=args.slurm_arg, detach=args.detach)
 
 
 def _add_protocol(parser: argparse.ArgumentParser, default: str) -> None:
@@ -378,11 +388,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.out is None:
         raise ConfigError("--out RESULTS_DIR is required (the results folder; reused to resume).")
     from beseg.experiment.compare import run_compare
-    from beseg.experiment.launch import make_launcher
 
-    launcher = make_launcher(args.launcher, devices=args.devices, jobs=args.jobs, partition=args.slurm_partition,
-                             time_limit=args.slurm_time, gpus=args.gpus_per_run, cpus=args.cpus_per_run,
-                             mem=args.mem_per_run, extra=args.slurm_arg, detach=args.detach)
+    launcher = _launcher(args)
     progress = not args.no_progress
     data = args.data
     if data is None:
@@ -394,10 +401,15 @@ def _run_compare(args: argparse.Namespace) -> int:
     result = run_compare(data, _systems(args.systems), args.seeds, args.out, overrides=[*args.sets, *args.overrides],
                          prefix=args.task.lower().replace("-", "_") if args.task else None, progress=progress,
                          report=not args.no_report, protocol=args.protocol, folds=args.folds, launcher=launcher)
+    return _finish(result, args.out)
+
+
+def _finish(result, out) -> int:
+    """Print what a comparison did: job ids when detached, the failed runs (exit 1), or the report."""
     if result.detached:
         for run_id, job in result.jobs.items():
             print(f"{run_id}: SLURM job {job}")
-        print(f"submitted; `beseg compare {args.out} --status` shows progress, and the same command again collects "
+        print(f"submitted; `beseg compare {out} --status` shows progress, and the same command again collects "
               "the results and writes the report")
         return 0
     if result.failed:
@@ -434,9 +446,8 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     systems = _systems(args.systems) if args.systems else list(TABLE1_SYSTEMS)
     result = run_reproduce(args.task, args.data, seeds=args.seeds, out=args.out, systems=systems,
                            overrides=args.overrides, cpu_ok=args.cpu_ok, progress=not args.no_progress,
-                           protocol=args.protocol, folds=args.folds)
-    _print_report(result)
-    return 0
+                           protocol=args.protocol, folds=args.folds, launcher=_launcher(args))
+    return _finish(result, result.results_dir)
 
 
 def _add_nnunet(sub: argparse._SubParsersAction) -> None:

@@ -2,7 +2,7 @@
 
 ::
 
-    Trainer.run()                  process group, the run folder's lock, then
+    Trainer.run()                  process group, the run folder's claim, then
       setup()
         setup_data()               data check, split and intensity statistics (rank 0 first), datasets
         setup_model()              build_network(), build_loss(), build_optimizer(), schedule, AMP scaler
@@ -189,7 +189,7 @@ class Trainer:
     # the whole run
 
     def run(self) -> TrainResult:
-        """Join the process group, take the run folder's lock, :meth:`setup`, then :meth:`fit`.
+        """Join the process group, take the run folder's claim, :meth:`setup`, then :meth:`fit`.
 
         Returns:
             A :class:`TrainResult`.
@@ -200,7 +200,7 @@ class Trainer:
         self.dist = init_distributed(self.config.train.device, self.config.train.dist_timeout_s)
         locked = False
         try:
-            with self.all_ranks("taking the run folder's lock"):
+            with self.all_ranks("taking the run folder's claim"):
                 if self.dist.is_main:
                     self.run_dir.acquire()
                     locked = True
