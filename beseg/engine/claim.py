@@ -1,7 +1,7 @@
 """A run folder's claim: which process works on it, safe on a filesystem shared by several hosts.
 
-The claim is a file (``RUN_DIR/.claim``) created with ``O_CREAT | O_EXCL``, so of two processes
-(or two hosts) claiming one run, exactly one succeeds. It records::
+The claim is a file (``RUN_DIR/.claim``) created atomically (a hard link, or ``O_CREAT |
+O_EXCL``), so of two processes (or two hosts) claiming one run, exactly one succeeds. It records::
 
     {"host": "node12", "pid": 4242, "job_id": "5120" or null, "token": "...",
      "started": 1764512345.1, "heartbeat": 1764512399.8}
@@ -16,8 +16,10 @@ known to be gone:
 * a SLURM job id that SLURM no longer runs (``squeue`` does not list it), or this process's own
   job id (an earlier incarnation of this job, before a requeue).
 
-Otherwise the claim is live and :class:`RunLockedError` names its holder. A takeover renames the
-stale file away first, so two processes that both found it stale cannot both take it.
+Otherwise the claim is live and :class:`RunLockedError` names its holder. The record is written
+aside and hard-linked into place, so a reader never sees half of one; a takeover happens under a
+guard file (``.claim.takeover``) and only removes the very record that was judged stale, so of
+several processes that find one stale claim, exactly one ends up holding the run.
 """
 
 from __future__ import annotations
@@ -169,50 +171,81 @@ class Claim:
             RunLockedError: a live process holds it.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
+        for _ in range(50):
             self.token = uuid.uuid4().hex
             record = self._record()
+            if self._create(record):
+                self._start_heartbeat(record["started"])
+                return True
+            held = self.holder()
+            if held is None:
+                continue  # released meanwhile: try again
+            if self.is_mine(held):
+                return False
+            reason = self.stale_reason(held) if held else self._unreadable_reason()
+            if reason is None:
+                if not held:
+                    time.sleep(0.05)  # being written, or a foreign file: look again
+                    continue
+                raise RunLockedError(
+                    f"run folder {self.path.parent} is in use by {self.describe(held)}, heartbeat "
+                    f"{time.time() - held['heartbeat']:.0f} s ago (claim file {self.path}); wait for it to "
+                    "finish or stop it, or pick another --out folder."
+                ) from None
+            self._take_over(held, reason)
+        raise RunLockedError(f"could not claim {self.path.parent}: other processes keep racing for {self.path}.")
+
+    def _create(self, record: dict[str, Any]) -> bool:
+        """Make the claim file, complete, if there is none: written aside, then hard-linked into place
+        (a link, like ``O_EXCL``, fails when the name exists, and a reader never sees half a record);
+        ``O_CREAT | O_EXCL`` where the filesystem has no hard links."""
+        aside = self.path.with_name(f"{self.path.name}.{self.token}")
+        aside.write_text(json.dumps(record), encoding="utf-8")
+        try:
+            os.link(aside, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                held = self.holder()
-                if held is None:
-                    continue  # released meanwhile: try again
-                if self.is_mine(held):
-                    return False
-                reason = self.stale_reason(held)
-                if reason is None:
-                    raise RunLockedError(
-                        f"run folder {self.path.parent} is in use by {self.describe(held)}, heartbeat "
-                        f"{time.time() - held['heartbeat']:.0f} s ago (claim file {self.path}); wait for it to "
-                        "finish or stop it, or pick another --out folder."
-                    ) from None
-                self._take_over(held, reason)
-                continue
+                return False
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(record, f)
-            self._start_heartbeat(record["started"])
             return True
-        raise RunLockedError(f"could not claim {self.path.parent}: other processes keep racing for {self.path}.")
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _unreadable_reason(self) -> str | None:
+        """Why an unreadable claim file counts as stale: only once it is older than ``stale_after_s``."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return f"the claim file is unreadable and {age:.0f} s old" if age > self.stale_after_s else None
 
     def _take_over(self, held: dict[str, Any], reason: str) -> None:
-        """Move a stale claim away; only one of several processes that found it stale succeeds."""
-        grave = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
+        """Remove a stale claim. Takers hold a guard file while they look again and remove it, so that
+        of several processes that found the same stale claim, none removes a claim made meanwhile."""
+        guard = self.path.with_name(f"{self.path.name}.takeover")
         try:
-            os.rename(self.path, grave)
-        except FileNotFoundError:
-            return  # someone else moved it first
-        moved = _read(grave)
-        if moved.get("token") != held.get("token") or moved.get("heartbeat") != held.get("heartbeat"):
-            # Between our read and our rename another process replaced the stale claim with a fresh
-            # one: put that one back (link fails if a third process claimed meanwhile, which is fine).
-            try:
-                os.link(grave, self.path)
-            except OSError:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:  # a taker that died while holding the guard (a window of microseconds) leaves it
+                if time.time() - guard.stat().st_mtime > 60:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
                 pass
-            grave.unlink(missing_ok=True)
+            time.sleep(0.05)
             return
-        grave.unlink(missing_ok=True)
+        try:
+            now = self.holder()
+            if now is None or now != held:
+                return  # gone or changed since we judged it: decide again
+            self.path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
         warnings.warn(f"{self.path.parent}: taking over the claim of {self.describe(held)}: {reason}.",
                       RuntimeWarning, stacklevel=3)
 
@@ -249,10 +282,3 @@ class Claim:
             self.path.unlink(missing_ok=True)
         self.token = None
 
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return record if isinstance(record, dict) else {}
