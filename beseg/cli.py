@@ -351,15 +351,15 @@ def _launcher(args: argparse.Namespace):
 
 
 def _add_protocol(parser: argparse.ArgumentParser, default: str) -> None:
+    from beseg.data.splits import PROTOCOLS as SPECS
     from beseg.experiment.plan import PROTOCOLS
 
     parser.add_argument("--protocol", choices=PROTOCOLS, default=default,
-                        help="heldout: best.pt chosen on validation cases, every number on held-out test cases "
-                             "(data.test_frac, default 0.2); paper: the paper's 80/20 split, scored on the validation "
-                             f"cases that chose best.pt (optimistic). Default {default}")
+                        help="; ".join(f"{name}: {SPECS[name].description}" for name in PROTOCOLS)
+                        + f" (held-out test cases: data.test_frac, default 0.2). Default {default}")
     parser.add_argument("--folds", type=int, default=None, metavar="K",
-                        help="k-fold cross-validation (with --protocol heldout): every case is scored once, by the "
-                             "fold model that neither trained on it nor chose best.pt with it")
+                        help=f"{SPECS['cv'].description}, by the fold model that neither trained on it nor chose "
+                             "best.pt with it (with --protocol heldout)")
 
 
 def _systems(text: str) -> list[str]:

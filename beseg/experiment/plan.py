@@ -7,8 +7,8 @@ that sees the results folder.
 
 ``RESULTS/plan.json`` lists every run::
 
-    {"version": 1, "protocol": "heldout", "folds": null, "runs": [
-      {"id": "segresnet_be/seed0", "system": "segresnet_be", "seed": 0, "fold": null,
+    {"version": 1, "protocol": "heldout", "folds": null, "data": "/data/Task09_Spleen", "runs": [
+      {"id": "segresnet_be/seed0", "kind": "beseg", "system": "segresnet_be", "seed": 0, "fold": null,
        "run_dir": "segresnet_be/seed0", "state": "pending", "config": {...}}, ...]}
 
 ``run_dir`` is relative to the results folder, and so is the config's ``data.split_file``
@@ -292,6 +292,9 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
 # plan.json
 
 PLAN_VERSION = 1
+#: What executes a run (:mod:`beseg.experiment.worker`): ``beseg`` trains with :func:`beseg.engine.trainer.train`
+#: and evaluates with :func:`beseg.engine.evaluate.evaluate`. Other kinds (an nnU-Net trainer) plug in there.
+RUN_KIND = "beseg"
 
 
 def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protocol: str, folds: int | None,
@@ -320,7 +323,7 @@ def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protoco
         if split_file:
             config["data"]["split_file"] = Path(split_file).name  # the results folder's own split file
         state = (states or {}).get(run.id) or ("done" if run.state == "done" else "pending")
-        entries.append({"id": run.id, "system": run.system, "seed": run.seed, "fold": run.fold,
+        entries.append({"id": run.id, "kind": RUN_KIND, "system": run.system, "seed": run.seed, "fold": run.fold,
                         "run_dir": run.id, "state": state, "config": config})
     text = json.dumps({"version": PLAN_VERSION, "protocol": protocol, "folds": folds, "data": str(data_dir),
                        "runs": entries}, indent=1)

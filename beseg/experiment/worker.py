@@ -166,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if entry is None:
             print(f"worker: no run {args.run_id!r} in {layout.plan}", file=sys.stderr)
             return 1
+        if entry.get("kind", "beseg") != "beseg":
+            print(f"worker: run {args.run_id!r} is of kind {entry['kind']!r}, which this beseg cannot execute "
+                  "(upgrade beseg on this host)", file=sys.stderr)
+            return 1
         config = entry["resolved"]
         if os.environ.get("BESEG_RUN_DEVICE"):
             config.train.device = os.environ["BESEG_RUN_DEVICE"]  # training and evaluation on the launcher's GPU
