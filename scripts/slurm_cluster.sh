@@ -70,6 +70,8 @@ ReturnToService=2
 JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.txt
 MinJobAge=3600
+# A requeued job may start again after cred_expire seconds (default 120): short, for the requeue test.
+AuthInfo=cred_expire=10
 SchedulerParameters=sched_interval=1
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP

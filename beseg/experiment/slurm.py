@@ -163,14 +163,16 @@ class SlurmLauncher:
                  f"export OMP_NUM_THREADS={threads} BESEG_RUN_THREADS={threads}",
                  'echo "beseg: SLURM job $SLURM_JOB_ID (start $((${SLURM_RESTART_COUNT:-0} + 1))) on $(hostname)"',
                  "requeue() {",
-                 '    echo "beseg: job $SLURM_JOB_ID is near its time limit or preempted: requeued; the run resumes '
-                 'from its last checkpoint"',
+                 '    echo "beseg: job $SLURM_JOB_ID is near its time limit or preempted: stopping the run and '
+                 'requeueing the job; the run resumes from its last checkpoint"',
+                 '    kill -TERM "$worker" 2>/dev/null; wait "$worker"',  # it releases its claim on SIGTERM
                  '    scontrol requeue "$SLURM_JOB_ID"',
                  "    exit 0",
                  "}",
                  "trap requeue USR1",
                  " ".join(shlex.quote(w) for w in worker) + " &",
-                 "wait $!",
+                 "worker=$!",
+                 'wait "$worker"',
                  ""]
         return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -144,6 +145,10 @@ def _train_with_srun(config: Config, data_dir: str | Path, run_dir: Path, resume
         raise TrainingError(f"`srun -n {ranks} beseg train` exited with code {code}; its output is above in this log.")
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m beseg.experiment.worker RESULTS RUN_ID``: execute one run of a plan."""
     from beseg.experiment.layout import ResultsLayout
@@ -159,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from beseg.allocator import keep_freed_memory
 
     keep_freed_memory()
+    # SIGTERM (scancel, a requeue, the end of a job) unwinds like Ctrl-C: the claim is released on the way out.
+    signal.signal(signal.SIGTERM, _terminated)
     layout = ResultsLayout(Path(args.results).resolve())
     try:
         plan = read_plan_json(layout.root)
