@@ -21,7 +21,6 @@ import torch
 import yaml
 
 import beseg.engine.trainer as trainer_module
-import beseg.experiment.compare as compare_module
 import beseg.experiment.worker as worker_module
 from beseg.cli import main
 from beseg.engine.checkpoint import load_checkpoint
@@ -484,7 +483,7 @@ def test_a_failing_run_is_listed_with_its_log_while_the_others_finish(tiny_data,
                  str(out), "--jobs", "2", "--no-progress", *_tiny(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1
-    assert f"broken/seed0: train.device='cuda:99'" in err and f"(log: {out / 'logs' / 'broken.seed0.log'})" in err
+    assert "broken/seed0: train.device='cuda:99'" in err and f"(log: {out / 'logs' / 'broken.seed0.log'})" in err
     assert (out / "segresnet_dice" / "seed0" / "eval" / "summary.json").is_file()  # the other run finished
     assert not (out / "report").exists()  # no report from a partial comparison
     assert "Traceback" in (out / "logs" / "broken.seed0.log").read_text()  # the whole story is in the log
