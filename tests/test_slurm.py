@@ -103,29 +103,42 @@ def test_compare_through_slurm_equals_a_sequential_compare_and_every_run_is_a_jo
         assert json.loads((tmp_path / "slurm" / run_id / "run.json").read_text())["job_id"] == job
 
 
-def test_a_cancelled_job_resumes_its_run_when_the_command_is_repeated(jobcomp, data, tmp_path, capsys):
+def _training_job(data: Path, tmp_path: Path, capsys) -> tuple[list[str], Path, str]:
+    """Submit a 20-epoch run with --detach and wait until its job has written a first ``last.pt``.
+
+    Returns:
+        The compare command's arguments (without --detach), the run folder, and the job id.
+    """
     out = tmp_path / "results"
     argv = ["compare", "--data", str(data), "--systems", "dice", "--seeds", "1", "--out", str(out), "--launcher",
             "slurm", "--no-progress", "--no-report", *_tiny(tmp_path), "train.epochs=20", "train.val_every=20"]
     assert main([*argv, "--detach"]) == 0
     job = re.search(r"segresnet_dice/seed0: SLURM job (\d+)", capsys.readouterr().out).group(1)
-    last = out / "segresnet_dice" / "seed0" / "checkpoints" / "last.pt"
+    run = out / "segresnet_dice" / "seed0"
     end = time.monotonic() + 300
-    while time.monotonic() < end and not last.is_file():
+    while time.monotonic() < end and not (run / "checkpoints" / "last.pt").is_file():
         time.sleep(0.2)
-    assert last.is_file() and job_states([job]), "the job should be training"
+    assert (run / "checkpoints" / "last.pt").is_file() and job_states([job]), "the job should be training"
+    return argv, run, job
+
+
+def _train_epochs(run: Path) -> list[int]:
+    return [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["kind"] == "train"]
+
+
+def test_a_cancelled_job_resumes_its_run_when_the_command_is_repeated(jobcomp, data, tmp_path, capsys):
+    argv, run, job = _training_job(data, tmp_path, capsys)
     subprocess.run(["scancel", job], check=True)
     _wait_for_jobs_to_end([job])
-    stopped_at = load_checkpoint(last)["epoch"]
-    assert 1 <= stopped_at < 20 and _records(jobcomp)[job]["JobState"] == "CANCELLED"
+    last = run / "checkpoints" / "last.pt"
+    assert 1 <= load_checkpoint(last)["epoch"] < 20 and _records(jobcomp)[job]["JobState"] == "CANCELLED"
 
     assert main(argv) == 0  # the same command: resubmits the run, which resumes from last.pt
-    record = json.loads((out / "segresnet_dice" / "seed0" / "run.json").read_text())
+    record = json.loads((run / "run.json").read_text())
     assert record["state"] == "resume" and record["job_id"] != job
-    epochs = [json.loads(x)["epoch"] for x in (out / "segresnet_dice" / "seed0" / "metrics.jsonl").read_text().splitlines()
-              if json.loads(x)["kind"] == "train"]
-    assert epochs == list(range(1, 21))  # no epoch lost or done twice
-    assert load_checkpoint(last)["epoch"] == 20 and (out / "segresnet_dice" / "seed0" / "eval" / "summary.json").is_file()
+    assert _train_epochs(run) == list(range(1, 21))  # no epoch lost or done twice
+    assert load_checkpoint(last)["epoch"] == 20 and (run / "eval" / "summary.json").is_file()
 
 
 def test_a_failing_run_is_reported_with_its_log_while_the_others_finish(jobcomp, data, tmp_path, capsys):
@@ -183,23 +196,13 @@ def test_a_claim_of_an_ended_slurm_job_is_taken_over(jobcomp, tmp_path):
 
 def test_a_job_told_its_time_is_up_requeues_itself_and_the_run_resumes(jobcomp, data, tmp_path, capsys):
     """SLURM sends USR1 to the job script before the time limit (``--signal=B:USR1@300``); here it is sent at once."""
-    out = tmp_path / "results"
-    argv = ["compare", "--data", str(data), "--systems", "dice", "--seeds", "1", "--out", str(out), "--launcher",
-            "slurm", "--no-progress", "--no-report", *_tiny(tmp_path), "train.epochs=20", "train.val_every=20"]
-    assert main([*argv, "--detach"]) == 0
-    job = re.search(r"segresnet_dice/seed0: SLURM job (\d+)", capsys.readouterr().out).group(1)
-    run = out / "segresnet_dice" / "seed0"
-    end = time.monotonic() + 300
-    while time.monotonic() < end and not (run / "checkpoints" / "last.pt").is_file():
-        time.sleep(0.2)
+    argv, run, job = _training_job(data, tmp_path, capsys)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     _wait_for_jobs_to_end([job], timeout=400)  # requeued, started again (after cred_expire), finished
-    log = (out / "logs" / "segresnet_dice.seed0.log").read_text()
+    log = (run.parents[1] / "logs" / "segresnet_dice.seed0.log").read_text()
     assert "requeueing the job" in log and f"SLURM job {job} (start 2)" in log
     record = json.loads((run / "run.json").read_text())
     assert (record["job_id"], record["state"]) == (job, "resume")  # the same job, resumed from last.pt
-    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()
-              if json.loads(x)["kind"] == "train"]
-    assert epochs == list(range(1, 21)) and (run / "eval" / "summary.json").is_file()
+    assert _train_epochs(run) == list(range(1, 21)) and (run / "eval" / "summary.json").is_file()
     assert _records(jobcomp)[job]["JobState"] == "COMPLETED"
     assert main(argv) == 0  # the same command collects: nothing left to run
