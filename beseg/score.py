@@ -39,14 +39,15 @@ import numpy as np
 from beseg.data.classes import ClassSpec, classes_from_labels, parse_classes
 from beseg.data.msd import case_id, list_nifti
 from beseg.data.nifti import AFFINE_TOL_MM, check_same_grid, read_label_map
+from beseg.data.splits import PROTOCOLS
 from beseg.errors import BesegError, ConfigError, DataError
 from beseg.fileio import atomic_output, atomic_write_text
 from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, DISTANCE_METRICS, METRIC_NAMES, label_map_metrics
 
 __all__ = [
-    "CSV_COLUMNS", "IGNORE_NAME", "PROTOCOL_SPLITS", "ScoreResult", "summarize", "write_per_case", "write_summary",
-    "write_scores", "match_cases", "classes_from_dataset_json", "dataset_json_labels", "scored_classes",
-    "score_predictions", "default_workers",
+    "CSV_COLUMNS", "IGNORE_NAME", "PROTOCOL_SPLITS", "ScoreResult", "Summary", "summarize", "write_per_case",
+    "write_summary", "write_scores", "match_cases", "classes_from_dataset_json", "dataset_json_labels",
+    "scored_classes", "score_predictions", "default_workers",
 ]
 
 #: Columns of ``per_case.csv``, one row per case and class. ``empty_in`` is ``none``,
@@ -57,8 +58,8 @@ CSV_COLUMNS: tuple[str, ...] = ("case", "class", *METRIC_NAMES, "empty_in", "dim
 #: The label name that marks nnU-Net v2's ignore label in ``dataset.json`` (either form).
 IGNORE_NAME = "ignore"
 
-#: ``protocol`` -> the ``split`` it scores, as ``beseg evaluate`` records them.
-PROTOCOL_SPLITS: dict[str, str] = {"heldout": "test", "cv": "oof", "paper": "val"}
+#: ``protocol`` -> the ``split`` its reported numbers are recorded under (:data:`beseg.data.splits.PROTOCOLS`).
+PROTOCOL_SPLITS: dict[str, str] = {name: spec.merged_split for name, spec in PROTOCOLS.items()}
 
 _ONE_EMPTY = ("prediction", "label")
 
@@ -188,13 +189,96 @@ def write_per_case(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
         writer.writerows(rows)
 
 
+@dataclass(frozen=True)
+class Summary:
+    """A ``summary.json``, read and written only through this class (``beseg evaluate``, ``beseg score``,
+    the fold merge and the report all use it).
+
+    The object is what :func:`summarize` returns; the typed properties are the fields other code
+    decides on. Unknown keys are kept as they are.
+
+    Attributes:
+        data: the whole JSON object.
+    """
+
+    data: Mapping[str, Any]
+
+    @classmethod
+    def read(cls, path: str | Path) -> Summary:
+        """Read and check a ``summary.json``.
+
+        Raises:
+            DataError: the file is missing, not JSON, or lacks a ``task`` string and a non-empty
+                ``classes`` list (naming the file).
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("task"), str) or not (
+            isinstance(data.get("classes"), list) and data["classes"]
+        ):
+            raise DataError(f"{path}: needs a 'task' string and a non-empty 'classes' list")
+        return cls(data)
+
+    def write(self, path: str | Path) -> None:
+        """Write atomically (indented JSON; anything not JSON, such as a path, as text).
+
+        Raises:
+            OSError: the file cannot be written (a previous file is left as it was).
+        """
+        atomic_write_text(path, json.dumps(dict(self.data), indent=2, default=str))
+
+    @property
+    def task(self) -> str:
+        return str(self.data["task"])
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.data["classes"]]
+
+    @property
+    def protocol(self) -> str | None:
+        """``heldout``, ``cv``, ``paper``, or None (training cases, or an older file)."""
+        return self.data.get("protocol")
+
+    @property
+    def split(self) -> str | None:
+        return self.data.get("split")
+
+    @property
+    def folds(self) -> int | None:
+        return self.data.get("folds")
+
+    @property
+    def case_ids(self) -> list[str] | None:
+        """The cases asked for (scored and failed), when recorded."""
+        ids = self.data.get("case_ids")
+        return [str(c) for c in ids] if isinstance(ids, list) else None
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        """``(case, reason)`` of the cases that could not be scored."""
+        entries = self.data.get("failed")
+        if not isinstance(entries, list):
+            return []
+        return [(str(e.get("case", "?")), str(e.get("reason", ""))) for e in entries if isinstance(e, dict)]
+
+    @property
+    def mean(self) -> dict[str, float | None]:
+        return dict(self.data.get("mean") or {})
+
+
 def write_summary(summary: Mapping[str, Any], path: str | Path) -> None:
-    """Write ``summary.json`` atomically (indented JSON; anything not JSON, such as a path, as text).
+    """Write ``summary.json`` atomically through :class:`Summary`.
 
     Raises:
         OSError: the file cannot be written (a previous file is left as it was).
     """
-    atomic_write_text(path, json.dumps(summary, indent=2, default=str))
+    Summary(summary).write(path)
 
 
 def write_scores(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:

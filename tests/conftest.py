@@ -1,7 +1,8 @@
-"""Shared test helpers: a tiny phantom task, tiny training configs, and file-tree snapshots."""
+"""Shared test helpers: a tiny phantom task, tiny training configs and comparisons, and file-tree snapshots."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -51,3 +52,29 @@ def tree_state(*roots: Path) -> dict[str, tuple[int, int]]:
                 st = path.lstat()
                 state[str(path)] = (st.st_size, st.st_mtime_ns)
     return state
+
+
+#: Tiny comparison runs: 16^3 patches, 8 filters, 1 epoch of 2 steps of batch 1, one thread, no worker processes.
+TINY_COMPARE = ["train.epochs=1", "train.steps_per_epoch=2", "data.patch_size=[16,16,16]", "data.batch_size=1",
+                "model.init_filters=8", "data.num_workers=0", "train.threads=1", "train.sw_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 10-case phantom spleen (7 train, 1 validation, 2 test cases by default) of 32x32x12 voxels."""
+    return make_phantom(tmp_path_factory.mktemp("data") / "phantom", cases=10, test_cases=0, size=(32, 32, 12),
+                        progress=False)
+
+
+def tiny_compare(tmp: Path) -> list[str]:
+    """:data:`TINY_COMPARE` with the dataset cache under ``tmp``."""
+    return [*TINY_COMPARE, f"data.cache_dir={tmp / 'cache'}"]
+
+
+def per_case_rows(results: Path) -> dict[str, list[dict[str, str]]]:
+    """Every run's ``eval/per_case.csv`` rows in a results folder, by run id (``<system>/seed<k>``)."""
+    out = {}
+    for path in sorted(results.glob("*/seed*/eval/per_case.csv")):
+        with open(path, newline="") as f:
+            out[str(path.parent.parent.relative_to(results))] = list(csv.DictReader(f))
+    return out

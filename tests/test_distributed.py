@@ -128,7 +128,7 @@ def test_an_exception_on_rank_0_stops_both_ranks_with_its_message(tiny_phantom, 
         assert ("training stopped on all 2 processes: rank 0 failed while writing the logs and checkpoints: "
                 f"could not write checkpoint {run / 'checkpoints' / 'last.pt'}: No space left on device") in lines[0]
         assert "Traceback" not in proc.stderr
-    assert not (run / ".lock").exists()
+    assert not (run / ".claim").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,3 +206,32 @@ def test_gpu_choices_that_cannot_work_are_config_errors(device, env, match, monk
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=match):
         init_distributed(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# srun without torchrun: SLURM's variables as torchrun's
+
+
+@pytest.mark.parametrize("nodelist,first", [("gpu[07-09,12],cpu1", "gpu07"), ("node1", "node1"),
+                                            ("a-b[1,3]", "a-b1"), ("x[001-004]", "x001"), ("n1,n2", "n1")])
+def test_the_first_host_of_a_slurm_node_list(nodelist, first):
+    from beseg.engine.distributed import first_host
+
+    assert first_host(nodelist) == first
+
+
+def test_srun_tasks_map_to_ranks_of_one_run_and_the_batch_step_stays_one_process():
+    from beseg.engine.distributed import launch_env
+
+    task = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4",
+            "SLURM_NTASKS": "8", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NODELIST": "gpu[07-09]",
+            "SLURM_JOB_ID": "5120"}
+    env = launch_env(task)
+    assert (env.rank, env.world_size, env.local_rank, env.source, env.master_addr) == (3, 4, 1, "slurm", "gpu07")
+    assert launch_env({**task, "SLURM_PROCID": "0"}).master_port == env.master_port  # every task meets at one port
+    assert launch_env({**task, "SLURM_JOB_ID": "5121"}).master_port != env.master_port  # another job, another port
+    assert launch_env({**task, "MASTER_PORT": "29999"}).master_port == 29999
+    batch = {k: v for k, v in task.items() if not k.startswith("SLURM_STEP")}  # the job script itself
+    assert launch_env(batch).world_size == 1
+    torchrun = launch_env({**task, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.source) == (1, 2, "torchrun")  # torchrun wins

@@ -58,7 +58,16 @@ def test_the_layout_check_sees_an_upward_import(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("package,allowed", [
-    ("data", ("beseg.data", "beseg.errors", "beseg.fileio")),
+    ("data", ("beseg.data", "beseg.errors", "beseg.fileio", "beseg.protocols")),
+    # the report reads results (through the results folder's layout) and renders: no training, no
+    # orchestration (plans, launchers), no CLI
+    ("report", ("beseg.report", "beseg.errors", "beseg.fileio", "beseg.protocols", "beseg.data", "beseg.losses",
+                "beseg.metrics", "beseg.score", "beseg.experiment.layout")),
 ])
 def test_lower_layers_do_not_import_upward(package, allowed):
     assert _violations(package, allowed) == []
+
+
+@pytest.mark.parametrize("package", ["losses", "data", "engine", "experiment", "report", "bench", "nnunet"])
+def test_no_library_package_imports_the_cli(package):
+    assert [v for v in _violations(package, ("beseg.",)) if ("beseg.cli" in v or "beseg.commands" in v)] == []

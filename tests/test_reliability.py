@@ -181,7 +181,7 @@ def test_bad_task_folder_is_named_by_check_and_by_train_before_training(case, ti
     run = tmp_path / "run"
     rc, out, err = run_main(capsys, "train", cfg, "--data", root, "--out", run, "--no-progress")
     assert_clear_error(rc, err, str(root / rel), problem)
-    assert not (run / "checkpoints").exists() and not (run / ".lock").exists()
+    assert not (run / "checkpoints").exists() and not (run / ".claim").exists()
     assert not (tmp_path / "cfg" / "cache").exists() and not (tmp_path / "beseg-cache").exists()
     assert tree_state(root, cfg, tmp_path / "outside.nii.gz") == before
 
@@ -299,7 +299,7 @@ def assert_resume_after_kill(run: Path, data: Path, epochs: int, capsys) -> bool
     final = load_checkpoint(last)
     assert final["epoch"] == epochs and finite_weights(final)
     assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, epochs + 1))
-    assert not (run / ".lock").exists()  # the dead process's lock was taken over, then released
+    assert not (run / ".claim").exists()  # the dead process's claim was taken over, then released
     return True
 
 
@@ -319,13 +319,13 @@ def test_sigkill_during_a_checkpoint_write_keeps_a_loadable_checkpoint_and_resum
     last = run / "checkpoints" / "last.pt"
     second = ["--resume", run] if last.exists() else [cfg, "--out", run]
     rc, out, err = run_main(capsys, "train", *second, "--data", tiny_phantom, "--no-progress")
-    assert_clear_error(rc, err, f"run folder {run} is in use by process {proc.pid}", f"lock file {run / '.lock'}")
+    assert_clear_error(rc, err, f"run folder {run} is in use by process {proc.pid}", f"claim file {run / '.claim'}")
 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     assert len(partial) == 1 and partial[0].name.startswith((".last.pt.", ".best.pt."))  # killed mid-write
-    assert (run / ".lock").read_text().split()[0] == str(proc.pid)  # stale lock of a dead process
+    assert json.loads((run / ".claim").read_text())["pid"] == proc.pid  # stale claim of a dead process
     if stall_at > 2:
         assert load_checkpoint(last)["epoch"] == 1
     assert assert_resume_after_kill(run, tiny_phantom, 3, capsys) == (stall_at > 2)
@@ -387,7 +387,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     ckpt = load_checkpoint(last)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 2 and finite_weights(ckpt)
     assert finite_weights(load_checkpoint(run / "checkpoints" / "best.pt"))
-    assert no_temp_files(run) and not (run / ".lock").exists()
+    assert no_temp_files(run) and not (run / ".claim").exists()
     assert tree_state(tiny_phantom, cfg) == before
 
 
@@ -458,7 +458,7 @@ def test_disk_full_while_training_stops_with_one_line_and_keeps_the_last_checkpo
                        "the previous file is intact")
     ckpt = load_checkpoint(last)
     assert ckpt["epoch"] == 1 and finite_weights(ckpt)
-    assert no_temp_files(run) and not (run / ".lock").exists()
+    assert no_temp_files(run) and not (run / ".claim").exists()
     assert tree_state(tiny_phantom, cfg) == before
 
 

@@ -57,13 +57,70 @@ def report_failures(failed: list[tuple[str, str]]) -> int:
 
 
 def add_protocol(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--protocol", choices=("heldout", "paper"), default=default,
-                        help="heldout: best.pt chosen on validation cases, every number on held-out test cases "
-                             "(data.test_frac, default 0.2); paper: the paper's 80/20 split, scored on the validation "
-                             f"cases that chose best.pt (optimistic). Default {default}")
+    from beseg.protocols import PROTOCOLS
+
+    trained = tuple(name for name, spec in PROTOCOLS.items() if not spec.folds)  # cv is chosen by --folds
+    parser.add_argument("--protocol", choices=trained, default=default,
+                        help="; ".join(f"{name}: {PROTOCOLS[name].description}" for name in trained)
+                        + f" (held-out test cases: data.test_frac, default 0.2). Default {default}")
     parser.add_argument("--folds", type=int, default=None, metavar="K",
-                        help="k-fold cross-validation (with --protocol heldout): every case is scored once, by the "
-                             "fold model that neither trained on it nor chose best.pt with it")
+                        help=f"{PROTOCOLS['cv'].description}, by the fold model that neither trained on it nor chose "
+                             "best.pt with it (with --protocol heldout)")
+
+
+def add_launchers(parser: argparse.ArgumentParser, status: bool = True) -> None:
+    """compare's (and reproduce's) launcher options: where the runs execute (see :mod:`beseg.experiment.launch`)."""
+    group = parser.add_argument_group(
+        "where the runs execute", "Each run is an independent job: trained, then evaluated into RESULTS_DIR. "
+        "Rerunning the same command skips finished runs and resumes interrupted ones, whichever launcher ran them.")
+    if status:
+        group.add_argument("--status", action="store_true",
+                           help="print one line per run (state, host/pid or job, epoch, best val Dice, time) and exit; "
+                                "`beseg compare RESULTS_DIR --status`")
+    group.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local: this machine (default); slurm: one SLURM job per run, submitted with sbatch")
+    group.add_argument("--devices", metavar="0,1,...",
+                       help="local: GPUs to use, one run per GPU at a time (training and evaluation on that GPU)")
+    group.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="local: CPU runs at a time, each with its share of the cores (default 1: in this process)")
+    group.add_argument("--slurm-partition", metavar="NAME", help="slurm: partition (default: the cluster's default)")
+    group.add_argument("--slurm-time", metavar="TIME", help="slurm: time limit per job, e.g. 12:00:00; a job that "
+                                                              "reaches it is requeued and resumes from last.pt")
+    group.add_argument("--gpus-per-run", type=int, default=0, metavar="G",
+                       help="slurm: GPUs per run (G > 1 trains with DDP inside the job; default 0: CPU)")
+    group.add_argument("--cpus-per-run", type=int, default=1, metavar="C", help="slurm: CPU cores per run (default 1)")
+    group.add_argument("--mem-per-run", metavar="MEM", help="slurm: memory per run, e.g. 32G")
+    group.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="slurm: any other sbatch option, repeatable (account=X, qos=Y, constraint=a100)")
+    group.add_argument("--detach", action="store_true",
+                       help="slurm: submit, print the job ids and return; the same command later collects")
+
+
+def make_launcher(args: argparse.Namespace) -> Any:
+    from beseg.experiment.launch import make_launcher as make
+
+    return make(args.launcher, devices=args.devices, jobs=args.jobs, partition=args.slurm_partition,
+                time_limit=args.slurm_time, gpus=args.gpus_per_run, cpus=args.cpus_per_run,
+                mem=args.mem_per_run, extra=args.slurm_arg, detach=args.detach)
+
+
+def finish(result: Any, out: Any) -> int:
+    """Print what a comparison did: job ids when detached, the failed runs (exit 1), or the report."""
+    if result.detached:
+        for run_id, job in result.jobs.items():
+            print(f"{run_id}: SLURM job {job}")
+        print(f"submitted; `beseg compare {out} --status` shows progress, and the same command again collects "
+              "the results and writes the report")
+        return 0
+    if result.failed:
+        print(f"{len(result.failed)} run(s) failed:", file=sys.stderr)
+        for run_id, (error, log) in result.failed.items():
+            print(f"  - {run_id}: {error}" + (f" (log: {log})" if log else ""), file=sys.stderr)
+        print("the other runs are kept; fix the cause and run the same command again to retry the failed ones",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    print_report(result)
+    return 0
 
 
 def split_systems(text: str) -> list[str]:

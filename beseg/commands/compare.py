@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from beseg.commands.common import add_protocol, data_dir, print_report, split_systems
+from beseg.commands.common import add_launchers, add_protocol, data_dir, finish, make_launcher, split_systems
 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from beseg.report.compare import ALIASES, TABLE1_SYSTEMS
+    from beseg.experiment.plan import ALIASES, TABLE1_SYSTEMS
 
     names = ", ".join([*TABLE1_SYSTEMS, *ALIASES])
     parser.description = (
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated Table 1 rows or aliases ({names}) or YAML config files "
                              "(default: dice,dice_be)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per system: 0..N-1 (default 3)")
-    parser.add_argument("--out", required=True, metavar="RESULTS_DIR", help="results folder (reused to resume)")
+    parser.add_argument("--out", metavar="RESULTS_DIR", help="results folder (reused to resume); required")
     parser.add_argument("--task", "--preset-prefix", dest="task", metavar="TASK",
                         help="preset prefix: phantom_spleen, task09 or task01 (default: from the dataset)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -30,13 +30,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_protocol(parser, "heldout")
     parser.add_argument("--no-report", action="store_true", help="train and evaluate only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_launchers(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from beseg.data.presets import canonical_task
     from beseg.errors import ConfigError
-    from beseg.report.compare import run_compare
 
+    if args.status:
+        from beseg.experiment.status import format_status, plan_status
+
+        folders = [o for o in args.overrides if "=" not in o]
+        if len(folders) + (args.out is not None) != 1:
+            raise ConfigError("--status needs the results folder: `beseg compare RESULTS_DIR --status`.")
+        print(format_status(plan_status(args.out or folders[0])))
+        return 0
+    if args.out is None:
+        raise ConfigError("--out RESULTS_DIR is required (the results folder; reused to resume).")
+    from beseg.experiment.compare import run_compare
+
+    launcher = make_launcher(args)
     progress = not args.no_progress
     task = canonical_task(args.task) if args.task else None
     data = args.data
@@ -47,6 +60,5 @@ def run(args: argparse.Namespace) -> int:
         data = data_dir(None, task, progress)
     result = run_compare(data, split_systems(args.systems), args.seeds, args.out, overrides=[*args.sets, *args.overrides],
                          prefix=task, progress=progress, report=not args.no_report, protocol=args.protocol,
-                         folds=args.folds)
-    print_report(result)
-    return 0
+                         folds=args.folds, launcher=launcher)
+    return finish(result, args.out)

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from beseg.report.demo import demo_overrides, run_demo
+    from beseg.experiment.demo import demo_overrides, run_demo
 
     phantom = {}
     if args.phantom_cases is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from beseg.commands.common import add_protocol, print_report, split_systems
+from beseg.commands.common import add_launchers, add_protocol, finish, make_launcher, split_systems
 
 
 
@@ -20,15 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_protocol(parser, "paper")
     parser.add_argument("--cpu-ok", action="store_true", help="run even without a CUDA device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_launchers(parser, status=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from beseg.report.compare import TABLE1_SYSTEMS
-    from beseg.report.reproduce import run_reproduce
+    from beseg.experiment.plan import TABLE1_SYSTEMS
+    from beseg.experiment.reproduce import run_reproduce
 
     systems = split_systems(args.systems) if args.systems else list(TABLE1_SYSTEMS)
     result = run_reproduce(args.task, args.data, seeds=args.seeds, out=args.out, systems=systems,
                            overrides=args.overrides, cpu_ok=args.cpu_ok, progress=not args.no_progress,
-                           protocol=args.protocol, folds=args.folds)
-    print_report(result)
-    return 0
+                           protocol=args.protocol, folds=args.folds, launcher=make_launcher(args))
+    return finish(result, result.results_dir)

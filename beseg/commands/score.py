@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'ignore' label of the dataset.json, if any); it is not a class")
     parser.add_argument("--affine-tol", type=float, default=1e-3, metavar="MM",
                         help="largest allowed difference between a prediction's and its label's affine (default 1e-3)")
-    parser.add_argument("--protocol", choices=("heldout", "cv", "paper"),
+    from beseg.protocols import PROTOCOLS
+
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS),
                         help="how the predictions were made, recorded for the report: heldout (test cases), cv "
                              "(out-of-fold), paper (the cases that chose the checkpoint: optimistic)")
     parser.add_argument("--only-predicted", action="store_true",

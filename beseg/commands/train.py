@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from beseg.commands.common import data_dir
 
@@ -41,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         if (out / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"run folder {out} already holds a checkpoint; use --resume {out} or another --out.")
         result = train(config, data_dir(args.data, config.data.task, progress), out, progress=progress)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+    from beseg.engine.distributed import launch_env
+
+    if launch_env().rank == 0:  # under torchrun or srun, one line from rank 0 only
         print(f"done: {result.run_dir} (best validation Dice {result.best_dice:.4f})")
     return 0

@@ -30,15 +30,18 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from beseg.errors import DataError
 from beseg.fileio import atomic_write_text
+# The protocols live in their own dependency-free module, so that the CLI's parsers can list them
+# without importing the data layer; they are re-exported here, where splits are made.
+from beseg.protocols import PROTOCOLS, Protocol, ProtocolSpec, get_protocol
 
 __all__ = [
-    "DEFAULT_TEST_FRAC", "DEFAULT_VAL_FRAC", "Protocol", "Split", "fraction_count", "make_split", "make_folds",
+    "DEFAULT_TEST_FRAC", "DEFAULT_VAL_FRAC", "PROTOCOLS", "Protocol", "ProtocolSpec", "Split", "get_protocol", "fraction_count", "make_split", "make_folds",
     "save_split", "load_split", "load_or_make_split",
 ]
 
@@ -46,8 +49,6 @@ __all__ = [
 DEFAULT_TEST_FRAC = 0.2
 #: Default share of all cases used to choose the checkpoint.
 DEFAULT_VAL_FRAC = 0.1
-
-Protocol = Literal["heldout", "cv", "paper"]
 
 # float rounding: 0.29 * 100 is 28.999999999999996, which is 29 cases, not 28
 _EPS = 1e-9

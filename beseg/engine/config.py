@@ -23,7 +23,8 @@ from beseg.errors import ConfigError
 
 __all__ = [
     "Config", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
-    "config_from_dict", "config_to_dict", "list_presets", "load_config", "parse_overrides",
+    "config_from_dict", "config_to_dict", "list_presets", "load_config", "parse_overrides", "RUNTIME_KEYS",
+    "with_runtime_settings",
 ]
 
 
@@ -365,6 +366,24 @@ def config_from_dict(data: dict) -> Config:
         if not isinstance(data.get(section), dict) or data[section].get(name) is None:
             raise ConfigError(f"the config is missing the required key {key!r} ({meaning}).")
     return _from_dict(Config, data, "").validate()
+
+
+#: ``(section, key)`` settings that change where and how a run executes, not what it computes: they may
+#: differ between a run and its resumption (another host, GPU or results-folder path).
+RUNTIME_KEYS: frozenset[tuple[str, str]] = frozenset({
+    ("data", "num_workers"), ("data", "cache"), ("data", "cache_dir"), ("data", "split_file"), ("train", "threads"),
+    ("train", "device"), ("train", "checkpoint_every"), ("train", "dist_timeout_s"),
+})
+
+
+def with_runtime_settings(saved: Config, current: Config) -> Config:
+    """``saved`` with the :data:`RUNTIME_KEYS` of ``current``: what a resumed run computes stays the saved
+    config's, where it runs (device, threads, cache, the split file's present path) is today's."""
+    data = config_to_dict(saved)
+    now = config_to_dict(current)
+    for section, key in RUNTIME_KEYS:
+        data[section][key] = now[section][key]
+    return config_from_dict(data)
 
 
 def config_to_dict(config: Config) -> dict:

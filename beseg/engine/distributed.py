@@ -4,6 +4,13 @@
 ``torchrun --nproc_per_node N`` (or multi-node torchrun) finds ``RANK``/``WORLD_SIZE`` in the
 environment and trains with DistributedDataParallel. Only rank 0 writes files and prints.
 
+Under SLURM's ``srun -n N`` (no torchrun) each task finds SLURM's variables instead, and
+:func:`launch_env` maps them as torchrun would set its own: ``SLURM_PROCID`` -> rank,
+``SLURM_LOCALID`` -> local rank, ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``) -> world size,
+the first host of ``SLURM_STEP_NODELIST`` (else ``SLURM_JOB_NODELIST``) -> the rendezvous host,
+and a port derived from the job and step ids (``MASTER_PORT`` when set). So ``srun -n N beseg
+train ...`` is one N-rank run, on one node or several. torchrun's variables win when both are set.
+
 A distributed run must never have one rank wait in a collective that another rank will not join.
 The trainer therefore makes every stop-or-skip decision collectively: each rank reports whether it
 failed (and, per step, its loss) through :func:`gather_rows`, and when any rank failed every rank
@@ -16,6 +23,7 @@ that stops answering without raising (killed, or hung in I/O).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +36,7 @@ import torch.distributed as dist
 from beseg.errors import BesegError, ConfigError
 
 __all__ = [
-    "DistInfo", "DistributedError", "all_reduce_sum", "barrier", "gather_rows", "gather_texts",
+    "DistInfo", "DistributedError", "LaunchEnv", "first_host", "launch_env", "all_reduce_sum", "barrier", "gather_rows", "gather_texts",
     "init_distributed", "shutdown_distributed",
 ]
 
@@ -61,12 +69,75 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, str(default))
+def _env_int(env, name: str, default: int) -> int:
+    raw = env.get(name, str(default))
     try:
         return int(raw)
     except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer (torchrun sets it).") from None
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer (torchrun or srun sets it).") from None
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """How this process was started: its rank among ``world_size`` processes, and where they meet.
+
+    Attributes:
+        source: ``torchrun``, ``slurm`` (``srun`` without torchrun) or ``single``.
+        master_addr, master_port: the rendezvous (None: torchrun's own ``env://`` variables).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-09,12],cpu1`` -> ``gpu07`` (zero padding kept).
+
+    Raises:
+        ConfigError: an empty or malformed list.
+    """
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        if not prefix:
+            raise ConfigError(f"SLURM node list {nodelist!r} is empty.")
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    if not first.isdigit():
+        raise ConfigError(f"SLURM node list {nodelist!r}: cannot read its first host.")
+    return prefix + first
+
+
+def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Rank, world size and rendezvous of this process: torchrun's variables, else SLURM's (``srun``), else one process.
+
+    Args:
+        environ: the environment (default ``os.environ``).
+
+    Raises:
+        ConfigError: a malformed variable.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "WORLD_SIZE" in env or "LOCAL_RANK" in env:
+        return LaunchEnv(_env_int(env, "RANK", 0), _env_int(env, "WORLD_SIZE", 1), _env_int(env, "LOCAL_RANK", 0),
+                         "torchrun")
+    tasks_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    # Only inside an srun step: the batch script itself also carries SLURM_NTASKS but is one process.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and _env_int(env, tasks_var, 1) > 1:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodes:
+            raise ConfigError("srun started several tasks but SLURM_JOB_NODELIST is not set; start with torchrun.")
+        if "MASTER_PORT" in env:
+            port = _env_int(env, "MASTER_PORT", 29500)
+        else:  # the same for every task of the step, different for concurrent steps and jobs
+            port = 20000 + (_env_int(env, "SLURM_JOB_ID", 0) * 17 + _env_int(env, "SLURM_STEP_ID", 0)) % 20000
+        return LaunchEnv(_env_int(env, "SLURM_PROCID", 0), _env_int(env, tasks_var, 1),
+                         _env_int(env, "SLURM_LOCALID", 0), "slurm", env.get("MASTER_ADDR") or first_host(nodes), port)
+    return LaunchEnv(0, 1, 0, "single")
 
 
 def _pick_device(requested: str, local_rank: int, world_size: int) -> torch.device:
@@ -114,9 +185,8 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) 
     Raises:
         ConfigError: see :func:`_pick_device`, or a malformed ``RANK``/``WORLD_SIZE``.
     """
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    launch = launch_env()
+    world, rank, local_rank = launch.world_size, launch.rank, launch.local_rank
     device = _pick_device(requested_device, local_rank, world)
     control = None
     if world > 1:
@@ -125,7 +195,11 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) 
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group(backend=backend, timeout=timeout)
+            if launch.master_addr is not None:  # srun: the rendezvous torchrun would have set up
+                dist.init_process_group(backend=backend, timeout=timeout, rank=rank, world_size=world,
+                                        init_method=f"tcp://{launch.master_addr}:{launch.master_port}")
+            else:
+                dist.init_process_group(backend=backend, timeout=timeout)
         if dist.get_backend() != "gloo":
             # Decisions travel as CPU tensors: no GPU synchronisation, no queueing behind NCCL kernels.
             control = dist.new_group(backend="gloo", timeout=timeout)

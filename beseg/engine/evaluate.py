@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from beseg.data import Split, default_cache_dir, load_split, load_task
+from beseg.data.splits import PROTOCOLS as PROTOCOL_SPECS
+from beseg.data.splits import get_protocol
 from beseg.data.classes import class_masks
 from beseg.data.nifti import AFFINE_TOL_MM, check_same_grid, read_header, read_label_map
 from beseg.engine.rundir import RunDir
@@ -42,9 +44,9 @@ __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSummary", "evaluate", "one_hot_score
 #: ``evaluate(split=...)`` values: the run's held-out test cases (default), its validation cases
 #: (which chose best.pt: optimistic), its training cases, or every labelled case.
 EVAL_SPLITS = ("test", "val", "train", "all")
-#: How a number was made: held-out test cases, out-of-fold k-fold predictions, or the paper's
-#: protocol (scored on the cases that chose the checkpoint).
-PROTOCOLS = ("heldout", "cv", "paper")
+#: How a number was made (:data:`beseg.data.splits.PROTOCOLS`): held-out test cases, out-of-fold
+#: k-fold predictions, or the paper's protocol (scored on the cases that chose the checkpoint).
+PROTOCOLS = tuple(PROTOCOL_SPECS)
 
 
 @dataclass
@@ -64,8 +66,10 @@ def one_hot_scored(labels: np.ndarray, loaded: LoadedModel) -> np.ndarray:
     return class_masks(labels, loaded.preset.scored_classes)
 
 
-def run_split(loaded: LoadedModel, task_root: Path, case_ids: list[str]) -> tuple[Split, Path]:
-    """The split a run was trained with: the run folder's ``split.json``, else its config's ``data.split_file``,
+def run_split(loaded: LoadedModel, task_root: Path, case_ids: list[str],
+              split_file: str | Path | None = None) -> tuple[Split, Path]:
+    """The split a run was trained with: ``split_file`` where the caller knows the file's present place (a
+    moved results folder), else the run folder's own ``split.json``, else its config's ``data.split_file``,
     else the cache's ``split.json``.
 
     Raises:
@@ -74,10 +78,12 @@ def run_split(loaded: LoadedModel, task_root: Path, case_ids: list[str]) -> tupl
     """
     cfg = loaded.config.data
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(task_root)
-    split_file = Path(cfg.split_file) if cfg.split_file else cache_dir / "split.json"
-    own = RunDir(loaded.checkpoint.parent.parent).split
-    if own.is_file():
-        split_file = own  # the run's own record of its cases (written when it started training)
+    if split_file is None:
+        split_file = Path(cfg.split_file) if cfg.split_file else cache_dir / "split.json"
+        own = RunDir(loaded.checkpoint.parent.parent).split
+        if own.is_file():
+            split_file = own  # the run's own record of its cases (written when it started training)
+    split_file = Path(split_file)
     if not split_file.is_file():
         raise DataError(
             f"{split_file}: split file not found; it holds the split {loaded.checkpoint} was trained with, and "
@@ -107,9 +113,7 @@ def protocol_fields(split: str, parts: Split | None, checkpoint: Path, protocol:
     folds = parts.folds if parts is not None else None
     inferred = {"test": "cv" if folds else "heldout", "val": "paper"}.get(split)
     if protocol is not None:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
-        if protocol != inferred:
+        if get_protocol(protocol).eval_split != split or protocol != inferred:
             raise ValueError(f"protocol {protocol!r} does not fit split {split!r}"
                              + (f" of this run (that is protocol {inferred!r})" if inferred else "")
                              + ": heldout and cv score the test cases, paper the validation cases.")
@@ -123,7 +127,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
              nsd_tolerance_mm: float = 1.0, device: str = "auto", progress: bool = True,
              protocol: str | None = None,
              distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
-             affine_tol_mm: float = AFFINE_TOL_MM) -> EvalSummary:
+             affine_tol_mm: float = AFFINE_TOL_MM, split_file: str | Path | None = None) -> EvalSummary:
     """Score a trained model on the ``split`` cases of ``data_dir``.
 
     Args:
@@ -142,6 +146,8 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
             counted in ``summary.json``). See :func:`beseg.metrics.case_metrics`.
         affine_tol_mm: largest allowed difference between a label's and its image's affine
             entries (mm); a label on another grid fails its case.
+        split_file: the run's split file, where it is now (default: the run folder's own record, else
+            the one its config names).
 
     Returns:
         An :class:`EvalSummary`; cases that could not be read, whose label is not an integer label
@@ -163,7 +169,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     if split == "all":
         chosen = ids
     else:
-        parts, split_file = run_split(loaded, task.root, ids)
+        parts, split_file = run_split(loaded, task.root, ids, split_file)
         chosen = parts.cases(split)
         if split == "test" and not chosen:
             raise DataError(

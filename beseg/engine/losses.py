@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from beseg.errors import ConfigError
 
 if TYPE_CHECKING:
     from beseg.engine.config import LossConfig

@@ -1,4 +1,4 @@
-"""The run folder: its layout, its lock, and its metric log.
+"""The run folder: its layout, its claim, and its metric log.
 
 ::
 
@@ -10,7 +10,7 @@
       checkpoints/best.pt    best mean validation Dice so far
       tensorboard/           the same metrics for TensorBoard
       eval/                  written by ``beseg evaluate``
-      .lock                  held by the training process that owns the folder
+      .claim                 the claim of the process working on the folder (host, pid, SLURM job, heartbeat)
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ from typing import Any
 
 import yaml
 
-from beseg.errors import BesegError
-from beseg.fileio import atomic_write_text, lock_holder, release_lock, try_lock
+from beseg.engine.claim import Claim, RunLockedError
+from beseg.fileio import atomic_write_text
 
 __all__ = ["RunDir", "RunLockedError", "read_metrics"]
-
-
-class RunLockedError(BesegError):
-    """Another live process is training into the same run folder."""
 
 
 class RunDir:
@@ -72,34 +68,30 @@ class RunDir:
 
     @property
     def lock(self) -> Path:
-        return self.root / ".lock"
+        """The claim file (see :mod:`beseg.engine.claim`)."""
+        return self.root / ".claim"
 
     def write_config(self, config: dict) -> None:
         atomic_write_text(self.config, yaml.safe_dump(config, sort_keys=False))
 
-    # -- lock ---------------------------------------------------------------------------------
+    # -- claim ---------------------------------------------------------------------------------
 
     def acquire(self) -> None:
-        """Take the folder's lock, or raise if a live process holds it (a dead holder's is taken over).
+        """Claim the folder (:class:`beseg.engine.claim.Claim`): a dead or stale holder's claim is taken
+        over with a warning; nothing to do when this process holds it already (e.g. ``beseg compare``).
 
         Raises:
-            RunLockedError: another running process holds the lock.
+            RunLockedError: a live process (on any host) holds it.
         """
-        for _ in range(2):
-            if try_lock(self.lock):
-                return
-            holder = lock_holder(self.lock)
-            if holder is not None:
-                pid, host = holder
-                raise RunLockedError(
-                    f"run folder {self.root} is in use by process {pid} on {host} (lock file {self.lock}); "
-                    "wait for it to finish or stop it, or pick another --out folder."
-                ) from None
-            self.lock.unlink(missing_ok=True)  # stale: its process is gone
-        raise RunLockedError(f"could not take the lock {self.lock}; another process is racing for it.")
+        claim = Claim(self.lock)
+        self._claim = claim if claim.acquire() else None
 
     def release(self) -> None:
-        release_lock(self.lock)
+        """Release the claim if :meth:`acquire` took it."""
+        claim = getattr(self, "_claim", None)
+        if claim is not None:
+            claim.release()
+            self._claim = None
 
     # -- metrics ------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 ::
 
-    Trainer.run()                  process group, the run folder's lock, then
+    Trainer.run()                  process group, the run folder's claim, then
       setup()
         setup_data()               data check, split, intensity statistics and the store (rank 0 first), datasets
         setup_model()              build_network(), build_loss(), build_optimizer(), schedule, AMP scaler
@@ -65,7 +65,7 @@ from beseg.engine.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
-from beseg.engine.config import Config, config_from_dict, config_to_dict
+from beseg.engine.config import Config, config_from_dict, config_to_dict, with_runtime_settings
 from beseg.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -116,7 +116,8 @@ def train(config: Config | None, data_dir: str | Path, run_dir: str | Path, resu
     """Train ``config`` on the task folder ``data_dir`` into ``run_dir`` with the default :class:`Trainer`.
 
     Args:
-        config: the configuration; ignored with ``resume`` (the checkpoint's is used).
+        config: the configuration; with ``resume`` the checkpoint's is used, and only the runtime
+            settings of ``config`` (if given) replace its own (:data:`beseg.engine.config.RUNTIME_KEYS`).
         data_dir: MSD-layout task folder.
         run_dir: run folder (see :mod:`beseg.engine.rundir`); created if needed.
         resume: continue from ``run_dir/checkpoints/last.pt``.
@@ -136,7 +137,8 @@ class Trainer:
     """One training run, in steps a variant can override (see the module docstring).
 
     Args:
-        config: the configuration; ignored with ``resume`` (the checkpoint's is used).
+        config: the configuration; with ``resume`` the checkpoint's is used, and only the runtime
+            settings of ``config`` (if given) replace its own (:data:`beseg.engine.config.RUNTIME_KEYS`).
         data_dir: MSD-layout task folder.
         run_dir: run folder; created if needed.
         resume: continue from ``run_dir/checkpoints/last.pt``.
@@ -172,7 +174,9 @@ class Trainer:
         self.progress = progress
         self.checkpoint: dict[str, Any] | None = load_resume_checkpoint(run_dir) if resume else None
         if self.checkpoint is not None:
-            config = config_from_dict(self.checkpoint["config"])
+            saved = config_from_dict(self.checkpoint["config"])
+            # A config given with resume only says where the run now executes (its runtime settings).
+            config = saved if config is None else with_runtime_settings(saved, config)
         if config is None:
             raise ConfigError("no config given.")
         self.config = config
@@ -197,7 +201,7 @@ class Trainer:
     # the whole run
 
     def run(self) -> TrainResult:
-        """Join the process group, take the run folder's lock, :meth:`setup`, then :meth:`fit`.
+        """Join the process group, take the run folder's claim, :meth:`setup`, then :meth:`fit`.
 
         Returns:
             A :class:`TrainResult`.
@@ -208,7 +212,7 @@ class Trainer:
         self.dist = init_distributed(self.config.train.device, self.config.train.dist_timeout_s)
         locked = False
         try:
-            with self.all_ranks("taking the run folder's lock"):
+            with self.all_ranks("taking the run folder's claim"):
                 if self.dist.is_main:
                     self.run_dir.acquire()
                     locked = True

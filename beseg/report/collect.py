@@ -26,20 +26,20 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from beseg.errors import ReportError
+from beseg.errors import DataError, ReportError
+from beseg.experiment.layout import ResultsLayout
 from beseg.metrics import METRIC_NAMES
+from beseg.score import Summary
 
 __all__ = ["Run", "Results", "collect_results", "collect_scored", "read_run"]
 
-_SEED_DIR = re.compile(r"seed(\d+)")
 _CSV_COLUMNS = ("case", "class", *METRIC_NAMES)
 
 
@@ -83,10 +83,7 @@ class Run:
     @property
     def failed(self) -> list[tuple[str, str]]:
         """``(case, reason)`` of the cases that could not be scored, from ``summary.json``."""
-        entries = self.summary.get("failed")
-        if not isinstance(entries, list):
-            return []
-        return [(str(e.get("case", "?")), str(e.get("reason", ""))) for e in entries if isinstance(e, dict)]
+        return Summary(self.summary).failed
 
     @property
     def cases(self) -> list[str]:
@@ -176,15 +173,6 @@ def _read_per_case(path: Path, classes: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise _Skip(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except json.JSONDecodeError as exc:
-        raise _Skip(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-
-
 def _read_log(path: Path, notes: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and val entries of ``metrics.jsonl``; unreadable lines are counted in a note."""
     train: list[dict[str, Any]] = []
@@ -231,13 +219,11 @@ def _read_scores(folder: Path) -> tuple[dict[str, Any], list[str], list[dict[str
     Raises:
         _Skip: either file is missing or malformed.
     """
-    summary = _read_json(folder / "summary.json")
-    if not isinstance(summary, dict) or not isinstance(summary.get("task"), str) or not (
-        isinstance(summary.get("classes"), list) and summary["classes"]
-    ):
-        raise _Skip(f"{folder / 'summary.json'}: needs a 'task' string and a non-empty 'classes' list")
-    classes = [str(c) for c in summary["classes"]]
-    return summary, classes, _read_per_case(folder / "per_case.csv", classes)
+    try:
+        summary = Summary.read(folder / "summary.json")
+    except DataError as exc:
+        raise _Skip(str(exc)) from None
+    return dict(summary.data), summary.classes, _read_per_case(folder / "per_case.csv", summary.classes)
 
 
 def read_run(path: str | Path, system: str, seed: int, notes: list[str]) -> Run:
@@ -275,14 +261,6 @@ def _same_kind(root: Path, runs: list[Run]) -> None:
         raise ReportError(f"{root}: runs evaluated different tasks or classes ({listing})")
 
 
-def _run_dirs(root: Path) -> Iterator[tuple[str, int, Path]]:
-    for system_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "report"):
-        for seed_dir in sorted(system_dir.iterdir()):
-            m = _SEED_DIR.fullmatch(seed_dir.name)
-            if m and seed_dir.is_dir():
-                yield system_dir.name, int(m.group(1)), seed_dir
-
-
 def collect_results(results_dir: str | Path) -> Results:
     """Read every ``<system>/seed<k>`` run of a results folder.
 
@@ -301,7 +279,7 @@ def collect_results(results_dir: str | Path) -> Results:
         raise ReportError(f"{root}: results folder does not exist")
     runs: list[Run] = []
     notes: list[str] = []
-    for system, seed, path in _run_dirs(root):
+    for system, seed, path in ResultsLayout(root).result_dirs():
         try:
             runs.append(read_run(path, system, seed, notes))
         except ReportError as exc:

@@ -1,4 +1,4 @@
-"""Tests of beseg.report.compare, demo and reproduce, and their CLI commands, on a tiny phantom.
+"""Tests of beseg.experiment.compare, demo and reproduce, and their CLI commands, on a tiny phantom.
 
 The protocols: held-out (default; numbers on test cases only), paper (on the validation cases that
 chose best.pt) and k-fold cross-validation (out-of-fold, every case once, merged per run).
@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +21,18 @@ import torch
 import yaml
 
 import beseg.engine.trainer as trainer_module
-import beseg.report.compare as compare_module
+import beseg.experiment.worker as worker_module
 from beseg.cli import main
-from beseg.data.phantom import make_phantom
 from beseg.engine.checkpoint import load_checkpoint
 from beseg.data import load_task, make_split
 from beseg.engine.config import load_config
 from beseg.engine.evaluate import evaluate
 from beseg.errors import ConfigError, DataError
 from beseg.report.collect import collect_results
-from beseg.report.compare import resolve_system, run_compare
-from beseg.report.demo import DEMO_OVERRIDES, DEMO_PHANTOM, DEMO_SPLIT, demo_overrides
-
-# Tiny runs: 16^3 patches, 8 filters, 1 epoch of 2 steps of batch 1, one thread, no worker processes.
-TINY = ["train.epochs=1", "train.steps_per_epoch=2", "data.patch_size=[16,16,16]", "data.batch_size=1",
-        "model.init_filters=8", "data.num_workers=0", "train.threads=1", "train.sw_batch_size=4"]
-
+from beseg.experiment.compare import resolve_system, run_compare
+from beseg.experiment.launch import LocalLauncher
+from conftest import TINY_COMPARE, per_case_rows, tiny_compare
+from beseg.experiment.demo import DEMO_OVERRIDES, DEMO_PHANTOM, DEMO_SPLIT, demo_overrides
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
@@ -40,15 +40,8 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BESEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "beseg-cache"))
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    """A 10-case phantom spleen (7 train, 1 validation, 2 test cases by default) of 32x32x12 voxels."""
-    return make_phantom(tmp_path_factory.mktemp("data") / "phantom", cases=10, test_cases=0, size=(32, 32, 12),
-                        progress=False)
-
-
 def _tiny(tmp: Path) -> list[str]:
-    return [*TINY, f"data.cache_dir={tmp / 'cache'}"]
+    return tiny_compare(tmp)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +126,7 @@ class _Spy:
     def __init__(self, monkeypatch):
         self.train_calls: list[tuple[Path, bool]] = []
         self.eval_calls: list[Path] = []
-        real_train, real_eval = compare_module.train, compare_module.evaluate
+        real_train, real_eval = worker_module.train, worker_module.evaluate
 
         def train(config, data_dir, run_dir, resume=False, progress=True):
             self.train_calls.append((Path(run_dir), resume))
@@ -143,8 +136,8 @@ class _Spy:
             self.eval_calls.append(Path(run_dir))
             return real_eval(run_dir, data_dir, **kwargs)
 
-        monkeypatch.setattr(compare_module, "train", train)
-        monkeypatch.setattr(compare_module, "evaluate", evaluate)
+        monkeypatch.setattr(worker_module, "train", train)
+        monkeypatch.setattr(worker_module, "evaluate", evaluate)
 
 
 @pytest.mark.slow
@@ -379,7 +372,7 @@ def test_reproduce_refuses_without_gpu_unless_cpu_ok(tiny_data, capsys):
 def test_cli_compare_reuses_finished_runs(compared, tiny_data, capsys):
     # Trailing KEY=VALUE and --set both reach every run; the settings match, so nothing retrains.
     argv = ["compare", "--data", str(tiny_data), "--systems", "dice,dice_be", "--seeds", "2", "--out", str(compared),
-            "--no-progress", *TINY, "--set", f"data.cache_dir={compared.parent / 'cache'}"]
+            "--no-progress", *TINY_COMPARE, "--set", f"data.cache_dir={compared.parent / 'cache'}"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == 4 and "[4/4] segresnet_be seed 1" in out
@@ -425,3 +418,107 @@ def test_compare_report_figures_load_in_headless_chromium(compared, tmp_path):
     shot = tmp_path / "shot.png"
     _load_in_chromium(html, tmp_path, screenshot=shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# (e) plan, launchers, status: the comparison as independent runs
+
+
+_rows = per_case_rows
+
+
+@pytest.mark.slow
+def test_plan_json_lists_every_run_with_relative_paths(compared):
+    plan = json.loads((compared / "plan.json").read_text())
+    assert [(r["system"], r["seed"], r["fold"], r["state"]) for r in plan["runs"]] == [
+        ("segresnet_dice", 0, None, "done"), ("segresnet_dice", 1, None, "done"),
+        ("segresnet_be", 0, None, "done"), ("segresnet_be", 1, None, "done")]
+    for run in plan["runs"]:
+        assert run["id"] == run["run_dir"] == f"{run['system']}/seed{run['seed']}"
+        assert run["config"]["train"]["seed"] == run["seed"] and run["config"]["data"]["split_file"] == "split.json"
+
+
+@pytest.mark.slow
+def test_jobs_2_gives_the_numbers_of_a_sequential_compare(compared, tiny_data, tmp_path):
+    out = tmp_path / "parallel"
+    lines: list[str] = []
+    result = run_compare(tiny_data, ["dice", "dice_be"], 2, out, overrides=_tiny(compared.parent), progress=False,
+                         log=lines.append, launcher=LocalLauncher(jobs=2))
+    assert not result.failed and result.report.is_file()
+    assert _rows(out) == _rows(compared) and len(_rows(out)) == 4
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [
+        "segresnet_be.seed0.log", "segresnet_be.seed1.log", "segresnet_dice.seed0.log", "segresnet_dice.seed1.log"]
+    assert any(line.startswith("progress: 4/4 runs done") for line in lines)
+    pids = {json.loads((out / run / "run.json").read_text())["pid"] for run in _rows(out)}
+    assert len(pids) == 4 and os.getpid() not in pids  # each run in its own process
+
+
+@pytest.mark.slow
+def test_two_compare_processes_on_one_folder_train_every_run_exactly_once(tiny_data, tmp_path):
+    out = tmp_path / "shared"
+    argv = [sys.executable, "-m", "beseg.cli", "compare", "--data", str(tiny_data), "--systems", "dice,dice_be",
+            "--seeds", "2", "--out", str(out), "--no-progress", "--no-report", *_tiny(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    trained = [line for text in outputs for line in text.splitlines() if ": done in " in line]
+    names = sorted(line.split("] ", 1)[1].split(":")[0] for line in trained)
+    assert names == ["segresnet_be seed 0", "segresnet_be seed 1", "segresnet_dice seed 0", "segresnet_dice seed 1"]
+    for run in ("segresnet_dice/seed0", "segresnet_dice/seed1", "segresnet_be/seed0", "segresnet_be/seed1"):
+        epochs = [json.loads(x)["epoch"] for x in (out / run / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(x)["kind"] == "train"]
+        assert epochs == [1]  # trained once, never restarted
+        assert json.loads((out / run / "run.json").read_text())["pid"] in {p.pid for p in procs}
+    assert not list(out.glob("*/seed*/.claim"))
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_listed_with_its_log_while_the_others_finish(tiny_data, tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("base: phantom_spleen_segresnet_dice\nsystem: broken\ntrain:\n  device: cuda:99\n")
+    out = tmp_path / "results"
+    code = main(["compare", "--data", str(tiny_data), "--systems", f"dice,{broken}", "--seeds", "1", "--out",
+                 str(out), "--jobs", "2", "--no-progress", *_tiny(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "broken/seed0: train.device='cuda:99'" in err and f"(log: {out / 'logs' / 'broken.seed0.log'})" in err
+    assert (out / "segresnet_dice" / "seed0" / "eval" / "summary.json").is_file()  # the other run finished
+    assert not (out / "report").exists()  # no report from a partial comparison
+    assert "Traceback" in (out / "logs" / "broken.seed0.log").read_text()  # the whole story is in the log
+    main(["compare", str(out), "--status"])
+    status = capsys.readouterr().out.splitlines()
+    assert re.match(r"segresnet_dice/seed0\s+done\s", status[0]) and re.match(r"broken/seed0\s+failed\s", status[1])
+    assert status[-1] == "1 done, 1 failed of 2 run(s)"
+
+
+@pytest.mark.slow
+def test_status_shows_a_live_claim_as_running(compared, capsys):
+    from beseg.engine.claim import Claim
+
+    claim = Claim(compared / "segresnet_be" / "seed1" / ".claim")
+    claim.acquire()
+    try:
+        assert main(["compare", str(compared), "--status"]) == 0
+    finally:
+        claim.release()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    assert re.match(rf"segresnet_be/seed1\s+running\s+{re.escape(socket.gethostname())} pid {os.getpid()}\s+epoch 1/1",
+                    lines[3])
+    assert all(re.match(r"\S+\s+done\s.*epoch 1/1  best val Dice 0\.\d{4}", line) for line in lines[:3])
+
+
+@pytest.mark.slow
+def test_a_moved_results_folder_is_reused(compared, tiny_data, tmp_path, monkeypatch):
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "results"
+    shutil.copytree(compared, moved)
+    spy = _Spy(monkeypatch)
+    lines: list[str] = []
+    result = run_compare(tiny_data, ["dice", "dice_be"], 2, moved, overrides=_tiny(compared.parent), progress=False,
+                         log=lines.append)
+    assert spy.train_calls == [] and spy.eval_calls == [] and result.report.is_file()
+    assert sum("skipped" in line for line in lines) == 4

@@ -1,6 +1,6 @@
 """``beseg reproduce``: the paper's full protocol (Table 1, paper patch sizes) on real MSD data.
 
-This is :func:`beseg.report.compare.run_compare` with every Table 1 row and the ``task01_*`` or
+This is :func:`beseg.experiment.compare.run_compare` with every Table 1 row and the ``task01_*`` or
 ``task09_*`` presets (paper patches, 500/300 epochs, AMP). It is meant for GPUs: on a CPU a single
 run takes days, so without CUDA it refuses unless ``cpu_ok`` is set.
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from beseg.errors import ConfigError
-from beseg.report.compare import TABLE1_SYSTEMS, CompareResult, run_compare
+from beseg.experiment.compare import TABLE1_SYSTEMS, CompareResult, run_compare
 
 __all__ = ["PAPER_TASKS", "run_reproduce"]
 
@@ -28,7 +28,7 @@ PAPER_TASKS: dict[str, str] = {"task01": "Task01_BrainTumour", "task09": "Task09
 def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: str | Path | None = None,
                   systems: Sequence[str] = TABLE1_SYSTEMS, overrides: Sequence[str] = (), cpu_ok: bool = False,
                   progress: bool = True, log: Callable[[str], None] = print, protocol: str = "paper",
-                  folds: int | None = None) -> CompareResult:
+                  folds: int | None = None, launcher=None) -> CompareResult:
     """Run every Table 1 row with the paper's settings for ``task`` and write the report.
 
     Args:
@@ -43,6 +43,8 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
         log: receives the progress lines.
         protocol: ``paper`` (default: the paper's split and selection, optimistic) or ``heldout``.
         folds: K-fold cross-validation (with ``protocol="heldout"``).
+        launcher: where the runs execute (see :func:`beseg.experiment.compare.run_compare`); with
+            the SLURM launcher the GPU check is the jobs' business, not this machine's.
 
     Returns:
         The :class:`CompareResult`.
@@ -59,7 +61,7 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
     if data_dir is None:
         raise ConfigError(f"--data DIR is required: the MSD {PAPER_TASKS[key]} folder (holding dataset.json, "
                           "imagesTr/, labelsTr/); check it with `beseg data check DIR`.")
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and getattr(launcher, "name", "local") == "local":
         message = (f"no CUDA device: the paper protocol ({len(systems)} systems x {seeds} seed(s), paper patch "
                    "sizes and epochs) is meant for GPUs and would take weeks on a CPU")
         if not cpu_ok:
@@ -70,4 +72,4 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
             "numbers are optimistic (comparable to the paper's Table 1, not held out); --protocol heldout or --folds K "
             "for held-out numbers.")
     return run_compare(data_dir, systems, seeds, out or f"results-{key}", overrides=overrides, prefix=key,
-                       progress=progress, log=log, protocol=protocol, folds=folds)
+                       progress=progress, log=log, protocol=protocol, folds=folds, launcher=launcher)

@@ -1,7 +1,7 @@
 """``beseg demo``: the whole comparison, CPU-sized, on the generated phantom spleen.
 
 It generates (or reuses) the cached phantom spleen task (:data:`DEMO_PHANTOM`: 40 cases), runs
-:func:`beseg.report.compare.run_compare` for the baseline (SegResNet + soft Dice) and the paper's
+:func:`beseg.experiment.compare.run_compare` for the baseline (SegResNet + soft Dice) and the paper's
 system (SegResNet + Dice + 1000 x BE) with :data:`DEMO_OVERRIDES` on top of the ``phantom_spleen_*``
 presets, and writes the report into ``<out>/report/``. Rerunning it reuses ``<out>``: finished runs
 are skipped, interrupted ones resumed.
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from beseg.data.phantom import ensure_phantom
-from beseg.report.compare import CompareResult, run_compare
+from beseg.experiment.compare import CompareResult, run_compare
 
 __all__ = ["DEMO_SYSTEMS", "DEMO_PHANTOM", "DEMO_SPLIT", "DEMO_OVERRIDES", "demo_overrides", "run_demo"]
 

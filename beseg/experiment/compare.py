@@ -1,0 +1,458 @@
+"""``beseg compare``: train and evaluate every system with every seed on one split, then report.
+
+Protocols (``protocol=``, ``--protocol``; ``--folds K`` for cross-validation):
+
+* ``heldout`` (default): one train/val/test split (the runs' ``data.val_frac`` and
+  ``data.test_frac``, default 10 % and 20 % of the cases). Training validates on ``val`` and
+  keeps the best epoch as ``best.pt``; every reported number is on ``test``, which no training
+  or selection decision saw.
+* ``cv`` (``folds=K``, K >= 2): K splits; fold ``f``'s test set is the ``f``-th of K disjoint
+  parts and the rest is split into train/val for ``best.pt``. Every case gets exactly one
+  out-of-fold prediction; the K folds of one (system, seed) are merged into one evaluation that
+  the report reads as one run. For small tasks, as nnU-Net reports its 5-fold results.
+* ``paper``: the paper's two-way split (80/20: Task09 32/9, Task01 388/96), ``best.pt`` chosen
+  by validation Dice on the same validation cases that are then reported. Optimistic: the
+  selection saw the reported cases, by different amounts per system. Kept to compare with the
+  paper's Table 1.
+
+Plan, execute, collect. :func:`run_compare` checks the request and the data, pins the split(s)
+in the results folder, plans every (system, seed[, fold]) run (:mod:`beseg.experiment.plan`,
+written to ``RESULTS/plan.json``), has a launcher (:mod:`beseg.experiment.launch`,
+:mod:`beseg.experiment.slurm`) execute the unfinished ones, each by
+:func:`beseg.experiment.worker.execute_run`, waits for runs other processes hold, merges the folds
+(:mod:`beseg.experiment.folds`) and writes the report (:func:`beseg.report.write_report`). The
+folder's layout is :class:`beseg.experiment.layout.ResultsLayout`.
+
+Every ``eval/summary.json`` says how its numbers were made: ``protocol``, ``split`` (``test``,
+``val`` or ``oof``), ``folds``, ``selection`` and the ``case_ids`` scored.
+
+Resuming: a run is *finished* when ``eval/summary.json`` exists and ``checkpoints/last.pt`` holds
+the config's last epoch; finished runs are skipped. A run with a checkpoint but fewer epochs is
+resumed from ``last.pt``; a trained but unevaluated run is only evaluated; a run folder without a
+checkpoint is trained from scratch. The state is decided again under the run's claim
+(:mod:`beseg.engine.claim`), so two processes never train one run. In cross-validation each fold
+is such a run, and the merge is redone when a fold was (re)evaluated or the merged files are
+missing. A run whose saved config differs from the requested one (runtime settings and the split
+file's path aside) is an error (never silently reused or overwritten), and so is a results folder
+made with another protocol or split. A run that fails is listed with its log; the others finish,
+and the report waits until every run has.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from beseg.data import (
+    Split, get_preset, load_split, load_task, make_folds, make_split, preset_for_task, require_valid_task, save_split,
+)
+from beseg.data.splits import get_protocol
+from beseg.engine.claim import Claim, RunLockedError
+from beseg.engine.config import Config
+from beseg.engine.rundir import RunDir
+from beseg.errors import ConfigError, DataError, ReportError
+from beseg.experiment import worker
+from beseg.experiment.folds import merge_folds
+from beseg.experiment.launch import LaunchOutcome, LocalLauncher
+from beseg.experiment.layout import ResultsLayout
+from beseg.experiment.plan import (
+    ALIASES, PAPER_VAL_FRAC, PROTOCOLS, TABLE1_SYSTEMS, PlannedRun, SystemSpec, check_protocol, plan_runs,
+    preset_prefix, resolve_system, run_state, write_plan_json, _check_prefix,
+)
+from beseg.fileio import atomic_write_text
+from beseg.score import Summary
+
+__all__ = [
+    "TABLE1_SYSTEMS", "ALIASES", "PROTOCOLS", "PAPER_VAL_FRAC", "SystemSpec", "PlannedRun", "CompareResult",
+    "preset_prefix", "resolve_system", "plan_runs", "prepare_splits", "merge_folds", "run_compare",
+]
+
+
+@dataclass
+class CompareResult:
+    """What :func:`run_compare` did.
+
+    Attributes:
+        results_dir: the results folder.
+        runs: every planned run, with the state it was found in.
+        report: the written ``report.html`` (None when the report was not requested).
+        seconds: wall time of the whole comparison.
+        protocol: ``heldout``, ``cv`` or ``paper``.
+        folds: K in cross-validation, else ``None``.
+        failed: ``{run id: (error, log file or None)}`` of the runs that failed (then no report).
+        jobs: ``{run id: SLURM job id}`` of the runs submitted by this call (SLURM launcher).
+        detached: the runs were submitted and not waited for (``--detach``).
+    """
+
+    results_dir: Path
+    runs: list[PlannedRun] = field(default_factory=list)
+    report: Path | None = None
+    seconds: float = 0.0
+    protocol: str = "heldout"
+    folds: int | None = None
+    failed: dict[str, tuple[str, Path | None]] = field(default_factory=dict)
+    jobs: dict[str, str] = field(default_factory=dict)
+    detached: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# splits
+
+
+def _new_split(protocol: str, ids: list[str], config: Config) -> Split:
+    data = config.data
+    if protocol == "paper":
+        n_val = get_preset(data.task).default_val_count(len(ids), PAPER_VAL_FRAC)
+        return make_split(ids, val_frac=PAPER_VAL_FRAC, test_frac=0.0, n_val=n_val, seed=data.split_seed)
+    return make_split(ids, val_frac=data.val_frac, test_frac=data.test_frac, seed=data.split_seed)
+
+
+def prepare_splits(results_dir: str | Path, data_dir: str | Path, protocol: str, folds: int | None,
+                   config: Config) -> dict[int | None, Split]:
+    """Make the comparison's split file(s) in ``results_dir`` before any run trains, or check existing ones.
+
+    Args:
+        results_dir: the results folder.
+        data_dir: the task folder (its case ids).
+        protocol: ``heldout``, ``paper`` or ``cv``.
+        folds: K for ``cv``.
+        config: a run's config; its ``data.val_frac``, ``data.test_frac`` and ``data.split_seed``
+            size a new split (the paper protocol uses the paper's 80/20 instead).
+
+    Returns:
+        ``{None: split}``, or ``{f: fold f's split}`` for ``cv``.
+
+    Raises:
+        DataError: an existing split file is invalid, names unknown cases, or belongs to another
+            protocol (e.g. a two-way split from before held-out test sets under ``heldout``).
+        ValueError: the task has too few cases for the requested split.
+    """
+    results_dir = Path(results_dir)
+    ids = [c.id for c in load_task(data_dir, check_files=False).training]
+    paths = ResultsLayout(results_dir).split_files(folds)
+
+    def fresh(key: int | None) -> Split:
+        if protocol == "cv":  # deterministic: a lost fold file is made again exactly as it was
+            return make_folds(ids, folds, seed=config.data.split_seed, val_frac=config.data.val_frac)[key]
+        return _new_split(protocol, ids, config)
+
+    out: dict[int | None, Split] = {}
+    for key, path in paths.items():
+        if not path.exists():
+            split = fresh(key)
+            save_split(split, path)
+            out[key] = split
+            continue
+        split = load_split(path, known_ids=ids)
+        if split.protocol != protocol:
+            hint = {
+                "paper": "a two-way train/val split (the paper's protocol, or a file from before held-out test "
+                         "sets): its validation cases chose best.pt, so they cannot be a held-out test set",
+                "heldout": "a train/val/test split (a held-out comparison)",
+                "cv": f"fold {split.fold} of a {split.folds}-fold cross-validation",
+            }[split.protocol]
+            raise DataError(f"{path} is {hint}, but this comparison asks for protocol {protocol!r}. Use another --out, "
+                            f"or repeat the protocol this folder was made with.")
+        if protocol == "cv" and (split.folds != folds or split.fold != key):
+            raise DataError(f"{path} is fold {split.fold} of {split.folds}, but this comparison asks for fold {key} "
+                            f"of {folds}. Use another --out, or repeat --folds {split.folds}.")
+        out[key] = split
+    if protocol == "cv":
+        tested = sorted(c for split in out.values() for c in split.test)
+        if tested != sorted(ids):
+            raise DataError(f"{results_dir}: the fold files do not test every case exactly once "
+                            f"({len(tested)} test entries for {len(ids)} cases); use another --out.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+
+
+def _check_data(data_dir: Path, task_names: set[str], cache_dir: str | None = None) -> None:
+    """Fail before any training when the folder is unusable or is not the configs' task (the pass is
+    remembered in the runs' ``data.cache_dir``, where their training looks for it).
+
+    Raises:
+        DataError: listing every problem in the folder, or naming the mismatched task.
+    """
+    require_valid_task(data_dir, cache_dir)
+    task = load_task(data_dir, check_files=False)
+    for name in sorted(task_names):
+        get_preset(name).validate(task)
+
+
+def _eval_cases(result_dir: Path) -> list[str]:
+    """The cases a run was evaluated on: scored ones from ``per_case.csv`` and failed ones."""
+    summary = Summary.read(result_dir / "eval" / "summary.json")
+    with open(result_dir / "eval" / "per_case.csv", newline="") as f:
+        cases = {row["case"] for row in csv.DictReader(f)}
+    return sorted(cases | {case for case, _ in summary.failed})
+
+
+def _check_same_cases(runs: Sequence[PlannedRun], expected: Sequence[str], part: str) -> None:
+    """Every run must have been scored on exactly the ``expected`` cases, or the table is not paired
+    (or not the protocol it claims: held-out numbers from test cases only).
+
+    Args:
+        runs: the planned runs (in cross-validation, the merged seed folders are checked).
+        expected: the case ids the protocol scores.
+        part: their name, for the message (``test``, ``validation``, ``out-of-fold``).
+
+    Raises:
+        ReportError: naming the first run whose cases differ.
+    """
+    want = sorted(expected)
+    for folder, label in dict((r.result_dir, f"{r.system}/seed{r.seed}") for r in runs).items():
+        cases = _eval_cases(folder)
+        if cases != want:
+            raise ReportError(
+                f"{label} was evaluated on cases {cases}, but the comparison's {part} cases are {want}; the runs did "
+                "not use the comparison's split, so they cannot be compared."
+            )
+
+
+def _describe_protocol(protocol: str, splits: dict[int | None, Split]) -> str:
+    if protocol == "cv":
+        some = splits[0]
+        n = len(some.train) + len(some.val) + len(some.test)
+        return (f"protocol cv: {len(splits)}-fold cross-validation of {n} cases; in each fold best.pt is chosen on "
+                f"{len(some.val)} validation case(s) and the ~{len(some.test)} test cases are scored; every case is "
+                "scored once, by the fold model that neither trained on it nor chose with it")
+    split = splits[None]
+    if protocol == "paper":
+        return (f"protocol paper: {len(split.train)} training / {len(split.val)} validation cases; best.pt is chosen "
+                "on the validation cases that are then reported (the paper's protocol: optimistic)")
+    return (f"protocol heldout: {len(split.train)} training / {len(split.val)} validation / {len(split.test)} test "
+            "cases; best.pt is chosen on the validation cases, every reported number is on the test cases")
+
+
+def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Sequence[int], results_dir: str | Path,
+                overrides: Sequence[str] = (), prefix: str | None = None, progress: bool = True,
+                report: bool = True, log: Callable[[str], None] = print, protocol: str = "heldout",
+                folds: int | None = None, launcher=None, wait_s: float = 5.0) -> CompareResult:
+    """Train and evaluate every system with every seed on the same split(s), then write the report.
+
+    Runs already finished in ``results_dir`` are skipped and interrupted ones resumed, so running
+    the same command again after an interruption continues where it stopped.
+
+    Args:
+        data_dir: MSD-layout task folder.
+        systems: ``--systems`` entries (see :func:`resolve_system`).
+        seeds: number of seeds (``0..n-1``) or the seeds themselves.
+        results_dir: where the run folders and the report go.
+        overrides: ``KEY=VALUE`` config overrides applied to every run.
+        prefix: preset prefix (``phantom_spleen``, ``task09``, ``task01``); default from the dataset.
+        progress: show the trainer's and evaluator's progress bars.
+        report: write ``results_dir/report/`` at the end.
+        log: receives one line per run and per stage.
+        protocol: ``heldout`` (default: scored on held-out test cases) or ``paper`` (scored on
+            the validation cases that chose ``best.pt``: optimistic); see the module docstring.
+        folds: K >= 2 for k-fold cross-validation (out-of-fold scores of every case).
+        launcher: what executes the runs (default :class:`~beseg.experiment.launch.LocalLauncher`:
+            one after another in this process); see :mod:`beseg.experiment.launch`.
+        wait_s: how often runs held by other processes are looked at again.
+
+    Returns:
+        A :class:`CompareResult`; ``failed`` lists the runs that failed (the others finish; no
+        report is written until every run has).
+
+    Raises:
+        ConfigError: unknown system, bad override, protocol or fold count, or a run folder made
+            with other settings.
+        DataError: the dataset folder is missing, broken, or not the configs' task, or the
+            results folder's split belongs to another protocol.
+        ReportError: the runs were not scored on the comparison's cases.
+    """
+    start = time.perf_counter()
+    data_dir = Path(data_dir)
+    if not (data_dir / "dataset.json").is_file():
+        raise DataError(f"{data_dir}: no dataset.json; --data must be an MSD task folder (see `beseg data check`).")
+    if prefix is None:
+        prefix = preset_prefix(preset_for_task(load_task(data_dir, check_files=False)).name)
+    prefix = _check_prefix(prefix)
+    protocol = check_protocol(protocol, folds)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list or any(s < 0 for s in seed_list):
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}.")
+    if not systems:
+        raise ConfigError("give at least one system in --systems.")
+    specs = [resolve_system(s, prefix) for s in systems]
+    results_dir = Path(results_dir)
+    _check_plan(results_dir, protocol, folds)
+    planned = plan_runs(specs, seed_list, results_dir, overrides, "heldout" if protocol == "cv" else protocol, folds)
+    _check_data(data_dir, {p.config.data.task.lower() for p in planned}, planned[0].config.data.cache_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    splits = prepare_splits(results_dir, data_dir, protocol, folds, planned[0].config)
+    _write_plan(results_dir, data_dir, specs, seed_list, overrides, protocol, folds)
+
+    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve())
+
+    result = CompareResult(results_dir, planned, protocol=protocol, folds=folds)
+    todo = sum(p.state != "done" for p in planned)
+    log(f"compare: {len(specs)} system(s) x {len(seed_list)} seed(s)" + (f" x {folds} folds" if folds else "")
+        + f" on {data_dir} -> {results_dir} ({len(planned) - todo} finished already, {todo} to run)")
+    log(_describe_protocol(protocol, splits))
+    launcher = launcher if launcher is not None else LocalLauncher()
+    outcome = _execute(ResultsLayout(results_dir.resolve()), planned, launcher, data_dir, protocol, progress, log, wait_s)
+    result.failed, result.jobs = outcome.failed, outcome.jobs
+    if getattr(launcher, "detach", False) and outcome.busy:
+        result.detached = True
+        result.seconds = time.perf_counter() - start
+        return result
+    states = {run.id: ("failed" if run.id in outcome.failed else "done") for run in planned}
+    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), states)
+    stale = {run.result_dir for run in planned if run.state != "done"}  # seed folders whose merge must be redone
+    if result.failed:
+        log(f"{len(result.failed)} run(s) failed; no report until they finish (rerun the same command to retry):")
+        for run_id, (error, log_path) in result.failed.items():
+            log(f"  {run_id}: {error}" + (f" (log: {log_path})" if log_path else ""))
+        result.seconds = time.perf_counter() - start
+        return result
+    spec = get_protocol(protocol)
+    if protocol == "cv":
+        all_ids = sorted(c for split in splits.values() for c in split.test)
+        for seed_dir in dict.fromkeys(r.result_dir for r in planned):
+            if seed_dir in stale or not (seed_dir / "eval" / "summary.json").is_file():
+                merged = merge_folds(seed_dir, [seed_dir / f"fold{f}" for f in range(folds)], all_ids)
+                dice = merged["mean"].get("dice")
+                log(f"merged {folds} folds of {seed_dir.parent.name} seed {seed_dir.name[4:]}: out-of-fold Dice "
+                    + (f"{dice:.4f}" if dice is not None else "n/a") + f" over {merged['cases']} case(s)")
+        expected = all_ids
+    else:
+        expected = splits[None].cases(spec.eval_split)
+    _check_same_cases(planned, expected, spec.part)
+    if report:
+        from beseg.report import write_report  # rendering: the last step, after every run is in
+
+        names = [s.name for s in specs]
+        baseline = "segresnet_dice" if "segresnet_dice" in names else names[0]
+        be_system = "segresnet_be" if "segresnet_be" in names else names[-1]
+        log("writing the report...")
+        result.report = write_report(results_dir, data_dir, baseline=baseline, be_system=be_system)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _held_elsewhere(run: PlannedRun) -> bool:
+    """Another live process (here or on another host) holds the run's claim."""
+    claim = Claim(RunDir(run.run_dir).lock)
+    held = claim.holder()
+    return held is not None and not claim.is_mine(held) and claim.stale_reason(held) is None
+
+
+def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, data_dir: Path, protocol: str, progress: bool,
+             log: Callable[[str], None], wait_s: float) -> LaunchOutcome:
+    """Execute the unfinished runs through ``launcher``; then wait for the runs other processes hold,
+    taking over any whose holder is gone, until every run is done or failed.
+
+    Returns:
+        The combined :class:`LaunchOutcome` (``busy`` is empty unless a detached launcher left jobs).
+    """
+    total = LaunchOutcome()
+    todo = [run for run in planned if run.state != "done"]
+    for i, run in enumerate(planned, start=1):
+        log(f"[{i}/{len(planned)}] {run.name}: {run.describe()}")
+    first = True
+    while todo:
+        if not first:
+            time.sleep(wait_s)
+        first = False
+        ready, waiting = [], []
+        for run in todo:
+            state, run.epoch = run_state(run.run_dir, run.config)
+            if state == "done":
+                total.done.append(run.id)
+            elif _held_elsewhere(run):
+                waiting.append(run)
+            elif not total.failed.get(run.id) and (first or _failed_elsewhere(run) is None):
+                ready.append(run)
+            else:
+                failure = _failed_elsewhere(run) or {}
+                total.failed[run.id] = (failure.get("error", "failed"), failure.get("log"))
+        if ready:
+            outcome = _launch(layout, ready, launcher, data_dir, protocol, progress, log)
+            total.done += outcome.done
+            total.failed.update(outcome.failed)
+            total.jobs.update(outcome.jobs)
+            if getattr(launcher, "detach", False):
+                total.busy = list(outcome.busy)
+                return total
+            waiting += [run for run in ready if run.id in outcome.busy]
+        todo = [run for run in waiting if run.id not in total.failed]
+        if todo:
+            log(f"waiting for {len(todo)} run(s) that other processes hold: " + ", ".join(r.id for r in todo))
+    return total
+
+
+def _failed_elsewhere(run: PlannedRun) -> dict | None:
+    return worker.read_failure(run.run_dir)
+
+
+def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_dir: Path, protocol: str, progress: bool,
+            log: Callable[[str], None]) -> LaunchOutcome:
+    """One pass of ``launcher`` over ``runs`` (in this process when it is the in-process local launcher)."""
+    if not (isinstance(launcher, LocalLauncher) and launcher.in_process):
+        return launcher.execute(layout, [r.id for r in runs], log)
+    outcome = LaunchOutcome()
+    for i, run in enumerate(runs, start=1):
+        tick = time.perf_counter()
+        try:
+            summary = worker.execute_run(run.run_dir, run.config, data_dir, protocol, progress=progress, log=log,
+                                         label=run.name)
+        except RunLockedError:
+            outcome.busy.append(run.id)
+            log(f"{run.name}: another process holds it; waiting for it")
+            continue
+        except Exception as err:  # noqa: BLE001 - a failing run must not stop the others
+            outcome.failed[run.id] = (str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+                                      None)
+            log(f"{run.name}: FAILED: {outcome.failed[run.id][0]}")
+            continue
+        outcome.done.append(run.id)
+        if summary is None:
+            log(f"{run.name}: finished by another process")
+            continue
+        dice = summary["mean"].get("dice")
+        part = get_protocol(protocol).part
+        log(f"[{i}/{len(runs)}] {run.name}: done in {time.perf_counter() - tick:.0f} s, "
+            f"{'test' if part != 'validation' else 'validation'} Dice {dice:.4f} over {summary['cases']} case(s)"
+            if dice is not None else f"[{i}/{len(runs)}] {run.name}: done, no case could be scored")
+    return outcome
+
+
+def _check_plan(results_dir: Path, protocol: str, folds: int | None) -> None:
+    """Refuse a results folder whose recorded protocol or fold count differs from this request.
+
+    Raises:
+        ConfigError: naming both protocols.
+    """
+    path = results_dir / "compare.yaml"
+    if not path.is_file():
+        return
+    try:
+        plan = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read it ({err}); give another --out.") from None
+    if not isinstance(plan, dict) or "protocol" not in plan:
+        return  # made before protocols were recorded: its split file decides (prepare_splits)
+    if (plan.get("protocol"), plan.get("folds")) != (protocol, folds):
+        was = f"protocol {plan.get('protocol')}" + (f" with {plan['folds']} folds" if plan.get("folds") else "")
+        now = f"protocol {protocol}" + (f" with {folds} folds" if folds else "")
+        raise ConfigError(f"{results_dir} holds a comparison made with {was}, not {now}; give another --out, or "
+                          "repeat the original protocol.")
+
+
+def _write_plan(results_dir: Path, data_dir: Path, specs: Sequence[SystemSpec], seeds: Sequence[int],
+                overrides: Sequence[str], protocol: str, folds: int | None) -> None:
+    """Record what was asked, so a results folder says how to reproduce it."""
+    plan = {
+        "data": str(data_dir.resolve()), "systems": {s.name: s.config for s in specs}, "seeds": list(seeds),
+        "overrides": list(overrides), "protocol": protocol, "folds": folds,
+    }
+    atomic_write_text(results_dir / "compare.yaml", yaml.safe_dump(plan, sort_keys=False))

@@ -1,0 +1,122 @@
+"""The results folder of a comparison: every path in it, spelled in one place.
+
+::
+
+    RESULTS/compare.yaml                  what was asked: data, systems, seeds, overrides, protocol, folds
+    RESULTS/plan.json                     every run: id, system, seed, fold, config, run folder, state
+    RESULTS/split.json                    heldout/paper: the one split every run uses
+    RESULTS/split_fold<f>.json            cv: fold f's split
+    RESULTS/<system>/seed<k>/             heldout/paper: a run folder (:mod:`beseg.engine.rundir`),
+                                          evaluated into eval/
+    RESULTS/<system>/seed<k>/fold<f>/     cv: fold f's run folder, evaluated on its test cases
+    RESULTS/<system>/seed<k>/eval/        what the report reads (cv: the K folds merged)
+    RESULTS/logs/<run id>.log             each run's output when a launcher ran it in its own process
+    RESULTS/slurm/<run id>.sbatch         the SLURM launcher's job scripts (and <run id>.jobid)
+    RESULTS/report/                       report.md, report.html, figures/
+
+A run's *id* is its run folder relative to ``RESULTS`` (``segresnet_be/seed0``,
+``segresnet_be/seed0/fold2``); file names use it with ``/`` replaced by ``.``. Everything that
+is recorded is relative to ``RESULTS``, so a results folder can be moved.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["ResultsLayout", "REPORT_DIR"]
+
+#: Folders of a results folder that are not systems.
+REPORT_DIR = "report"
+_NOT_SYSTEMS = {REPORT_DIR, "logs", "slurm"}
+_SEED_DIR = re.compile(r"seed(\d+)")
+
+
+class ResultsLayout:
+    """Paths of one results folder (nothing is created here).
+
+    Args:
+        root: the results folder.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # -- files of the comparison ---------------------------------------------------------------
+
+    @property
+    def compare_yaml(self) -> Path:
+        return self.root / "compare.yaml"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_DIR
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    def split_file(self, fold: int | None = None) -> Path:
+        """``split.json``, or fold ``fold``'s ``split_fold<f>.json``."""
+        return self.root / ("split.json" if fold is None else f"split_fold{fold}.json")
+
+    def split_files(self, folds: int | None) -> dict[int | None, Path]:
+        """``{None: split.json}``, or ``{f: split_fold<f>.json}`` for K folds."""
+        if folds is None:
+            return {None: self.split_file()}
+        return {f: self.split_file(f) for f in range(folds)}
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def run_id(system: str, seed: int, fold: int | None = None) -> str:
+        """``<system>/seed<k>[/fold<f>]``: the run folder relative to the results folder."""
+        return f"{system}/seed{seed}" + (f"/fold{fold}" if fold is not None else "")
+
+    @staticmethod
+    def file_stem(run_id: str) -> str:
+        """A run id as a file name: ``segresnet_be.seed0.fold1``."""
+        return run_id.replace("/", ".")
+
+    def run_dir(self, system: str, seed: int, fold: int | None = None) -> Path:
+        """The run folder (trained with ``train.seed=seed``, on fold ``fold`` in cross-validation)."""
+        return self.root / self.run_id(system, seed, fold)
+
+    def result_dir(self, system: str, seed: int) -> Path:
+        """The folder the report reads as one run: the run folder, or the seed folder holding merged folds."""
+        return self.run_dir(system, seed)
+
+    def eval_dir(self, system: str, seed: int, fold: int | None = None) -> Path:
+        return self.run_dir(system, seed, fold) / "eval"
+
+    def summary(self, system: str, seed: int, fold: int | None = None) -> Path:
+        """``eval/summary.json`` of a run (fold ``None`` in cross-validation: the merged one)."""
+        return self.eval_dir(system, seed, fold) / "summary.json"
+
+    def log(self, run_id: str) -> Path:
+        return self.logs / f"{self.file_stem(run_id)}.log"
+
+    def sbatch(self, run_id: str) -> Path:
+        return self.slurm / f"{self.file_stem(run_id)}.sbatch"
+
+    def job_id_file(self, run_id: str) -> Path:
+        return self.slurm / f"{self.file_stem(run_id)}.jobid"
+
+    def result_dirs(self) -> Iterator[tuple[str, int, Path]]:
+        """``(system, seed, folder)`` of every ``<system>/seed<k>`` folder present, sorted."""
+        if not self.root.is_dir():
+            return
+        for system_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name not in _NOT_SYSTEMS):
+            for seed_dir in sorted(system_dir.iterdir()):
+                m = _SEED_DIR.fullmatch(seed_dir.name)
+                if m and seed_dir.is_dir():
+                    yield system_dir.name, int(m.group(1)), seed_dir

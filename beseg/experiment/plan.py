@@ -1,0 +1,358 @@
+"""The runs of a comparison: systems, the (system, seed[, fold]) runs, how far each got, and ``plan.json``.
+
+A run is one training (``train.seed=k``, on fold ``f`` in cross-validation) followed by its
+evaluation into the results layout (:class:`beseg.experiment.layout.ResultsLayout`). Each run is
+independent of the others, so any launcher may execute them in any order, in parallel, on any host
+that sees the results folder.
+
+``RESULTS/plan.json`` lists every run::
+
+    {"version": 1, "protocol": "heldout", "folds": null, "data": "/data/Task09_Spleen", "runs": [
+      {"id": "segresnet_be/seed0", "kind": "beseg", "system": "segresnet_be", "seed": 0, "fold": null,
+       "run_dir": "segresnet_be/seed0", "state": "pending", "config": {...}}, ...]}
+
+``run_dir`` is relative to the results folder, and so is the config's ``data.split_file``
+(``split.json``): the folder can be moved. ``state`` is what the last ``beseg compare`` found
+(``pending``, ``done`` or ``failed``); ``beseg compare RESULTS --status`` reads the live state from
+the run folders (:mod:`beseg.experiment.status`).
+
+Settings compared for "same run": the saved config against the requested one, without the
+runtime-only keys (:data:`RUNTIME_KEYS`: device, threads, workers, cache folder, checkpoint
+interval) and without ``data.split_file``, which compare pins to the results folder's own split file
+wherever that folder now is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from beseg.data.splits import PROTOCOLS as PROTOCOL_SPECS
+from beseg.engine.checkpoint import load_checkpoint
+from beseg.engine.config import RUNTIME_KEYS, Config, config_from_dict, config_to_dict, list_presets, load_config
+from beseg.engine.rundir import RunDir
+from beseg.errors import ConfigError
+from beseg.experiment.layout import ResultsLayout
+from beseg.fileio import atomic_write_text
+
+__all__ = [
+    "TABLE1_SYSTEMS", "ALIASES", "PROTOCOLS", "PAPER_VAL_FRAC", "RUNTIME_KEYS", "SystemSpec", "PlannedRun",
+    "preset_prefix", "resolve_system", "check_protocol", "plan_runs", "run_state", "write_plan_json",
+    "read_plan_json",
+]
+
+#: The paper's Table 1 rows, in the paper's order.
+TABLE1_SYSTEMS: tuple[str, ...] = (
+    "unet", "ahnet", "segresnet_dice", "segresnet_boundary", "segresnet_focal", "segresnet_be",
+)
+#: Short names accepted by ``--systems``.
+ALIASES: dict[str, str] = {
+    "dice": "segresnet_dice", "dice_be": "segresnet_be", "be": "segresnet_be",
+    "boundary": "segresnet_boundary", "focal": "segresnet_focal", "segresnet": "segresnet_dice",
+}
+#: ``--protocol`` values (``--folds K`` turns ``heldout`` into k-fold cross-validation, ``cv``).
+PROTOCOLS: tuple[str, ...] = tuple(name for name, spec in PROTOCOL_SPECS.items() if not spec.folds)
+#: The paper's validation share: 80/20 (Task09 32/9 and Task01 388/96 through the presets' paper sizes).
+PAPER_VAL_FRAC = 0.2
+#: Overrides that compare sets itself for every run.
+_PINNED_KEYS = ("train.seed", "data.split_file")
+#: ... and, under the paper protocol, the two-way split's shares.
+_PAPER_KEYS = ("data.val_frac", "data.test_frac")
+State = Literal["done", "evaluate", "resume", "fresh"]
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """A system to compare: the name its results are filed under, and the config it comes from.
+
+    Attributes:
+        name: system name (``segresnet_be``...), the ``RESULTS_DIR/<name>/`` folder.
+        config: shipped preset name (``phantom_spleen_segresnet_be``) or a YAML file path.
+    """
+
+    name: str
+    config: str
+
+
+@dataclass
+class PlannedRun:
+    """One (system, seed[, fold]) training run and what compare has to do for it.
+
+    Attributes:
+        system: the system name.
+        seed: the training seed (``train.seed``).
+        run_dir: ``RESULTS_DIR/<system>/seed<seed>`` (``.../fold<f>`` in cross-validation).
+        config: the resolved config for this run.
+        state: ``done`` (skip), ``evaluate`` (trained, not evaluated), ``resume`` (continue
+            training from the last checkpoint) or ``fresh``.
+        epoch: epochs already in the last checkpoint (0 when fresh).
+        fold: the fold in cross-validation, else ``None``.
+    """
+
+    system: str
+    seed: int
+    run_dir: Path
+    config: Config
+    state: State
+    epoch: int = 0
+    fold: int | None = None
+
+    @property
+    def name(self) -> str:
+        """``segresnet_be seed 0`` (``... fold 2``), for progress lines."""
+        return f"{self.system} seed {self.seed}" + (f" fold {self.fold}" if self.fold is not None else "")
+
+    @property
+    def id(self) -> str:
+        """``<system>/seed<k>[/fold<f>]``: the run folder relative to the results folder."""
+        return ResultsLayout.run_id(self.system, self.seed, self.fold)
+
+    @property
+    def result_dir(self) -> Path:
+        """The folder the report reads this run's scores from: the run, or its seed folder in cross-validation."""
+        return self.run_dir.parent if self.fold is not None else self.run_dir
+
+    def describe(self) -> str:
+        """What will happen, for the progress line."""
+        epochs = self.config.train.epochs
+        if self.state == "done":
+            return f"finished ({epochs} epochs, evaluated); skipped"
+        if self.state == "evaluate":
+            return f"trained ({epochs} epochs); evaluating"
+        if self.state == "resume":
+            return f"training (resumes at epoch {self.epoch + 1} of {epochs})"
+        return f"training ({epochs} epochs x {self.config.train.steps_per_epoch or 'one pass of'} steps)"
+
+
+# ----------------------------------------------------------------------------------------------
+# naming
+
+
+def preset_prefix(task_name: str) -> str:
+    """The preset-name prefix of a task: its canonical id (``phantom-spleen`` -> ``phantom_spleen``)."""
+    from beseg.data.presets import canonical_task
+
+    return canonical_task(task_name)
+
+
+def _check_prefix(prefix: str) -> str:
+    """``prefix`` if some shipped Table 1 preset starts with it.
+
+    Raises:
+        ConfigError: no preset for that task, listing the known prefixes.
+    """
+    known = sorted({n[: -len(s) - 1] for n in list_presets() for s in TABLE1_SYSTEMS if n.endswith(f"_{s}")})
+    if prefix not in known:
+        raise ConfigError(f"no Table 1 presets for task {prefix!r}; known tasks: {', '.join(known)}.")
+    return prefix
+
+
+def resolve_system(name: str, prefix: str) -> SystemSpec:
+    """A ``--systems`` entry -> the system name and its config.
+
+    Args:
+        name: a Table 1 row (``segresnet_be``), an alias (``dice``, ``dice_be``, ``be``,
+            ``boundary``, ``focal``) or a YAML config path (its ``system:`` names it).
+        prefix: task preset prefix (``phantom_spleen``, ``task09``, ``task01``).
+
+    Returns:
+        The :class:`SystemSpec`.
+
+    Raises:
+        ConfigError: unknown name, no such preset for this task, or an unreadable config file.
+    """
+    text = name.strip()
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        config, _ = load_config(path)
+        return SystemSpec(config.system, str(path))
+    canonical = ALIASES.get(text.lower(), text.lower())
+    if canonical not in TABLE1_SYSTEMS:
+        choices = ", ".join([*TABLE1_SYSTEMS, *ALIASES])
+        raise ConfigError(f"unknown system {text!r}; choose from {choices}, or give a YAML config file.")
+    preset = f"{prefix}_{canonical}"
+    if preset not in list_presets():
+        raise ConfigError(f"no preset {preset!r} for system {text!r}; `beseg configs` lists the presets.")
+    return SystemSpec(canonical, preset)
+
+
+# ----------------------------------------------------------------------------------------------
+# planning
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the runtime-only settings (which may change between sessions)."""
+    return {section: {k: v for k, v in values.items() if (section, k) not in RUNTIME_KEYS}
+            if isinstance(values, dict) else values for section, values in config.items()}
+
+
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    out = []
+    for section in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(section), wanted.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    out.append(f"{section}.{key}: {a.get(key)!r} in the run, {b.get(key)!r} now")
+        elif a != b:
+            out.append(f"{section}: {a!r} in the run, {b!r} now")
+    return out
+
+
+def run_state(run_dir: Path, config: Config) -> tuple[State, int]:
+    """How far the run folder got, checking it was made with the same config.
+
+    Raises:
+        ConfigError: the folder holds a run of a different config.
+    """
+    run = RunDir(run_dir)
+    if not run.last.is_file():
+        return "fresh", 0
+    ckpt = load_checkpoint(run.last)
+    diffs = _differences(_comparable(ckpt["config"]), _comparable(config_to_dict(config)))
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} holds a run with different settings ({'; '.join(diffs[:4])}); give another --out, "
+            "delete that run folder, or repeat the original settings."
+        )
+    epoch = int(ckpt["epoch"])
+    if epoch < config.train.epochs:
+        return "resume", epoch
+    return ("done" if (run.eval / "summary.json").is_file() else "evaluate"), epoch
+
+
+def check_protocol(protocol: str, folds: int | None) -> str:
+    """The effective protocol: ``heldout``, ``paper`` or ``cv`` (``heldout`` with folds).
+
+    Raises:
+        ConfigError: unknown protocol, fewer than 2 folds, or folds with the paper protocol.
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
+    if folds is None:
+        return protocol
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"--folds must be at least 2 (k-fold cross-validation), got {folds!r}.")
+    if protocol == "paper":
+        raise ConfigError("--folds tests every case on the fold model that did not train on it; the paper protocol "
+                          "has no test cases. Use --folds with --protocol heldout (the default).")
+    return "cv"
+
+
+def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: str | Path,
+              overrides: Sequence[str] = (), protocol: str = "heldout", folds: int | None = None) -> list[PlannedRun]:
+    """Resolve every (system, seed[, fold]) config and find how far each run already got.
+
+    Args:
+        systems: from :func:`resolve_system`.
+        seeds: training seeds.
+        results_dir: the results folder.
+        overrides: ``KEY=VALUE`` overrides for every run (not ``train.seed``/``data.split_file``,
+            which compare sets; under the paper protocol not ``data.val_frac``/``data.test_frac``
+            either).
+        protocol: ``heldout`` or ``paper``.
+        folds: K for k-fold cross-validation (with ``heldout``).
+
+    Returns:
+        The runs, system by system, seed by seed (fold by fold).
+
+    Raises:
+        ConfigError: a bad override, protocol or fold count, two systems with one name, a pinned
+            key overridden, or a run folder holding a run with different settings.
+    """
+    results_dir = Path(results_dir).resolve()
+    layout = ResultsLayout(results_dir)
+    protocol = check_protocol(protocol, folds)
+    pinned = _PINNED_KEYS + (_PAPER_KEYS if protocol == "paper" else ())
+    for item in overrides:
+        if item.partition("=")[0].strip() in pinned:
+            raise ConfigError(f"override {item!r}: compare sets {', '.join(pinned)} itself"
+                              + (" (the paper's 80/20 split)" if protocol == "paper" else " (use --seeds)") + ".")
+    names = [s.name for s in systems]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"systems must have distinct names, got {', '.join(names)}.")
+    extra = [f"data.val_frac={PAPER_VAL_FRAC}", "data.test_frac=0"] if protocol == "paper" else []
+    planned = []
+    for spec in systems:
+        for seed in seeds:
+            for fold, split_file in layout.split_files(folds).items():
+                config, _ = load_config(spec.config, [*overrides, *extra, f"train.seed={seed}",
+                                                      f"data.split_file={split_file}"])
+                config.system = spec.name
+                run_dir = layout.run_dir(spec.name, seed, fold)
+                state, epoch = run_state(run_dir, config)
+                planned.append(PlannedRun(spec.name, seed, run_dir, config, state, epoch, fold))
+    return planned
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# plan.json
+
+PLAN_VERSION = 1
+#: What executes a run (:mod:`beseg.experiment.worker`): ``beseg`` trains with :func:`beseg.engine.trainer.train`
+#: and evaluates with :func:`beseg.engine.evaluate.evaluate`. Other kinds (an nnU-Net trainer) plug in there.
+RUN_KIND = "beseg"
+
+
+def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protocol: str, folds: int | None,
+                    data_dir: str | Path, states: dict[str, str] | None = None) -> Path:
+    """Write ``RESULTS/plan.json`` atomically: every run, its config and its state.
+
+    Paths inside are relative to the results folder (``run_dir``, the config's ``data.split_file``),
+    so the plan stays valid when the folder moves; ``data`` is the task folder as given.
+
+    Args:
+        results_dir: the results folder.
+        runs: the planned runs.
+        protocol: ``heldout``, ``cv`` or ``paper``.
+        folds: K in cross-validation.
+        data_dir: the task folder the runs train on (workers on other hosts read it from here).
+        states: ``{run id: state}`` to record (default: ``done`` for finished runs, else ``pending``).
+
+    Returns:
+        The path written.
+    """
+    layout = ResultsLayout(results_dir)
+    entries = []
+    for run in runs:
+        config = config_to_dict(run.config)
+        split_file = config["data"].get("split_file")
+        if split_file:
+            config["data"]["split_file"] = Path(split_file).name  # the results folder's own split file
+        state = (states or {}).get(run.id) or ("done" if run.state == "done" else "pending")
+        entries.append({"id": run.id, "kind": RUN_KIND, "system": run.system, "seed": run.seed, "fold": run.fold,
+                        "run_dir": run.id, "state": state, "config": config})
+    text = json.dumps({"version": PLAN_VERSION, "protocol": protocol, "folds": folds, "data": str(data_dir),
+                       "runs": entries}, indent=1)
+    return atomic_write_text(layout.plan, text + "\n")
+
+
+def read_plan_json(results_dir: str | Path) -> dict[str, Any]:
+    """``plan.json`` of a results folder, each run's config resolved against the folder where it now is.
+
+    Returns:
+        The plan; each entry of ``runs`` gains ``path`` (its run folder) and ``resolved``
+        (a :class:`~beseg.engine.config.Config` whose ``data.split_file`` is an absolute path).
+
+    Raises:
+        ConfigError: no ``plan.json`` (the folder was not made by ``beseg compare``), or an unreadable one.
+    """
+    layout = ResultsLayout(Path(results_dir).resolve())
+    try:
+        plan = json.loads(layout.plan.read_text(encoding="utf-8"))
+        for entry in plan["runs"]:
+            entry["path"] = layout.root / entry["run_dir"]
+            config = json.loads(json.dumps(entry["config"]))
+            if config["data"].get("split_file"):
+                config["data"]["split_file"] = str(layout.root / config["data"]["split_file"])
+            entry["resolved"] = config_from_dict(config)
+    except FileNotFoundError:
+        raise ConfigError(f"{layout.plan}: not found; is {layout.root} a `beseg compare` results folder?") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{layout.plan}: cannot read it ({err}); run the compare command again to rewrite it.") from None
+    return plan

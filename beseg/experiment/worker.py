@@ -1,0 +1,208 @@
+"""Execute one planned run: claim its folder, train (or resume), evaluate into the results layout, release.
+
+Every launcher ends here: the local one calls :func:`execute_run` in its own process (one run at a
+time) or starts ``python -m beseg.experiment.worker RESULTS RUN_ID`` per run (devices, ``--jobs``),
+and a SLURM job script runs the same command. The worker reads the run from ``RESULTS/plan.json``.
+
+A run that raises leaves ``RUN_DIR/.failed`` (the error and the log file) for ``--status`` and the
+final listing; it is removed when the run is tried again. Exit codes of the module: 0 done (or found
+done), 1 failed, :data:`EXIT_BUSY` another live process holds the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from beseg.data.splits import get_protocol
+from beseg.engine.claim import Claim, RunLockedError, slurm_job_id
+from beseg.engine.config import Config
+from beseg.engine.evaluate import evaluate
+from beseg.engine.rundir import RunDir
+from beseg.engine.trainer import train
+from beseg.errors import BesegError
+from beseg.fileio import atomic_write_text
+
+__all__ = ["EXIT_BUSY", "FAILED_FILE", "RUN_RECORD", "execute_run", "read_failure", "main"]
+
+#: Exit code of the worker when another live process holds the run (sysexits' EX_TEMPFAIL).
+EXIT_BUSY = 75
+#: Marker of a run whose last attempt failed (JSON: error, log, host, time).
+FAILED_FILE = ".failed"
+#: Record of the attempt that finished the run (JSON: host, pid, job_id, started, finished, seconds).
+RUN_RECORD = "run.json"
+
+
+def read_failure(run_dir: str | Path) -> dict[str, Any] | None:
+    """The ``.failed`` record of a run folder, or None."""
+    try:
+        record = json.loads((Path(run_dir) / FAILED_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, protocol: str,
+                log_file: str | Path | None = None, progress: bool = True,
+                log: Callable[[str], None] = print, label: str | None = None,
+                ranks: int = 1) -> dict[str, Any] | None:
+    """Train (fresh or resumed) and evaluate one run, holding its claim throughout.
+
+    Args:
+        run_dir: the run folder.
+        config: the run's config (its ``data.split_file`` where the split file is now).
+        data_dir: the task folder.
+        protocol: ``heldout``, ``cv`` or ``paper``: what is evaluated (its ``eval_split``).
+        log_file: where this run's output goes, recorded in ``.failed`` when it fails.
+        progress: progress bars.
+        log: receives warnings about failed cases.
+        label: the run's name in messages.
+        ranks: train as one DDP run of this many ranks, started with ``srun -n ranks`` inside the
+            current SLURM allocation (evaluation stays in this process).
+
+    Returns:
+        The evaluation summary, or None when the run was found finished already (nothing done).
+
+    Raises:
+        RunLockedError: another live process holds the run.
+        Exception: whatever training or evaluation raised (``.failed`` records it first).
+    """
+    from beseg.experiment.plan import run_state  # the plan's state rules, shared with planning
+
+    run_dir = Path(run_dir)
+    label = label or str(run_dir)
+    claim = Claim(RunDir(run_dir).lock)
+    taken = claim.acquire()
+    try:
+        state, _ = run_state(run_dir, config)
+        if state == "done":
+            return None
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)
+        started = time.time()
+        try:
+            if state in ("fresh", "resume") and ranks > 1:
+                _train_with_srun(config, data_dir, run_dir, state == "resume", ranks, claim.token)
+            elif state == "fresh":
+                train(config, data_dir, run_dir, progress=progress)
+            elif state == "resume":
+                train(config, data_dir, run_dir, resume=True, progress=progress)
+            evaluated = evaluate(run_dir, data_dir, split=get_protocol(protocol).eval_split, progress=progress,
+                                 protocol=protocol, device=config.train.device, split_file=config.data.split_file)
+        except Exception as err:
+            text = str(err) if isinstance(err, BesegError) else f"{type(err).__name__}: {err}"
+            atomic_write_text(run_dir / FAILED_FILE, json.dumps({
+                "error": text.strip().splitlines()[0][:500] if text.strip() else type(err).__name__,
+                "log": str(log_file) if log_file else None, "host": socket.gethostname(), "time": time.time()}))
+            raise
+        finished = time.time()
+        atomic_write_text(run_dir / RUN_RECORD, json.dumps({
+            "host": socket.gethostname(), "pid": os.getpid(), "job_id": slurm_job_id(), "started": started,
+            "finished": finished, "seconds": finished - started, "state": state}))
+        for case, reason in evaluated.failed:
+            log(f"warning: {label}: case {case} could not be evaluated: {reason}")
+        return evaluated.summary
+    finally:
+        if taken:
+            claim.release()
+
+
+def _train_with_srun(config: Config, data_dir: str | Path, run_dir: Path, resume: bool, ranks: int,
+                     token: str | None) -> None:
+    """``srun -n ranks beseg train ...``: one DDP run inside this job (ranks find their rank through SLURM's variables).
+
+    The ranks inherit this process's claim (``BESEG_CLAIM_TOKEN``), so rank 0 does not see it as someone else's.
+
+    Raises:
+        TrainingError: the training step failed (its output is in this run's log).
+    """
+    import subprocess
+
+    import yaml
+
+    from beseg.engine.config import config_to_dict
+    from beseg.engine.trainer import TrainingError
+
+    cmd = ["srun", "-n", str(ranks), "--kill-on-bad-exit=1", sys.executable, "-m", "beseg.cli", "train",
+           "--no-progress", "--data", str(data_dir)]
+    if resume:
+        cmd += ["--resume", str(run_dir)]
+    else:
+        request = run_dir / ".requested-config.yaml"
+        atomic_write_text(request, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        cmd += [str(request), "--out", str(run_dir)]
+    env = {**os.environ, "BESEG_CLAIM_TOKEN": token or ""}
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise TrainingError(f"`srun -n {ranks} beseg train` exited with code {code}; its output is above in this log.")
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m beseg.experiment.worker RESULTS RUN_ID``: execute one run of a plan."""
+    from beseg.experiment.layout import ResultsLayout
+    from beseg.experiment.plan import read_plan_json
+
+    parser = argparse.ArgumentParser(prog="python -m beseg.experiment.worker",
+                                     description="execute one run of RESULTS/plan.json")
+    parser.add_argument("results", metavar="RESULTS")
+    parser.add_argument("run_id", metavar="RUN_ID")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--ranks", type=int, default=1, help="train as one DDP run of N ranks through srun")
+    args = parser.parse_args(argv)
+    from beseg.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    # SIGTERM (scancel, a requeue, the end of a job) unwinds like Ctrl-C: the claim is released on the way out.
+    signal.signal(signal.SIGTERM, _terminated)
+    layout = ResultsLayout(Path(args.results).resolve())
+    try:
+        plan = read_plan_json(layout.root)
+        entry = next((e for e in plan["runs"] if e["id"] == args.run_id), None)
+        if entry is None:
+            print(f"worker: no run {args.run_id!r} in {layout.plan}", file=sys.stderr)
+            return 1
+        if entry.get("kind", "beseg") != "beseg":
+            print(f"worker: run {args.run_id!r} is of kind {entry['kind']!r}, which this beseg cannot execute "
+                  "(upgrade beseg on this host)", file=sys.stderr)
+            return 1
+        config = entry["resolved"]
+        if os.environ.get("BESEG_RUN_DEVICE"):
+            config.train.device = os.environ["BESEG_RUN_DEVICE"]  # training and evaluation on the launcher's GPU
+        threads = os.environ.get("BESEG_RUN_THREADS")
+        if threads and not config.train.threads:
+            config.train.threads = int(threads)  # this run's share of the cores (local --jobs)
+        print(f"worker: {args.run_id} on {socket.gethostname()} (pid {os.getpid()}"
+              + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "") + ")",
+              flush=True)
+        summary = execute_run(entry["path"], config, plan["data"], plan["protocol"], layout.log(args.run_id),
+                              progress=not args.no_progress, label=args.run_id, ranks=args.ranks)
+    except RunLockedError as err:
+        print(f"worker: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    except Exception as err:  # the run failed: its .failed says so; the traceback goes to its log
+        traceback.print_exc()
+        print(f"worker: {args.run_id} failed: {err}", file=sys.stderr)
+        return 1
+    if summary is None:
+        print(f"worker: {args.run_id} was finished already", flush=True)
+    else:
+        dice = summary["mean"].get("dice")
+        print(f"worker: {args.run_id} done: Dice {dice:.4f} over {summary['cases']} case(s)" if dice is not None
+              else f"worker: {args.run_id} done: no case could be scored", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Tests of beseg.experiment.launch and beseg.experiment.slurm that need neither training nor a cluster."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from beseg.errors import ConfigError
+from beseg.experiment.launch import LocalLauncher, Progress, make_launcher, parse_devices
+from beseg.experiment.layout import ResultsLayout
+from beseg.experiment.slurm import SlurmLauncher
+
+
+def test_devices_are_gpu_indices():
+    assert parse_devices("0, 1,cuda:3") == ["0", "1", "3"]
+    for bad in ("0,0", "gpu1", ","):
+        with pytest.raises(ConfigError, match="--devices must list distinct GPU indices"):
+            parse_devices(bad)
+
+
+def test_each_device_process_sees_only_its_gpu_and_cpu_jobs_share_the_cores():
+    gpus = LocalLauncher(devices=["2", "5"])
+    env = gpus._env("5")
+    assert (env["CUDA_VISIBLE_DEVICES"], env["BESEG_RUN_DEVICE"]) == ("5", "cuda") and not gpus.in_process
+    cpus = LocalLauncher(jobs=4, cpus=16)
+    assert cpus._env(None)["OMP_NUM_THREADS"] == "4" and cpus.threads_per_run() == 4
+    assert LocalLauncher(jobs=3, cpus=2).threads_per_run() == 1
+    assert LocalLauncher().in_process
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"jobs": 0}, "--jobs must be at least 1"),
+    ({"devices": "0,1", "jobs": 2}, "not both"),
+    ({"partition": "gpu"}, "--slurm-partition only apply with --launcher slurm"),
+    ({"kind": "slurm", "jobs": 2}, "--devices and --jobs are for --launcher local"),
+    ({"kind": "slurm", "time_limit": "a day"}, "--slurm-time 'a day'"),
+    ({"kind": "slurm", "mem": "lots"}, "--mem-per-run 'lots'"),
+    ({"kind": "slurm", "extra": ["account"]}, "--slurm-arg 'account': give KEY=VALUE"),
+    ({"kind": "kubernetes"}, "--launcher must be local or slurm"),
+])
+def test_launcher_options_are_checked(kwargs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_launcher(**kwargs)
+
+
+def test_a_slurm_job_script_asks_for_what_the_options_say(tmp_path):
+    launcher = SlurmLauncher(partition="gpu", time_limit="12:00:00", gpus=4, cpus=32, mem="64G",
+                             extra=["account=proj", "qos=long"], python="/env/bin/python")
+    results = ResultsLayout(tmp_path / "results")
+    script = launcher.script(results, "segresnet_be/seed1/fold2")
+    head = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert head == [
+        "#SBATCH --requeue", "#SBATCH --job-name=beseg:segresnet_be/seed1/fold2",
+        f"#SBATCH --output={tmp_path / 'results' / 'logs' / 'segresnet_be.seed1.fold2.log'}",
+        "#SBATCH --open-mode=append", "#SBATCH --nodes=1", "#SBATCH --ntasks=4", "#SBATCH --cpus-per-task=8",
+        "#SBATCH --signal=B:USR1@300", "#SBATCH --gres=gpu:4", "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00",
+        "#SBATCH --mem=64G", "#SBATCH --account=proj", "#SBATCH --qos=long"]
+    assert (f"/env/bin/python -m beseg.experiment.worker {tmp_path / 'results'} segresnet_be/seed1/fold2 "
+            "--no-progress --ranks 4 &") in script
+    assert 'trap requeue USR1' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+
+
+def test_the_progress_line_counts_runs_and_estimates_the_rest(monkeypatch):
+    clock = iter([0.0, 600.0])
+    monkeypatch.setattr("beseg.experiment.launch.time.monotonic", lambda: next(clock))
+    lines: list[str] = []
+    progress = Progress(4, lines.append)
+    progress.update(1, 2, 0)  # one run done after 10 minutes: 3 left at that pace
+    assert lines == ["progress: 1/4 runs done, 2 running, 10 min 00 s elapsed, ETA 30 min 00 s"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_devices_0_trains_and_evaluates_on_the_gpu(tiny_data, tmp_path):
+    import json
+
+    from conftest import tiny_compare
+    from beseg.experiment.compare import run_compare
+    from beseg.engine.checkpoint import load_checkpoint
+
+    out = tmp_path / "results"
+    result = run_compare(tiny_data, ["dice"], 1, out, overrides=tiny_compare(tmp_path), progress=False,
+                         log=lambda _: None, report=False, launcher=LocalLauncher(devices=["0"]))
+    assert not result.failed
+    run = out / "segresnet_dice" / "seed0"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]["device"] == "cuda"
+    assert json.loads((run / "eval" / "summary.json").read_text())["cases"] == 2

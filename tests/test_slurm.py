@@ -1,0 +1,208 @@
+"""``beseg compare --launcher slurm`` and ``srun beseg train`` on a real SLURM cluster.
+
+CI starts a single-node cluster with ``scripts/slurm_cluster.sh start`` (Debian's slurm-wlm and
+munge) and exports ``SLURM_CONF``; elsewhere these tests skip unless such a cluster answers. Every
+run is tiny (16^3 patches, 8 filters, a few steps, one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from beseg.cli import main
+from conftest import per_case_rows, tiny_compare
+from beseg.engine.checkpoint import load_checkpoint
+from beseg.experiment.compare import run_compare
+from beseg.experiment.slurm import SlurmLauncher, job_states
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run the SLURM tests (.ci/run installs slurm-wlm and munge and starts the "
+                    "cluster with scripts/slurm_cluster.sh)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def jobcomp() -> Path:
+    """The cluster's job-completion file (one line per finished job); skips (fails in CI) without a cluster."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        _unavailable("SLURM is not installed (Debian: apt-get install -y slurm-wlm munge; then "
+                     "scripts/slurm_cluster.sh start and export SLURM_CONF)")
+    try:
+        info = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        info = None
+    if info is None or info.returncode != 0 or not info.stdout.strip():
+        _unavailable("no SLURM cluster answers (start one: scripts/slurm_cluster.sh start; export SLURM_CONF="
+                     "/tmp/beseg-slurm/slurm.conf)")
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    match = re.search(r"^JobCompLoc\s*=\s*(\S+)", config, flags=re.M)
+    if "jobcomp/filetxt" not in config or not match:
+        _unavailable("the cluster does not write jobcomp/filetxt records (scripts/slurm_cluster.sh configures it)")
+    return Path(match.group(1))
+
+
+def _records(jobcomp: Path) -> dict[str, dict[str, str]]:
+    """``{job id: {field: value}}`` of the finished jobs."""
+    out = {}
+    for line in jobcomp.read_text().splitlines():
+        fields = dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line))
+        if "JobId" in fields:
+            out[fields["JobId"]] = fields
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BESEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "beseg-cache"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
+@pytest.fixture(scope="module")
+def data(tiny_data) -> Path:
+    return tiny_data
+
+
+_tiny, _rows = tiny_compare, per_case_rows
+
+
+def _wait_for_jobs_to_end(jobs: list[str], timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while job_states(jobs) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not job_states(jobs)
+
+
+def test_compare_through_slurm_equals_a_sequential_compare_and_every_run_is_a_job(jobcomp, data, tmp_path):
+    quiet = lambda _: None  # noqa: E731
+    sequential = run_compare(data, ["dice", "dice_be"], 2, tmp_path / "seq", overrides=_tiny(tmp_path),
+                             progress=False, log=quiet, report=False)
+    assert not sequential.failed
+    result = run_compare(data, ["dice", "dice_be"], 2, tmp_path / "slurm", overrides=_tiny(tmp_path), progress=False,
+                         log=quiet, launcher=SlurmLauncher(poll_s=1))
+    assert not result.failed and result.report.is_file()
+    assert _rows(tmp_path / "slurm") == _rows(tmp_path / "seq") and len(_rows(tmp_path / "seq")) == 4
+    records = _records(jobcomp)
+    assert sorted(result.jobs) == sorted(_rows(tmp_path / "slurm"))
+    for run_id, job in result.jobs.items():
+        assert records[job]["JobState"] == "COMPLETED" and records[job]["Name"] == f"beseg:{run_id}"
+        assert json.loads((tmp_path / "slurm" / run_id / "run.json").read_text())["job_id"] == job
+
+
+def _training_job(data: Path, tmp_path: Path, capsys) -> tuple[list[str], Path, str]:
+    """Submit a 20-epoch run with --detach and wait until its job has written a first ``last.pt``.
+
+    Returns:
+        The compare command's arguments (without --detach), the run folder, and the job id.
+    """
+    out = tmp_path / "results"
+    argv = ["compare", "--data", str(data), "--systems", "dice", "--seeds", "1", "--out", str(out), "--launcher",
+            "slurm", "--no-progress", "--no-report", *_tiny(tmp_path), "train.epochs=20", "train.val_every=20"]
+    assert main([*argv, "--detach"]) == 0
+    job = re.search(r"segresnet_dice/seed0: SLURM job (\d+)", capsys.readouterr().out).group(1)
+    run = out / "segresnet_dice" / "seed0"
+    end = time.monotonic() + 300
+    while time.monotonic() < end and not (run / "checkpoints" / "last.pt").is_file():
+        time.sleep(0.2)
+    assert (run / "checkpoints" / "last.pt").is_file() and job_states([job]), "the job should be training"
+    return argv, run, job
+
+
+def _train_epochs(run: Path) -> list[int]:
+    return [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["kind"] == "train"]
+
+
+def test_a_cancelled_job_resumes_its_run_when_the_command_is_repeated(jobcomp, data, tmp_path, capsys):
+    argv, run, job = _training_job(data, tmp_path, capsys)
+    subprocess.run(["scancel", job], check=True)
+    _wait_for_jobs_to_end([job])
+    last = run / "checkpoints" / "last.pt"
+    assert 1 <= load_checkpoint(last)["epoch"] < 20 and _records(jobcomp)[job]["JobState"] == "CANCELLED"
+
+    assert main(argv) == 0  # the same command: resubmits the run, which resumes from last.pt
+    record = json.loads((run / "run.json").read_text())
+    assert record["state"] == "resume" and record["job_id"] != job
+    assert _train_epochs(run) == list(range(1, 21))  # no epoch lost or done twice
+    assert load_checkpoint(last)["epoch"] == 20 and (run / "eval" / "summary.json").is_file()
+
+
+def test_a_failing_run_is_reported_with_its_log_while_the_others_finish(jobcomp, data, tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("base: phantom_spleen_segresnet_dice\nsystem: broken\ntrain:\n  device: cuda:99\n")
+    out = tmp_path / "results"
+    code = main(["compare", "--data", str(data), "--systems", f"dice,{broken}", "--seeds", "1", "--out", str(out),
+                 "--launcher", "slurm", "--no-progress", *_tiny(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    log = out / "logs" / "broken.seed0.log"
+    assert "broken/seed0: train.device='cuda:99'" in err and f"(log: {log})" in err
+    assert "Traceback" in log.read_text()
+    assert (out / "segresnet_dice" / "seed0" / "eval" / "summary.json").is_file()
+    job = (out / "slurm" / "broken.seed0.jobid").read_text().strip()
+    assert _records(jobcomp)[job]["JobState"] == "FAILED"
+
+
+def test_srun_n_2_beseg_train_is_one_two_rank_run(jobcomp, data, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(["srun", "-n", "2", "--cpus-per-task=1", sys.executable, "-m", "beseg.cli", "train",
+                           "phantom_spleen_segresnet_dice", "--data", str(data), "--out", str(run), "--no-progress",
+                           *_tiny(tmp_path), "train.device=cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: ") == 1  # rank 0 only
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert checkpoint["world_size"] == 2 and checkpoint["epoch"] == 1
+
+
+def test_a_run_with_two_ranks_per_job_trains_as_one_ddp_run(jobcomp, data, tmp_path):
+    result = run_compare(data, ["dice"], 1, tmp_path / "results", overrides=[*_tiny(tmp_path), "train.device=cpu"],
+                         progress=False, log=lambda _: None, report=False, launcher=SlurmLauncher(ranks=2, cpus=2,
+                                                                                                  poll_s=1))
+    assert not result.failed
+    run = tmp_path / "results" / "segresnet_dice" / "seed0"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["world_size"] == 2
+    assert "#SBATCH --ntasks=2" in (tmp_path / "results" / "slurm" / "segresnet_dice.seed0.sbatch").read_text()
+    assert (run / "eval" / "summary.json").is_file() and not (run / ".claim").exists()
+
+
+def test_a_claim_of_an_ended_slurm_job_is_taken_over(jobcomp, tmp_path):
+    from beseg.engine.claim import Claim
+
+    job = subprocess.run(["sbatch", "--parsable", "--wrap", "true", "-o", "/dev/null"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    _wait_for_jobs_to_end([job])
+    path = tmp_path / ".claim"
+    path.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "job_id": job, "token": "t",
+                                "started": time.time(), "heartbeat": time.time()}))  # a fresh heartbeat
+    claim = Claim(path)
+    with pytest.warns(RuntimeWarning, match=f"SLURM job {job} has ended"):
+        assert claim.acquire() is True
+    claim.release()
+
+
+def test_a_job_told_its_time_is_up_requeues_itself_and_the_run_resumes(jobcomp, data, tmp_path, capsys):
+    """SLURM sends USR1 to the job script before the time limit (``--signal=B:USR1@300``); here it is sent at once."""
+    argv, run, job = _training_job(data, tmp_path, capsys)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    _wait_for_jobs_to_end([job], timeout=400)  # requeued, started again (after cred_expire), finished
+    log = (run.parents[1] / "logs" / "segresnet_dice.seed0.log").read_text()
+    assert "requeueing the job" in log and f"SLURM job {job} (start 2)" in log
+    record = json.loads((run / "run.json").read_text())
+    assert (record["job_id"], record["state"]) == (job, "resume")  # the same job, resumed from last.pt
+    assert _train_epochs(run) == list(range(1, 21)) and (run / "eval" / "summary.json").is_file()
+    assert _records(jobcomp)[job]["JobState"] == "COMPLETED"
+    assert main(argv) == 0  # the same command collects: nothing left to run
