@@ -166,12 +166,25 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=_run_evaluate)
 
-    predict = sub.add_parser("predict", help="segment NIfTI images into label maps in their own geometry")
-    predict.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="NIfTI images (.nii or .nii.gz)")
+    predict = sub.add_parser(
+        "predict", help="segment NIfTI images into label maps in their own geometry (several runs: an ensemble)",
+        description="RUN_DIR|CHECKPOINT... come first (run folders holding checkpoints/, or .pt files), then the "
+                    "images; several runs average their probabilities (e.g. the k folds).")
+    predict.add_argument("paths", nargs="+", metavar="RUN_DIR|CHECKPOINT... IMAGE",
+                         help="one or more runs, then NIfTI images (.nii, .nii.gz) or folders of them")
     predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    predict.add_argument("--mirror", action="store_true",
+                         help="test-time mirroring: average over the 8 flips of the three axes (8x the time)")
     predict.add_argument("--device", default="auto")
     predict.set_defaults(func=_run_predict)
+
+    export = sub.add_parser(
+        "export", help="write a self-contained ONNX model folder (beseg-predict runs it without PyTorch)")
+    export.add_argument("runs", nargs="+", metavar="RUN_DIR|CHECKPOINT", help="one run, or several as an ensemble")
+    export.add_argument("--out", required=True, metavar="MODEL_DIR", help="the model folder to create")
+    export.add_argument("--mirror", action="store_true", help="record test-time mirroring over the three axes")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
+    export.set_defaults(func=_run_export)
 
 
 def _run_configs(args: argparse.Namespace) -> int:
@@ -243,13 +256,42 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return _report_failures(result.failed)
 
 
+def _split_runs(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Leading run folders (holding checkpoints/) and .pt files, then the images."""
+    from pathlib import Path
+
+    from beseg.errors import ConfigError
+
+    runs = 0
+    while runs < len(paths) and (paths[runs].endswith(".pt") or (Path(paths[runs]) / "checkpoints").is_dir()):
+        runs += 1
+    if runs == 0:
+        raise ConfigError(f"{paths[0]} is not a run folder (no checkpoints/ in it) or a .pt checkpoint; give the "
+                          "run(s) first, then the images.")
+    if runs == len(paths):
+        raise ConfigError("no images given after the run(s).")
+    return list(paths[:runs]), list(paths[runs:])
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     from beseg.engine.predict import predict_files
+    from beseg.errors import DataError
 
-    result = predict_files(args.checkpoint, args.images, args.out, device=args.device)
+    runs, images = _split_runs(args.paths)
+    result = predict_files(runs, images, args.out, device=args.device, mirror_axes=(0, 1, 2) if args.mirror else ())
+    if not result.written and not result.failed:
+        raise DataError("no NIfTI images (.nii, .nii.gz) in " + ", ".join(images))
     for path in result.written:
         print(f"wrote {path}")
     return _report_failures(result.failed)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from beseg.engine.export import export_runs
+
+    result = export_runs(args.runs, args.out, mirror_axes=(0, 1, 2) if args.mirror else (), overwrite=args.overwrite)
+    print(f"wrote {result.out_dir}: " + ", ".join(result.files))
+    return 0
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
