@@ -18,6 +18,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -154,6 +155,9 @@ def _export_onnx(member: LoadedModel, path: Path) -> float:
     channels = member.preset.in_channels
     example = torch.randn(2, channels, *member.roi, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=4096)
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # its "torchvision is not installed" warnings say nothing about this model
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -165,6 +169,8 @@ def _export_onnx(member: LoadedModel, path: Path) -> float:
         reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise ExportError(f"{member.checkpoint}: ONNX export of model.network={member.config.model.network} "
                           f"with window {tuple(member.roi)} failed ({reason.strip()[:200]}).") from None
+    finally:
+        onnx_log.setLevel(level)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check = example[:1] if example.shape[0] > 1 else example
     with torch.no_grad():
