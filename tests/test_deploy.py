@@ -276,6 +276,21 @@ def test_a_pipeline_of_a_newer_format_is_refused(tmp_path, capsys):
     assert load_pipeline  # the library raises the same DeployError (checked through the CLI above)
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("members", "model.onnx", "'members' must be a list"),
+    ("activation", "relu", "activation 'relu' is not softmax or sigmoid"),
+    ("geometry", {"orientation": "RAS"}, "missing 'geometry.spacing_mm'"),
+    ("kind", "something-else", "not a beseg pipeline"),
+])
+def test_a_malformed_pipeline_is_one_clear_error(key, value, match, tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    spec = json.loads((model / "pipeline.json").read_text())
+    spec[key] = value
+    (model / "pipeline.json").write_text(json.dumps(spec))
+    err = error_of(capsys, str(model), str(tmp_path), "--out", str(tmp_path / "out"))
+    assert "pipeline.json" in err and match in err
+
+
 def test_wrong_channels_and_too_small_images_fail_alone(tmp_path, capsys):
     model = make_model_dir(tmp_path / "model")
     good = write_image(tmp_path / "in" / "good.nii.gz", smooth_volume((20, 20, 20)))

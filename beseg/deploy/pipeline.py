@@ -114,6 +114,8 @@ def load_pipeline(model_dir: str | Path, verify: bool = True) -> Pipeline:
         raise DeployError(f"{path}: pipeline format {fmt} is newer than format {FORMAT_VERSION}, the newest that "
                           f"beseg {__version__} reads; update beseg to run this model.")
     files = _get(raw, "files", path)
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise DeployError(f"{path}: 'files' must map file names to SHA-256 hex digests.")
     if verify:
         for name, digest in files.items():
             file = root / name
@@ -124,7 +126,10 @@ def load_pipeline(model_dir: str | Path, verify: bool = True) -> Pipeline:
                 raise DeployError(f"{file}: checksum mismatch (sha256 {actual[:12]}..., {PIPELINE_FILE} says "
                                   f"{str(digest)[:12]}...); the file was changed or damaged, export the model again.")
     members = []
-    for i, m in enumerate(_get(raw, "members", path)):
+    listed = _get(raw, "members", path)
+    if not isinstance(listed, list) or not all(isinstance(m, dict) for m in listed):
+        raise DeployError(f"{path}: 'members' must be a list of objects.")
+    for i, m in enumerate(listed):
         where = f"members[{i}]"
         if m.get("file") not in files:
             raise DeployError(f"{path}: {where}.file {m.get('file')!r} has no checksum in 'files'.")
@@ -136,7 +141,14 @@ def load_pipeline(model_dir: str | Path, verify: bool = True) -> Pipeline:
     if not members:
         raise DeployError(f"{path}: lists no ensemble members.")
     output = _get(raw, "output", path)
-    return Pipeline(
+    try:
+        return _parse(root, raw, output, members, path)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise DeployError(f"{path}: malformed ({type(err).__name__}: {err}); export the model again.") from None
+
+
+def _parse(root: Path, raw: dict[str, Any], output: Any, members: list[Member], path: Path) -> Pipeline:
+    pipeline = Pipeline(
         root=root, raw=raw,
         channels=int(_get(raw, "input.channels", path)),
         channel_names=tuple(_get(raw, "input.channel_names", path)),
@@ -149,3 +161,10 @@ def load_pipeline(model_dir: str | Path, verify: bool = True) -> Pipeline:
         threshold=float(output.get("threshold", 0.5)),
         members=tuple(members),
     )
+    if pipeline.activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation {pipeline.activation!r} is not softmax or sigmoid")
+    if len(pipeline.spacing) != 3 or min(pipeline.spacing) <= 0:
+        raise ValueError(f"geometry.spacing_mm {list(pipeline.spacing)} is not 3 positive numbers")
+    if any(len(m.window) != 3 or min(m.window) < 1 for m in members):
+        raise ValueError("a member's window is not 3 positive integers")
+    return pipeline
