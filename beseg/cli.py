@@ -186,8 +186,9 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
         "predict", help="segment NIfTI images into label maps in their own geometry (several runs: an ensemble)",
         description="RUN_DIR|CHECKPOINT... come first (run folders holding checkpoints/, or .pt files), then the "
                     "images; several runs average their probabilities (e.g. the k folds).")
-    predict.add_argument("paths", nargs="+", metavar="RUN_DIR|CHECKPOINT... IMAGE",
-                         help="one or more runs, then NIfTI images (.nii, .nii.gz) or folders of them")
+    predict.add_argument("paths", nargs="+", metavar="PATH",
+                         help="one or more runs (RUN_DIR or CHECKPOINT.pt), then NIfTI images (.nii, .nii.gz) or "
+                              "folders of them")
     predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
     predict.add_argument("--mirror", action="store_true",
                          help="test-time mirroring: average over the 8 flips of the three axes (8x the time)")
