@@ -39,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         predictor = Predictor(args.model_dir, device=args.device, mirror=False if args.no_mirror else None,
                               threads=args.threads, batch_size=max(args.batch_size, 1))
+        if not args.quiet:
+            p = predictor.pipeline
+            print(f"{args.model_dir}: task {p.raw.get('task')}, {len(p.members)} network(s), mirroring "
+                  f"{list(predictor.mirror_axes) or 'off'}, onnxruntime {predictor.providers[0]}", flush=True)
         result = predictor.predict_files(args.images, args.out, progress=not args.quiet)
     except (BesegError, OSError, ValueError) as err:
         print(f"beseg-predict: error: {err}", file=sys.stderr)
