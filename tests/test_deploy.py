@@ -20,7 +20,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from beseg.deploy import FORMAT_VERSION, Predictor, load_pipeline  # noqa: E402
+from beseg.deploy import FORMAT_VERSION, DeployError, Predictor, load_pipeline  # noqa: E402
 from beseg.deploy.cli import main as deploy_main  # noqa: E402
 from beseg.deploy.geometry import to_input_grid, to_model_grid  # noqa: E402
 from beseg.deploy.pipeline import sha256  # noqa: E402
@@ -273,7 +273,8 @@ def test_a_pipeline_of_a_newer_format_is_refused(tmp_path, capsys):
     (model / "pipeline.json").write_text(json.dumps(spec))
     err = error_of(capsys, str(model), str(tmp_path), "--out", str(tmp_path / "out"))
     assert "pipeline.json" in err and f"format {FORMAT_VERSION + 1} is newer" in err
-    assert load_pipeline  # the library raises the same DeployError (checked through the CLI above)
+    with pytest.raises(DeployError, match="newer than format"):
+        load_pipeline(model)
 
 
 @pytest.mark.parametrize("key,value,match", [
