@@ -4,6 +4,11 @@ The image goes through the task's invertible inference chain (RAS, 1 mm, normali
 training-set statistics stored in the checkpoint), sliding-window inference gives a label map on
 the 1 mm grid, and MONAI's inverse transforms (nearest neighbour) bring it back to the input's
 orientation, voxel grid and affine.
+
+Several checkpoints form an ensemble (e.g. the k folds): the image is resampled once, each member
+normalises it with its own statistics, and the probabilities after the activation are averaged
+over the members and, with ``mirror_axes``, over the flips (nnU-Net's test-time mirroring) before
+the label map is made. ``beseg export`` writes the same pipeline for :mod:`beseg.deploy`.
 """
 
 from __future__ import annotations
