@@ -30,7 +30,8 @@ COMMANDS: dict[str, str] = {
             "./beseg-demo/ (about 11 min on 2 CPU cores)",
     "train": "train a config preset or YAML file on a task folder",
     "evaluate": "Dice, HD95, ASD and NSD per case of a trained model",
-    "predict": "segment NIfTI images into label maps in their own geometry",
+    "predict": "segment NIfTI images into label maps in their own geometry (several runs: an ensemble)",
+    "export": "write a self-contained ONNX model folder (beseg-predict runs it without PyTorch)",
     "compare": "train and evaluate systems x seeds on one split, then write the Table 1 report",
     "reproduce": "the paper's full protocol (all Table 1 rows, paper patches) on real MSD data; for GPUs",
     "score": "Dice, HD95, ASD and NSD of NIfTI prediction folders (nnU-Net, MONAI, ...) against labels; two or more "

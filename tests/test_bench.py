@@ -89,3 +89,20 @@ def test_bench_train_reports_the_be_share_of_a_step(capsys):
                  "--init-filters", "8", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "% of a SegResNet + Dice+BE step" in out and "sliding-window inference" in out
+
+
+@pytest.mark.slow
+def test_bench_predict_times_both_runtimes_on_the_same_image(monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from beseg.bench import predict as bench_predict
+
+    # a phantom just over one 64^3 window at 1 mm, so the test stays small
+    monkeypatch.setitem(bench_predict.CASES, "phantom", ("phantom-spleen", (81, 81, 27), (0.8, 0.8, 2.5)))
+    assert main(["bench", "predict", "--cases", "phantom", "--repeats", "1", "--threads", "1",
+                 "--init-filters", "8"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| phantom |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["81x81x27", "0.8x0.8x2.5", "64x64x64"]
+    torch_s, onnx_s, ratio = map(float, cells[4:7])
+    assert torch_s > 0 and onnx_s > 0 and ratio == pytest.approx(onnx_s / torch_s, abs=0.011)

@@ -1,4 +1,4 @@
-"""``beseg bench loss|data|train``: benchmarks whose results go to stdout (record them in docs/benchmarks.md)."""
+"""``beseg bench loss|data|train|predict``: benchmarks whose results go to stdout (record them in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--malloc", choices=("default", "keep"), default="default",
                        help="CPU allocator: glibc's defaults, or keeping freed memory as beseg train does")
     train.set_defaults(func=_train)
+    predict = sub.add_parser(
+        "predict", help="seconds per case of `beseg predict` against the exported ONNX pipeline, side by side")
+    predict.add_argument("--cases", nargs="+", choices=("phantom", "task09"), default=["phantom", "task09"],
+                         help="phantom: 96x96x32 at 0.8x0.8x2.5 mm; task09: MSD Task09 geometry, 512x512x90 at "
+                              "0.79x0.79x5 mm")
+    predict.add_argument("--repeats", type=int, default=3, help="timed predictions per side (median reported)")
+    predict.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
+    predict.add_argument("--init-filters", type=int, default=16, help="SegResNet width")
+    predict.set_defaults(func=_predict)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +88,13 @@ def _train(args: argparse.Namespace) -> int:
 
     run_train_benchmark(patch=tuple(args.patch), init_filters=args.init_filters, repeats=args.repeats,
                         volume=tuple(args.volume), threads=args.threads, device=args.device, malloc=args.malloc)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from beseg.bench.predict import run_predict_benchmark
+
+    run_predict_benchmark(cases=args.cases, repeats=args.repeats, threads=args.threads, init_filters=args.init_filters)
     return 0
 
 

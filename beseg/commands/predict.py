@@ -1,24 +1,54 @@
-"""``beseg predict``: segment NIfTI images into label maps in their own geometry."""
+"""``beseg predict``: segment NIfTI images into label maps in their own geometry (several runs: an ensemble)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from beseg.commands.common import report_failures
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="NIfTI images (.nii or .nii.gz)")
+    parser.description = ("RUN_DIR|CHECKPOINT... come first (run folders holding checkpoints/, or .pt files), then "
+                          "the images; several runs average their probabilities (e.g. the k folds).")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="one or more runs (RUN_DIR or CHECKPOINT.pt), then NIfTI images (.nii, .nii.gz) or "
+                             "folders of them")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--mirror", action="store_true",
+                        help="test-time mirroring: average over the 8 flips of the three axes (8x the time)")
     parser.add_argument("--device", default="auto")
+
+
+def split_runs(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Leading run folders (holding checkpoints/) and .pt files, then the images.
+
+    Raises:
+        ConfigError: no run first, or no image after the runs.
+    """
+    from pathlib import Path
+
+    from beseg.errors import ConfigError
+
+    runs = 0
+    while runs < len(paths) and (paths[runs].endswith(".pt") or (Path(paths[runs]) / "checkpoints").is_dir()):
+        runs += 1
+    if runs == 0:
+        raise ConfigError(f"{paths[0]} is not a run folder (no checkpoints/ in it) or a .pt checkpoint; give the "
+                          "run(s) first, then the images.")
+    if runs == len(paths):
+        raise ConfigError("no images given after the run(s).")
+    return list(paths[:runs]), list(paths[runs:])
 
 
 def run(args: argparse.Namespace) -> int:
     from beseg.engine.predict import predict_files
+    from beseg.errors import DataError
 
-    result = predict_files(args.checkpoint, args.images, args.out, device=args.device)
+    runs, images = split_runs(args.paths)
+    result = predict_files(runs, images, args.out, device=args.device, mirror_axes=(0, 1, 2) if args.mirror else ())
+    if not result.written and not result.failed:
+        raise DataError("no NIfTI images (.nii, .nii.gz) in " + ", ".join(images))
     for path in result.written:
         print(f"wrote {path}")
     return report_failures(result.failed)

@@ -350,6 +350,18 @@ class TaskPreset:
         return Compose([*self._geometry(("image",), ("bilinear",)), *self._normalize(stats),
                         CastToTyped(keys="image", dtype=np.float32)])
 
+    def infer_geometry(self) -> Compose:
+        """The invertible part of :meth:`infer_transforms`: load, channel-first, RAS, resample.
+
+        Pass the same object to :meth:`inverter`. An ensemble reads and resamples an image once
+        with it, then normalises it with each member's :meth:`infer_intensity`.
+        """
+        return Compose(self._geometry(("image",), ("bilinear",)))
+
+    def infer_intensity(self, stats: IntensityRange | None = None) -> Compose:
+        """The rest of :meth:`infer_transforms`: normalisation (with ``stats``) and float32."""
+        return Compose([*self._normalize(stats), CastToTyped(keys="image", dtype=np.float32)])
+
     def inverter(self, infer: Compose, pred_key: str = "pred", nearest: bool = False) -> Invertd:
         """Transform mapping ``data[pred_key]`` (a ``(K, H, W, D)`` prediction on the preprocessed
         grid) back to the original image's orientation, spacing and shape.

@@ -14,6 +14,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
+from beseg.deploy.window import mirror_flips
+
 __all__ = ["predict_probabilities", "autocast_for"]
 
 
@@ -33,6 +35,7 @@ def predict_probabilities(
     overlap: float = 0.25,
     sw_batch_size: int = 2,
     amp: bool = False,
+    mirror_axes: Sequence[int] = (),
 ) -> Tensor:
     """Class probabilities of a whole volume by sliding-window inference.
 
@@ -44,11 +47,23 @@ def predict_probabilities(
         overlap: fraction of overlap between neighbouring windows (the paper: small).
         sw_batch_size: windows per forward pass.
         amp: float16 autocast on CUDA.
+        mirror_axes: spatial axes (0, 1, 2 = H, W, D) of test-time mirroring: the probabilities are
+            averaged over every combination of flips of these axes (2^n sliding-window passes,
+            as nnU-Net does); ``()`` runs once.
 
     Returns:
         (B, K, H, W, D) float32 probabilities.
     """
-    with autocast_for(image.device, amp):
-        logits = sliding_window_inference(image, roi_size, sw_batch_size, model, overlap=overlap, mode="gaussian")
-    logits = logits.float()
-    return torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
+    flips = mirror_flips(mirror_axes)
+    total = None
+    for axes in flips:
+        dims = [2 + a for a in axes]
+        x = image.flip(dims) if dims else image
+        with autocast_for(image.device, amp):
+            logits = sliding_window_inference(x, roi_size, sw_batch_size, model, overlap=overlap, mode="gaussian")
+        logits = logits.float()
+        probs = torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
+        probs = probs.flip(dims) if dims else probs
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total if len(flips) == 1 else total / len(flips)

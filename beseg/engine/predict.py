@@ -4,10 +4,16 @@ The image goes through the task's invertible inference chain (RAS, 1 mm, normali
 training-set statistics stored in the checkpoint), sliding-window inference gives a label map on
 the 1 mm grid, and MONAI's inverse transforms (nearest neighbour) bring it back to the input's
 orientation, voxel grid and affine.
+
+Several checkpoints form an ensemble (e.g. the k folds): the image is resampled once, each member
+normalises it with its own statistics, and the probabilities after the activation are averaged
+over the members and, with ``mirror_axes``, over the flips (nnU-Net's test-time mirroring) before
+the label map is made. ``beseg export`` writes the same pipeline for :mod:`beseg.deploy`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,15 +27,15 @@ from torch import nn
 from beseg.data import IntensityRange, TaskPreset, get_preset
 from beseg.data.msd import case_id
 from beseg.data.nifti import read_image_header
+from beseg.deploy.io import list_images, write_label
 from beseg.engine.checkpoint import CheckpointError, load_checkpoint
 from beseg.engine.config import Config, config_from_dict
 from beseg.engine.inference import predict_probabilities
 from beseg.engine.networks import build_network
 from beseg.engine.rundir import RunDir
 from beseg.errors import BesegError, DataError
-from beseg.fileio import atomic_output
 
-__all__ = ["LoadedModel", "PredictSummary", "load_model", "predict_image", "predict_files", "resolve_checkpoint", "write_label"]
+__all__ = ["LoadedModel", "PredictSummary", "ensemble_members", "load_model", "predict_image", "predict_files", "resolve_checkpoint", "write_label"]
 
 
 @dataclass
@@ -101,12 +107,37 @@ def load_model(path: str | Path, device: str | torch.device = "auto") -> LoadedM
     return LoadedModel(model, config, preset, stats, roi, device, ckpt_path, int(ckpt.get("epoch", 0)))
 
 
-def predict_image(loaded: LoadedModel, image_path: str | Path) -> tuple[np.ndarray, Any]:
+def ensemble_members(models: LoadedModel | Sequence[LoadedModel]) -> list[LoadedModel]:
+    """The ensemble as a list, checked to read and predict the same way.
+
+    Raises:
+        CheckpointError: no model, or runs of tasks that differ in channels, grid, outputs or labels.
+    """
+    members = [models] if isinstance(models, LoadedModel) else list(models)
+    if not members:
+        raise CheckpointError("no model to predict with; give at least one checkpoint or run folder.")
+    first = members[0].preset
+    for other in members[1:]:
+        b = other.preset
+        if (first.in_channels, first.out_channels, first.activation, first.label_mode, first.pixdim) != \
+                (b.in_channels, b.out_channels, b.activation, b.label_mode, b.pixdim):
+            raise CheckpointError(f"cannot ensemble {other.checkpoint} (task {b.name}) with {members[0].checkpoint} "
+                                  f"(task {first.name}): they differ in channels, grid or outputs.")
+    return members
+
+
+def predict_image(models: LoadedModel | Sequence[LoadedModel], image_path: str | Path,
+                  mirror_axes: Sequence[int] = ()) -> tuple[np.ndarray, Any]:
     """Label map of one image, in that image's own voxel grid.
 
+    The image is read, reoriented and resampled once; each ensemble member normalises it with its
+    own training statistics and runs its sliding window; the probabilities (after the activation)
+    are averaged over the members and the mirror flips, then turned into labels.
+
     Args:
-        loaded: from :func:`load_model`.
+        models: a model from :func:`load_model`, or several (an ensemble, e.g. the k folds).
         image_path: NIfTI image with the task's channels (4D for multi-channel MRI).
+        mirror_axes: test-time mirroring axes of the RAS grid (0, 1, 2); ``()`` for none.
 
     Returns:
         ``(labels, image)``: (H, W, D) uint8 label map in the input's voxel order, and the input's
@@ -114,14 +145,17 @@ def predict_image(loaded: LoadedModel, image_path: str | Path) -> tuple[np.ndarr
 
     Raises:
         DataError: the image cannot be read or has the wrong number of channels.
+        CheckpointError: the models cannot form an ensemble.
     """
+    members = ensemble_members(models)
+    preset = members[0].preset
     image_path = Path(image_path)
     # The input check that evaluate and score share (readable NIfTI, 3D or 4D, the task's channels).
-    shape = read_image_header(image_path, loaded.preset.in_channels, f"task {loaded.preset.name}").shape
+    shape = read_image_header(image_path, preset.in_channels, f"task {preset.name}").shape
     original = nib.load(str(image_path))
-    infer = loaded.preset.infer_transforms(loaded.stats)
+    geometry = preset.infer_geometry()
     try:
-        data = infer({"image": str(image_path)})
+        data = geometry({"image": str(image_path)})
     except Exception as err:
         while err.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
             err = err.__cause__
@@ -130,54 +164,51 @@ def predict_image(loaded: LoadedModel, image_path: str | Path) -> tuple[np.ndarr
     image = data["image"]
     if not torch.isfinite(image.as_tensor()).all():
         raise DataError(f"{image_path}: contains NaN or Inf values.")
-    cfg = loaded.config.train
-    probs = predict_probabilities(loaded.model, image.as_tensor()[None].to(loaded.device), loaded.roi,
-                                  loaded.preset.activation, cfg.sw_overlap, cfg.sw_batch_size, cfg.amp)
-    labels = loaded.preset.label_map(probs)[0].cpu()
+    probs = None
+    for member in members:
+        # a copy: the normalisation works in place, and the next member needs the raw intensities
+        x = member.preset.infer_intensity(member.stats)({"image": image.clone()})["image"]
+        cfg = member.config.train
+        p = predict_probabilities(member.model, x.as_tensor()[None].to(member.device), member.roi,
+                                  preset.activation, cfg.sw_overlap, cfg.sw_batch_size, cfg.amp, mirror_axes)
+        probs = p if probs is None else probs + p.to(probs.device)
+    assert probs is not None
+    if len(members) > 1:
+        probs = probs / len(members)
+    labels = preset.label_map(probs)[0].cpu()
     data["pred"] = MetaTensor(labels.float(), affine=image.affine)
-    back = loaded.preset.inverter(infer, nearest=True)(data)["pred"]
+    back = preset.inverter(geometry, nearest=True)(data)["pred"]
     out = np.asarray(back.detach().cpu().numpy()[0]).round().astype(np.uint8)
     if out.shape != tuple(shape[:3]):  # the inverse must land exactly on the input grid
         raise BesegError(f"{image_path}: inverse resampling gave shape {out.shape}, expected {shape[:3]}.")
     return out, original
 
 
-def write_label(labels: np.ndarray, reference: Any, path: str | Path) -> Path:
-    """Write a uint8 label map with ``reference``'s affine, atomically (temporary file, rename).
-
-    Raises:
-        BesegError: the file cannot be written (e.g. the disk is full); nothing partial is left.
-    """
-    path = Path(path)
-    header = reference.header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_data_shape(labels.shape)
-    img = nib.Nifti1Image(labels.astype(np.uint8), reference.affine, header=header)
-    img.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
-    img.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
-    try:
-        with atomic_output(path, suffix=".tmp.nii.gz") as tmp:  # nibabel picks the format by ending
-            nib.save(img, tmp)
-    except OSError as err:
-        raise BesegError(f"could not write {path}: {err.strerror or err}.") from None
-    return path
-
-
-def predict_files(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path,
-                  device: str = "auto", progress: bool = True) -> PredictSummary:
+def predict_files(checkpoints: str | Path | Sequence[str | Path], images: Sequence[str | Path], out_dir: str | Path,
+                  device: str = "auto", progress: bool = True, mirror_axes: Sequence[int] = ()) -> PredictSummary:
     """Predict every image into ``out_dir/<name>.nii.gz``; a bad image is recorded, not fatal.
 
+    Args:
+        checkpoints: a checkpoint or run folder, or several: an ensemble averaging their probabilities.
+        images: NIfTI files, or folders of them.
+        device: ``auto``, ``cpu``, ``cuda``...
+        progress: show a progress bar.
+        mirror_axes: test-time mirroring axes, see :func:`predict_image`.
+
     Raises:
-        CheckpointError: the checkpoint cannot be used (nothing is predicted then).
+        CheckpointError: a checkpoint cannot be used, or the runs cannot form an ensemble (nothing
+            is predicted then).
     """
     from tqdm.auto import tqdm
 
-    loaded = load_model(checkpoint, device)
+    if isinstance(checkpoints, (str, Path)):
+        checkpoints = [checkpoints]
+    members = ensemble_members([load_model(c, device) for c in checkpoints])
     out_dir = Path(out_dir)
     summary = PredictSummary()
-    for image in tqdm(images, desc="predict", unit="image", disable=not progress):
+    for image in tqdm(list_images(list(images)), desc="predict", unit="image", disable=not progress):
         try:
-            labels, ref = predict_image(loaded, image)
+            labels, ref = predict_image(members, image, mirror_axes)
             summary.written.append(write_label(labels, ref, out_dir / f"{case_id(image)}.nii.gz"))
         except BesegError as err:
             summary.failed.append((str(image), str(err)))

@@ -1,0 +1,313 @@
+"""beseg.deploy: the torch-free runtime of exported models.
+
+Its pieces are checked against MONAI (window placement, blending, reorientation and resampling)
+and against independent computations on a hand-made ONNX model; `beseg export` and the
+equivalence with `beseg predict` on trained runs are in tests/test_export.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from beseg.deploy import FORMAT_VERSION, DeployError, Predictor, load_pipeline  # noqa: E402
+from beseg.deploy.cli import main as deploy_main  # noqa: E402
+from beseg.deploy.geometry import to_input_grid, to_model_grid  # noqa: E402
+from beseg.deploy.pipeline import sha256  # noqa: E402
+from beseg.deploy.runtime import normalize, to_labels  # noqa: E402
+from beseg.deploy.window import importance_map, mirror_flips, sliding_window, window_starts  # noqa: E402
+
+#: Runs Python with torch and monai imports refused, then reports which of them got imported.
+BLOCKED = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "monai"):
+            raise ImportError(f"blocked import of {name}")
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter whose torch and monai imports fail."""
+    return subprocess.run([sys.executable, "-c", BLOCKED + code], capture_output=True, text=True, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# a hand-made model folder: softmax of (0.5 - x, x - 0.5), i.e. "normalised intensity above 0.5"
+
+def threshold_model(path: Path, window=(16, 16, 16), channels: int = 1) -> None:
+    from onnx import TensorProto, helper
+
+    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
+    nodes = [
+        helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["first"]),
+        helper.make_node("Sub", ["first", "half"], ["fg"]),
+        helper.make_node("Neg", ["fg"], ["bg"]),
+        helper.make_node("Concat", ["bg", "fg"], ["logits"], axis=1),
+    ]
+    ints = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("starts", 0), ("ends", 1), ("axes", 1))]
+    graph = helper.make_graph(
+        nodes, "threshold",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, *window])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2, *window])],
+        initializer=[half, *ints])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def make_model_dir(root: Path, low: float = 0.0, high: float = 200.0, window=(16, 16, 16), mirror=()) -> Path:
+    root.mkdir(parents=True)
+    threshold_model(root / "model.onnx", window)
+    (root / "README.md").write_text("test model\n")
+    spec = {
+        "kind": "beseg-pipeline", "format": FORMAT_VERSION, "task": "test",
+        "input": {"channels": 1, "channel_names": ["CT"]},
+        "geometry": {"orientation": "RAS", "spacing_mm": [1.0, 1.0, 1.0]},
+        "activation": "softmax", "mirror_axes": list(mirror),
+        "output": {"channels": ["background", "fg"], "to_labels": "argmax"},
+        "labels": {"0": "background", "1": "fg"},
+        "members": [{"file": "model.onnx", "window": list(window), "overlap": 0.25, "blending": "gaussian",
+                     "sigma_scale": 0.125, "normalization": {"kind": "scale_range", "low": low, "high": high}}],
+        "files": {name: sha256(root / name) for name in ("model.onnx", "README.md")},
+    }
+    (root / "pipeline.json").write_text(json.dumps(spec))
+    return root
+
+
+def write_image(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def smooth_volume(shape, seed=0) -> np.ndarray:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    return (ndimage.gaussian_filter(rng.normal(size=shape), 2.0) * 1000 + 100).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# sliding window and mirroring: the same as MONAI
+
+def test_mirror_flips_are_every_subset_identity_first():
+    assert mirror_flips(()) == [()]
+    flips = mirror_flips((2, 0, 1))
+    assert flips[0] == () and len(flips) == 8 and len(set(flips)) == 8 and (0, 1, 2) in flips
+
+
+@pytest.mark.parametrize("window", [(16, 16, 16), (8, 12, 10), (5, 7, 9)])
+def test_importance_map_matches_monai(window):
+    from monai.data.utils import compute_importance_map
+
+    for mode in ("gaussian", "constant"):
+        np.testing.assert_allclose(importance_map(window, mode), compute_importance_map(window, mode).numpy(),
+                                   rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("size,window,overlap,mode", [
+    ((37, 16, 23), (16, 16, 16), 0.25, "gaussian"),
+    ((20, 33, 41), (8, 12, 10), 0.5, "constant"),
+    ((16, 17, 18), (16, 16, 16), 0.0, "gaussian"),
+    ((50, 21, 19), (16, 8, 16), 0.7, "gaussian"),
+])
+def test_sliding_window_matches_monai(size, window, overlap, mode):
+    """A network whose output depends on where the window is (its mean), so placement and weights matter."""
+    from monai.inferers import sliding_window_inference
+
+    image = np.random.default_rng(1).normal(size=(2, *size)).astype(np.float32)
+
+    def net_np(x):
+        return np.concatenate([x, x.mean(axis=(1, 2, 3, 4), keepdims=True) + x[:, :1] ** 2], axis=1)
+
+    def net_torch(x):
+        return torch.cat([x, x.mean(dim=(1, 2, 3, 4), keepdim=True) + x[:, :1] ** 2], dim=1)
+
+    ours = sliding_window(image, window, net_np, overlap, mode, batch_size=3)
+    theirs = sliding_window_inference(torch.from_numpy(image)[None], window, 2, net_torch, overlap=overlap,
+                                      mode=mode)[0].numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_window_starts_cover_the_axis_and_end_at_its_edge():
+    for size, window, overlap in [(37, 16, 0.25), (16, 16, 0.5), (100, 7, 0.9)]:
+        starts = window_starts(size, window, overlap)
+        assert starts[0] == 0 and starts[-1] == size - window
+        assert all(b - a <= window for a, b in zip(starts, starts[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry: the same grid and values as the presets' MONAI chain, and back
+
+def oblique_affine(spacing=(0.7, 1.1, 3.0), angle=0.3) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.array([[1, 0, 0], [0, np.cos(0.2), -np.sin(0.2)],
+                                                                    [0, np.sin(0.2), np.cos(0.2)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = [-20.0, 13.5, 7.25]
+    return affine
+
+
+def swapped_lps_affine() -> np.ndarray:
+    affine = np.zeros((4, 4))
+    affine[0, 1], affine[1, 0], affine[2, 2], affine[3, 3] = -0.8, 0.8, -2.5, 1.0
+    affine[:3, 3] = [12.0, -30.0, 40.0]
+    return affine
+
+
+@pytest.mark.parametrize("affine", [np.diag([0.8, 0.8, 2.5, 1.0]), oblique_affine(), swapped_lps_affine()],
+                         ids=["axial", "oblique", "swapped-lps"])
+def test_model_grid_and_inverse_match_the_monai_chain(affine, tmp_path):
+    from monai.data import MetaTensor
+
+    from beseg.data import get_preset
+
+    data = smooth_volume((27, 31, 11))
+    path = write_image(tmp_path / "img.nii.gz", data, affine)
+    preset = get_preset("task09")
+    geometry = preset.infer_geometry()
+    ref = geometry({"image": str(path)})
+    affine = nib.load(str(path)).affine  # as stored (float32), which is what both sides read
+    ours, grid = to_model_grid(data[None], affine, "RAS", (1.0, 1.0, 1.0))
+    assert ours.shape == tuple(ref["image"].shape)
+    np.testing.assert_allclose(grid.model_affine, ref["image"].affine.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours, ref["image"].numpy(), rtol=1e-4, atol=1e-2)  # intensities ~1e3
+    labels = (np.random.default_rng(2).random(grid.model_shape) * 4).astype(np.uint8)
+    ref["pred"] = MetaTensor(torch.from_numpy(labels[None]).float(), affine=ref["image"].affine)
+    monai_back = preset.inverter(geometry, nearest=True)(ref)["pred"].numpy()[0].round().astype(np.uint8)
+    back = to_input_grid(labels, grid)
+    assert back.shape == data.shape
+    assert (back != monai_back).mean() < 1e-3  # random labels: only exact rounding ties could differ
+
+
+def test_normalize_and_label_maps_follow_their_definitions():
+    x = np.array([[[[0.0, 1.0], [3.0, 0.0]]]], dtype=np.float32)
+    z = normalize(x, {"kind": "zscore_nonzero"})
+    assert z[0, 0, 0, 0] == 0 and z[0, 0, 1, 1] == 0 and np.isclose(z[0][x[0] != 0].mean(), 0)
+    assert np.isclose(z[0][x[0] != 0].std(), 1)
+    s = normalize(x, {"kind": "scale_range", "low": 1.0, "high": 2.0})
+    np.testing.assert_allclose(s, [[[[0, 0], [1, 0]]]])
+
+    class P:  # the two fields to_labels reads
+        to_labels, threshold = "nested_regions", 0.5
+        regions = ((1, 1), (0, 2), (2, 3))  # WT -> 1, TC -> 2, ET -> 3
+
+    probs = np.zeros((3, 4), dtype=np.float32)
+    probs[:, 1] = [0, 0.9, 0]        # WT only: edema
+    probs[:, 2] = [0.9, 0.9, 0]      # TC: non-enhancing
+    probs[:, 3] = [0.2, 0.2, 0.9]    # ET wins whatever TC and WT say (nested)
+    assert to_labels(probs, P).tolist() == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# the runtime on a hand-made model
+
+def test_threshold_model_labels_the_bright_voxels_in_the_input_grid(tmp_path):
+    model = make_model_dir(tmp_path / "model", low=0.0, high=200.0, mirror=(0, 1, 2))
+    data = smooth_volume((40, 36, 20))
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])  # 1 mm, but L->R: reoriented and back, never resampled
+    affine[0, 3] = 39.0
+    image = write_image(tmp_path / "in" / "case_a.nii.gz", data, affine)
+    assert deploy_main([str(model), str(image.parent), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    out = nib.load(str(tmp_path / "out" / "case_a.nii.gz"))
+    assert out.shape == data.shape and out.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(out.affine, affine)
+    np.testing.assert_array_equal(np.asarray(out.dataobj), (data > 100.0).astype(np.uint8))
+
+
+def test_importing_and_running_deploy_never_imports_torch_or_monai(tmp_path):
+    model = make_model_dir(tmp_path / "model")
+    write_image(tmp_path / "in" / "a.nii.gz", smooth_volume((20, 20, 18)), oblique_affine((1.2, 0.9, 2.0)))
+    result = run_without_torch(f"""
+from beseg.deploy.cli import main
+rc = main([{str(model)!r}, {str(tmp_path / 'in')!r}, "--out", {str(tmp_path / 'out')!r}])
+import beseg, beseg.deploy
+print("rc", rc, "imported", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "monai")))
+""")
+    assert result.returncode == 0, result.stderr
+    assert "rc 0 imported []" in result.stdout
+    assert nib.load(str(tmp_path / "out" / "a.nii.gz")).shape == (20, 20, 18)
+    # the guard works: the same interpreter refuses torch
+    assert "blocked import of torch" in run_without_torch("import torch").stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line naming the file and the reason
+
+def error_of(capsys, *args: str) -> str:
+    assert deploy_main(list(args)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_a_damaged_model_file_fails_its_checksum(tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    with open(model / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    image = write_image(tmp_path / "a.nii.gz", smooth_volume((20, 20, 20)))
+    err = error_of(capsys, str(model), str(image), "--out", str(tmp_path / "out"))
+    assert "model.onnx" in err and "checksum mismatch" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pipeline_of_a_newer_format_is_refused(tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    spec = json.loads((model / "pipeline.json").read_text())
+    spec["format"] = FORMAT_VERSION + 1
+    (model / "pipeline.json").write_text(json.dumps(spec))
+    err = error_of(capsys, str(model), str(tmp_path), "--out", str(tmp_path / "out"))
+    assert "pipeline.json" in err and f"format {FORMAT_VERSION + 1} is newer" in err
+    with pytest.raises(DeployError, match="newer than format"):
+        load_pipeline(model)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("members", "model.onnx", "'members' must be a list"),
+    ("activation", "relu", "activation 'relu' is not softmax or sigmoid"),
+    ("geometry", {"orientation": "RAS"}, "missing 'geometry.spacing_mm'"),
+    ("kind", "something-else", "not a beseg pipeline"),
+])
+def test_a_malformed_pipeline_is_one_clear_error(key, value, match, tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    spec = json.loads((model / "pipeline.json").read_text())
+    spec[key] = value
+    (model / "pipeline.json").write_text(json.dumps(spec))
+    err = error_of(capsys, str(model), str(tmp_path), "--out", str(tmp_path / "out"))
+    assert "pipeline.json" in err and match in err
+
+
+def test_wrong_channels_and_too_small_images_fail_alone(tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    good = write_image(tmp_path / "in" / "good.nii.gz", smooth_volume((20, 20, 20)))
+    four = write_image(tmp_path / "in" / "four.nii.gz", np.zeros((20, 20, 20, 4)))
+    small = write_image(tmp_path / "in" / "small.nii.gz", smooth_volume((20, 20, 8)), np.diag([1.0, 1.0, 1.5, 1.0]))
+    assert deploy_main([str(model), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and not any("Traceback" in line for line in err)
+    assert any(str(four) in line and "has 4 channel(s)" in line and "expects 1" in line for line in err)
+    assert any(str(small) in line and "smaller than one window" in line and "20x20x12 voxels" in line for line in err)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]
+    assert good.exists()
+
+
+def test_missing_model_folder_and_device(tmp_path, capsys):
+    assert "not found" in error_of(capsys, str(tmp_path), "x.nii.gz", "--out", str(tmp_path / "o"))
+    model = make_model_dir(tmp_path / "model")
+    predictor = Predictor(model, device="cpu")
+    assert predictor.providers == ["CPUExecutionProvider"]
