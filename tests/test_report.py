@@ -512,6 +512,16 @@ def _load_in_chromium(page: Path, tmp: Path, screenshot: Path | None = None) -> 
     return proc.stdout
 
 
+def _probe(html: Path, tmp_path: Path, script: str, attribute: str):
+    """Load a copy of the report with ``script`` appended in Chromium; the JSON it set as ``attribute`` on <body>."""
+    page = tmp_path / "probe.html"
+    page.write_text(html.read_text().replace("</body>", script + "</body>"))
+    dom = _load_in_chromium(page, tmp_path)
+    m = re.search(attribute + r'="([^"]*)"', dom)
+    assert m, dom[-2000:]
+    return json.loads(m.group(1).replace("&quot;", '"'))
+
+
 @pytest.mark.slow
 def test_every_image_loads_in_headless_chromium(report, tmp_path):
     _, _, html = report
@@ -522,12 +532,7 @@ def test_every_image_loads_in_headless_chromium(report, tmp_path):
         "<script>window.addEventListener('load', () => { document.body.setAttribute('data-images', "
         "JSON.stringify([...document.images].map(i => i.complete && i.naturalWidth > 0))); });</script>"
     )
-    page = tmp_path / "probe.html"
-    page.write_text(html.read_text().replace("</body>", probe + "</body>"))
-    dom = _load_in_chromium(page, tmp_path)
-    m = re.search(r'data-images="([^"]*)"', dom)
-    assert m, dom[-2000:]
-    loaded = json.loads(m.group(1).replace("&quot;", '"'))
+    loaded = _probe(html, tmp_path, probe, "data-images")
     assert loaded == [True, True, True, True, False]  # four report figures, then the broken control
     shot = tmp_path / "shot.png"
     _load_in_chromium(html, tmp_path, screenshot=shot)
@@ -545,10 +550,5 @@ def test_the_first_screen_shows_the_verdict_and_the_paired_plot(report, tmp_path
         "document.body.setAttribute('data-layout', JSON.stringify({screen: window.innerHeight, verdict: top('Verdict'), "
         "plot_bottom: img.getBoundingClientRect().bottom, table1: top('Table 1')})); });</script>"
     )
-    page = tmp_path / "probe.html"
-    page.write_text(html.read_text().replace("</body>", probe + "</body>"))
-    binary_args_dom = _load_in_chromium(page, tmp_path)
-    m = re.search(r'data-layout="([^"]*)"', binary_args_dom)
-    assert m, binary_args_dom[-2000:]
-    layout = json.loads(m.group(1).replace("&quot;", '"'))
+    layout = _probe(html, tmp_path, probe, "data-layout")
     assert layout["verdict"] < layout["plot_bottom"] <= layout["screen"] < layout["table1"], layout
