@@ -3,6 +3,7 @@ process, predictions keep the input geometry, and CLI errors are one clear line.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -276,6 +277,67 @@ def test_evaluate_writes_per_case_metrics_in_mm(trained, phantom, tmp_path):
     summary = yaml.safe_load((tmp_path / "ev" / "summary.json").read_text())
     assert summary["classes"] == ["spleen"] and summary["cases"] == 1
     assert (tmp_path / "ev" / "predictions").is_dir()
+
+
+def _evaluate_store_and_nifti(run: Path, data: Path, tmp_path: Path, monkeypatch) -> None:
+    """Evaluate every case of ``data`` through the NIfTI images and through the run's store, then again with
+    every image NIfTI made unreadable: the same label maps, per-case Dice within 1e-6 and HD95 alike."""
+    from beseg.engine.evaluate import evaluate
+
+    def scored(result):
+        assert not result.failed, result.failed
+        return {(r["case"], r["class"]): (r["dice"], r["hd95_mm"]) for r in result.rows}
+
+    nifti = evaluate(run, data, split="all", out=tmp_path / "nifti", progress=False, from_store=False)
+    stored = evaluate(run, data, split="all", out=tmp_path / "store", progress=False)  # stores the test cases too
+    images = {str(p) for p in (data / "imagesTr").glob("*.nii.gz")}
+    real_load = nib.load
+
+    def load(path, *args, **kwargs):
+        if str(path) in images:
+            raise OSError(f"{path}: an image NIfTI was opened")
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(nib, "load", load)
+    unread = evaluate(run, data, split="all", out=tmp_path / "unread", progress=False)
+    refused = evaluate(run, data, split="all", out=tmp_path / "refused", progress=False, from_store=False)
+    monkeypatch.undo()
+    assert len(refused.failed) == len(images) and "an image NIfTI was opened" in refused.failed[0][1]  # the guard bites
+    want = scored(nifti)
+    assert len({case for case, _ in want}) == len(images)
+    for result in (stored, unread):
+        got = scored(result)
+        assert got.keys() == want.keys()
+        for key, (dice, hd95) in want.items():
+            assert abs(got[key][0] - dice) <= 1e-6 and np.isclose(got[key][1], hd95, equal_nan=True), (key, got[key], dice, hd95)
+    labels = set()
+    for path in sorted((tmp_path / "nifti" / "predictions").glob("*.nii.gz")):
+        a = np.asarray(real_load(str(path)).dataobj)
+        b = np.asarray(real_load(str(tmp_path / "unread" / "predictions" / path.name)).dataobj)
+        assert np.array_equal(a, b), path.name
+        labels |= set(np.unique(a).tolist())
+    assert len(labels) > 1  # the model paints something: the comparison is not one of empty maps
+
+
+def test_evaluate_reads_the_store_with_the_nifti_numbers_softmax(trained, phantom, tmp_path, monkeypatch):
+    """Spleen phantom (softmax, raw intensities stored, scaled with the run's percentiles at reading)."""
+    _evaluate_store_and_nifti(trained, phantom, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_evaluate_reads_the_store_with_the_nifti_numbers_brain_regions(tmp_path, monkeypatch):
+    """Brain phantom (sigmoid nested regions; z-scored, cropped store)."""
+    brain = make_phantom(tmp_path / "brain", task="brain", cases=4, test_cases=0, size=(32, 32, 16), progress=False)
+    raw = yaml.safe_load(tiny_config(tmp_path, "segresnet_dice").read_text())
+    raw["base"] = "phantom_brain_segresnet_dice"
+    raw["train"].update(epochs=1, steps_per_epoch=2)
+    cfg = tmp_path / "brain.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(cfg), "--data", str(brain), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    store = next((tmp_path / "cache").glob("store-*"))
+    props = [json.loads(p.read_text())["properties"] for p in store.glob("*.json") if p.name != "settings.json"]
+    assert any(p["bbox"] != [[0, n] for n in p["shape"]] for p in props)  # the store really is cropped
+    _evaluate_store_and_nifti(tmp_path / "run", brain, tmp_path, monkeypatch)
 
 
 def test_checkpoint_from_another_network_is_refused(trained, tmp_path, capsys):

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Grid", "to_model_grid", "to_input_grid"]
+__all__ = ["Grid", "grid_of", "to_model_grid", "to_input_grid"]
 
 AFFINE_TOL = 1e-3
 
@@ -82,10 +82,8 @@ def to_model_grid(image: np.ndarray, affine: np.ndarray, axcodes: str, spacing: 
         ``(resampled, grid)``: (C, X', Y', Z') float32 voxels and the :class:`Grid` for the way back.
     """
     shape = tuple(int(n) for n in image.shape[1:])
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt(axcodes))
+    ornt, oriented_affine, oriented_shape = _orient(affine, shape, axcodes)
     oriented = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
-    oriented_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
-    oriented_shape = tuple(int(n) for n in oriented.shape[1:])
     model_affine, model_shape = _target_affine(oriented_affine, oriented_shape, spacing)
     xform = np.linalg.solve(oriented_affine, model_affine)  # model voxel -> oriented input voxel
     if np.allclose(xform, np.eye(4), atol=AFFINE_TOL) and model_shape == oriented_shape:
@@ -97,6 +95,34 @@ def to_model_grid(image: np.ndarray, affine: np.ndarray, axcodes: str, spacing: 
             for c in oriented
         ])
     return resampled, Grid(shape, ornt, oriented_affine, oriented_shape, model_affine, model_shape)  # type: ignore[arg-type]
+
+
+def grid_of(input_affine: np.ndarray, input_shape: Sequence[int], axcodes: str, model_affine: np.ndarray,
+            model_shape: Sequence[int]) -> Grid:
+    """The :class:`Grid` of an image that was reoriented to ``axcodes`` and resampled elsewhere (MONAI's
+    Orientation and Spacing, e.g. into beseg's preprocessed store), to map a label map back with
+    :func:`to_input_grid`.
+
+    Args:
+        input_affine: 4x4 affine of the original image (mm).
+        input_shape: its spatial shape (voxels).
+        axcodes: the orientation it was reoriented to, e.g. ``"RAS"``.
+        model_affine: 4x4 affine of the resampled grid (mm).
+        model_shape: its spatial shape (voxels).
+    """
+    shape = tuple(int(n) for n in input_shape)
+    ornt, oriented_affine, oriented_shape = _orient(np.asarray(input_affine, float), shape, axcodes)
+    return Grid(shape, ornt, oriented_affine, oriented_shape, np.asarray(model_affine, float),  # type: ignore[arg-type]
+                tuple(int(n) for n in model_shape))  # type: ignore[arg-type]
+
+
+def _orient(affine: np.ndarray, shape: tuple[int, ...], axcodes: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """``(ornt, oriented affine, oriented shape)`` of reordering an image of ``shape`` voxels to ``axcodes``."""
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt(axcodes))
+    oriented_shape = [0] * len(shape)
+    for axis, (target, _) in enumerate(ornt):  # input axis ``axis`` becomes axis ``target``
+        oriented_shape[int(target)] = shape[axis]
+    return ornt, affine @ nib.orientations.inv_ornt_aff(ornt, shape), tuple(oriented_shape)
 
 
 def to_input_grid(labels: np.ndarray, grid: Grid) -> np.ndarray:

@@ -9,6 +9,10 @@ an integer label map on its image's grid (shape, and affine within
 fails its case with the reason. Cases are scored by :func:`beseg.metrics.label_map_metrics`, as
 ``beseg score`` scores them.
 
+A run trained from the preprocessed store (``data.cache: store``) is evaluated from it: each image is read
+from the store (:func:`predict_stored`: the same labels as reading the NIfTI image, which is never opened);
+the label is still read from its NIfTI file.
+
 Writes ``eval/per_case.csv`` (case, class, dice, hd95_mm, asd_mm, nsd, empty_in), ``eval/summary.json``
 (both by :mod:`beseg.score`, as ``beseg score`` writes them) and ``eval/predictions/<case>.nii.gz`` into
 the run folder (or ``out``).
@@ -26,20 +30,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+import torch
 
 from beseg.data import Split, default_cache_dir, load_split, load_task
 from beseg.data.splits import PROTOCOLS as PROTOCOL_SPECS
 from beseg.data.splits import get_protocol
 from beseg.data.classes import class_masks
-from beseg.data.nifti import AFFINE_TOL_MM, check_same_grid, read_header, read_label_map
+from beseg.data.msd import Case, MSDTask
+from beseg.data.nifti import AFFINE_TOL_MM, NiftiHeader, check_same_grid, read_header, read_label_map
+from beseg.data.store import Store, open_store
+from beseg.deploy.geometry import grid_of, to_input_grid
 from beseg.engine.rundir import RunDir
-from beseg.engine.predict import LoadedModel, load_model, predict_image, write_label
+from beseg.engine.predict import LoadedModel, ensemble_labels, load_model, predict_image, write_label
 from beseg.errors import BesegError, DataError
 from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, label_map_metrics
 from beseg.score import summarize, write_scores
 
-__all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSummary", "evaluate", "one_hot_scored", "protocol_fields", "run_split"]
+__all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSummary", "evaluate", "one_hot_scored", "predict_stored", "protocol_fields",
+           "run_split", "run_store", "stored_header"]
 
 #: ``evaluate(split=...)`` values: the run's held-out test cases (default), its validation cases
 #: (which chose best.pt: optimistic), its training cases, or every labelled case.
@@ -123,11 +133,53 @@ def protocol_fields(split: str, parts: Split | None, checkpoint: Path, protocol:
             "fold": parts.fold if parts is not None else None, "selection": selection}
 
 
+def run_store(loaded: LoadedModel, task: MSDTask) -> Store | None:
+    """The preprocessed store the run trained and validated from (its config's ``data.cache`` is ``store``
+    or ``disk``, in its ``data.cache_dir``), or ``None`` for the other cache modes (NIfTI images are read)."""
+    cfg = loaded.config.data
+    if cfg.cache not in ("store", "disk"):
+        return None
+    return open_store(task, loaded.preset, cfg.cache_dir)
+
+
+def predict_stored(loaded: LoadedModel, store: Store, case: Case) -> np.ndarray:
+    """Label map of a case read from the store, in its image's own voxel grid: the same numbers as
+    :func:`~beseg.engine.predict.predict_image` on the case's NIfTI image, without reading it.
+
+    The stored volume (crop undone by zero padding, as validation reads it) gets the normalisation the
+    store leaves to reading time (:meth:`~beseg.data.presets.TaskPreset.read_transform`), the model's
+    sliding window, and :func:`beseg.deploy.geometry.to_input_grid` (nearest neighbour) back to the
+    grid recorded in the case's properties.
+
+    Returns:
+        (H, W, D) uint8 label map on the original image's grid.
+
+    Raises:
+        DataError: the case is not complete in the store (call :meth:`Store.ensure` first).
+    """
+    props = store.properties(case)
+    image = torch.from_numpy(store.volume(case.id)[0])
+    read = loaded.preset.read_transform(loaded.stats)
+    if read is not None:
+        image = torch.as_tensor(read(image), dtype=torch.float32)
+    labels = ensemble_labels([loaded], lambda _: image)[0].numpy()
+    grid = grid_of(np.asarray(props["original_affine"]), props["original_shape"], "RAS",
+                   np.asarray(props["affine"]), props["shape"])
+    return to_input_grid(labels, grid)
+
+
+def stored_header(case: Case, props: dict[str, Any]) -> NiftiHeader:
+    """The geometry of a case's image as the store recorded it (:meth:`Store.build_case`)."""
+    return NiftiHeader(Path(case.image), tuple(props["original_shape"]), np.asarray(props["original_affine"]),
+                       tuple(props["original_spacing"]), np.dtype(np.float32))  # type: ignore[arg-type]
+
+
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", out: str | Path | None = None,
              nsd_tolerance_mm: float = 1.0, device: str = "auto", progress: bool = True,
              protocol: str | None = None,
              distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
-             affine_tol_mm: float = AFFINE_TOL_MM, split_file: str | Path | None = None) -> EvalSummary:
+             affine_tol_mm: float = AFFINE_TOL_MM, split_file: str | Path | None = None,
+             from_store: bool | None = None) -> EvalSummary:
     """Score a trained model on the ``split`` cases of ``data_dir``.
 
     Args:
@@ -148,6 +200,9 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
             entries (mm); a label on another grid fails its case.
         split_file: the run's split file, where it is now (default: the run folder's own record, else
             the one its config names).
+        from_store: read each case's image from the run's preprocessed store (building the case there
+            first if missing) instead of its NIfTI file; ``None``: when the run's ``data.cache`` is the
+            store. Both give the same labels; the label is always read from its NIfTI file.
 
     Returns:
         An :class:`EvalSummary`; cases that could not be read, whose label is not an integer label
@@ -183,13 +238,24 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     out_dir = Path(out) if out is not None else run_root / "eval"
     names = loaded.preset.class_names
     result = EvalSummary(out_dir)
+    store = run_store(loaded, task) if from_store is not False else None
+    if from_store and store is None:
+        raise ValueError(f"from_store: {loaded.checkpoint} was trained with data.cache={loaded.config.data.cache!r}, "
+                         "not the preprocessed store.")
     for cid in tqdm(chosen, desc=f"evaluate {split}", unit="case", disable=not progress):
         case = task.case(cid)
         try:
             # The label is checked before the (costly) prediction: an integer map on its image's grid.
             truth, truth_header = read_label_map(case.label, "label")
-            check_same_grid(truth_header, read_header(case.image), affine_tol_mm, "label", "image")
-            labels, ref = predict_image(loaded, case.image)
+            if store is None:
+                check_same_grid(truth_header, read_header(case.image), affine_tol_mm, "label", "image")
+                labels, ref = predict_image(loaded, case.image)
+            else:
+                store.ensure(case)  # a test case enters the store the first time it is evaluated
+                check_same_grid(truth_header, stored_header(case, store.properties(case)), affine_tol_mm,
+                                "label", "image")
+                # The label is on the image's grid (checked): its header carries the prediction.
+                labels, ref = predict_stored(loaded, store, case), nib.load(str(case.label))
             write_label(labels, ref, out_dir / "predictions" / f"{cid}.nii.gz")
             scores = label_map_metrics(labels, truth, loaded.preset.scored_classes, truth_header.spacing,
                                        nsd_tolerance_mm, distance_penalty_mm=distance_penalty_mm)

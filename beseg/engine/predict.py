@@ -13,7 +13,7 @@ the label map is made. ``beseg export`` writes the same pipeline for :mod:`beseg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from beseg.engine.networks import build_network
 from beseg.engine.rundir import RunDir
 from beseg.errors import BesegError, DataError
 
-__all__ = ["LoadedModel", "PredictSummary", "ensemble_members", "load_model", "predict_image", "predict_files", "resolve_checkpoint", "write_label"]
+__all__ = ["LoadedModel", "PredictSummary", "ensemble_labels", "ensemble_members", "load_model", "predict_image", "predict_files", "resolve_checkpoint", "write_label"]
 
 
 @dataclass
@@ -126,6 +126,31 @@ def ensemble_members(models: LoadedModel | Sequence[LoadedModel]) -> list[Loaded
     return members
 
 
+def ensemble_labels(members: Sequence[LoadedModel], normalized: Callable[[LoadedModel], torch.Tensor],
+                    mirror_axes: Sequence[int] = ()) -> torch.Tensor:
+    """Label map on the model grid: each member's sliding window on its normalised image, probabilities
+    (after the activation) averaged over the members and the mirror flips, then turned into labels.
+
+    Args:
+        members: from :func:`ensemble_members`.
+        normalized: a member -> its (C, X, Y, Z) float32 input on the model grid (normalised as it was trained).
+        mirror_axes: test-time mirroring axes of the RAS grid (0, 1, 2); ``()`` for none.
+
+    Returns:
+        (1, X, Y, Z) uint8 label map (dataset label values), on the CPU.
+    """
+    probs = None
+    for member in members:
+        cfg = member.config.train
+        p = predict_probabilities(member.model, normalized(member)[None].to(member.device), member.roi,
+                                  member.preset.activation, cfg.sw_overlap, cfg.sw_batch_size, cfg.amp, mirror_axes)
+        probs = p if probs is None else probs + p.to(probs.device)
+    assert probs is not None
+    if len(members) > 1:
+        probs = probs / len(members)
+    return members[0].preset.label_map(probs)[0].cpu()
+
+
 def predict_image(models: LoadedModel | Sequence[LoadedModel], image_path: str | Path,
                   mirror_axes: Sequence[int] = ()) -> tuple[np.ndarray, Any]:
     """Label map of one image, in that image's own voxel grid.
@@ -164,18 +189,9 @@ def predict_image(models: LoadedModel | Sequence[LoadedModel], image_path: str |
     image = data["image"]
     if not torch.isfinite(image.as_tensor()).all():
         raise DataError(f"{image_path}: contains NaN or Inf values.")
-    probs = None
-    for member in members:
-        # a copy: the normalisation works in place, and the next member needs the raw intensities
-        x = member.preset.infer_intensity(member.stats)({"image": image.clone()})["image"]
-        cfg = member.config.train
-        p = predict_probabilities(member.model, x.as_tensor()[None].to(member.device), member.roi,
-                                  preset.activation, cfg.sw_overlap, cfg.sw_batch_size, cfg.amp, mirror_axes)
-        probs = p if probs is None else probs + p.to(probs.device)
-    assert probs is not None
-    if len(members) > 1:
-        probs = probs / len(members)
-    labels = preset.label_map(probs)[0].cpu()
+    # a copy: the normalisation works in place, and the next member needs the raw intensities
+    labels = ensemble_labels(members, lambda m: m.preset.infer_intensity(m.stats)({"image": image.clone()})["image"]
+                             .as_tensor(), mirror_axes)
     data["pred"] = MetaTensor(labels.float(), affine=image.affine)
     back = preset.inverter(geometry, nearest=True)(data)["pred"]
     out = np.asarray(back.detach().cpu().numpy()[0]).round().astype(np.uint8)
