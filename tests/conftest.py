@@ -61,7 +61,7 @@ TINY_COMPARE = ["train.epochs=1", "train.steps_per_epoch=2", "data.patch_size=[1
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """A 10-case phantom spleen (7 train, 1 validation, 2 test cases by default) of 32x32x12 voxels."""
+    """A 10-case phantom spleen (6 train, 2 validation, 2 test cases with the phantom presets' shares) of 32x32x12 voxels."""
     return make_phantom(tmp_path_factory.mktemp("data") / "phantom", cases=10, test_cases=0, size=(32, 32, 12),
                         progress=False)
 
