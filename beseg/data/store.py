@@ -62,6 +62,7 @@ import numpy as np
 
 from beseg.data.intensity import default_cache_dir
 from beseg.data.msd import Case, MSDTask
+from beseg.data.nifti import read_header, read_image_header
 from beseg.data.presets import TaskPreset
 from beseg.errors import DataError
 from beseg.fileio import atomic_write_text, lock_holder, release_lock, touch_lock, try_lock
@@ -222,9 +223,16 @@ class Store:
         if beat is not None:
             beat.start()
         try:
+            # The shared input check first, so that a bad file gets the message evaluate, score and
+            # predict give (naming the file that is wrong), not the wrapper text of MONAI's loader.
+            # (Whether the label lies on the image's grid is the caller's check, at the caller's tolerance.)
+            read_image_header(case.image, self.preset.in_channels, f"task {self.preset.name}")
+            read_header(case.label)
             try:
                 out = self.preset.store_transforms()(case.as_dict())
             except Exception as err:  # MONAI wraps reader errors in RuntimeError
+                while err.__cause__ is not None:
+                    err = err.__cause__
                 raise DataError(f"{case.image}: cannot preprocess case {case.id!r} for the store: "
                                 f"{str(err).splitlines()[-1][:300]}") from None
             image = np.asarray(out["image"], dtype=np.float32)
