@@ -157,7 +157,7 @@ def run_data_benchmark(data_dir: str | Path | None = None, config: str = "phanto
                                     progress=False)
             cache_dir: Path | None = Path(tmp) / "cache"
         else:
-            cache_dir = Path(d.cache_dir) if d.cache_dir else None
+            cache_dir = d.cache_path
         task = load_task(data_dir)
         # A private split file: the benchmark never creates the split a later training would use.
         split = Path(d.split_file) if d.split_file else Path(tmp) / "split.json"

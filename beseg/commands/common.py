@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 def data_dir(data: str | None, task: str, progress: bool = True) -> Path:

@@ -85,8 +85,6 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from beseg.data import get_preset, load_task, require_valid_task
     from beseg.data.store import prepare_store
     from beseg.engine.config import load_config
@@ -98,7 +96,7 @@ def _prepare(args: argparse.Namespace) -> int:
     preset = get_preset(config.data.task)
     task = load_task(args.dir)
     preset.validate(task)
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else None
+    cache_dir = config.data.cache_path
     require_valid_task(task.root, cache_dir, progress=not args.no_progress)
     store = prepare_store(task, preset, cache_dir, workers=args.workers, progress=not args.no_progress)
     size = store.size_bytes()

@@ -347,8 +347,7 @@ class TaskPreset:
 
         Every step is invertible; pass the same object to :meth:`inverter`.
         """
-        return Compose([*self._geometry(("image",), ("bilinear",)), *self._normalize(stats),
-                        CastToTyped(keys="image", dtype=np.float32)])
+        return Compose([*self.infer_geometry().transforms, *self.infer_intensity(stats).transforms])
 
     def infer_geometry(self) -> Compose:
         """The invertible part of :meth:`infer_transforms`: load, channel-first, RAS, resample.

@@ -75,6 +75,11 @@ class DataConfig:
     cache_dir: str | None = None
     num_workers: int = 2
 
+    @property
+    def cache_path(self) -> Path | None:
+        """``cache_dir`` as a path; ``None`` means the default (:func:`beseg.data.default_cache_dir`)."""
+        return Path(self.cache_dir) if self.cache_dir else None
+
 
 @dataclass
 class ModelConfig:

@@ -272,7 +272,7 @@ class Trainer:
         with self.all_ranks("checking the task folder and preparing the data"):
             if self.dist.is_main:
                 # Fail before any compute on a folder with bad files, listing every problem at once.
-                require_valid_task(self.data_dir, self._cache_dir(), progress=self.progress)
+                require_valid_task(self.data_dir, self.config.data.cache_path, progress=self.progress)
                 if self.dist.distributed:
                     # Once: split.json, the statistics and (with the store) every missing case. The
                     # store's case locks would also let all ranks build at once; this keeps their
@@ -294,7 +294,7 @@ class Trainer:
         """Split, statistics and datasets of the task folder (see :func:`beseg.data.build_task_data`)."""
         d = self.config.data
         return build_task_data(
-            load_task(self.data_dir), self.preset, split_file=d.split_file, cache_dir=self._cache_dir(),
+            load_task(self.data_dir), self.preset, split_file=d.split_file, cache_dir=self.config.data.cache_path,
             patch_size=self.patch, cache=cache, val_frac=d.val_frac,
             test_frac=d.test_frac, seed=d.split_seed, num_samples=d.num_samples, pos=d.pos, neg=d.neg,
             progress=self.progress and self.dist.is_main,
@@ -694,8 +694,6 @@ class Trainer:
             + (f" (and rank(s) {others})" if others else "") + f": {text}"
         ) from failure
 
-    def _cache_dir(self) -> Path | None:
-        return Path(self.config.data.cache_dir) if self.config.data.cache_dir else None
 
 
 class LossTimer:
