@@ -10,12 +10,15 @@
                                           evaluated into eval/
     RESULTS/<system>/seed<k>/fold<f>/     cv: fold f's run folder, evaluated on its test cases
     RESULTS/<system>/seed<k>/eval/        what the report reads (cv: the K folds merged)
+    RESULTS/<system>/repeat<k>/           the same for a system without a seed (an nnU-Net trainer):
+                                          repeat k is an independent rerun of identical settings
+    RESULTS/nnunet/                       nnU-Net's raw and preprocessed dataset, shared by its runs
     RESULTS/logs/<run id>.log             each run's output when a launcher ran it in its own process
     RESULTS/slurm/<run id>.sbatch         the SLURM launcher's job scripts (and <run id>.jobid)
     RESULTS/report/                       report.md, report.html, figures/
 
 A run's *id* is its run folder relative to ``RESULTS`` (``segresnet_be/seed0``,
-``segresnet_be/seed0/fold2``); file names use it with ``/`` replaced by ``.``. Everything that
+``segresnet_be/seed0/fold2``, ``nnUNetTrainerBE/repeat1``); file names use it with ``/`` replaced by ``.``. Everything that
 is recorded is relative to ``RESULTS``, so a results folder can be moved.
 """
 
@@ -25,12 +28,15 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["ResultsLayout", "REPORT_DIR"]
+__all__ = ["ResultsLayout", "REPORT_DIR", "NNUNET_DIR", "RUN_UNITS"]
 
 #: Folders of a results folder that are not systems.
 REPORT_DIR = "report"
-_NOT_SYSTEMS = {REPORT_DIR, "logs", "slurm"}
-_SEED_DIR = re.compile(r"seed(\d+)")
+NNUNET_DIR = "nnunet"
+_NOT_SYSTEMS = {REPORT_DIR, "logs", "slurm", NNUNET_DIR}
+#: What tells the runs of one system apart: a training seed, or (no seed: nnU-Net) a repeat number.
+RUN_UNITS = ("seed", "repeat")
+_RUN_DIR = re.compile(r"(seed|repeat)(\d+)")
 
 
 class ResultsLayout:
@@ -58,6 +64,11 @@ class ResultsLayout:
         return self.root / REPORT_DIR
 
     @property
+    def nnunet(self) -> Path:
+        """nnU-Net's dataset folders (``raw/``, ``preprocessed/``), converted and planned once for all its runs."""
+        return self.root / NNUNET_DIR
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 
@@ -78,29 +89,32 @@ class ResultsLayout:
     # -- runs ------------------------------------------------------------------------------------
 
     @staticmethod
-    def run_id(system: str, seed: int, fold: int | None = None) -> str:
-        """``<system>/seed<k>[/fold<f>]``: the run folder relative to the results folder."""
-        return f"{system}/seed{seed}" + (f"/fold{fold}" if fold is not None else "")
+    def run_id(system: str, seed: int, fold: int | None = None, unit: str = "seed") -> str:
+        """``<system>/seed<k>[/fold<f>]`` (``repeat<k>`` for ``unit="repeat"``): the run folder relative
+        to the results folder."""
+        if unit not in RUN_UNITS:
+            raise ValueError(f"unit must be one of {RUN_UNITS}, got {unit!r}.")
+        return f"{system}/{unit}{seed}" + (f"/fold{fold}" if fold is not None else "")
 
     @staticmethod
     def file_stem(run_id: str) -> str:
         """A run id as a file name: ``segresnet_be.seed0.fold1``."""
         return run_id.replace("/", ".")
 
-    def run_dir(self, system: str, seed: int, fold: int | None = None) -> Path:
-        """The run folder (trained with ``train.seed=seed``, on fold ``fold`` in cross-validation)."""
-        return self.root / self.run_id(system, seed, fold)
+    def run_dir(self, system: str, seed: int, fold: int | None = None, unit: str = "seed") -> Path:
+        """The run folder (trained with ``train.seed=seed``, or repeat ``seed``; on fold ``fold`` in cross-validation)."""
+        return self.root / self.run_id(system, seed, fold, unit)
 
-    def result_dir(self, system: str, seed: int) -> Path:
+    def result_dir(self, system: str, seed: int, unit: str = "seed") -> Path:
         """The folder the report reads as one run: the run folder, or the seed folder holding merged folds."""
-        return self.run_dir(system, seed)
+        return self.run_dir(system, seed, unit=unit)
 
-    def eval_dir(self, system: str, seed: int, fold: int | None = None) -> Path:
-        return self.run_dir(system, seed, fold) / "eval"
+    def eval_dir(self, system: str, seed: int, fold: int | None = None, unit: str = "seed") -> Path:
+        return self.run_dir(system, seed, fold, unit) / "eval"
 
-    def summary(self, system: str, seed: int, fold: int | None = None) -> Path:
+    def summary(self, system: str, seed: int, fold: int | None = None, unit: str = "seed") -> Path:
         """``eval/summary.json`` of a run (fold ``None`` in cross-validation: the merged one)."""
-        return self.eval_dir(system, seed, fold) / "summary.json"
+        return self.eval_dir(system, seed, fold, unit) / "summary.json"
 
     def log(self, run_id: str) -> Path:
         return self.logs / f"{self.file_stem(run_id)}.log"
@@ -111,12 +125,13 @@ class ResultsLayout:
     def job_id_file(self, run_id: str) -> Path:
         return self.slurm / f"{self.file_stem(run_id)}.jobid"
 
-    def result_dirs(self) -> Iterator[tuple[str, int, Path]]:
-        """``(system, seed, folder)`` of every ``<system>/seed<k>`` folder present, sorted."""
+    def result_dirs(self) -> Iterator[tuple[str, int, Path, str]]:
+        """``(system, seed or repeat, folder, unit)`` of every ``<system>/seed<k>`` and ``<system>/repeat<k>``
+        folder present, sorted; ``unit`` is ``seed`` or ``repeat``."""
         if not self.root.is_dir():
             return
         for system_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name not in _NOT_SYSTEMS):
             for seed_dir in sorted(system_dir.iterdir()):
-                m = _SEED_DIR.fullmatch(seed_dir.name)
+                m = _RUN_DIR.fullmatch(seed_dir.name)
                 if m and seed_dir.is_dir():
-                    yield system_dir.name, int(m.group(1)), seed_dir
+                    yield system_dir.name, int(m.group(2)), seed_dir, m.group(1)

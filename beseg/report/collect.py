@@ -279,7 +279,7 @@ def collect_results(results_dir: str | Path) -> Results:
         raise ReportError(f"{root}: results folder does not exist")
     runs: list[Run] = []
     notes: list[str] = []
-    for system, seed, path in ResultsLayout(root).result_dirs():
+    for system, seed, path, _unit in ResultsLayout(root).result_dirs():
         try:
             runs.append(read_run(path, system, seed, notes))
         except ReportError as exc:
