@@ -603,6 +603,7 @@ def score_predictions(
     protocol: str | None = None,
     only_predicted: bool = False,
     progress: bool = True,
+    fields: Mapping[str, Any] | None = None,
 ) -> ScoreResult:
     """Score every prediction of ``pred_dir`` against its label; write ``per_case.csv`` and ``summary.json``.
 
@@ -632,6 +633,9 @@ def score_predictions(
             nnU-Net fold's ``validation`` folder against the whole ``labelsTr``): labels without a
             prediction are listed in ``summary.json`` as ``not_predicted`` instead of ``missing``.
         progress: show a progress bar.
+        fields: ``summary.json`` fields to record instead of the defaults (``task``, ``system``,
+            ``protocol``, ``split``, ``selection``, ``case_ids``...), for a caller that knows how the
+            predictions were made (a comparison's nnU-Net run); not the keys computed from the rows.
 
     Returns:
         A :class:`ScoreResult`; unreadable cases and grid mismatches are in ``failed``.
@@ -673,13 +677,15 @@ def score_predictions(
             result.failed.append((case, str(out)))
         else:
             result.rows.extend(out)
-    result.summary = summarize(
-        result.rows, [n for n, _ in spec], result.failed, nsd_tolerance_mm, distance_penalty_mm, ignore_label,
+    recorded: dict[str, Any] = dict(
         task=_task_name(labels_dir, source), system=name, origin="beseg score", predictions=str(pred_dir.resolve()),
         labels=str(labels_dir.resolve()), classes_from=source, class_values={n: list(v) for n, v in spec},
-        ignore_label_from=ignore_source,
-        missing=missing, not_predicted=not_predicted, extra=extra, protocol=protocol, split=PROTOCOL_SPLITS.get(protocol or ""), folds=None,
-        selection=None, case_ids=[c for c, _, _ in pairs],
+        ignore_label_from=ignore_source, missing=missing, not_predicted=not_predicted, extra=extra, protocol=protocol,
+        split=PROTOCOL_SPLITS.get(protocol or ""), folds=None, selection=None, case_ids=[c for c, _, _ in pairs],
     )
+    recorded.update(fields or {})
+    result.summary = summarize(
+        result.rows, [n for n, _ in spec], result.failed, nsd_tolerance_mm, distance_penalty_mm, ignore_label,
+        **recorded)
     write_scores(out_dir, result.rows, result.summary)
     return result

@@ -308,3 +308,95 @@ def test_nnunet_trains_predicts_with_a_be_trainer_and_beseg_scores_it(tmp_path):
     assert sorted({r["case"] for r in rows}) == sorted(split)
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
     assert (out / "summary.json").is_file()
+
+
+# --------------------------------------------------------------------------- nnU-Net trainers in beseg compare
+
+
+def _compare_env(monkeypatch, python: Path) -> None:
+    """nnU-Net's settings for CPU tests, and the user's own trainer folder (CI's short trainers)."""
+    for key, value in {"nnUNet_extTrainer": str(HELPERS / "trainers"), "nnUNet_compile": "f", "nnUNet_n_proc_DA": "0",
+                       "nnUNet_def_n_proc": "1", "BESEG_NNUNET_PYTHON": str(python)}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.slow
+def test_compare_pairs_nnunet_trainers_with_a_beseg_system_on_the_same_test_cases(tmp_path, monkeypatch, capsys):
+    """The issue's CI check: nnU-Net's default trainer and nnUNetTrainerBE (short subclasses) and segresnet_dice in one
+    `beseg compare` on a phantom; nnU-Net trains on beseg's split and every system is scored on the same test cases."""
+    from tests.conftest import tiny_compare
+
+    python = _nnunet_python()
+    _compare_env(monkeypatch, python)
+    data = make_phantom(tmp_path / "phantom", cases=10, test_cases=0, size=(48, 48, 20), progress=False)
+    out = tmp_path / "results"
+    systems = "nnunet:nnUNetTrainer_ci,nnunet:nnUNetTrainerBE_ci,segresnet_dice"
+    code = main(["compare", "--data", str(data), "--systems", systems, "--seeds", "1", "--out", str(out),
+                 "--baseline", "nnUNetTrainer_ci", "--no-progress", *tiny_compare(tmp_path)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-4000:] + printed.err[-4000:]
+
+    split = json.loads((out / "split.json").read_text())
+    test_cases = sorted(split["test"])
+    assert test_cases
+    # nnU-Net's splits_final.json is beseg's split: it trains on beseg's training cases, monitors its validation cases.
+    (dataset,) = (out / "nnunet" / "preprocessed").iterdir()
+    final = json.loads((dataset / "splits_final.json").read_text())
+    assert final == [{"train": sorted(split["train"]), "val": sorted(split["val"])}]
+    # The held-out test cases never enter nnU-Net's training set (nor its fingerprint and plan): only imagesTs.
+    raw = out / "nnunet" / "raw" / dataset.name
+    in_training = {p.name[:-len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz")}
+    assert in_training == set(split["train"]) | set(split["val"])
+    assert {p.name[:-len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*_0000.nii.gz")} == set(test_cases)
+
+    runs = {"nnUNetTrainer_ci": out / "nnUNetTrainer_ci" / "repeat0",
+            "nnUNetTrainerBE_ci": out / "nnUNetTrainerBE_ci" / "repeat0",
+            "segresnet_dice": out / "segresnet_dice" / "seed0"}
+    for name, run in runs.items():
+        with open(run / "eval" / "per_case.csv", newline="") as f:
+            assert sorted({r["case"] for r in csv.DictReader(f)}) == test_cases, name
+        summary = json.loads((run / "eval" / "summary.json").read_text())
+        assert summary["protocol"] == "heldout" and summary["split"] == "test" and summary["case_ids"] == test_cases
+    # The BE trainer really trained with BE, each nnU-Net run in its own nnUNet_results.
+    be_log = next((runs["nnUNetTrainerBE_ci"] / "nnUNet_results").rglob("training_log_*.txt")).read_text()
+    assert "1000 x BE" in be_log
+    assert "1000 x BE" not in next((runs["nnUNetTrainer_ci"] / "nnUNet_results").rglob("training_log_*.txt")).read_text()
+
+    # Each nnU-Net run's test Dice is what `beseg score` gives on its prediction folder.
+    for name in ("nnUNetTrainer_ci", "nnUNetTrainerBE_ci"):
+        scored = tmp_path / f"score_{name}"
+        assert main(["score", str(runs[name] / "eval" / "predictions"), "--labels", str(data / "labelsTr"),
+                     "--out", str(scored), "--no-progress"]) in (0, 1)  # 1: the training cases have no prediction
+        mine = json.loads((runs[name] / "eval" / "summary.json").read_text())
+        theirs = json.loads((scored / "summary.json").read_text())
+        assert theirs["case_ids"] == test_cases
+        assert mine["mean"]["dice"] == pytest.approx(theirs["mean"]["dice"], abs=1e-9)
+        assert mine["per_class"] == theirs["per_class"]
+
+    report = (out / "report" / "report.md").read_text()
+    for name in runs:
+        assert name in report
+    assert "nnUNetTrainerBE_ci vs nnUNetTrainer_ci" in report
+    assert "segresnet_dice vs nnUNetTrainer_ci" in report
+
+    # --status reads nnU-Net's runs too.
+    capsys.readouterr()
+    assert main(["compare", str(out), "--status"]) == 0
+    status = capsys.readouterr().out
+    assert re.search(r"nnUNetTrainerBE_ci/repeat0\s+done", status), status
+    assert "3 done of 3 run(s)" in status
+
+
+@pytest.mark.slow
+def test_an_unknown_nnunet_trainer_is_one_line_before_anything_trains(tmp_path, monkeypatch, capsys):
+    python = _nnunet_python()
+    _compare_env(monkeypatch, python)
+    data = make_phantom(tmp_path / "phantom", cases=10, test_cases=0, size=(32, 32, 12), progress=False)
+    out = tmp_path / "results"
+    code = main(["compare", "--data", str(data), "--systems", "nnunet:nnUNetTrainerNoSuch,segresnet_dice",
+                 "--seeds", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "nnUNetTrainerNoSuch" in err[0] and "nnUNet_extTrainer=" in err[0] and str(HELPERS / "trainers") in err[0]
+    assert str(trainer_dir()) in err[0]  # beseg's folder is added to the user's, not instead of it
+    assert not (out / "segresnet_dice").exists()

@@ -19,9 +19,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     parser.add_argument("--data", metavar="DIR", help="MSD task folder (default for phantom tasks: the phantom)")
     parser.add_argument("--systems", default="dice,dice_be", metavar="A,B,...",
-                        help=f"comma-separated Table 1 rows or aliases ({names}) or YAML config files "
+                        help=f"comma-separated Table 1 rows or aliases ({names}), YAML config files, or nnU-Net v2 "
+                             "trainers nnunet:TRAINER[@CONFIGURATION] (e.g. nnunet:nnUNetTrainer,nnunet:nnUNetTrainerBE) "
                              "(default: dice,dice_be)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per system: 0..N-1 (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per system: 0..N-1 (default 3); repeats of an "
+                                                             "nnU-Net trainer, which has no seed")
+    parser.add_argument("--nnunet-python", metavar="PYTHON",
+                        help="interpreter of the environment with nnunetv2 (and beseg) that runs the nnunet: systems "
+                             "(default: $BESEG_NNUNET_PYTHON, else this one)")
+    parser.add_argument("--baseline", metavar="SYSTEM",
+                        help="the system the report compares the others with (default: nnUNetTrainer if compared, "
+                             "else segresnet_dice, else the first)")
     parser.add_argument("--out", metavar="RESULTS_DIR", help="results folder (reused to resume); required")
     parser.add_argument("--task", "--preset-prefix", dest="task", metavar="TASK",
                         help="preset prefix: phantom_spleen, task09 or task01 (default: from the dataset)")
@@ -60,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
         data = data_dir(None, task, progress)
     result = run_compare(data, split_systems(args.systems), args.seeds, args.out, overrides=[*args.sets, *args.overrides],
                          prefix=task, progress=progress, report=not args.no_report, protocol=args.protocol,
-                         folds=args.folds, launcher=launcher)
+                         folds=args.folds, launcher=launcher, nnunet_python=args.nnunet_python,
+                         baseline=args.baseline)
     return finish(result, args.out)

@@ -56,20 +56,20 @@ from beseg.engine.claim import Claim, RunLockedError
 from beseg.engine.config import Config
 from beseg.engine.rundir import RunDir
 from beseg.errors import ConfigError, DataError, ReportError
-from beseg.experiment import worker
+from beseg.experiment import nnunet_runs, worker
 from beseg.experiment.folds import merge_folds
 from beseg.experiment.launch import LaunchOutcome, LocalLauncher
 from beseg.experiment.layout import ResultsLayout
 from beseg.experiment.plan import (
     ALIASES, PAPER_VAL_FRAC, PROTOCOLS, TABLE1_SYSTEMS, PlannedRun, SystemSpec, check_protocol, plan_runs,
-    preset_prefix, resolve_system, run_state, write_plan_json, _check_prefix,
+    preset_prefix, resolve_system, write_plan_json, _check_prefix,
 )
 from beseg.fileio import atomic_write_text
 from beseg.score import Summary
 
 __all__ = [
     "TABLE1_SYSTEMS", "ALIASES", "PROTOCOLS", "PAPER_VAL_FRAC", "SystemSpec", "PlannedRun", "CompareResult",
-    "preset_prefix", "resolve_system", "plan_runs", "prepare_splits", "merge_folds", "run_compare",
+    "preset_prefix", "resolve_system", "plan_runs", "prepare_splits", "merge_folds", "run_compare", "default_baseline",
 ]
 
 
@@ -208,7 +208,7 @@ def _check_same_cases(runs: Sequence[PlannedRun], expected: Sequence[str], part:
         ReportError: naming the first run whose cases differ.
     """
     want = sorted(expected)
-    for folder, label in dict((r.result_dir, f"{r.system}/seed{r.seed}") for r in runs).items():
+    for folder, label in dict((r.result_dir, f"{r.system}/{r.unit}{r.seed}") for r in runs).items():
         cases = _eval_cases(folder)
         if cases != want:
             raise ReportError(
@@ -235,7 +235,8 @@ def _describe_protocol(protocol: str, splits: dict[int | None, Split]) -> str:
 def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Sequence[int], results_dir: str | Path,
                 overrides: Sequence[str] = (), prefix: str | None = None, progress: bool = True,
                 report: bool = True, log: Callable[[str], None] = print, protocol: str = "heldout",
-                folds: int | None = None, launcher=None, wait_s: float = 5.0) -> CompareResult:
+                folds: int | None = None, launcher=None, wait_s: float = 5.0, nnunet_python: str | None = None,
+                baseline: str | None = None) -> CompareResult:
     """Train and evaluate every system with every seed on the same split(s), then write the report.
 
     Runs already finished in ``results_dir`` are skipped and interrupted ones resumed, so running
@@ -257,14 +258,20 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         launcher: what executes the runs (default :class:`~beseg.experiment.launch.LocalLauncher`:
             one after another in this process); see :mod:`beseg.experiment.launch`.
         wait_s: how often runs held by other processes are looked at again.
+        nnunet_python: the interpreter of the environment with nnunetv2, for ``nnunet:`` systems
+            (default ``$BESEG_NNUNET_PYTHON``, else this one); see :mod:`beseg.experiment.nnunet_runs`.
+        baseline: the system the report compares every other one with (default
+            :func:`default_baseline`).
 
     Returns:
         A :class:`CompareResult`; ``failed`` lists the runs that failed (the others finish; no
         report is written until every run has).
 
     Raises:
-        ConfigError: unknown system, bad override, protocol or fold count, or a run folder made
-            with other settings.
+        ConfigError: unknown system, bad override, protocol or fold count, a baseline that is not
+            one of the systems, or a run folder made with other settings.
+        NNUNetError: an ``nnunet:`` system without a usable nnU-Net, or a trainer nnU-Net cannot find
+            (checked before anything trains).
         DataError: the dataset folder is missing, broken, or not the configs' task, or the
             results folder's split belongs to another protocol.
         ReportError: the runs were not scored on the comparison's cases.
@@ -283,7 +290,18 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     if not systems:
         raise ConfigError("give at least one system in --systems.")
     specs = [resolve_system(s, prefix) for s in systems]
+    names = [s.name for s in specs]
+    baseline = baseline or default_baseline(names)
+    if baseline not in names:
+        raise ConfigError(f"--baseline {baseline!r} is not one of the systems ({', '.join(names)}).")
     results_dir = Path(results_dir)
+    nnunet_env = None
+    nnunet_systems = [s.nnunet for s in specs if s.nnunet is not None]
+    if nnunet_systems:  # a missing nnU-Net or an unknown trainer fails here, before anything trains
+        python = nnunet_runs.resolve_python(nnunet_python)
+        version = nnunet_runs.check_environment(
+            python, nnunet_systems, nnunet_runs.nnunet_env(ResultsLayout(results_dir.absolute()).nnunet))
+        nnunet_env = {"python": python, "version": version}
     _check_plan(results_dir, protocol, folds)
     planned = plan_runs(specs, seed_list, results_dir, overrides, "heldout" if protocol == "cv" else protocol, folds)
     _check_data(data_dir, {p.config.data.task.lower() for p in planned}, planned[0].config.data.cache_dir)
@@ -291,7 +309,7 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     splits = prepare_splits(results_dir, data_dir, protocol, folds, planned[0].config)
     _write_plan(results_dir, data_dir, specs, seed_list, overrides, protocol, folds)
 
-    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve())
+    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env)
 
     result = CompareResult(results_dir, planned, protocol=protocol, folds=folds)
     todo = sum(p.state != "done" for p in planned)
@@ -299,14 +317,15 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         + f" on {data_dir} -> {results_dir} ({len(planned) - todo} finished already, {todo} to run)")
     log(_describe_protocol(protocol, splits))
     launcher = launcher if launcher is not None else LocalLauncher()
-    outcome = _execute(ResultsLayout(results_dir.resolve()), planned, launcher, data_dir, protocol, progress, log, wait_s)
+    outcome = _execute(ResultsLayout(results_dir.resolve()), planned, launcher, data_dir, protocol, progress, log, wait_s,
+                       nnunet_env)
     result.failed, result.jobs = outcome.failed, outcome.jobs
     if getattr(launcher, "detach", False) and outcome.busy:
         result.detached = True
         result.seconds = time.perf_counter() - start
         return result
     states = {run.id: ("failed" if run.id in outcome.failed else "done") for run in planned}
-    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), states)
+    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), states, nnunet=nnunet_env)
     stale = {run.result_dir for run in planned if run.state != "done"}  # seed folders whose merge must be redone
     if result.failed:
         log(f"{len(result.failed)} run(s) failed; no report until they finish (rerun the same command to retry):")
@@ -321,7 +340,7 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
             if seed_dir in stale or not (seed_dir / "eval" / "summary.json").is_file():
                 merged = merge_folds(seed_dir, [seed_dir / f"fold{f}" for f in range(folds)], all_ids)
                 dice = merged["mean"].get("dice")
-                log(f"merged {folds} folds of {seed_dir.parent.name} seed {seed_dir.name[4:]}: out-of-fold Dice "
+                log(f"merged {folds} folds of {seed_dir.parent.name} {seed_dir.name}: out-of-fold Dice "
                     + (f"{dice:.4f}" if dice is not None else "n/a") + f" over {merged['cases']} case(s)")
         expected = all_ids
     else:
@@ -330,13 +349,29 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     if report:
         from beseg.report import write_report  # rendering: the last step, after every run is in
 
-        names = [s.name for s in specs]
-        baseline = "segresnet_dice" if "segresnet_dice" in names else names[0]
-        be_system = "segresnet_be" if "segresnet_be" in names else names[-1]
+        be_system = _be_counterpart(baseline, names)
         log("writing the report...")
         result.report = write_report(results_dir, data_dir, baseline=baseline, be_system=be_system)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def default_baseline(names: Sequence[str]) -> str:
+    """The system the report compares the others with: nnU-Net's default trainer when it is in the comparison
+    (the question is then "does BE improve nnU-Net?"), else ``segresnet_dice``, else the first system."""
+    for candidate in ("nnUNetTrainer", "segresnet_dice"):
+        if candidate in names:
+            return candidate
+    return names[0]
+
+
+def _be_counterpart(baseline: str, names: Sequence[str]) -> str:
+    """The system shown beside the baseline in the contour figure: the baseline's BE version if present."""
+    for candidate in (f"{baseline}BE", baseline.replace("_dice", "_be"), "segresnet_be", "nnUNetTrainerBE"):
+        if candidate in names and candidate != baseline:
+            return candidate
+    others = [n for n in names if n != baseline]
+    return others[-1] if others else baseline
 
 
 def _held_elsewhere(run: PlannedRun) -> bool:
@@ -347,7 +382,7 @@ def _held_elsewhere(run: PlannedRun) -> bool:
 
 
 def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, data_dir: Path, protocol: str, progress: bool,
-             log: Callable[[str], None], wait_s: float) -> LaunchOutcome:
+             log: Callable[[str], None], wait_s: float, nnunet_env: dict | None = None) -> LaunchOutcome:
     """Execute the unfinished runs through ``launcher``; then wait for the runs other processes hold,
     taking over any whose holder is gone, until every run is done or failed.
 
@@ -365,7 +400,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
         first = False
         ready, waiting = [], []
         for run in todo:
-            state, run.epoch = run_state(run.run_dir, run.config)
+            state, run.epoch = run.current_state()
             if state == "done":
                 total.done.append(run.id)
             elif _held_elsewhere(run):
@@ -376,7 +411,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
                 failure = _failed_elsewhere(run) or {}
                 total.failed[run.id] = (failure.get("error", "failed"), failure.get("log"))
         if ready:
-            outcome = _launch(layout, ready, launcher, data_dir, protocol, progress, log)
+            outcome = _launch(layout, ready, launcher, data_dir, protocol, progress, log, nnunet_env)
             total.done += outcome.done
             total.failed.update(outcome.failed)
             total.jobs.update(outcome.jobs)
@@ -395,7 +430,7 @@ def _failed_elsewhere(run: PlannedRun) -> dict | None:
 
 
 def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_dir: Path, protocol: str, progress: bool,
-            log: Callable[[str], None]) -> LaunchOutcome:
+            log: Callable[[str], None], nnunet_env: dict | None = None) -> LaunchOutcome:
     """One pass of ``launcher`` over ``runs`` (in this process when it is the in-process local launcher)."""
     if not (isinstance(launcher, LocalLauncher) and launcher.in_process):
         return launcher.execute(layout, [r.id for r in runs], log)
@@ -404,7 +439,7 @@ def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_di
         tick = time.perf_counter()
         try:
             summary = worker.execute_run(run.run_dir, run.config, data_dir, protocol, progress=progress, log=log,
-                                         label=run.name)
+                                         label=run.name, nnunet=run.nnunet, nnunet_env=nnunet_env)
         except RunLockedError:
             outcome.busy.append(run.id)
             log(f"{run.name}: another process holds it; waiting for it")

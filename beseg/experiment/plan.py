@@ -1,7 +1,7 @@
 """The runs of a comparison: systems, the (system, seed[, fold]) runs, how far each got, and ``plan.json``.
 
-A run is one training (``train.seed=k``, on fold ``f`` in cross-validation) followed by its
-evaluation into the results layout (:class:`beseg.experiment.layout.ResultsLayout`). Each run is
+A run is one training (``train.seed=k``, on fold ``f`` in cross-validation; for an nnU-Net
+trainer, ``nnunet:NAME``, repeat ``k``: nnU-Net has no seed) followed by its evaluation into the results layout (:class:`beseg.experiment.layout.ResultsLayout`). Each run is
 independent of the others, so any launcher may execute them in any order, in parallel, on any host
 that sees the results folder.
 
@@ -9,7 +9,14 @@ that sees the results folder.
 
     {"version": 1, "protocol": "heldout", "folds": null, "data": "/data/Task09_Spleen", "runs": [
       {"id": "segresnet_be/seed0", "kind": "beseg", "system": "segresnet_be", "seed": 0, "fold": null,
-       "run_dir": "segresnet_be/seed0", "state": "pending", "config": {...}}, ...]}
+       "run_dir": "segresnet_be/seed0", "state": "pending", "config": {...}},
+      {"id": "nnUNetTrainerBE/repeat0", "kind": "nnunet", "system": "nnUNetTrainerBE", "seed": 0, ...,
+       "nnunet": {"trainer": "nnUNetTrainerBE", "configuration": "3d_fullres", "plans": "nnUNetPlans"},
+       "config": {...}}, ...],
+     "nnunet": {"python": "/envs/nnunet/bin/python", "version": "2.8.1"}}
+
+An nnU-Net run's ``config`` is the task's reference config (its ``data`` settings make the split);
+nnU-Net's own plan and trainer decide everything else (:mod:`beseg.experiment.nnunet_runs`).
 
 ``run_dir`` is relative to the results folder, and so is the config's ``data.split_file``
 (``split.json``): the folder can be moved. ``state`` is what the last ``beseg compare`` found
@@ -35,7 +42,9 @@ from beseg.engine.checkpoint import load_checkpoint
 from beseg.engine.config import RUNTIME_KEYS, Config, config_from_dict, config_to_dict, list_presets, load_config
 from beseg.engine.rundir import RunDir
 from beseg.errors import ConfigError
+from beseg.experiment import nnunet_runs
 from beseg.experiment.layout import ResultsLayout
+from beseg.experiment.nnunet_runs import NNUNetSystem
 from beseg.fileio import atomic_write_text
 
 __all__ = [
@@ -62,6 +71,10 @@ _PINNED_KEYS = ("train.seed", "data.split_file")
 #: ... and, under the paper protocol, the two-way split's shares.
 _PAPER_KEYS = ("data.val_frac", "data.test_frac")
 State = Literal["done", "evaluate", "resume", "fresh"]
+#: What executes a run (:mod:`beseg.experiment.worker`): ``beseg`` trains with :func:`beseg.engine.trainer.train`
+#: and evaluates with :func:`beseg.engine.evaluate.evaluate`; ``nnunet`` runs nnU-Net's commands
+#: (:mod:`beseg.experiment.nnunet_runs`).
+RUN_KIND = "beseg"
 
 
 @dataclass(frozen=True)
@@ -70,11 +83,19 @@ class SystemSpec:
 
     Attributes:
         name: system name (``segresnet_be``...), the ``RESULTS_DIR/<name>/`` folder.
-        config: shipped preset name (``phantom_spleen_segresnet_be``) or a YAML file path.
+        config: shipped preset name (``phantom_spleen_segresnet_be``) or a YAML file path; for an
+            nnU-Net system the task's reference preset, whose ``data`` settings make the split.
+        nnunet: the nnU-Net trainer, for an ``nnunet:`` system.
     """
 
     name: str
     config: str
+    nnunet: NNUNetSystem | None = None
+
+    @property
+    def kind(self) -> str:
+        """What executes its runs: ``beseg`` or ``nnunet``."""
+        return RUN_KIND if self.nnunet is None else nnunet_runs.KIND
 
 
 @dataclass
@@ -90,6 +111,7 @@ class PlannedRun:
             training from the last checkpoint) or ``fresh``.
         epoch: epochs already in the last checkpoint (0 when fresh).
         fold: the fold in cross-validation, else ``None``.
+        nnunet: the nnU-Net trainer of an nnU-Net run (then ``seed`` is the repeat number).
     """
 
     system: str
@@ -99,16 +121,33 @@ class PlannedRun:
     state: State
     epoch: int = 0
     fold: int | None = None
+    nnunet: NNUNetSystem | None = None
+
+    @property
+    def kind(self) -> str:
+        """``beseg`` or ``nnunet``."""
+        return RUN_KIND if self.nnunet is None else nnunet_runs.KIND
+
+    @property
+    def unit(self) -> str:
+        """``seed``, or ``repeat`` for an nnU-Net run (nnU-Net sets no seed)."""
+        return "seed" if self.nnunet is None else "repeat"
 
     @property
     def name(self) -> str:
-        """``segresnet_be seed 0`` (``... fold 2``), for progress lines."""
-        return f"{self.system} seed {self.seed}" + (f" fold {self.fold}" if self.fold is not None else "")
+        """``segresnet_be seed 0`` (``... fold 2``; ``nnUNetTrainerBE repeat 0``), for progress lines."""
+        return f"{self.system} {self.unit} {self.seed}" + (f" fold {self.fold}" if self.fold is not None else "")
 
     @property
     def id(self) -> str:
-        """``<system>/seed<k>[/fold<f>]``: the run folder relative to the results folder."""
-        return ResultsLayout.run_id(self.system, self.seed, self.fold)
+        """``<system>/seed<k>[/fold<f>]`` (``repeat<k>``): the run folder relative to the results folder."""
+        return ResultsLayout.run_id(self.system, self.seed, self.fold, self.unit)
+
+    def current_state(self) -> tuple[State, int]:
+        """``(state, epochs done)`` read from the run folder now (see :func:`run_state`)."""
+        if self.nnunet is not None:
+            return nnunet_runs.run_state(self.run_dir, self.nnunet, self.fold or 0)
+        return run_state(self.run_dir, self.config)
 
     @property
     def result_dir(self) -> Path:
@@ -117,6 +156,11 @@ class PlannedRun:
 
     def describe(self) -> str:
         """What will happen, for the progress line."""
+        if self.nnunet is not None:
+            what = f"nnU-Net {self.nnunet.trainer} {self.nnunet.configuration}, fold {self.fold or 0}"
+            return {"done": f"finished ({what}, evaluated); skipped", "evaluate": f"trained ({what}); evaluating",
+                    "resume": f"training {what} (resumes after epoch {self.epoch})"}.get(self.state,
+                                                                                          f"training {what}")
         epochs = self.config.train.epochs
         if self.state == "done":
             return f"finished ({epochs} epochs, evaluated); skipped"
@@ -155,7 +199,8 @@ def resolve_system(name: str, prefix: str) -> SystemSpec:
 
     Args:
         name: a Table 1 row (``segresnet_be``), an alias (``dice``, ``dice_be``, ``be``,
-            ``boundary``, ``focal``) or a YAML config path (its ``system:`` names it).
+            ``boundary``, ``focal``), a YAML config path (its ``system:`` names it), or an nnU-Net
+            trainer ``nnunet:TRAINER[@CONFIGURATION]`` (named ``TRAINER``, ``TRAINER-2d``...).
         prefix: task preset prefix (``phantom_spleen``, ``task09``, ``task01``).
 
     Returns:
@@ -165,6 +210,9 @@ def resolve_system(name: str, prefix: str) -> SystemSpec:
         ConfigError: unknown name, no such preset for this task, or an unreadable config file.
     """
     text = name.strip()
+    nnunet = NNUNetSystem.parse(text)
+    if nnunet is not None:
+        return SystemSpec(nnunet.name, resolve_system("segresnet_dice", prefix).config, nnunet)
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         config, _ = load_config(path)
@@ -172,7 +220,8 @@ def resolve_system(name: str, prefix: str) -> SystemSpec:
     canonical = ALIASES.get(text.lower(), text.lower())
     if canonical not in TABLE1_SYSTEMS:
         choices = ", ".join([*TABLE1_SYSTEMS, *ALIASES])
-        raise ConfigError(f"unknown system {text!r}; choose from {choices}, or give a YAML config file.")
+        raise ConfigError(f"unknown system {text!r}; choose from {choices}, nnunet:TRAINER[@CONFIGURATION], or give "
+                          "a YAML config file.")
     preset = f"{prefix}_{canonical}"
     if preset not in list_presets():
         raise ConfigError(f"no preset {preset!r} for system {text!r}; `beseg configs` lists the presets.")
@@ -252,7 +301,7 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
         results_dir: the results folder.
         overrides: ``KEY=VALUE`` overrides for every run (not ``train.seed``/``data.split_file``,
             which compare sets; under the paper protocol not ``data.val_frac``/``data.test_frac``
-            either).
+            either); an nnU-Net run takes only the ``data.`` ones (its trainer sets the rest).
         protocol: ``heldout`` or ``paper``.
         folds: K for k-fold cross-validation (with ``heldout``).
 
@@ -277,14 +326,17 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
     extra = [f"data.val_frac={PAPER_VAL_FRAC}", "data.test_frac=0"] if protocol == "paper" else []
     planned = []
     for spec in systems:
+        mine = overrides if spec.nnunet is None else [o for o in overrides if o.strip().startswith("data.")]
         for seed in seeds:
             for fold, split_file in layout.split_files(folds).items():
-                config, _ = load_config(spec.config, [*overrides, *extra, f"train.seed={seed}",
+                config, _ = load_config(spec.config, [*mine, *extra, f"train.seed={seed}",
                                                       f"data.split_file={split_file}"])
                 config.system = spec.name
-                run_dir = layout.run_dir(spec.name, seed, fold)
-                state, epoch = run_state(run_dir, config)
-                planned.append(PlannedRun(spec.name, seed, run_dir, config, state, epoch, fold))
+                run = PlannedRun(spec.name, seed, layout.run_dir(spec.name, seed, fold, "seed"), config, "fresh", 0,
+                                 fold, spec.nnunet)
+                run.run_dir = layout.run_dir(spec.name, seed, fold, run.unit)
+                run.state, run.epoch = run.current_state()
+                planned.append(run)
     return planned
 
 
@@ -294,13 +346,11 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
 # plan.json
 
 PLAN_VERSION = 1
-#: What executes a run (:mod:`beseg.experiment.worker`): ``beseg`` trains with :func:`beseg.engine.trainer.train`
-#: and evaluates with :func:`beseg.engine.evaluate.evaluate`. Other kinds (an nnU-Net trainer) plug in there.
-RUN_KIND = "beseg"
 
 
 def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protocol: str, folds: int | None,
-                    data_dir: str | Path, states: dict[str, str] | None = None) -> Path:
+                    data_dir: str | Path, states: dict[str, str] | None = None,
+                    nnunet: dict[str, Any] | None = None) -> Path:
     """Write ``RESULTS/plan.json`` atomically: every run, its config and its state.
 
     Paths inside are relative to the results folder (``run_dir``, the config's ``data.split_file``),
@@ -313,6 +363,7 @@ def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protoco
         folds: K in cross-validation.
         data_dir: the task folder the runs train on (workers on other hosts read it from here).
         states: ``{run id: state}`` to record (default: ``done`` for finished runs, else ``pending``).
+        nnunet: the nnU-Net environment of the nnU-Net runs: ``{"python", "version"}``.
 
     Returns:
         The path written.
@@ -325,10 +376,13 @@ def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protoco
         if split_file:
             config["data"]["split_file"] = Path(split_file).name  # the results folder's own split file
         state = (states or {}).get(run.id) or ("done" if run.state == "done" else "pending")
-        entries.append({"id": run.id, "kind": RUN_KIND, "system": run.system, "seed": run.seed, "fold": run.fold,
-                        "run_dir": run.id, "state": state, "config": config})
+        entry = {"id": run.id, "kind": run.kind, "system": run.system, "seed": run.seed, "fold": run.fold,
+                 "run_dir": run.id, "state": state, "config": config}
+        if run.nnunet is not None:
+            entry["nnunet"] = run.nnunet.to_dict()
+        entries.append(entry)
     text = json.dumps({"version": PLAN_VERSION, "protocol": protocol, "folds": folds, "data": str(data_dir),
-                       "runs": entries}, indent=1)
+                       "runs": entries, **({"nnunet": dict(nnunet)} if nnunet else {})}, indent=1)
     return atomic_write_text(layout.plan, text + "\n")
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from beseg.engine.claim import Claim
 from beseg.engine.rundir import RunDir, read_metrics
+from beseg.experiment import nnunet_runs
+from beseg.experiment.nnunet_runs import NNUNetSystem
 from beseg.experiment.plan import read_plan_json
 from beseg.experiment.worker import RUN_RECORD, read_failure
 
@@ -36,8 +38,9 @@ class RunStatus:
         id: the run id (its folder relative to the results folder).
         state: ``pending``, ``running``, ``done`` or ``failed``.
         where: host and pid (and SLURM job id) of the process that holds or held it, else "".
-        epoch: epochs logged so far; epochs: the config's epochs.
-        best_dice: best validation Dice logged so far (None before the first validation).
+        epoch: epochs logged so far; epochs: the config's epochs (an nnU-Net run: its trainer's, 0 before it starts).
+        best_dice: best validation Dice logged so far (None before the first validation; an nnU-Net run:
+            its best EMA pseudo Dice).
         seconds: time since the holder started (running) or the run's own time (done), else None.
         note: the error of a failed run, or why a claim is stale.
     """
@@ -69,9 +72,16 @@ def plan_status(results_dir: str | Path) -> list[RunStatus]:
     for entry in plan["runs"]:
         run_dir: Path = entry["path"]
         folder = RunDir(run_dir)
-        records = read_metrics(folder.metrics)
-        epoch = max((r.get("epoch", 0) for r in records if r.get("kind") == "train"), default=0)
-        dice = [r["dice_mean"] for r in records if r.get("kind") == "val" and isinstance(r.get("dice_mean"), float)]
+        epochs = entry["resolved"].train.epochs
+        if entry.get("kind") == nnunet_runs.KIND:  # nnU-Net's own training log, while it trains
+            system = NNUNetSystem(**entry["nnunet"])
+            epoch, planned, best = nnunet_runs.read_progress(
+                nnunet_runs.find_fold_dir(run_dir, system, entry.get("fold") or 0))
+            epochs, dice = planned if planned is not None else 0, [best] if best is not None else []
+        else:
+            records = read_metrics(folder.metrics)
+            epoch = max((r.get("epoch", 0) for r in records if r.get("kind") == "train"), default=0)
+            dice = [r["dice_mean"] for r in records if r.get("kind") == "val" and isinstance(r.get("dice_mean"), float)]
         claim = Claim(folder.lock)
         held = claim.holder()
         record = _read_json(run_dir / RUN_RECORD)
@@ -90,10 +100,9 @@ def plan_status(results_dir: str | Path) -> list[RunStatus]:
                 note = f"{failure.get('error', '')}" + (f" (log: {failure['log']})" if failure.get("log") else "")
             elif (folder.eval / "summary.json").is_file() and record is not None:
                 state, where, seconds = "done", _where(record), record.get("seconds")
-            elif (folder.eval / "summary.json").is_file() and epoch >= entry["resolved"].train.epochs:
+            elif (folder.eval / "summary.json").is_file() and epoch >= epochs:
                 state = "done"  # evaluated by a beseg from before run records
-        out.append(RunStatus(entry["id"], state, where, epoch, entry["resolved"].train.epochs,
-                             max(dice) if dice else None, seconds, note))
+        out.append(RunStatus(entry["id"], state, where, epoch, epochs, max(dice) if dice else None, seconds, note))
     return out
 
 

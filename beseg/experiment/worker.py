@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from beseg.engine.evaluate import evaluate
 from beseg.engine.rundir import RunDir
 from beseg.engine.trainer import train
 from beseg.errors import BesegError
+from beseg.experiment import nnunet_runs
+from beseg.experiment.nnunet_runs import NNUNetSystem
 from beseg.fileio import atomic_write_text
 
 __all__ = ["EXIT_BUSY", "FAILED_FILE", "RUN_RECORD", "execute_run", "read_failure", "main"]
@@ -54,7 +56,8 @@ def read_failure(run_dir: str | Path) -> dict[str, Any] | None:
 def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, protocol: str,
                 log_file: str | Path | None = None, progress: bool = True,
                 log: Callable[[str], None] = print, label: str | None = None,
-                ranks: int = 1) -> dict[str, Any] | None:
+                ranks: int = 1, nnunet: NNUNetSystem | None = None,
+                nnunet_env: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Train (fresh or resumed) and evaluate one run, holding its claim throughout.
 
     Args:
@@ -67,7 +70,11 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
         log: receives warnings about failed cases.
         label: the run's name in messages.
         ranks: train as one DDP run of this many ranks, started with ``srun -n ranks`` inside the
-            current SLURM allocation (evaluation stays in this process).
+            current SLURM allocation (evaluation stays in this process); an nnU-Net run trains on
+            this many GPUs (``-num_gpus``).
+        nnunet: the trainer of an nnU-Net run (:mod:`beseg.experiment.nnunet_runs`); its results
+            folder is where ``config.data.split_file`` is.
+        nnunet_env: ``{"python", "version"}`` of the nnU-Net environment (plan.json's ``nnunet``).
 
     Returns:
         The evaluation summary, or None when the run was found finished already (nothing done).
@@ -83,20 +90,28 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
     claim = Claim(RunDir(run_dir).lock)
     taken = claim.acquire()
     try:
-        state, _ = run_state(run_dir, config)
+        if nnunet is not None:
+            state, _ = nnunet_runs.run_state(run_dir, nnunet, _fold_of(config))
+        else:
+            state, _ = run_state(run_dir, config)
         if state == "done":
             return None
         (run_dir / FAILED_FILE).unlink(missing_ok=True)
         started = time.time()
         try:
-            if state in ("fresh", "resume") and ranks > 1:
+            if nnunet is not None:
+                summary = _execute_nnunet(run_dir, config, data_dir, protocol, nnunet, nnunet_env or {}, ranks,
+                                          progress, log)
+            elif state in ("fresh", "resume") and ranks > 1:
                 _train_with_srun(config, data_dir, run_dir, state == "resume", ranks, claim.token)
             elif state == "fresh":
                 train(config, data_dir, run_dir, progress=progress)
             elif state == "resume":
                 train(config, data_dir, run_dir, resume=True, progress=progress)
-            evaluated = evaluate(run_dir, data_dir, split=get_protocol(protocol).eval_split, progress=progress,
-                                 protocol=protocol, device=config.train.device, split_file=config.data.split_file)
+            if nnunet is None:
+                evaluated = evaluate(run_dir, data_dir, split=get_protocol(protocol).eval_split, progress=progress,
+                                     protocol=protocol, device=config.train.device, split_file=config.data.split_file)
+                summary = evaluated.summary
         except Exception as err:
             text = str(err) if isinstance(err, BesegError) else f"{type(err).__name__}: {err}"
             atomic_write_text(run_dir / FAILED_FILE, json.dumps({
@@ -107,12 +122,33 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
         atomic_write_text(run_dir / RUN_RECORD, json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(), "job_id": slurm_job_id(), "started": started,
             "finished": finished, "seconds": finished - started, "state": state}))
-        for case, reason in evaluated.failed:
-            log(f"warning: {label}: case {case} could not be evaluated: {reason}")
-        return evaluated.summary
+        for failure in summary.get("failed", []):
+            log(f"warning: {label}: case {failure['case']} could not be evaluated: {failure['reason']}")
+        return summary
     finally:
         if taken:
             claim.release()
+
+
+def _fold_of(config: Config) -> int:
+    """nnU-Net's fold of a run: its cross-validation fold, else 0 (the one split)."""
+    from beseg.data import load_split
+
+    return load_split(config.data.split_file).fold or 0
+
+
+def _execute_nnunet(run_dir: Path, config: Config, data_dir: str | Path, protocol: str, system: NNUNetSystem,
+                    env: Mapping[str, Any], ranks: int, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """One nnU-Net run: its results folder is the split file's folder; its classes are the task preset's."""
+    from beseg.data.presets import get_preset
+    from beseg.experiment.layout import ResultsLayout
+
+    split_file = Path(config.data.split_file)
+    python = env.get("python") or nnunet_runs.resolve_python()
+    device = os.environ.get("BESEG_RUN_DEVICE") or config.train.device
+    return nnunet_runs.execute(run_dir, system, _fold_of(config), ResultsLayout(split_file.parent), data_dir,
+                               split_file, protocol, python, get_preset(config.data.task), device=device, ranks=ranks,
+                               version=env.get("version"), progress=progress, log=log)
 
 
 def _train_with_srun(config: Config, data_dir: str | Path, run_dir: Path, resume: bool, ranks: int,
@@ -173,10 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if entry is None:
             print(f"worker: no run {args.run_id!r} in {layout.plan}", file=sys.stderr)
             return 1
-        if entry.get("kind", "beseg") != "beseg":
-            print(f"worker: run {args.run_id!r} is of kind {entry['kind']!r}, which this beseg cannot execute "
+        kind = entry.get("kind", "beseg")
+        if kind not in ("beseg", nnunet_runs.KIND):
+            print(f"worker: run {args.run_id!r} is of kind {kind!r}, which this beseg cannot execute "
                   "(upgrade beseg on this host)", file=sys.stderr)
             return 1
+        nnunet = NNUNetSystem(**entry["nnunet"]) if kind == nnunet_runs.KIND else None
         config = entry["resolved"]
         if os.environ.get("BESEG_RUN_DEVICE"):
             config.train.device = os.environ["BESEG_RUN_DEVICE"]  # training and evaluation on the launcher's GPU
@@ -187,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "") + ")",
               flush=True)
         summary = execute_run(entry["path"], config, plan["data"], plan["protocol"], layout.log(args.run_id),
-                              progress=not args.no_progress, label=args.run_id, ranks=args.ranks)
+                              progress=not args.no_progress, label=args.run_id, ranks=args.ranks, nnunet=nnunet,
+                              nnunet_env=plan.get("nnunet"))
     except RunLockedError as err:
         print(f"worker: {err}", file=sys.stderr)
         return EXIT_BUSY
