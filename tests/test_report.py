@@ -225,7 +225,7 @@ def test_verdict_sentence_reads_like_the_example(tmp_path):
     from beseg.report.document import verdict_sentences
 
     results = SimpleNamespace(kind="runs", classes=["spleen"], runs=[SimpleNamespace(summary={"split": "test"})],
-                              runs_of=lambda s: [None] * 3)
+                              runs_of=lambda s: [SimpleNamespace(unit="seed")] * 3)
     rows = [_row("dice", -0.002, -0.020, 0.021, mdd=0.033), _row("hd95_mm", -1.5, -2.5, -0.5, mdd=0.8),
             _row("asd_mm", 0.1, -0.2, 0.4, mdd=0.5), _row("nsd", 0.01, -0.01, 0.03, mdd=0.02)]
     sentences = verdict_sentences(results, rows, "base", optimistic=False)
@@ -458,6 +458,162 @@ def test_bad_per_case_csv_skipped(tmp_path):
     (results / "segresnet_be" / "seed0" / "eval" / "per_case.csv").write_text("case,class,dice\nspleen_1,spleen,0.9\n")
     res = collect_results(results)
     assert len(res.runs) == 3 and "missing column(s) hd95_mm, asd_mm, nsd" in res.notes[0]
+
+
+# --------------------------------------------------------------------------- nnU-Net runs: repeats, not seeds
+
+NNUNET = "nnUNetTrainerBE"
+REPEATS = (0, 1, 2)
+NNUNET_EPOCHS = 6
+NNUNET_SELECTION = "checkpoint_final.pth (nnU-Net's final epoch, no selection)"
+
+
+def write_nnunet_run(run: Path, repeat: int, rng: np.random.Generator) -> None:
+    """An nnU-Net run folder ``<system>/repeat<k>`` as beseg's nnU-Net systems write it: beseg's evaluation
+    files (numbers made up as for segresnet_be), nnU-Net's config.yaml, and one train and one val line per epoch
+    with nnU-Net's negative Dice + CE loss and no loss_time_s."""
+    write_run(run, "segresnet_be", repeat, rng)
+    (run / "config.yaml").write_text(
+        f"system: {NNUNET}\nkind: nnunet\nnnunet: {{trainer: {NNUNET}, configuration: 3d_fullres, "
+        "plans: nnUNetPlans, nnunetv2: 2.8.1, dataset: Dataset009_Spleen, fold: 0}\n")
+    lines = []
+    for epoch in range(NNUNET_EPOCHS):
+        step = 250 * (epoch + 1)
+        lines.append({"kind": "train", "step": step, "epoch": epoch, "loss": -0.2 - 0.1 * epoch + rng.uniform(0, 0.02),
+                      "step_time_s": 0.5 + rng.uniform(0, 0.1)})
+        lines.append({"kind": "val", "step": step, "epoch": epoch, "dice_mean": 0.6 + 0.05 * epoch})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    (run / "eval" / "summary.json").write_text(json.dumps({**summary, "kind": "nnunet", "selection": NNUNET_SELECTION}))
+
+
+def make_nnunet_results(root: Path) -> Path:
+    """segresnet_dice with seeds 0 and 1 beside nnUNetTrainerBE with repeats 0, 1 and 2."""
+    rng = np.random.default_rng(5)
+    for seed in SEEDS:
+        write_run(root / "segresnet_dice" / f"seed{seed}", "segresnet_dice", seed, rng)
+    for repeat in REPEATS:
+        write_nnunet_run(root / NNUNET / f"repeat{repeat}", repeat, rng)
+    return root
+
+
+@pytest.fixture(scope="module")
+def nnunet_report(tmp_path_factory) -> tuple[Path, str]:
+    """(results folder, report.md) of a seed system beside an nnU-Net system with repeats."""
+    tmp = tmp_path_factory.mktemp("nnunet_report")
+    results = make_nnunet_results(tmp / "results")
+    html = write_report(results, make_dataset(tmp / "data"))
+    return results, (html.parent / "report.md").read_text()
+
+
+def _run_values(results: Path, folder: str, metric: str) -> dict[str, float]:
+    with (results / folder / "eval" / "per_case.csv").open() as f:
+        return {r["case"]: float(r[metric]) for r in csv.DictReader(f)}
+
+
+def test_collect_reads_repeat_folders_as_repeats(tmp_path):
+    results = make_nnunet_results(tmp_path / "results")
+    shutil.rmtree(results / NNUNET / "repeat2" / "eval")
+    res = collect_results(results)
+    assert [r.name for r in res.runs] == [f"{NNUNET}/repeat0", f"{NNUNET}/repeat1", "segresnet_dice/seed0",
+                                          "segresnet_dice/seed1"]
+    assert [r.unit for r in res.runs] == ["repeat", "repeat", "seed", "seed"]
+    assert res.units(NNUNET) == ["repeat"] and res.units("segresnet_dice") == ["seed"] and res.has_repeats
+    assert [r.is_nnunet for r in res.runs] == [True, True, False, False]
+    assert any(n.startswith(f"skipped {NNUNET}/repeat2: ") and "summary.json" in n for n in res.notes)
+    assert not any("seed2" in n for n in res.notes)
+    assert not collect_results(make_results(tmp_path / "seeds_only")).has_repeats
+
+
+def test_table1_counts_repeats_for_nnunet_and_seeds_for_the_others(nnunet_report):
+    results, md = nnunet_report
+    table = md.split("**Test Dice on task09**", 1)[1]
+    assert table.strip().splitlines()[0].startswith("| system | seeds / repeats | spleen Dice | cases |")
+    rows = {r[0]: r for r in _md_rows(md, "Test Dice on task09")}
+    assert rows[NNUNET][1] == "repeats 0,1,2" and rows["segresnet_dice"][1] == "seeds 0,1"
+    # the nnU-Net cell is the mean and sample std over its repeats of each repeat's case mean (from the CSVs)
+    means = [np.mean(list(_run_values(results, f"{NNUNET}/repeat{k}", "dice").values())) for k in REPEATS]
+    got = _numbers(rows[NNUNET][2])
+    assert got[0] == pytest.approx(np.mean(means), abs=5e-4) and got[1] == pytest.approx(np.std(means, ddof=1), abs=5e-4)
+    assert "(mean ± std over seeds / repeats)" in md and "over seeds)" not in md
+
+
+def test_verdict_counts_repeats_and_seeds_separately(nnunet_report):
+    _, md = nnunet_report
+    verdict = md.split("## Verdict", 1)[1].split("## How the numbers were made", 1)[0]
+    sentences = [line[2:] for line in verdict.splitlines() if line.startswith("- ")]
+    assert len(sentences) == 2
+    for family, line in zip(("overlap", "boundaries"), sentences):
+        assert line.startswith(f"{NNUNET} vs segresnet_dice on 4 test cases, 3 repeats / 2 seeds, {family}: ")
+
+
+def test_listing_note_and_settings_name_repeats_and_the_nnunet_trainer(nnunet_report):
+    _, md = nnunet_report
+    how = md.split("## How the numbers were made", 1)[1].split("\n## ", 1)[0]
+    assert f"- {NNUNET}: repeats 0,1,2; nnU-Net v2 2.8.1: trainer {NNUNET}, configuration 3d_fullres, " \
+           "plans nnUNetPlans" in how.splitlines()
+    assert "- segresnet_dice: seeds 0,1; network segresnet, loss dice" in how.splitlines()
+    note = "nnU-Net sets no seed; its repeats are reruns of identical settings"
+    assert md.count(note) == 1 and f"Repeats ({NNUNET})" in how
+    # the protocol sentence says whose checkpoint is which
+    assert md.split("\n\n")[1].endswith(f"(checkpoint: {NNUNET}: {NNUNET_SELECTION}; segresnet_dice: "
+                                         "best.pt by val Dice).")
+
+
+def test_seed_only_report_never_mentions_repeats(report):
+    _, _, html = report
+    md = (html.parent / "report.md").read_text()
+    assert "repeat" not in md.lower() and "nnU-Net" not in md
+    assert "| system | seeds | spleen Dice |" in md
+
+
+def test_cost_table_shows_nnunet_step_time_and_no_loss_share(nnunet_report):
+    results, md = nnunet_report
+    rows = {r[0]: r for r in _md_rows(md, "Training time per step and the share spent computing the loss")}
+    medians = []
+    for k in REPEATS:
+        entries = [json.loads(x) for x in (results / NNUNET / f"repeat{k}" / "metrics.jsonl").read_text().splitlines()]
+        medians.append(np.median([e["step_time_s"] for e in entries if e["kind"] == "train"]))
+    assert rows[NNUNET][1:3] == ["3", str(3 * NNUNET_EPOCHS)]
+    assert float(rows[NNUNET][3]) == pytest.approx(np.mean(medians), abs=5e-4)
+    assert rows[NNUNET][4:] == ["n/a", "n/a"]
+    assert rows["segresnet_dice"][4] != "n/a" and 0 < float(rows["segresnet_dice"][5]) < 100
+    cost = md.split("## Cost", 1)[1].split("\n## ", 1)[0]
+    assert f"nnU-Net ({NNUNET})" in cost and "includes nnU-Net's per-epoch validation" in cost
+
+
+def test_nnunet_report_renders_with_negative_losses(nnunet_report):
+    results, md = nnunet_report
+    out = results / "report"
+    assert sorted(p.name for p in (out / "figures").glob("*.png")) == [
+        "figure1_contours.png", "figure1_filter.png", "learning_curves.png", "paired_dice.png"]
+    assert "one line per seed / repeat" in md and "negative by construction" in md
+    html = (out / "report.html").read_text()
+    assert "repeats 0,1,2" in html and "3 repeats / 2 seeds" in html
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 4
+
+
+def test_failed_case_of_a_repeat_names_the_repeat_folder(tmp_path):
+    results = make_nnunet_results(tmp_path / "results")
+    path = results / NNUNET / "repeat1" / "eval" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "failed": [{"case": "spleen_5", "reason": "unreadable"}]}))
+    md = (write_report(results, None).parent / "report.md").read_text()
+    assert f"{NNUNET}/repeat1: case spleen_5 failed (in no mean): unreadable" in md
+
+
+@pytest.mark.parametrize("config, text", [
+    ({"system": "segresnet_be", "model": {"network": "segresnet"}, "loss": {"name": "dice_be", "lambda_be": 1000.0}},
+     "network segresnet, loss dice_be"),  # the engine's config.yaml
+    ({"system": "unet_dice", "network": "unet", "loss": "dice"}, "network unet, loss dice"),
+    ({"kind": "nnunet", "nnunet": {"trainer": "nnUNetTrainer", "configuration": "2d", "plans": "nnUNetResEncUNetMPlans"}},
+     "nnU-Net v2: trainer nnUNetTrainer, configuration 2d, plans nnUNetResEncUNetMPlans"),
+    ({"kind": "nnunet"}, "nnU-Net v2: trainer not recorded"),
+    ({"system": "x"}, ""),
+])
+def test_settings_text(config, text):
+    from beseg.report.document import settings_text
+
+    assert settings_text(config) == text
 
 
 #: The paper's Table 1 (validation Dice) as REFERENCE.md gives it, typed here: a typo in paper.py fails.

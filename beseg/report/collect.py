@@ -11,6 +11,11 @@ Layout of a results folder (nothing else is read)::
                                                       distance_penalty_mm, failed
     RESULTS_DIR/<system>/seed<k>/eval/predictions/<case>.nii.gz   (used by the figures)
 
+A system without a seed (an nnU-Net trainer) keeps its runs in ``<system>/repeat<k>/`` instead, with
+the same files: repeat ``k`` is an independent rerun of identical settings. Its ``config.yaml``
+has ``kind: nnunet`` and an ``nnunet`` section (trainer, configuration, plans) instead of
+``model``/``loss``, and its "train" lines have no ``loss_time_s``.
+
 (Cross-validation keeps each fold's run in ``<system>/seed<k>/fold<f>/``; only the merged
 ``<system>/seed<k>/eval/`` is read.) :func:`collect_scored` reads the same two files from
 ``beseg score`` output folders instead, one "run" per scored prediction folder, with the
@@ -34,7 +39,7 @@ from typing import Any
 import yaml
 
 from beseg.errors import DataError, ReportError
-from beseg.experiment.layout import ResultsLayout
+from beseg.experiment.layout import RUN_UNITS, ResultsLayout
 from beseg.metrics import METRIC_NAMES
 from beseg.score import Summary
 
@@ -45,11 +50,11 @@ _CSV_COLUMNS = ("case", "class", *METRIC_NAMES)
 
 @dataclass
 class Run:
-    """One system trained and evaluated with one seed.
+    """One system trained and evaluated with one seed (or, for a system without a seed, one repeat).
 
     Attributes:
         system: system name (the run's grandparent folder name, or the scored prediction folder's name).
-        seed: the ``k`` of its ``seed<k>`` folder; None for a scored prediction folder.
+        seed: the ``k`` of its ``seed<k>`` (or ``repeat<k>``) folder; None for a scored prediction folder.
         path: the run folder (for a scored prediction folder: the folder holding its scores).
         task: task name from ``eval/summary.json`` (``task09``, ``phantom_spleen``...).
         classes: scored class names, in the order of ``eval/summary.json``.
@@ -61,6 +66,8 @@ class Run:
         train: ``metrics.jsonl`` objects with ``"kind": "train"``, in file order.
         val: ``metrics.jsonl`` objects with ``"kind": "val"``, in file order.
         predictions_dir: where the predicted label maps are (default ``path/eval/predictions``).
+        unit: ``"seed"`` (a ``seed<k>`` folder) or ``"repeat"`` (a ``repeat<k>`` folder: a system
+            without a seed, rerun ``k`` of identical settings).
     """
 
     system: str
@@ -74,11 +81,18 @@ class Run:
     train: list[dict[str, Any]] = field(default_factory=list)
     val: list[dict[str, Any]] = field(default_factory=list)
     predictions_dir: Path | None = None
+    unit: str = "seed"
 
     @property
     def name(self) -> str:
-        """``<system>/seed<k>`` (the system alone for a scored prediction folder), as notes and figures name it."""
-        return self.system if self.seed is None else f"{self.system}/seed{self.seed}"
+        """``<system>/seed<k>`` or ``<system>/repeat<k>`` (the system alone for a scored prediction folder), as
+        notes and figures name it."""
+        return self.system if self.seed is None else ResultsLayout.run_id(self.system, self.seed, unit=self.unit)
+
+    @property
+    def is_nnunet(self) -> bool:
+        """True for an nnU-Net run (``kind: nnunet`` in its ``config.yaml`` or ``eval/summary.json``)."""
+        return self.config.get("kind") == "nnunet" or self.summary.get("kind") == "nnunet"
 
     @property
     def failed(self) -> list[tuple[str, str]]:
@@ -107,7 +121,7 @@ class Results:
 
     Attributes:
         root: the results folder (for scored prediction folders: the folder holding their scores).
-        runs: usable runs, sorted by system name and seed.
+        runs: usable runs, sorted by system name, then seeds before repeats, then number.
         notes: one human-readable line per skipped run or problem found.
         kind: ``"runs"`` (trained and evaluated by beseg: seeds, training logs) or
             ``"predictions"`` (prediction folders scored by ``beseg score``: no seeds, no logs).
@@ -134,8 +148,18 @@ class Results:
         return sorted({r.system for r in self.runs})
 
     def runs_of(self, system: str) -> list[Run]:
-        """The usable runs of ``system``, by seed."""
+        """The usable runs of ``system``, by seed (or repeat)."""
         return [r for r in self.runs if r.system == system]
+
+    def units(self, system: str | None = None) -> list[str]:
+        """``"seed"`` and/or ``"repeat"``: what tells the runs (of ``system``) apart, in that order."""
+        found = {r.unit for r in (self.runs if system is None else self.runs_of(system))}
+        return [u for u in RUN_UNITS if u in found]
+
+    @property
+    def has_repeats(self) -> bool:
+        """True when some system's runs are ``repeat<k>`` folders (a system without a seed: nnU-Net)."""
+        return "repeat" in self.units()
 
 
 class _Skip(Exception):
@@ -226,14 +250,15 @@ def _read_scores(folder: Path) -> tuple[dict[str, Any], list[str], list[dict[str
     return dict(summary.data), summary.classes, _read_per_case(folder / "per_case.csv", summary.classes)
 
 
-def read_run(path: str | Path, system: str, seed: int, notes: list[str]) -> Run:
+def read_run(path: str | Path, system: str, seed: int, notes: list[str], unit: str = "seed") -> Run:
     """Read one run folder.
 
     Args:
-        path: the ``<system>/seed<k>`` folder.
+        path: the ``<system>/seed<k>`` (or ``<system>/repeat<k>``) folder.
         system: the system name.
-        seed: the seed number.
+        seed: the seed (or repeat) number.
         notes: list that problems in the optional files are appended to.
+        unit: ``"seed"`` or ``"repeat"``: what ``seed`` counts.
 
     Returns:
         The :class:`Run`.
@@ -251,7 +276,7 @@ def read_run(path: str | Path, system: str, seed: int, notes: list[str]) -> Run:
     config = _read_config(path / "config.yaml", run_notes)
     train, val = _read_log(path / "metrics.jsonl", run_notes)
     notes.extend(run_notes)
-    return Run(system, seed, path, summary["task"], classes, summary, config, per_case, train, val)
+    return Run(system, seed, path, summary["task"], classes, summary, config, per_case, train, val, unit=unit)
 
 
 def _same_kind(root: Path, runs: list[Run]) -> None:
@@ -262,7 +287,7 @@ def _same_kind(root: Path, runs: list[Run]) -> None:
 
 
 def collect_results(results_dir: str | Path) -> Results:
-    """Read every ``<system>/seed<k>`` run of a results folder.
+    """Read every ``<system>/seed<k>`` and ``<system>/repeat<k>`` run of a results folder.
 
     Args:
         results_dir: the folder ``beseg compare`` wrote.
@@ -279,16 +304,16 @@ def collect_results(results_dir: str | Path) -> Results:
         raise ReportError(f"{root}: results folder does not exist")
     runs: list[Run] = []
     notes: list[str] = []
-    for system, seed, path, _unit in ResultsLayout(root).result_dirs():
+    for system, seed, path, unit in ResultsLayout(root).result_dirs():
         try:
-            runs.append(read_run(path, system, seed, notes))
+            runs.append(read_run(path, system, seed, notes, unit))
         except ReportError as exc:
-            notes.append(f"skipped {system}/seed{seed}: {exc}")
+            notes.append(f"skipped {ResultsLayout.run_id(system, seed, unit=unit)}: {exc}")
     if not runs:
-        detail = "; ".join(notes) if notes else "no <system>/seed<k>/ folders found"
+        detail = "; ".join(notes) if notes else "no <system>/seed<k>/ folders (nor <system>/repeat<k>/) found"
         raise ReportError(f"{root}: no finished run to report ({detail})")
     _same_kind(root, runs)
-    runs.sort(key=lambda r: (r.system, r.seed))
+    runs.sort(key=lambda r: (r.system, RUN_UNITS.index(r.unit), r.seed))
     return Results(root, runs, notes)
 
 

@@ -10,22 +10,25 @@ and how many values were penalised or undefined.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from beseg.errors import BesegError
+from beseg.experiment.layout import RUN_UNITS
 from beseg.metrics import DISTANCE_METRICS, HIGHER_IS_BETTER, METRIC_NAMES
 from beseg.report import figures, tables
-from beseg.report.collect import Results
+from beseg.report.collect import Results, Run
 from beseg.report.dataset import case_files
 from beseg.report.paper import PAPER_SOURCE, PAPER_TABLE1, msd_task_key, paper_dice
 from beseg.report.render import Block, Figure, Heading, Paragraph, Table
 from beseg.report.stats import PairedComparison
 
-__all__ = ["build_document", "direction", "format_value", "format_cell", "protocol_statement", "split_noun",
-           "verdict_sentences"]
+__all__ = ["build_document", "direction", "format_value", "format_cell", "protocol_statement", "settings_text",
+           "split_noun", "verdict_sentences"]
 
 _LABELS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "asd_mm": "ASD (mm)", "nsd": "NSD"}
 _NAMES = {"dice": "Dice", "hd95_mm": "HD95", "asd_mm": "ASD", "nsd": "NSD"}
@@ -83,6 +86,12 @@ def protocol_statement(results: Results) -> tuple[str, bool]:
                 "on the cases that chose their checkpoint are optimistic.", True)
     protocol = protocols[0]
     selections = [s for s in _field(results, "selection") if s]
+    if len(selections) > 1:  # e.g. beseg's best.pt beside nnU-Net's final checkpoint: say whose is whose
+        by_selection: dict[str, list[str]] = {}
+        for r in results.runs:
+            systems = by_selection.setdefault(str(r.summary.get("selection") or "not recorded"), [])
+            systems += [] if r.system in systems else [r.system]
+        selections = [f"{', '.join(systems)}: {s}" for s, systems in by_selection.items()]
     selection = f" (checkpoint: {'; '.join(map(str, selections))})" if selections else ""
     if protocol == "heldout":
         return ("Protocol: heldout. Every number is on held-out test cases that neither training nor the choice "
@@ -114,8 +123,67 @@ def _cases_cell(results: Results, system: str) -> str:
     return text + (f" ({failed} failed)" if failed else "")
 
 
-def _seeds(results: Results, system: str) -> str:
-    return ",".join(str(r.seed) for r in results.runs_of(system))
+def _over(results: Results) -> str:
+    """What the runs of a system are told apart by, as the captions say it: ``seeds``, ``repeats`` or both."""
+    return " / ".join(f"{u}s" for u in results.units()) or "seeds"
+
+
+def _run_numbers(results: Results, system: str, labelled: bool = True) -> str:
+    """``seeds 0,1`` or ``repeats 0,1`` (both, ``; ``-joined, for a system with both); ``0,1`` unlabelled."""
+    runs = results.runs_of(system)
+    numbers = {u: ",".join(str(r.seed) for r in runs if r.unit == u) for u in results.units(system)}
+    if not labelled:
+        return ",".join(numbers.values())
+    return "; ".join(f"{u}s {n}" for u, n in numbers.items())
+
+
+def _run_counts(system_runs: Sequence[Run], baseline_runs: Sequence[Run]) -> str:
+    """How many runs a verdict rests on: ``3 seeds``, ``2–3 seeds``, or ``2 repeats / 2 seeds`` when the
+    system's runs and the baseline's are told apart differently (system first)."""
+    units = {r.unit for r in [*system_runs, *baseline_runs]}
+    if len(units) <= 1:
+        unit = units.pop() if units else "seed"
+        counts = sorted({len(system_runs), len(baseline_runs)})
+        return f"{'–'.join(map(str, counts))} {unit}{'s' if counts[-1] > 1 else ''}"
+
+    def count(runs: Sequence[Run]) -> str:
+        by_unit = Counter(r.unit for r in runs)
+        return " + ".join(f"{by_unit[u]} {u}{'s' if by_unit[u] > 1 else ''}" for u in RUN_UNITS if by_unit[u])
+
+    return f"{count(system_runs)} / {count(baseline_runs)}"
+
+
+def settings_text(config: Mapping[str, Any]) -> str:
+    """A run's settings as its ``config.yaml`` records them, in a few words ("" when none are recorded).
+
+    beseg's runs give ``network segresnet, loss dice_be`` (``model.network`` and ``loss.name``);
+    an nnU-Net run (``kind: nnunet``) gives ``nnU-Net v2 2.8.1: trainer nnUNetTrainerBE,
+    configuration 3d_fullres, plans nnUNetPlans`` from its ``nnunet`` section.
+    """
+    if config.get("kind") == "nnunet":
+        nn = config.get("nnunet") if isinstance(config.get("nnunet"), Mapping) else {}
+        parts = [f"{key} {nn[key]}" for key in ("trainer", "configuration", "plans") if nn.get(key) not in (None, "")]
+        version = f" {nn['nnunetv2']}" if nn.get("nnunetv2") else ""
+        return f"nnU-Net v2{version}: " + (", ".join(parts) if parts else "trainer not recorded")
+    model, loss = config.get("model"), config.get("loss")
+    network = model.get("network") if isinstance(model, Mapping) else config.get("network")
+    loss_name = loss.get("name") if isinstance(loss, Mapping) else loss
+    return ", ".join(f"{what} {value}" for what, value in (("network", network), ("loss", loss_name))
+                     if isinstance(value, str) and value)
+
+
+def _system_settings(results: Results, system: str) -> str:
+    """The system's settings (:func:`settings_text`); each run's where its runs disagree."""
+    runs = results.runs_of(system)
+    texts = list(dict.fromkeys(t for t in (settings_text(r.config) for r in runs) if t))
+    if len(texts) <= 1:
+        return "".join(texts)
+    return "settings differ between runs: " + "; ".join(f"{r.name}: {settings_text(r.config) or 'not recorded'}"
+                                                        for r in runs)
+
+
+def _nnunet_systems(results: Results) -> list[str]:
+    return [s for s in results.systems if any(r.is_nnunet for r in results.runs_of(s))]
 
 
 # --------------------------------------------------------------------------- tables
@@ -127,12 +195,15 @@ def _table1_blocks(results: Results, optimistic: bool) -> list[Block]:
     runs_kind = results.kind == "runs"
     task_key = msd_task_key(results.task) if runs_kind else None
     noun = split_noun(results)
-    header = ["system", *(["seeds"] if runs_kind else []), *(f"{c} Dice" for c in columns), "cases"]
+    repeats = results.has_repeats
+    over = _over(results)
+    header = ["system", *([("seeds / repeats" if repeats else "seeds")] if runs_kind else []),
+              *(f"{c} Dice" for c in columns), "cases"]
     if task_key:
         header.append(f"paper {task_key} Dice")
     rows = []
     for system in results.systems:
-        row = [system, *([_seeds(results, system)] if runs_kind else []),
+        row = [system, *([_run_numbers(results, system, labelled=repeats)] if runs_kind else []),
                *(format_cell("dice", t[system][c]["dice"]) for c in columns), _cases_cell(results, system)]
         if task_key:
             ref = paper_dice(system, results.task)
@@ -141,13 +212,13 @@ def _table1_blocks(results: Results, optimistic: bool) -> list[Block]:
     cases = f"{noun} cases" if noun else "scored cases (split not recorded)"
     notes = [
         f"Each run's Dice is its mean over its {cases}; " + (
-            "the table shows the mean ± sample standard deviation (ddof=1) of those run means over seeds."
+            f"the table shows the mean ± sample standard deviation (ddof=1) of those run means over {over}."
             if runs_kind else "one prediction folder per system, so there is no spread over seeds."),
         "'cases': cases scored per run; a failed case (unreadable, or not on its label's grid) has no value, is in "
         "no mean, and is listed under Notes.",
     ]
     if len(columns) > len(results.classes):
-        notes.append("'mean' averages each run's per-class means before averaging over seeds.")
+        notes.append(f"'mean' averages each run's per-class means before averaging over {over}.")
     caption = f"{noun.capitalize()} Dice on {results.task}" if noun else f"Dice on {results.task} (split not recorded)"
     if optimistic:
         caption += " (optimistic: these cases chose the checkpoint)"
@@ -165,13 +236,13 @@ def _table1_blocks(results: Results, optimistic: bool) -> list[Block]:
     tol = _field(results, "nsd_tolerance_mm")
     blocks.append(Table(
         tuple(header), tuple(rows),
-        caption=f"Boundary metrics on the {cases}" + (" (mean ± std over seeds)" if runs_kind else ""),
+        caption=f"Boundary metrics on the {cases}" + (f" (mean ± std over {over})" if runs_kind else ""),
         notes=(
             "HD95: the larger of the two directed 95th-percentile boundary distances; ASD: mean of both "
             "directions' boundary distances; NSD: share of boundary voxels within the tolerance"
             + (f" ({tol[0]} mm)" if len(tol) == 1 and tol[0] is not None else "") + " of the other boundary. "
             "Distances in mm.",
-            _penalty_note(results, "over all seeds" if runs_kind else "over all cases"),
+            _penalty_note(results, f"over all {over}" if runs_kind else "over all cases"),
         ),
     ))
     blocks.append(_counts_table(results))
@@ -231,18 +302,16 @@ def verdict_sentences(results: Results, rows: list[tables.ComparisonRow], baseli
     """One sentence per system and metric family, worded by :func:`direction` from the paired rows.
 
     For example ``segresnet_be vs segresnet_dice on 16 test cases, 3 seeds, overlap: no difference
-    shown in Dice (-0.002 [-0.020, +0.021]); the test could have detected 0.033.``
+    shown in Dice (-0.002 [-0.020, +0.021]); the test could have detected 0.033.`` Runs of a system
+    without a seed count as repeats (``nnUNetTrainerBE vs segresnet_dice on 16 test cases, 2 repeats /
+    2 seeds, ...``).
     """
     noun = split_noun(results) or "scored"
     sentences = []
     for system in dict.fromkeys(r.system for r in rows):
         mine = [r for r in rows if r.system == system]
         n = max(r.result.n for r in mine)
-        seeds = ""
-        if results.kind == "runs":
-            counts = sorted({len(results.runs_of(s)) for s in (system, baseline)})
-            k = "–".join(map(str, counts))
-            seeds = f", {k} seed{'s' if counts[-1] > 1 else ''}"
+        seeds = f", {_run_counts(results.runs_of(system), results.runs_of(baseline))}" if results.kind == "runs" else ""
         for family, metrics in _FAMILIES:
             parts = []
             for r in (r for m in metrics for r in mine if r.metric == m):
@@ -289,7 +358,8 @@ def _verdict_blocks(results: Results, rows: list[tables.ComparisonRow], baseline
     try:
         path = figures.paired_difference_figure(panels, f"Dice difference per case (system − {baseline})",
                                                 fig_dir / "paired_dice.png")
-        blocks.append(Figure(path, f"Per-case Dice differences to {baseline}: one dot per case (seed-averaged); "
+        averaged = f"averaged over {_over(results)}" if results.has_repeats else "seed-averaged"
+        blocks.append(Figure(path, f"Per-case Dice differences to {baseline}: one dot per case ({averaged}); "
                                    "black bar: the 95% interval of the mean difference; red tick: the mean. The "
                                    "cases that moved most either way are named."))
     except (OSError, ValueError) as exc:
@@ -305,7 +375,7 @@ def _comparison_blocks(results: Results, rows: list[tables.ComparisonRow], basel
         return blocks + [Paragraph(f"Not computed: {why}.")]
     noun = split_noun(results) or "scored"
     n = max(r.result.n for r in rows)
-    averaged = "each system's value is averaged over its seeds and " if results.kind == "runs" else ""
+    averaged = f"each system's value is averaged over its {_over(results)} and " if results.kind == "runs" else ""
     blocks.append(Paragraph(
         f"Per {noun} case, {averaged}the baseline's is subtracted (system − {baseline}). Shown: the number of "
         f"paired cases, the mean difference, a 95% percentile bootstrap interval ({N_RESAMPLES} resamples of the "
@@ -342,13 +412,19 @@ def _cost_blocks(results: Results) -> list[Block]:
         rows.append((c.system, str(c.n_runs), str(c.n_steps), f"{c.step_s:.3f}",
                      "n/a" if math.isnan(c.loss_s) else f"{c.loss_s * 1000:.1f}",
                      "n/a" if math.isnan(c.loss_share) else f"{100 * c.loss_share:.1f}"))
+    notes = ["Per run: median over its 'train' entries of metrics.jsonl (step_time_s, loss_time_s); "
+             "loss share = sum of loss times / sum of step times. Then the mean over runs. Timings are from "
+             "the machine that trained."]
+    nnunet = _nnunet_systems(results)
+    if nnunet:
+        notes.append(f"nnU-Net ({', '.join(nnunet)}): one entry per epoch; its step time is the epoch's wall time / "
+                     "iterations per epoch, so it includes nnU-Net's per-epoch validation. nnU-Net does not time its "
+                     "loss: median loss and loss share are n/a.")
     return [
         Heading("Cost"),
         Table(("system", "runs", "train log entries", "median step (s)", "median loss (ms)", "loss share (%)"),
               tuple(rows), caption="Training time per step and the share spent computing the loss",
-              notes=("Per run: median over its 'train' entries of metrics.jsonl (step_time_s, loss_time_s); "
-                     "loss share = sum of loss times / sum of step times. Then the mean over runs. Timings are from "
-                     "the machine that trained.",)),
+              notes=tuple(notes)),
     ]
 
 
@@ -386,9 +462,15 @@ def _figure_blocks(results: Results, data_dir: Path | None, cases: CaseFiles | N
     blocks: list[Block] = [Heading("Figures")]
     if results.kind == "runs":
         try:
-            blocks.append(Figure(figures.learning_curve_figure(results, fig_dir / "learning_curves.png"),
-                                 "Learning curves: training loss and validation mean Dice per step; one line "
-                                 "per seed, one colour per system."))
+            nnunet = _nnunet_systems(results)
+            per = " / ".join(results.units()) or "seed"
+            caption = ("Learning curves: training loss and validation mean Dice per step; one line "
+                       f"per {per}, one colour per system.")
+            if nnunet:
+                caption += (f" nnU-Net ({', '.join(nnunet)}): its own training loss (Dice + cross-entropy, negative "
+                            "by construction) and its pseudo Dice on validation patches, once per epoch; not on the "
+                            "same scale as beseg's losses and sliding-window validation Dice.")
+            blocks.append(Figure(figures.learning_curve_figure(results, fig_dir / "learning_curves.png"), caption))
         except (OSError, ValueError) as exc:
             notes.append(f"learning curves not drawn: {exc}")
     if cases is None and data_dir is None:
@@ -464,7 +546,12 @@ def build_document(results: Results, data_dir: str | Path | None, fig_dir: str |
     if results.kind == "runs":
         what = (f"Results folder {results.root}; {len(results.runs)} runs of {len(results.systems)} systems; "
                 f"{n_cases} {noun or 'scored'} cases; classes: {', '.join(results.classes)}.")
-        items = tuple(f"{s}: seeds {_seeds(results, s)}" for s in results.systems)
+        repeated = [s for s in results.systems if "repeat" in results.units(s)]
+        if repeated:
+            what += (f" Repeats ({', '.join(repeated)}): nnU-Net sets no seed; its repeats are reruns of identical "
+                     "settings, so their spread is run-to-run nondeterminism, not seed variation.")
+        items = tuple(f"{s}: {_run_numbers(results, s)}" + (f"; {t}" if (t := _system_settings(results, s)) else "")
+                      for s in results.systems)
     else:
         what = (f"Prediction folders scored by beseg score into {results.root}; {len(results.systems)} systems; "
                 f"{n_cases} {noun or 'scored'} cases; classes: {', '.join(results.classes)}.")

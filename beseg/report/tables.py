@@ -3,7 +3,8 @@
 Aggregation rules (the report states them too):
 
 * Table 1: for each run, the mean over its scored cases; then mean and sample standard deviation
-  (``ddof=1``) over seeds. The "mean" column averages a run's per-class means first. A distance
+  (``ddof=1``) over seeds (over repeats for a system without a seed: nnU-Net's ``repeat<k>`` runs;
+  "seed" below means either). The "mean" column averages a run's per-class means first. A distance
   penalised because the class was empty in exactly one of prediction and label (see
   :mod:`beseg.metrics`) is a number and enters the mean; an undefined (NaN) value is skipped.
   Both are counted per class and metric. Failed cases have no value and are counted per run.
