@@ -443,6 +443,14 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _int(value: Any) -> int | None:
+    """An integer from nnU-Net's ``debug.json`` (which holds every value as text), else None."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -503,11 +511,7 @@ def read_progress(fold_dir: str | Path | None) -> tuple[int, int | None, float |
     if fold_dir is None:
         return 0, None, None
     fold_dir = Path(fold_dir)
-    debug = _read_json(fold_dir / "debug.json") or {}
-    try:
-        epochs: int | None = int(debug["num_epochs"])
-    except (KeyError, TypeError, ValueError):
-        epochs = None
+    epochs = _int((_read_json(fold_dir / "debug.json") or {}).get("num_epochs"))
     done, dice = 0, None
     logs = sorted(fold_dir.glob("training_log_*.txt"))
     if logs:
@@ -534,10 +538,11 @@ def _write_training_record(python: str, env: Mapping[str, str], fold_dir: Path, 
     """``config.yaml`` (the trainer's settings) and ``metrics.jsonl`` (per epoch: nnU-Net's train loss and time
     per iteration, its pseudo Dice on validation patches), read from nnU-Net's final checkpoint and ``debug.json``."""
     debug = _read_json(fold_dir / "debug.json") or {}
+    epochs, iterations = _int(debug.get("num_epochs")), _int(debug.get("num_iterations_per_epoch"))
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({
         "system": system.name, "kind": KIND,
         "nnunet": {**system.to_dict(), "nnunetv2": version, "dataset": fold_dir.parent.parent.name, "fold": fold,
-                   "epochs": debug.get("num_epochs"), "iterations_per_epoch": debug.get("num_iterations_per_epoch")},
+                   "epochs": epochs, "iterations_per_epoch": iterations},
     }, sort_keys=False))
     proc = subprocess.run([python, "-c", _LOGGING, str(fold_dir / "checkpoint_final.pth")], env=dict(env),
                           capture_output=True, text=True)
@@ -545,10 +550,7 @@ def _write_training_record(python: str, env: Mapping[str, str], fold_dir: Path, 
         logged = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         return  # no learning curve; the report says the log is missing
-    try:
-        iterations = int(debug["num_iterations_per_epoch"])
-    except (KeyError, TypeError, ValueError):
-        iterations = 1
+    iterations = iterations or 1
     lines = []
     starts, ends = logged.get("epoch_start_timestamps", []), logged.get("epoch_end_timestamps", [])
     for epoch, loss in enumerate(logged.get("train_losses", [])):
@@ -574,7 +576,8 @@ def _device(device: str) -> str:
 
 def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: ResultsLayout, data_dir: str | Path,
             split_file: str | Path, protocol: str, python: str, preset: Any, device: str = "auto", ranks: int = 1,
-            version: str | None = None, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+            version: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
+            label: str | None = None) -> dict[str, Any]:
     """Train, predict and score one nnU-Net run (the caller holds the run's claim).
 
     Args:
@@ -592,6 +595,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
         version: the nnunetv2 version (recorded in ``config.yaml``).
         progress: a progress bar while scoring.
         log: progress lines.
+        label: the run's name in them (default its folder).
 
     Returns:
         The run's ``eval/summary.json`` object.
@@ -602,6 +606,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
     from beseg.score import score_predictions
 
     run_dir = Path(run_dir)
+    label = label or str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     split = load_split(split_file)
     splits = ({f: load_split(p) for f, p in layout.split_files(split.folds).items()} if protocol == "cv"
@@ -617,7 +622,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
     dev = _device(device)
     state, epoch = run_state(run_dir, system, fold)
     if state in ("fresh", "resume"):
-        log(f"{run_dir.name}: nnUNetv2_train {dataset} {system.configuration} {fold} -tr {system.trainer} on {dev}"
+        log(f"{label}: nnUNetv2_train {dataset} {system.configuration} {fold} -tr {system.trainer} on {dev}"
             + (f" (resumes after epoch {epoch})" if state == "resume" else "") + f"; output in {log_file}")
         args = [dataset, system.configuration, str(fold), "-tr", system.trainer, "-p", system.plans, "-device", dev]
         if ranks > 1:
@@ -645,7 +650,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
         _link(task.case(case).label, labels / f"{case}.nii.gz")
     predictions = run_dir / "eval" / "predictions"
     _remove_tree(run_dir / "eval")
-    log(f"{run_dir.name}: nnUNetv2_predict {len(cases)} case(s) with checkpoint_final.pth")
+    log(f"{label}: nnUNetv2_predict {len(cases)} case(s) with checkpoint_final.pth")
     _nnunet(python, "nnUNetv2_predict", ["-i", str(inputs), "-o", str(predictions), "-d", dataset, "-c",
                                          system.configuration, "-f", str(fold), "-tr", system.trainer, "-p",
                                          system.plans, "-chk", "checkpoint_final.pth", "-device", dev], env, log_file)

@@ -101,7 +101,7 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
         try:
             if nnunet is not None:
                 summary = _execute_nnunet(run_dir, config, data_dir, protocol, nnunet, nnunet_env or {}, ranks,
-                                          progress, log)
+                                          progress, log, label)
             elif state in ("fresh", "resume") and ranks > 1:
                 _train_with_srun(config, data_dir, run_dir, state == "resume", ranks, claim.token)
             elif state == "fresh":
@@ -138,7 +138,8 @@ def _fold_of(config: Config) -> int:
 
 
 def _execute_nnunet(run_dir: Path, config: Config, data_dir: str | Path, protocol: str, system: NNUNetSystem,
-                    env: Mapping[str, Any], ranks: int, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+                    env: Mapping[str, Any], ranks: int, progress: bool, log: Callable[[str], None],
+                    label: str) -> dict[str, Any]:
     """One nnU-Net run: its results folder is the split file's folder; its classes are the task preset's."""
     from beseg.data.presets import get_preset
     from beseg.experiment.layout import ResultsLayout
@@ -148,7 +149,7 @@ def _execute_nnunet(run_dir: Path, config: Config, data_dir: str | Path, protoco
     device = os.environ.get("BESEG_RUN_DEVICE") or config.train.device
     return nnunet_runs.execute(run_dir, system, _fold_of(config), ResultsLayout(split_file.parent), data_dir,
                                split_file, protocol, python, get_preset(config.data.task), device=device, ranks=ranks,
-                               version=env.get("version"), progress=progress, log=log)
+                               version=env.get("version"), progress=progress, log=log, label=label)
 
 
 def _train_with_srun(config: Config, data_dir: str | Path, run_dir: Path, resume: bool, ranks: int,
