@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,40 @@ def tiny_compare(tmp: Path) -> list[str]:
 
 
 def per_case_rows(results: Path) -> dict[str, list[dict[str, str]]]:
-    """Every run's ``eval/per_case.csv`` rows in a results folder, by run id (``<system>/seed<k>``)."""
+    """Every run's ``eval/per_case.csv`` rows in a results folder, by run id (``<system>/seed<k>``, ``<system>/repeat<k>``)."""
     out = {}
-    for path in sorted(results.glob("*/seed*/eval/per_case.csv")):
+    for path in sorted(results.glob("*/*/eval/per_case.csv")):
+        if not re.fullmatch(r"(seed|repeat)\d+", path.parent.parent.name):
+            continue
         with open(path, newline="") as f:
             out[str(path.parent.parent.relative_to(results))] = list(csv.DictReader(f))
     return out
+
+
+def nnunet_python() -> Path:
+    """The interpreter of the virtual environment with nnunetv2 (``BESEG_NNUNET_PYTHON``, which .ci/run sets).
+
+    nnunetv2's torchvision must match its torch, which this environment's CPU wheel of torch does not
+    guarantee, so nnU-Net runs in its own environment. Skips (fails in CI) with the commands that create it.
+    """
+    value = os.environ.get("BESEG_NNUNET_PYTHON")
+    if value:
+        if not Path(value).is_file():
+            pytest.fail(f"BESEG_NNUNET_PYTHON={value}: no such interpreter")
+        return Path(value)
+    how = ("the nnU-Net tests need a virtual environment with nnunetv2: python -m venv .venv-nnunet && "
+           ".venv-nnunet/bin/pip install --isolated torch==2.13.0 torchvision==0.28.0 -e '.[nnunet,test]', then "
+           "export BESEG_NNUNET_PYTHON=$PWD/.venv-nnunet/bin/python (.ci/run does this)")
+    if os.environ.get("CI"):
+        pytest.fail(f"BESEG_NNUNET_PYTHON is not set in CI; {how}")
+    pytest.skip(how)
+
+
+def nnunet_compare_env(monkeypatch: pytest.MonkeyPatch, python: Path) -> None:
+    """nnU-Net's settings for CPU tests of ``beseg compare``, with CI's short trainers as the user's own
+    ``nnUNet_extTrainer`` folder (tests/nnunet/trainers: ``nnUNetTrainer_ci``, ``nnUNetTrainerBE_ci``...)."""
+    settings = {"nnUNet_extTrainer": str(Path(__file__).resolve().parent / "nnunet" / "trainers"),
+                "nnUNet_compile": "f", "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+                "BESEG_NNUNET_PYTHON": str(python)}
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import beseg.nnunet
+from conftest import nnunet_compare_env, nnunet_python, tiny_compare
 from beseg.cli import main
 from beseg.data import make_phantom
 from beseg.losses import BoundaryEnhancementLoss, log_filter
@@ -32,7 +33,6 @@ from beseg.nnunet.loss import NNUNetBELoss, NNUNetBETerm, deep_supervision_spaci
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).resolve().parent / "nnunet"
-PYTHON_ENV = "BESEG_NNUNET_PYTHON"
 
 
 # --------------------------------------------------------------------------- CLI and trainer folder
@@ -215,21 +215,6 @@ def test_bad_arguments_are_named():
 # --------------------------------------------------------------------------- with nnU-Net (its own venv)
 
 
-def _nnunet_python() -> Path:
-    """The nnU-Net venv's interpreter; skip (fail in CI) with the commands that create it."""
-    value = os.environ.get(PYTHON_ENV)
-    if value:
-        if not Path(value).is_file():
-            pytest.fail(f"{PYTHON_ENV}={value}: no such interpreter")
-        return Path(value)
-    how = (f"the nnU-Net tests need a virtual environment with nnunetv2: python -m venv .venv-nnunet && "
-           f".venv-nnunet/bin/pip install --isolated torch==2.13.0 torchvision==0.28.0 -e '.[nnunet,test]', then "
-           f"export {PYTHON_ENV}=$PWD/.venv-nnunet/bin/python (.ci/run does this)")
-    if os.environ.get("CI"):
-        pytest.fail(f"{PYTHON_ENV} is not set in CI; {how}")
-    pytest.skip(how)
-
-
 def _run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> str:
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
@@ -239,7 +224,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> str:
 
 @pytest.mark.slow
 def test_trainer_losses_match_nnunet_default_plus_1000_be_in_the_nnunet_venv():
-    python = _nnunet_python()
+    python = nnunet_python()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     _run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HELPERS / "venv_checks.py")], env)
 
@@ -247,7 +232,7 @@ def test_trainer_losses_match_nnunet_default_plus_1000_be_in_the_nnunet_venv():
 @pytest.mark.slow
 def test_nnunet_trains_predicts_with_a_be_trainer_and_beseg_scores_it(tmp_path):
     """MSD phantom -> nnU-Net convert, plan, preprocess, train (a few iterations), validate, predict -> beseg score."""
-    python = _nnunet_python()
+    python = nnunet_python()
     raw, pre, results = tmp_path / "nnUNet_raw", tmp_path / "nnUNet_preprocessed", tmp_path / "nnUNet_results"
     env = {
         **os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -313,21 +298,12 @@ def test_nnunet_trains_predicts_with_a_be_trainer_and_beseg_scores_it(tmp_path):
 # --------------------------------------------------------------------------- nnU-Net trainers in beseg compare
 
 
-def _compare_env(monkeypatch, python: Path) -> None:
-    """nnU-Net's settings for CPU tests, and the user's own trainer folder (CI's short trainers)."""
-    for key, value in {"nnUNet_extTrainer": str(HELPERS / "trainers"), "nnUNet_compile": "f", "nnUNet_n_proc_DA": "0",
-                       "nnUNet_def_n_proc": "1", "BESEG_NNUNET_PYTHON": str(python)}.items():
-        monkeypatch.setenv(key, value)
-
-
 @pytest.mark.slow
 def test_compare_pairs_nnunet_trainers_with_a_beseg_system_on_the_same_test_cases(tmp_path, monkeypatch, capsys):
     """The issue's CI check: nnU-Net's default trainer and nnUNetTrainerBE (short subclasses) and segresnet_dice in one
     `beseg compare` on a phantom; nnU-Net trains on beseg's split and every system is scored on the same test cases."""
-    from tests.conftest import tiny_compare
-
-    python = _nnunet_python()
-    _compare_env(monkeypatch, python)
+    python = nnunet_python()
+    nnunet_compare_env(monkeypatch, python)
     data = make_phantom(tmp_path / "phantom", cases=10, test_cases=0, size=(48, 48, 20), progress=False)
     out = tmp_path / "results"
     systems = "nnunet:nnUNetTrainer_ci,nnunet:nnUNetTrainerBE_ci,segresnet_dice"
@@ -389,8 +365,8 @@ def test_compare_pairs_nnunet_trainers_with_a_beseg_system_on_the_same_test_case
 
 @pytest.mark.slow
 def test_an_unknown_nnunet_trainer_is_one_line_before_anything_trains(tmp_path, monkeypatch, capsys):
-    python = _nnunet_python()
-    _compare_env(monkeypatch, python)
+    python = nnunet_python()
+    nnunet_compare_env(monkeypatch, python)
     data = make_phantom(tmp_path / "phantom", cases=10, test_cases=0, size=(32, 32, 12), progress=False)
     out = tmp_path / "results"
     code = main(["compare", "--data", str(data), "--systems", "nnunet:nnUNetTrainerNoSuch,segresnet_dice",

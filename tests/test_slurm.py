@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from beseg.cli import main
-from conftest import per_case_rows, tiny_compare
+from conftest import nnunet_compare_env, nnunet_python, per_case_rows, tiny_compare
+from beseg.data import load_split, make_phantom
 from beseg.engine.checkpoint import load_checkpoint
 from beseg.experiment.compare import run_compare
 from beseg.experiment.slurm import SlurmLauncher, job_states
@@ -206,3 +207,32 @@ def test_a_job_told_its_time_is_up_requeues_itself_and_the_run_resumes(jobcomp, 
     assert _train_epochs(run) == list(range(1, 21)) and (run / "eval" / "summary.json").is_file()
     assert _records(jobcomp)[job]["JobState"] == "COMPLETED"
     assert main(argv) == 0  # the same command collects: nothing left to run
+
+
+def test_nnunet_runs_go_through_slurm_fold_by_fold(jobcomp, tmp_path, monkeypatch):
+    """An nnU-Net system in a 2-fold cross-validation through the SLURM launcher: one job per fold, nnU-Net's fold k
+    is beseg's fold k, and the folds merge into one out-of-fold evaluation of every case."""
+    nnunet_compare_env(monkeypatch, nnunet_python())
+    data = make_phantom(tmp_path / "phantom", cases=10, test_cases=0, size=(48, 48, 20), progress=False)
+    out = tmp_path / "results"
+    result = run_compare(data, ["nnunet:nnUNetTrainer_ci"], 1, out, folds=2, progress=False, log=lambda _: None,
+                         launcher=SlurmLauncher(poll_s=1), report=False)
+    assert not result.failed, result.failed
+    ids = ["nnUNetTrainer_ci/repeat0/fold0", "nnUNetTrainer_ci/repeat0/fold1"]
+    assert sorted(result.jobs) == ids
+    records = _records(jobcomp)
+    assert all(records[result.jobs[i]]["JobState"] == "COMPLETED" for i in ids)
+    folds = [load_split(out / f"split_fold{f}.json") for f in range(2)]
+    (dataset,) = (out / "nnunet" / "preprocessed").iterdir()
+    assert json.loads((dataset / "splits_final.json").read_text()) == [
+        {"train": sorted(s.train), "val": sorted(s.val)} for s in folds]
+    for f, split in enumerate(folds):  # each fold's model predicted its own test cases
+        fold_summary = json.loads((out / ids[f] / "eval" / "summary.json").read_text())
+        assert fold_summary["case_ids"] == sorted(split.test) and fold_summary["fold"] == f
+        assert (out / ids[f] / "nnUNet_results" / dataset.name / "nnUNetTrainer_ci__nnUNetPlans__3d_fullres"
+                / f"fold_{f}" / "checkpoint_final.pth").is_file()
+    merged = json.loads((out / "nnUNetTrainer_ci" / "repeat0" / "eval" / "summary.json").read_text())
+    assert merged["protocol"] == "cv" and merged["split"] == "oof" and merged["cases"] == 10
+    rows = per_case_rows(out)
+    assert sorted(rows) == ["nnUNetTrainer_ci/repeat0"]
+    assert sorted({r["case"] for r in rows["nnUNetTrainer_ci/repeat0"]}) == sorted(c for s in folds for c in s.test)

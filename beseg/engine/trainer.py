@@ -69,6 +69,7 @@ from beseg.engine.config import Config, config_from_dict, config_to_dict, with_r
 from beseg.engine.distributed import (
     DistInfo,
     all_reduce_sum,
+    barrier,
     gather_rows,
     gather_texts,
     init_distributed,
@@ -218,7 +219,11 @@ class Trainer:
                     locked = True
             try:
                 self.setup()
-                return self.fit()
+                result = self.fit()
+                # The ranks leave together: a rank that destroys its process group while another still
+                # communicates can abort at exit in gloo's worker threads (seen once under srun -n 2).
+                barrier(self.dist)
+                return result
             finally:
                 if self.writer is not None:
                     self.writer.close()
