@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -376,3 +377,61 @@ def test_an_unknown_nnunet_trainer_is_one_line_before_anything_trains(tmp_path, 
     assert "nnUNetTrainerNoSuch" in err[0] and "nnUNet_extTrainer=" in err[0] and str(HELPERS / "trainers") in err[0]
     assert str(trainer_dir()) in err[0]  # beseg's folder is added to the user's, not instead of it
     assert not (out / "segresnet_dice").exists()
+
+
+def _sparse_phantom(folder: Path) -> Path:
+    """A 10-case phantom made a dataset without a beseg preset, annotated sparsely as nnU-Net v2 datasets are:
+    ``{"background": 0, "organ": 1, "ignore": 2}``, the upper 6 of 20 slices of every label unannotated (2)."""
+    data = make_phantom(folder, cases=10, test_cases=0, size=(48, 48, 20), progress=False)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta.update(name="Sparse Organs", labels={"0": "background", "1": "organ", "2": "ignore"})
+    (data / "dataset.json").write_text(json.dumps(meta))
+    for path in (data / "labelsTr").glob("*.nii.gz"):
+        image = nib.load(path)
+        label = np.asarray(image.dataobj).astype(np.uint8)
+        label[..., 14:] = 2
+        nib.save(nib.Nifti1Image(label, image.affine, image.header), path)
+    return data
+
+
+@pytest.mark.slow
+def test_does_be_improve_nnunet_on_a_sparsely_annotated_dataset_without_a_beseg_preset(tmp_path, monkeypatch, capsys):
+    """nnU-Net-only comparisons run on any MSD-layout dataset: classes and the ignore label come from its dataset.json,
+    and the ignored voxels count in no metric."""
+    python = nnunet_python()
+    nnunet_compare_env(monkeypatch, python)
+    data = _sparse_phantom(tmp_path / "sparse")
+    out = tmp_path / "results"
+    code = main(["compare", "--data", str(data), "--systems", "nnunet:nnUNetTrainer_ci,nnunet:nnUNetTrainerBE_ci",
+                 "--seeds", "1", "--out", str(out), "--baseline", "nnUNetTrainer_ci", "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-4000:] + printed.err[-4000:]
+    test_cases = sorted(json.loads((out / "split.json").read_text())["test"])
+    for name in ("nnUNetTrainer_ci", "nnUNetTrainerBE_ci"):
+        run = out / name / "repeat0"
+        summary = json.loads((run / "eval" / "summary.json").read_text())
+        assert summary["task"] == "sparse_organs" and summary["classes"] == ["organ"]
+        assert summary["ignore_label"] == 2 and summary["case_ids"] == test_cases
+        # Independently: Dice of the organ over the annotated voxels only, from the files.
+        for case in test_cases:
+            truth = np.asarray(nib.load(data / "labelsTr" / f"{case}.nii.gz").dataobj)
+            pred = np.asarray(nib.load(run / "eval" / "predictions" / f"{case}.nii.gz").dataobj)
+            annotated = truth != 2
+            a, b = (pred == 1) & annotated, (truth == 1) & annotated
+            dice = 2 * (a & b).sum() / (a.sum() + b.sum()) if a.sum() + b.sum() else 1.0
+            with open(run / "eval" / "per_case.csv", newline="") as f:
+                row = next(r for r in csv.DictReader(f) if r["case"] == case)
+            assert float(row["dice"]) == pytest.approx(dice, abs=1e-6)
+    be_log = next((out / "nnUNetTrainerBE_ci" / "repeat0" / "nnUNet_results").rglob("training_log_*.txt")).read_text()
+    assert "1000 x BE" in be_log and "ignore label 2: its voxels count in no term" in be_log
+    report = (out / "report" / "report.md").read_text()
+    assert "nnUNetTrainerBE_ci vs nnUNetTrainer_ci" in report and "sparse_organs" in report
+
+
+def test_beseg_systems_on_a_dataset_without_a_preset_are_one_line(tmp_path, capsys):
+    data = _sparse_phantom(tmp_path / "sparse")
+    code = main(["compare", "--data", str(data), "--systems", "segresnet_dice,nnunet:nnUNetTrainer", "--seeds", "1",
+                 "--out", str(tmp_path / "results"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "cannot tell the task preset" in err[0] and "nnU-Net systems, nnunet:TRAINER, run on any" in err[0]

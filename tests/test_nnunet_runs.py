@@ -15,7 +15,8 @@ import pytest
 
 import beseg.experiment.nnunet_runs as nnunet_runs
 from beseg.cli import main
-from beseg.data import make_folds, make_split
+from beseg.data import load_task, make_folds, make_split
+from beseg.engine.config import config_from_dict
 from beseg.errors import ConfigError
 from beseg.experiment.compare import default_baseline
 from beseg.experiment.nnunet_runs import NNUNetError, NNUNetSystem, nnunet_env, read_progress, run_state
@@ -182,3 +183,29 @@ def test_the_nnunet_dataset_takes_the_msd_number_and_a_name_nnunets_converter_ac
 ])
 def test_the_default_baseline_answers_does_be_improve_nnunet_when_nnunet_is_compared(names, expected):
     assert default_baseline(names) == expected
+
+
+def test_nnunet_runs_on_a_dataset_without_a_preset_carry_only_its_data_settings(tiny_data, tmp_path):
+    out = tmp_path / "results"
+    specs = [resolve_system("nnunet:nnUNetTrainer", None), resolve_system("nnunet:nnUNetTrainerBE", None)]
+    assert [s.config for s in specs] == ["", ""]
+    with pytest.raises(ConfigError, match="'dice' needs one of beseg's task presets"):
+        resolve_system("dice", None)
+    runs = plan_runs(specs, [0], out, overrides=["data.val_frac=0.3", "train.epochs=7"], task="sparse_organs")
+    assert [r.config.data.task for r in runs] == ["sparse_organs", "sparse_organs"]
+    assert runs[0].config.data.val_frac == 0.3 and runs[0].config.data.split_file == str(out.resolve() / "split.json")
+    write_plan_json(out, runs, "heldout", None, tiny_data)
+    resolved = [e["resolved"] for e in read_plan_json(out)["runs"]]
+    assert [c.data.task for c in resolved] == ["sparse_organs", "sparse_organs"] and resolved[0].data.val_frac == 0.3
+    with pytest.raises(ConfigError, match="unknown data.task 'sparse_organs'"):  # beseg's own configs still need one
+        config_from_dict({"data": {"task": "sparse_organs"}, "model": {"network": "segresnet"}, "loss": {"name": "dice"}})
+
+
+def test_a_dataset_without_a_preset_is_named_by_its_dataset_json(tmp_path):
+    data = tmp_path / "Task501_Lab"
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (data / sub).mkdir(parents=True)
+    (data / "dataset.json").write_text(json.dumps({"name": "Sparse Organs (v2)", "modality": {"0": "CT"},
+                                                    "labels": {"0": "background", "1": "organ"}, "training": [],
+                                                    "test": []}))
+    assert nnunet_runs.dataset_task_id(load_task(data, check_files=False)) == "sparse_organs_v2"

@@ -225,8 +225,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "Config":
+    def validate(self, known_task: bool = True) -> "Config":
         """Check values that types alone do not; returns ``self``.
+
+        Args:
+            known_task: ``data.task`` must be one of beseg's task presets. ``False`` only for the reference
+                config of an nnU-Net run on a dataset without a preset: its ``data`` settings make the
+                split, and nnU-Net's own plan decides the rest.
 
         Raises:
             ConfigError: the first invalid value, named by its dotted key.
@@ -272,7 +277,7 @@ class Config:
         from beseg.data.presets import PRESETS, canonical_task
 
         self.data.task = canonical_task(self.data.task)  # one spelling in every saved config
-        if self.data.task not in PRESETS:
+        if known_task and self.data.task not in PRESETS:
             raise ConfigError(f"unknown data.task {self.data.task!r}; choose one of: {', '.join(PRESETS)}.")
         return self
 
@@ -358,8 +363,12 @@ REQUIRED_KEYS = {
 }
 
 
-def config_from_dict(data: dict) -> Config:
+def config_from_dict(data: dict, known_task: bool = True) -> Config:
     """Build and validate a :class:`Config` from nested dicts (other missing keys take defaults).
+
+    Args:
+        data: the sections.
+        known_task: see :meth:`Config.validate`.
 
     Raises:
         ConfigError: a required key is missing, or a key is unknown, of the wrong type or invalid.
@@ -370,7 +379,7 @@ def config_from_dict(data: dict) -> Config:
         section, name = key.split(".")
         if not isinstance(data.get(section), dict) or data[section].get(name) is None:
             raise ConfigError(f"the config is missing the required key {key!r} ({meaning}).")
-    return _from_dict(Config, data, "").validate()
+    return _from_dict(Config, data, "").validate(known_task)
 
 
 #: ``(section, key)`` settings that change where and how a run executes, not what it computes: they may

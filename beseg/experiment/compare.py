@@ -56,7 +56,9 @@ from beseg.engine.claim import Claim, RunLockedError
 from beseg.engine.config import Config
 from beseg.engine.rundir import RunDir
 from beseg.errors import ConfigError, DataError, ReportError
+from beseg.data.presets import PRESETS
 from beseg.experiment import nnunet_runs, worker
+from beseg.experiment.nnunet_runs import NNUNetSystem
 from beseg.experiment.folds import merge_folds
 from beseg.experiment.launch import LaunchOutcome, LocalLauncher
 from beseg.experiment.layout import ResultsLayout
@@ -107,7 +109,7 @@ class CompareResult:
 def _new_split(protocol: str, ids: list[str], config: Config) -> Split:
     data = config.data
     if protocol == "paper":
-        n_val = get_preset(data.task).default_val_count(len(ids), PAPER_VAL_FRAC)
+        n_val = get_preset(data.task).default_val_count(len(ids), PAPER_VAL_FRAC) if data.task in PRESETS else None
         return make_split(ids, val_frac=PAPER_VAL_FRAC, test_frac=0.0, n_val=n_val, seed=data.split_seed)
     return make_split(ids, val_frac=data.val_frac, test_frac=data.test_frac, seed=data.split_seed)
 
@@ -183,7 +185,7 @@ def _check_data(data_dir: Path, task_names: set[str], cache_dir: str | None = No
     """
     require_valid_task(data_dir, cache_dir)
     task = load_task(data_dir, check_files=False)
-    for name in sorted(task_names):
+    for name in sorted(task_names & set(PRESETS)):  # a dataset without a preset (nnU-Net systems) has no preset rules
         get_preset(name).validate(task)
 
 
@@ -280,9 +282,18 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     data_dir = Path(data_dir)
     if not (data_dir / "dataset.json").is_file():
         raise DataError(f"{data_dir}: no dataset.json; --data must be an MSD task folder (see `beseg data check`).")
+    task_id = None
     if prefix is None:
-        prefix = preset_prefix(preset_for_task(load_task(data_dir, check_files=False)).name)
-    prefix = _check_prefix(prefix)
+        task = load_task(data_dir, check_files=False)
+        try:
+            prefix = preset_prefix(preset_for_task(task).name)
+        except DataError as err:
+            if not systems or not all(NNUNetSystem.parse(s) for s in systems):
+                raise DataError(f"{err} (beseg's own systems need a task preset; nnU-Net systems, nnunet:TRAINER, "
+                                "run on any MSD-layout dataset)") from None
+            task_id = nnunet_runs.dataset_task_id(task)  # only nnU-Net systems: no beseg preset needed
+    if prefix is not None:
+        prefix = _check_prefix(prefix)
     protocol = check_protocol(protocol, folds)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list or any(s < 0 for s in seed_list):
@@ -303,7 +314,8 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
             python, nnunet_systems, nnunet_runs.nnunet_env(ResultsLayout(results_dir.absolute()).nnunet))
         nnunet_env = {"python": python, "version": version}
     _check_plan(results_dir, protocol, folds)
-    planned = plan_runs(specs, seed_list, results_dir, overrides, "heldout" if protocol == "cv" else protocol, folds)
+    planned = plan_runs(specs, seed_list, results_dir, overrides, "heldout" if protocol == "cv" else protocol, folds,
+                        task=task_id)
     _check_data(data_dir, {p.config.data.task.lower() for p in planned}, planned[0].config.data.cache_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     splits = prepare_splits(results_dir, data_dir, protocol, folds, planned[0].config)

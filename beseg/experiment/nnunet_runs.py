@@ -41,7 +41,8 @@ from typing import Any
 
 import yaml
 
-from beseg.data import Split, load_split, load_task
+from beseg.data import MSDTask, Split, load_split, load_task
+from beseg.data.classes import ClassSpec
 from beseg.data.splits import get_protocol
 from beseg.engine.claim import Claim, RunLockedError
 from beseg.errors import BesegError, ConfigError
@@ -52,7 +53,7 @@ from beseg.nnunet import INSTALL_HINT, MIN_NNUNET_VERSION, nnunet_version, train
 __all__ = [
     "KIND", "PREFIX", "DEFAULT_CONFIGURATION", "DEFAULT_PLANS", "PYTHON_ENV", "NNUNetError", "NNUNetSystem",
     "resolve_python", "check_environment", "nnunet_env", "run_state", "prepare_dataset", "execute",
-    "read_progress", "find_fold_dir",
+    "read_progress", "find_fold_dir", "dataset_task_id",
 ]
 
 #: ``kind`` of an nnU-Net run in ``plan.json``.
@@ -296,6 +297,15 @@ def _dataset_identity(data_dir: Path) -> tuple[int, str]:
         name = data_dir.name
     name = re.sub(r"[^A-Za-z0-9]", "", str(name)) or "Task"
     return number, name[0].upper() + name[1:]
+
+
+def dataset_task_id(task: MSDTask) -> str:
+    """The task id of a dataset without a beseg preset: its ``dataset.json`` name (else folder name) in
+    :func:`~beseg.data.presets.canonical_task` spelling (``Sparse Organs`` -> ``sparse_organs``)."""
+    from beseg.data.presets import canonical_task
+
+    name = str(getattr(task, "name", "") or task.root.name)
+    return canonical_task(re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or task.root.name)
 
 
 def _splits_final(splits: Mapping[int | None, Split]) -> list[dict[str, list[str]]]:
@@ -575,7 +585,8 @@ def _device(device: str) -> str:
 
 
 def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: ResultsLayout, data_dir: str | Path,
-            split_file: str | Path, protocol: str, python: str, preset: Any, device: str = "auto", ranks: int = 1,
+            split_file: str | Path, protocol: str, python: str, task: str, classes: ClassSpec | None = None,
+            device: str = "auto", ranks: int = 1,
             version: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
             label: str | None = None) -> dict[str, Any]:
     """Train, predict and score one nnU-Net run (the caller holds the run's claim).
@@ -589,7 +600,9 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
         split_file: this run's beseg split file (its protocol's scored cases are predicted).
         protocol: ``heldout``, ``paper`` or ``cv``.
         python: the nnU-Net environment's interpreter.
-        preset: the task preset (:class:`beseg.data.presets.TaskPreset`): the scored classes and task name.
+        task: the task's name in the summary (its preset, ``task09``; or the dataset's id).
+        classes: the scored classes (the task preset's, so that nnU-Net and beseg systems score the same
+            classes); None: the ``dataset.json``'s, its ignore label excluded, as ``beseg score`` reads them.
         device: ``auto``, ``cpu`` or ``cuda``.
         ranks: GPUs of one DDP training (nnU-Net's ``-num_gpus``).
         version: the nnunetv2 version (recorded in ``config.yaml``).
@@ -636,7 +649,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
     cases = sorted(split.cases(get_protocol(protocol).eval_split))
     raw = layout.nnunet / "raw" / dataset
     inputs, labels = run_dir / "nnunet_input", run_dir / "nnunet_labels"
-    task = load_task(data_dir, check_files=False)
+    msd = load_task(data_dir, check_files=False)
     for folder in (inputs, labels):
         _remove_tree(folder)
         folder.mkdir(parents=True)
@@ -647,7 +660,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
             raise NNUNetError(f"{raw}: no converted image of case {case}; delete {layout.nnunet} and rerun.")
         for path in channels:
             _link(path, inputs / path.name)
-        _link(task.case(case).label, labels / f"{case}.nii.gz")
+        _link(msd.case(case).label, labels / f"{case}.nii.gz")
     predictions = run_dir / "eval" / "predictions"
     _remove_tree(run_dir / "eval")
     log(f"{label}: nnUNetv2_predict {len(cases)} case(s) with checkpoint_final.pth")
@@ -660,10 +673,10 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
                           f"(output in {log_file}).")
     parts = split if split.folds else None
     result = score_predictions(
-        predictions, labels, run_dir / "eval", classes=preset.scored_classes, dataset_json=Path(data_dir) / "dataset.json",
+        predictions, labels, run_dir / "eval", classes=classes, dataset_json=Path(data_dir) / "dataset.json",
         name=system.name, workers=1,
         progress=progress,
-        fields={"task": preset.name, "system": system.name, "kind": KIND, "protocol": protocol,
+        fields={"task": task, "system": system.name, "kind": KIND, "protocol": protocol,
                 "split": get_protocol(protocol).eval_split, "folds": parts.folds if parts else None,
                 "fold": parts.fold if parts else None, "selection": SELECTION, "case_ids": cases,
                 "nnunet": {**system.to_dict(), "dataset": dataset, "fold": fold}})

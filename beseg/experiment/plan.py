@@ -15,7 +15,8 @@ that sees the results folder.
        "config": {...}}, ...],
      "nnunet": {"python": "/envs/nnunet/bin/python", "version": "2.8.1"}}
 
-An nnU-Net run's ``config`` is the task's reference config (its ``data`` settings make the split);
+An nnU-Net run's ``config`` is the task's reference config: only its ``data`` settings matter
+(they make the split; on a dataset without a beseg preset, ``data.task`` is the dataset's own id);
 nnU-Net's own plan and trainer decide everything else (:mod:`beseg.experiment.nnunet_runs`).
 
 ``run_dir`` is relative to the results folder, and so is the config's ``data.split_file``
@@ -39,7 +40,9 @@ from typing import Any, Literal
 
 from beseg.data.splits import PROTOCOLS as PROTOCOL_SPECS
 from beseg.engine.checkpoint import load_checkpoint
-from beseg.engine.config import RUNTIME_KEYS, Config, config_from_dict, config_to_dict, list_presets, load_config
+from beseg.engine.config import (
+    RUNTIME_KEYS, Config, config_from_dict, config_to_dict, list_presets, load_config, parse_overrides,
+)
 from beseg.engine.rundir import RunDir
 from beseg.errors import ConfigError
 from beseg.experiment import nnunet_runs
@@ -84,7 +87,8 @@ class SystemSpec:
     Attributes:
         name: system name (``segresnet_be``...), the ``RESULTS_DIR/<name>/`` folder.
         config: shipped preset name (``phantom_spleen_segresnet_be``) or a YAML file path; for an
-            nnU-Net system the task's reference preset, whose ``data`` settings make the split.
+            nnU-Net system the task's reference preset, whose ``data`` settings make the split (``""``
+            on a dataset without a beseg preset).
         nnunet: the nnU-Net trainer, for an ``nnunet:`` system.
     """
 
@@ -194,14 +198,15 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
-def resolve_system(name: str, prefix: str) -> SystemSpec:
+def resolve_system(name: str, prefix: str | None) -> SystemSpec:
     """A ``--systems`` entry -> the system name and its config.
 
     Args:
         name: a Table 1 row (``segresnet_be``), an alias (``dice``, ``dice_be``, ``be``,
             ``boundary``, ``focal``), a YAML config path (its ``system:`` names it), or an nnU-Net
             trainer ``nnunet:TRAINER[@CONFIGURATION]`` (named ``TRAINER``, ``TRAINER-2d``...).
-        prefix: task preset prefix (``phantom_spleen``, ``task09``, ``task01``).
+        prefix: task preset prefix (``phantom_spleen``, ``task09``, ``task01``); None for a dataset
+            without a beseg preset (only nnU-Net systems run on it).
 
     Returns:
         The :class:`SystemSpec`.
@@ -212,7 +217,10 @@ def resolve_system(name: str, prefix: str) -> SystemSpec:
     text = name.strip()
     nnunet = NNUNetSystem.parse(text)
     if nnunet is not None:
-        return SystemSpec(nnunet.name, resolve_system("segresnet_dice", prefix).config, nnunet)
+        return SystemSpec(nnunet.name, resolve_system("segresnet_dice", prefix).config if prefix else "", nnunet)
+    if prefix is None:
+        raise ConfigError(f"system {text!r} needs one of beseg's task presets; this dataset has none, so only nnU-Net "
+                          "systems (nnunet:TRAINER) can be compared on it.")
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         config, _ = load_config(path)
@@ -292,7 +300,8 @@ def check_protocol(protocol: str, folds: int | None) -> str:
 
 
 def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: str | Path,
-              overrides: Sequence[str] = (), protocol: str = "heldout", folds: int | None = None) -> list[PlannedRun]:
+              overrides: Sequence[str] = (), protocol: str = "heldout", folds: int | None = None,
+              task: str | None = None) -> list[PlannedRun]:
     """Resolve every (system, seed[, fold]) config and find how far each run already got.
 
     Args:
@@ -304,6 +313,7 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
             either); an nnU-Net run takes only the ``data.`` ones (its trainer sets the rest).
         protocol: ``heldout`` or ``paper``.
         folds: K for k-fold cross-validation (with ``heldout``).
+        task: the dataset's task id, for nnU-Net systems on a dataset without a beseg preset.
 
     Returns:
         The runs, system by system, seed by seed (fold by fold).
@@ -329,8 +339,14 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
         mine = overrides if spec.nnunet is None else [o for o in overrides if o.strip().startswith("data.")]
         for seed in seeds:
             for fold, split_file in layout.split_files(folds).items():
-                config, _ = load_config(spec.config, [*mine, *extra, f"train.seed={seed}",
-                                                      f"data.split_file={split_file}"])
+                pins = [*mine, *extra, f"train.seed={seed}", f"data.split_file={split_file}"]
+                if spec.config:
+                    config, _ = load_config(spec.config, pins)
+                else:  # an nnU-Net system on a dataset without a preset: only the data settings exist
+                    raw = {"data": {"task": task}, "model": {"network": "segresnet"}, "loss": {"name": "dice"}}
+                    for section, values in parse_overrides(pins).items():
+                        raw.setdefault(section, {}).update(values)
+                    config = config_from_dict(raw, known_task=False)
                 config.system = spec.name
                 run = PlannedRun(spec.name, seed, layout.run_dir(spec.name, seed, fold, "seed"), config, "fresh", 0,
                                  fold, spec.nnunet)
@@ -404,7 +420,7 @@ def read_plan_json(results_dir: str | Path) -> dict[str, Any]:
             config = json.loads(json.dumps(entry["config"]))
             if config["data"].get("split_file"):
                 config["data"]["split_file"] = str(layout.root / config["data"]["split_file"])
-            entry["resolved"] = config_from_dict(config)
+            entry["resolved"] = config_from_dict(config, known_task=entry.get("kind") != nnunet_runs.KIND)
     except FileNotFoundError:
         raise ConfigError(f"{layout.plan}: not found; is {layout.root} a `beseg compare` results folder?") from None
     except (OSError, ValueError, KeyError, TypeError) as err:

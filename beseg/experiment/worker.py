@@ -140,15 +140,18 @@ def _fold_of(config: Config) -> int:
 def _execute_nnunet(run_dir: Path, config: Config, data_dir: str | Path, protocol: str, system: NNUNetSystem,
                     env: Mapping[str, Any], ranks: int, progress: bool, log: Callable[[str], None],
                     label: str) -> dict[str, Any]:
-    """One nnU-Net run: its results folder is the split file's folder; its classes are the task preset's."""
-    from beseg.data.presets import get_preset
+    """One nnU-Net run: its results folder is the split file's folder; its classes are the task preset's (a dataset
+    without a preset: its ``dataset.json``'s, as ``beseg score`` reads them)."""
+    from beseg.data.presets import PRESETS
     from beseg.experiment.layout import ResultsLayout
 
     split_file = Path(config.data.split_file)
     python = env.get("python") or nnunet_runs.resolve_python()
     device = os.environ.get("BESEG_RUN_DEVICE") or config.train.device
+    preset = PRESETS.get(config.data.task)
     return nnunet_runs.execute(run_dir, system, _fold_of(config), ResultsLayout(split_file.parent), data_dir,
-                               split_file, protocol, python, get_preset(config.data.task), device=device, ranks=ranks,
+                               split_file, protocol, python, config.data.task,
+                               preset.scored_classes if preset is not None else None, device=device, ranks=ranks,
                                version=env.get("version"), progress=progress, log=log, label=label)
 
 

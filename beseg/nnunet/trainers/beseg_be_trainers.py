@@ -71,6 +71,8 @@ class nnUNetTrainerBE(nnUNetTrainer):
             f"beseg: {type(self).__name__}: loss = {self._base_description()} + {self.lambda_be:g} x BE per output, "
             f"deep-supervision weights {None if weights is None else [round(float(w), 4) for w in weights]}, "
             f"BE spacing {spacings if spacings is not None else 'voxels (the paper)'}"
+            + ("" if self.label_manager.ignore_label is None else
+               f", ignore label {self.label_manager.ignore_label}: its voxels count in no term")
         )
         return NNUNetBELoss(
             self._base_loss(base), weights, regions=self.label_manager.has_regions,
