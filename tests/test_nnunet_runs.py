@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 import beseg.experiment.nnunet_runs as nnunet_runs
@@ -19,6 +21,7 @@ from beseg.data import load_task, make_folds, make_split
 from beseg.engine.config import config_from_dict
 from beseg.errors import ConfigError
 from beseg.experiment.compare import default_baseline
+from beseg.experiment.layout import ResultsLayout
 from beseg.experiment.nnunet_runs import NNUNetError, NNUNetSystem, nnunet_env, read_progress, run_state
 from beseg.experiment.plan import plan_runs, read_plan_json, resolve_system, write_plan_json
 from beseg.nnunet import trainer_dir
@@ -209,3 +212,20 @@ def test_a_dataset_without_a_preset_is_named_by_its_dataset_json(tmp_path):
                                                     "labels": {"0": "background", "1": "organ"}, "training": [],
                                                     "test": []}))
     assert nnunet_runs.dataset_task_id(load_task(data, check_files=False)) == "sparse_organs_v2"
+
+
+def test_uncompressed_nifti_is_named_before_nnunets_converter_runs(tmp_path):
+    data = tmp_path / "Task502_Plain"
+    ids = [f"c{i}" for i in range(5)]
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (data / sub).mkdir(parents=True)
+    for case in ids:
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), data / "imagesTr" / f"{case}.nii")
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), data / "labelsTr" / f"{case}.nii")
+    (data / "dataset.json").write_text(json.dumps({
+        "name": "Plain", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"}, "test": [],
+        "training": [{"image": f"./imagesTr/{c}.nii", "label": f"./labelsTr/{c}.nii"} for c in ids]}))
+    split = make_split(ids, val_frac=0.2, test_frac=0.2, seed=0)
+    with pytest.raises(NNUNetError, match=r"c0\.nii: nnU-Net's MSD converter reads \.nii\.gz files only"):
+        nnunet_runs.prepare_dataset(ResultsLayout(tmp_path / "results"), data, {None: split}, "heldout",
+                                    ["3d_fullres"], str(tmp_path / "no-python"), log=lambda _: None)

@@ -353,6 +353,7 @@ def prepare_dataset(layout: ResultsLayout, data_dir: str | Path, splits: Mapping
     wanted = list(dict.fromkeys(configurations))
     splits_json = _splits_final(splits)
     claim = Claim(folder / ".claim")
+    waiting = False
     while True:
         info = _read_json(marker)
         if info and set(wanted) <= set(info.get("configurations", [])) and info.get("splits") == splits_json:
@@ -360,7 +361,9 @@ def prepare_dataset(layout: ResultsLayout, data_dir: str | Path, splits: Mapping
         try:
             taken = claim.acquire()
         except RunLockedError:
-            log(f"nnU-Net dataset: another process is preparing it ({folder}); waiting")
+            if not waiting:
+                log(f"nnU-Net dataset: another process is preparing it ({folder}); waiting")
+                waiting = True
             time.sleep(wait_s)
             continue
         try:
@@ -397,6 +400,10 @@ def _prepare_locked(folder: Path, data_dir: Path, splits: Mapping[int | None, Sp
                     old.unlink()
             (view / sub).mkdir(parents=True, exist_ok=True)
         for case in task.training:
+            for path in (case.image, case.label):
+                if not path.name.endswith(".nii.gz"):  # the converter reads .nii.gz files only
+                    raise NNUNetError(f"{path}: nnU-Net's MSD converter reads .nii.gz files only; compress it "
+                                      "(gzip) and update dataset.json.")
             if case.id in held_out:
                 _link(case.image, view / "imagesTs" / f"{case.id}.nii.gz")
             else:
