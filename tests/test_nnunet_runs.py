@@ -20,7 +20,7 @@ from beseg.cli import main
 from beseg.data import load_task, make_folds, make_split
 from beseg.engine.config import config_from_dict
 from beseg.errors import ConfigError
-from beseg.experiment.compare import default_baseline
+from beseg.experiment.compare import _be_counterpart, default_baseline
 from beseg.experiment.layout import ResultsLayout
 from beseg.experiment.nnunet_runs import NNUNetError, NNUNetSystem, nnunet_env, read_progress, run_state
 from beseg.experiment.plan import plan_runs, read_plan_json, resolve_system, write_plan_json
@@ -229,3 +229,13 @@ def test_uncompressed_nifti_is_named_before_nnunets_converter_runs(tmp_path):
     with pytest.raises(NNUNetError, match=r"c0\.nii: nnU-Net's MSD converter reads \.nii\.gz files only"):
         nnunet_runs.prepare_dataset(ResultsLayout(tmp_path / "results"), data, {None: split}, "heldout",
                                     ["3d_fullres"], str(tmp_path / "no-python"), log=lambda _: None)
+
+
+@pytest.mark.parametrize("baseline, names, expected", [
+    ("nnUNetTrainer", ["nnUNetTrainer", "segresnet_be", "nnUNetTrainerBE"], "nnUNetTrainerBE"),
+    ("nnUNetTrainer_ci", ["nnUNetTrainer_ci", "nnUNetTrainerBE_ci", "segresnet_dice"], "nnUNetTrainerBE_ci"),
+    ("segresnet_dice", ["segresnet_dice", "nnUNetTrainerBE", "segresnet_be"], "segresnet_be"),
+    ("unet", ["unet", "ahnet"], "ahnet"),
+])
+def test_the_contour_figure_shows_the_baselines_own_be_version(baseline, names, expected):
+    assert _be_counterpart(baseline, names) == expected

@@ -379,7 +379,8 @@ def default_baseline(names: Sequence[str]) -> str:
 
 def _be_counterpart(baseline: str, names: Sequence[str]) -> str:
     """The system shown beside the baseline in the contour figure: the baseline's BE version if present."""
-    for candidate in (f"{baseline}BE", baseline.replace("_dice", "_be"), "segresnet_be", "nnUNetTrainerBE"):
+    for candidate in (f"{baseline}BE", baseline.replace("nnUNetTrainer", "nnUNetTrainerBE", 1),
+                      baseline.replace("_dice", "_be"), "segresnet_be", "nnUNetTrainerBE"):
         if candidate in names and candidate != baseline:
             return candidate
     others = [n for n in names if n != baseline]
