@@ -175,8 +175,9 @@ def test_the_nnunet_dataset_takes_the_msd_number_and_a_name_nnunets_converter_ac
                                                                                       dataset):
     folder = tmp_path / name
     folder.mkdir()
-    (folder / "dataset.json").write_text(json.dumps({"name": name.partition("_")[2] or name}))
-    assert nnunet_runs._dataset_identity(folder) == (number, dataset)
+    (folder / "dataset.json").write_text(json.dumps({"name": name.partition("_")[2] or name, "modality": {"0": "CT"},
+                                                      "labels": {"0": "background"}, "training": [], "test": []}))
+    assert nnunet_runs._dataset_identity(load_task(folder, check_files=False)) == (number, dataset)
 
 
 @pytest.mark.parametrize("names, expected", [

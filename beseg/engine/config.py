@@ -23,7 +23,7 @@ from beseg.errors import ConfigError
 
 __all__ = [
     "Config", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
-    "config_from_dict", "config_to_dict", "list_presets", "load_config", "parse_overrides", "RUNTIME_KEYS",
+    "config_from_dict", "config_to_dict", "list_presets", "load_config", "merge_config", "parse_overrides", "RUNTIME_KEYS",
     "with_runtime_settings",
 ]
 
@@ -452,10 +452,11 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_config(base: dict, extra: dict) -> dict:
+    """``base`` updated by ``extra``, section by section (nested dicts merged, other values replaced); a new dict."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_config(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -519,6 +520,6 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         base_file = _preset_dir() / f"{base}.yaml"
         if not base_file.is_file():
             raise ConfigError(f"config base {base!r} is not a shipped preset; `beseg configs` lists them.")
-        raw = _merge(_read_yaml(base_file), raw)
-    raw = _merge(raw, parse_overrides(overrides))
+        raw = merge_config(_read_yaml(base_file), raw)
+    raw = merge_config(raw, parse_overrides(overrides))
     return config_from_dict(raw), raw

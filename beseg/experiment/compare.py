@@ -210,7 +210,7 @@ def _check_same_cases(runs: Sequence[PlannedRun], expected: Sequence[str], part:
         ReportError: naming the first run whose cases differ.
     """
     want = sorted(expected)
-    for folder, label in dict((r.result_dir, f"{r.system}/{r.unit}{r.seed}") for r in runs).items():
+    for folder, label in dict((r.result_dir, ResultsLayout.run_id(r.system, r.seed, unit=r.unit)) for r in runs).items():
         cases = _eval_cases(folder)
         if cases != want:
             raise ReportError(

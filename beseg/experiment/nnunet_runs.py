@@ -48,7 +48,7 @@ from beseg.engine.claim import Claim, RunLockedError
 from beseg.errors import BesegError, ConfigError
 from beseg.experiment.layout import ResultsLayout
 from beseg.fileio import atomic_write_text
-from beseg.nnunet import INSTALL_HINT, MIN_NNUNET_VERSION, nnunet_version, trainer_dir
+from beseg.nnunet import INSTALL_HINT, SUPPORTED_VERSIONS, is_supported_version, nnunet_version, trainer_dir
 
 __all__ = [
     "KIND", "PREFIX", "DEFAULT_CONFIGURATION", "DEFAULT_PLANS", "PYTHON_ENV", "NNUNetError", "NNUNetSystem",
@@ -154,8 +154,7 @@ def resolve_python(given: str | None = None) -> str:
             return str(path.absolute())
     if nnunet_version() is None:
         raise NNUNetError("nnU-Net systems need nnU-Net v2: give --nnunet-python /path/to/venv/bin/python (an "
-                          f"environment with nnunetv2 >= {'.'.join(map(str, MIN_NNUNET_VERSION))} and beseg), or "
-                          f"{INSTALL_HINT}.")
+                          f"environment with nnunetv2 {SUPPORTED_VERSIONS} and beseg), or {INSTALL_HINT}.")
     return sys.executable
 
 
@@ -233,23 +232,23 @@ def check_environment(python: str, systems: Sequence[NNUNetSystem], env: Mapping
             import (naming it and the folders searched).
     """
     env = dict(env) if env is not None else nnunet_env(Path.cwd() / ".nnunet-probe")
+    stderr = ""
     try:
         proc = subprocess.run([python, "-c", _PROBE, *dict.fromkeys(s.trainer for s in systems)], env=env,
                               capture_output=True, text=True, timeout=600)
+        stderr = proc.stderr
         found = json.loads(proc.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        detail = locals().get("proc")
-        tail = (detail.stderr.strip().splitlines() or [""])[-1] if detail is not None else ""
+        tail = (stderr.strip().splitlines() or [""])[-1]
         raise NNUNetError(f"{python}: cannot ask it for nnU-Net ({tail or 'it did not answer'}); is it a Python "
                           "interpreter with nnunetv2?") from None
     version = found.get("version")
     if version is None:
         raise NNUNetError(f"{python} has no nnunetv2; give --nnunet-python the interpreter of the environment where "
                           f"nnU-Net v2 is installed, or {INSTALL_HINT}.")
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if not match or (int(match.group(1)), int(match.group(2))) < MIN_NNUNET_VERSION or int(match.group(1)) > 2:
-        raise NNUNetError(f"{python} has nnunetv2 {version}; beseg runs nnU-Net v2 >= "
-                          f"{'.'.join(map(str, MIN_NNUNET_VERSION))}, < 3 (nnUNet_extTrainer support); {INSTALL_HINT}.")
+    if not is_supported_version(version):
+        raise NNUNetError(f"{python} has nnunetv2 {version}; beseg runs nnU-Net v2 {SUPPORTED_VERSIONS} "
+                          f"(nnUNet_extTrainer support); {INSTALL_HINT}.")
     for system in systems:
         problem = found["trainers"].get(system.trainer)
         if problem:
@@ -286,16 +285,12 @@ def _nnunet(python: str, command: str, args: Sequence[str], env: Mapping[str, st
 # the dataset, once per results folder
 
 
-def _dataset_identity(data_dir: Path) -> tuple[int, str]:
-    """The MSD task's number (``Task09_Spleen`` -> 9; 500 otherwise) and a name without ``_`` (nnU-Net's converter
-    splits the folder name at its one underscore)."""
-    match = re.match(r"Task(\d+)_", data_dir.name)
+def _dataset_identity(task: MSDTask) -> tuple[int, str]:
+    """The MSD task's number (folder ``Task09_Spleen`` -> 9; 500 otherwise) and its ``dataset.json`` name (else the
+    folder's) without ``_`` (nnU-Net's converter splits the folder name at its one underscore)."""
+    match = re.match(r"Task(\d+)_", task.root.name)
     number = int(match.group(1)) if match and 0 < int(match.group(1)) < 1000 else 500
-    try:
-        name = json.loads((data_dir / "dataset.json").read_text(encoding="utf-8")).get("name") or data_dir.name
-    except (OSError, ValueError, AttributeError):
-        name = data_dir.name
-    name = re.sub(r"[^A-Za-z0-9]", "", str(name)) or "Task"
+    name = re.sub(r"[^A-Za-z0-9]", "", task.name or task.root.name) or "Task"
     return number, name[0].upper() + name[1:]
 
 
@@ -304,7 +299,7 @@ def dataset_task_id(task: MSDTask) -> str:
     :func:`~beseg.data.presets.canonical_task` spelling (``Sparse Organs`` -> ``sparse_organs``)."""
     from beseg.data.presets import canonical_task
 
-    name = str(getattr(task, "name", "") or task.root.name)
+    name = task.name or task.root.name
     return canonical_task(re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or task.root.name)
 
 
@@ -383,9 +378,9 @@ def _prepare_locked(folder: Path, data_dir: Path, splits: Mapping[int | None, Sp
         # 0 (augmentation in the training process) is valid for training, but nnU-Net's planner also passes it
         # to torch.set_num_threads, which refuses 0.
         del env["nnUNet_n_proc_DA"]
-    number, name = _dataset_identity(data_dir)
-    dataset = f"Dataset{number:03d}_{name}"
     task = load_task(data_dir, check_files=False)
+    number, name = _dataset_identity(task)
+    dataset = f"Dataset{number:03d}_{name}"
     held_out = sorted(splits[None].test) if protocol != "cv" else []
     training = sorted(c.id for c in task.training if c.id not in set(held_out))
     if info.get("dataset") != dataset or info.get("training_cases") != training:
@@ -542,8 +537,12 @@ def read_progress(fold_dir: str | Path | None) -> tuple[int, int | None, float |
 
 
 _LOGGING = r"""
-import json, sys, torch
-ck = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+import json, sys, numpy as np, torch
+# nnU-Net's logging holds numpy scalars: allow those and their dtypes, and no other global (no code runs).
+core = getattr(np, "_core", None) or np.core
+dtypes = [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_)]
+with torch.serialization.safe_globals([core.multiarray.scalar, np.dtype, *dtypes]):
+    ck = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
 log = ck.get("logging", {})
 keep = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "epoch_start_timestamps", "epoch_end_timestamps")
 print(json.dumps({k: [None if v is None else float(v) for v in log.get(k, [])] for k in keep}))

@@ -41,7 +41,7 @@ from typing import Any, Literal
 from beseg.data.splits import PROTOCOLS as PROTOCOL_SPECS
 from beseg.engine.checkpoint import load_checkpoint
 from beseg.engine.config import (
-    RUNTIME_KEYS, Config, config_from_dict, config_to_dict, list_presets, load_config, parse_overrides,
+    RUNTIME_KEYS, Config, config_from_dict, config_to_dict, list_presets, load_config, merge_config, parse_overrides,
 )
 from beseg.engine.rundir import RunDir
 from beseg.errors import ConfigError
@@ -52,7 +52,7 @@ from beseg.fileio import atomic_write_text
 
 __all__ = [
     "TABLE1_SYSTEMS", "ALIASES", "PROTOCOLS", "PAPER_VAL_FRAC", "RUNTIME_KEYS", "SystemSpec", "PlannedRun",
-    "preset_prefix", "resolve_system", "check_protocol", "plan_runs", "run_state", "write_plan_json",
+    "preset_prefix", "resolve_system", "check_protocol", "plan_runs", "run_state", "run_unit", "write_plan_json",
     "read_plan_json",
 ]
 
@@ -96,10 +96,6 @@ class SystemSpec:
     config: str
     nnunet: NNUNetSystem | None = None
 
-    @property
-    def kind(self) -> str:
-        """What executes its runs: ``beseg`` or ``nnunet``."""
-        return RUN_KIND if self.nnunet is None else nnunet_runs.KIND
 
 
 @dataclass
@@ -134,8 +130,8 @@ class PlannedRun:
 
     @property
     def unit(self) -> str:
-        """``seed``, or ``repeat`` for an nnU-Net run (nnU-Net sets no seed)."""
-        return "seed" if self.nnunet is None else "repeat"
+        """``seed``, or ``repeat`` for an nnU-Net run (see :func:`run_unit`)."""
+        return run_unit(self.nnunet)
 
     @property
     def name(self) -> str:
@@ -177,6 +173,11 @@ class PlannedRun:
 
 # ----------------------------------------------------------------------------------------------
 # naming
+
+
+def run_unit(nnunet: NNUNetSystem | None) -> str:
+    """What tells a system's runs apart: ``seed``, or ``repeat`` for an nnU-Net trainer (nnU-Net sets no seed)."""
+    return "seed" if nnunet is None else "repeat"
 
 
 def preset_prefix(task_name: str) -> str:
@@ -344,13 +345,10 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
                     config, _ = load_config(spec.config, pins)
                 else:  # an nnU-Net system on a dataset without a preset: only the data settings exist
                     raw = {"data": {"task": task}, "model": {"network": "segresnet"}, "loss": {"name": "dice"}}
-                    for section, values in parse_overrides(pins).items():
-                        raw.setdefault(section, {}).update(values)
-                    config = config_from_dict(raw, known_task=False)
+                    config = config_from_dict(merge_config(raw, parse_overrides(pins)), known_task=False)
                 config.system = spec.name
-                run = PlannedRun(spec.name, seed, layout.run_dir(spec.name, seed, fold, "seed"), config, "fresh", 0,
-                                 fold, spec.nnunet)
-                run.run_dir = layout.run_dir(spec.name, seed, fold, run.unit)
+                run_dir = layout.run_dir(spec.name, seed, fold, run_unit(spec.nnunet))
+                run = PlannedRun(spec.name, seed, run_dir, config, "fresh", 0, fold, spec.nnunet)
                 run.state, run.epoch = run.current_state()
                 planned.append(run)
     return planned

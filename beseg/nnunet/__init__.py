@@ -20,11 +20,16 @@ from pathlib import Path
 
 from beseg.errors import BesegError
 
-__all__ = ["INSTALL_HINT", "MIN_NNUNET_VERSION", "nnunet_version", "require_nnunet", "trainer_dir"]
+__all__ = [
+    "INSTALL_HINT", "MIN_NNUNET_VERSION", "SUPPORTED_VERSIONS", "is_supported_version", "nnunet_version",
+    "require_nnunet", "trainer_dir",
+]
 
 #: The first nnU-Net release that searches ``nnUNet_extTrainer`` (and the upper bound we test against).
 MIN_NNUNET_VERSION = (2, 8)
 MAX_NNUNET_MAJOR = 2
+#: The supported range, for messages.
+SUPPORTED_VERSIONS = f">= {'.'.join(map(str, MIN_NNUNET_VERSION))}, < {MAX_NNUNET_MAJOR + 1}"
 
 INSTALL_HINT = (
     'install the extra with a matching torch/torchvision pair, e.g. pip install torch==2.13.0 torchvision==0.28.0 '
@@ -53,6 +58,15 @@ def nnunet_version() -> str | None:
         return None
 
 
+def is_supported_version(version: str) -> bool:
+    """Whether an ``nnunetv2`` version (``"2.8.1"``) is one beseg's trainers support (:data:`SUPPORTED_VERSIONS`)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match:
+        return False
+    parsed = (int(match.group(1)), int(match.group(2)))
+    return parsed >= MIN_NNUNET_VERSION and parsed[0] <= MAX_NNUNET_MAJOR
+
+
 def require_nnunet() -> str:
     """Check that a supported nnU-Net v2 is installed.
 
@@ -66,12 +80,9 @@ def require_nnunet() -> str:
     version = nnunet_version()
     if version is None:
         raise BesegError(f"nnU-Net v2 (nnunetv2) is not installed; {INSTALL_HINT}.")
-    match = re.match(r"(\d+)\.(\d+)", version)
-    parsed = (int(match.group(1)), int(match.group(2))) if match else None
-    if parsed is None or parsed < MIN_NNUNET_VERSION or parsed[0] > MAX_NNUNET_MAJOR:
-        low = ".".join(map(str, MIN_NNUNET_VERSION))
+    if not is_supported_version(version):
         raise BesegError(
-            f"nnunetv2 {version} is installed, but beseg's trainers need nnunetv2 >= {low}, < "
-            f"{MAX_NNUNET_MAJOR + 1} (nnUNet_extTrainer support); {INSTALL_HINT}."
+            f"nnunetv2 {version} is installed, but beseg's trainers need nnunetv2 {SUPPORTED_VERSIONS} "
+            f"(nnUNet_extTrainer support); {INSTALL_HINT}."
         )
     return version
