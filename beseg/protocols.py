@@ -11,9 +11,6 @@ from typing import Literal
 
 __all__ = ["PROTOCOLS", "Protocol", "ProtocolSpec", "get_protocol"]
 
-Protocol = Literal["heldout", "cv", "paper"]
-
-
 @dataclass(frozen=True)
 class ProtocolSpec:
     """How a comparison's numbers are made: the one description every layer reads.
@@ -57,3 +54,7 @@ def get_protocol(name: str) -> ProtocolSpec:
         return PROTOCOLS[name]
     except (KeyError, TypeError):
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {name!r}.") from None
+
+
+#: A protocol's name, for annotations: derived from :data:`PROTOCOLS`, so the names are spelled once.
+Protocol = Literal[*PROTOCOLS]

@@ -3,13 +3,15 @@ weights, for softmax and sigmoid tasks; bad settings are refused naming the conf
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
 from monai.losses import BoundaryLoss, DiceLoss, FocalLoss, HausdorffDTLoss
 from monai.networks.utils import one_hot
 
-from beseg.engine.config import LossConfig, config_from_dict
+from beseg.engine.config import LossConfig, LossName, config_from_dict
 from beseg.errors import ConfigError
 from beseg.losses import BoundaryEnhancementLoss
 from beseg.engine.losses import LOSSES, build_loss
@@ -95,6 +97,10 @@ def test_bad_loss_settings_name_the_key(changes, match):
     raw = {"data": {"task": "phantom-spleen"}, "model": {"network": "segresnet"}, "loss": {"name": "dice", **changes}}
     with pytest.raises(ConfigError, match=match):  # and so does loading a config
         config_from_dict(raw)
+
+
+def test_every_configurable_loss_name_has_a_builder_and_no_builder_is_unreachable():
+    assert set(LOSSES) == set(typing.get_args(LossName))
 
 
 def test_bad_activation_is_refused():

@@ -22,7 +22,7 @@ import yaml
 from beseg.errors import ConfigError
 
 __all__ = [
-    "Config", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
+    "Config", "DataConfig", "LossConfig", "LossName", "ModelConfig", "OptimConfig", "TrainConfig",
     "config_from_dict", "config_to_dict", "list_presets", "load_config", "merge_config", "parse_overrides", "RUNTIME_KEYS",
     "with_runtime_settings",
 ]
@@ -106,9 +106,16 @@ class ModelConfig:
     ahnet_psp_blocks: int = 2
 
 
+#: The names a config's ``loss.name`` may take. :data:`beseg.engine.losses.LOSSES` builds each one (a
+#: test keeps the two equal): a new loss is one name here and one entry there. The names live here, with
+#: the config types, so that checking a config needs neither torch nor the loss builders (as
+#: ``model.network`` and :data:`beseg.engine.networks.NETWORKS`).
+LossName = Literal["dice", "dice_be", "dice_boundary", "dice_focal", "dice_ce", "dice_hd"]
+
+
 @dataclass
 class LossConfig:
-    """Training loss (a name of :data:`beseg.engine.losses.LOSSES`) and its weights.
+    """Training loss (a :data:`LossName`, built by :data:`beseg.engine.losses.LOSSES`) and its weights.
 
     Attributes:
         name: the loss, e.g. ``dice`` or ``dice_be``.
@@ -139,11 +146,11 @@ class LossConfig:
         Raises:
             ConfigError: the first invalid value, named by its dotted key (``loss.padding`` ...).
         """
-        from beseg.engine.losses import LOSSES
         from beseg.losses.laplacian import check_filter_options
 
-        if self.name not in LOSSES:
-            raise ConfigError(f"unknown loss.name {self.name!r}; choose one of: {', '.join(LOSSES)}.")
+        names = typing.get_args(LossName)
+        if self.name not in names:
+            raise ConfigError(f"unknown loss.name {self.name!r}; choose one of: {', '.join(names)}.")
         try:  # the BE filter's own checks; their messages start with the option's name
             check_filter_options(self.smoothing_passes, self.padding, self.impl)
         except ValueError as err:

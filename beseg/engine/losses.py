@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
-
-if TYPE_CHECKING:
-    from beseg.engine.config import LossConfig
+from beseg.engine.config import LossConfig
 
 __all__ = ["LOSSES", "LossEntry", "WeightedSumLoss", "build_loss"]
 
@@ -100,7 +98,7 @@ def _dice_hd(c: LossConfig, act: dict[str, Any], validate: bool) -> nn.Module:
     return WeightedSumLoss([("dice", c.lambda_dice, DiceLoss(**act)), ("hausdorff", c.lambda_hd, HausdorffDTLoss(**act))])
 
 
-#: name -> description and builder; the only list of the names a config's ``loss.name`` may take.
+#: name -> description and builder, for every :data:`~beseg.engine.config.LossName`.
 LOSSES: dict[str, LossEntry] = {
     "dice": LossEntry("soft Dice (MONAI DiceLoss)", _dice),
     "dice_be": LossEntry("soft Dice + boundary enhancement loss (paper: 1 and 1000)", _dice_be),
