@@ -71,16 +71,28 @@ def _command(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if a in COMMANDS), None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``beseg`` arguments (without the program name) as :func:`main` does.
+
+    Overrides (``KEY=VALUE``) may also come after options such as ``--out``, which argparse alone
+    rejects. Nothing runs: the docs test parses every ``beseg ...`` line of the documentation here.
+
+    Raises:
+        SystemExit: a usage error (argparse prints it and exits with code 2), or ``--help``/``--version``.
+    """
+    argv = list(argv)
     parser = build_parser(_command(argv))
-    # Overrides (KEY=VALUE) may come after options such as --out, which argparse alone rejects.
     args, extra = parser.parse_known_args(argv)
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command in TRAINING_COMMANDS:
         from beseg.allocator import keep_freed_memory
 
