@@ -30,6 +30,8 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]
 #: Words that run the command after them (``time beseg demo``, ``srun -n 2 beseg train ...``).
 WRAPPERS = {"time", "/usr/bin/time", "env", "nohup", "exec", "srun", "timeout", "salloc"}
 PROGRAMS = {"beseg", "beseg-predict"}
+#: ``python -m MODULE`` / ``torchrun ... -m MODULE`` -> the program it is.
+MODULES = {"beseg": "beseg", "beseg.cli": "beseg", "beseg.deploy.cli": "beseg-predict"}
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,10 @@ def _program_call(words: list[str]) -> list[list[str]]:
     if words[0] in WRAPPERS:
         start = next((k for k, w in enumerate(words) if w in PROGRAMS), None)
         words = words[start:] if start is not None else []
-    if words[:3] == ["python", "-m", "beseg"]:
-        words = ["beseg", *words[3:]]
+    if words[0] in {"python", "python3", "torchrun"} and "-m" in words:  # python -m beseg.cli, torchrun ... -m beseg.cli
+        k = words.index("-m")
+        program = MODULES.get(words[k + 1] if k + 1 < len(words) else "")
+        words = [program, *words[k + 2:]] if program else []
     if not words or words[0] not in PROGRAMS:
         return []
     end = next((k for k, w in enumerate(words) if re.fullmatch(r"[<>&]+", w)), len(words))  # a redirection
@@ -254,6 +258,7 @@ def test_a_broken_flag_in_a_copy_of_a_page_fails(tmp_path):
     ("beseg score a b --labels L --out O 2>&1 | tee log", False),
     ("beseg-predict model ct.nii.gz --out pred --device tpu", True),
     ("pip install beseg && beseg configs", False),
+    ("torchrun --nproc_per_node 4 -m beseg.cli train phantom_spleen_segresnet_be --ot runs/ddp", True),
 ])
 def test_command_lines_are_checked_with_the_real_parsers(tmp_path, line, bad):
     page = tmp_path / "page.md"

@@ -335,7 +335,7 @@ class BoundaryEnhancementLoss(_PreprocessedLoss):
     An item or channel without any voxel that counts adds 0 (no NaN, no gradient). Without a mask
     ``n_bc`` is the number of output voxels and the three agree with the unmasked mean.
 
-    Guarantees (each tested; see the README's "Using the loss in your own loop"):
+    Guarantees (each tested; see docs/loss.md, "Using the loss in your own loop"):
 
     * no state: nothing is kept between calls, so calls under ``torch.no_grad()`` or
       ``torch.inference_mode()`` never affect later training calls, and one instance serves any
