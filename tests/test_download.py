@@ -533,3 +533,36 @@ def test_a_full_disk_is_one_line_and_keeps_the_partial_download(small_disk, tmp_
     finally:
         srv.stop()
 
+
+# ----------------------------------------------------------------------------------------------
+# beseg reproduce --download
+
+
+def test_reproduce_download_options_need_download(capsys):
+    assert main(["reproduce", "--task", "task09", "--url", "http://127.0.0.1:9/x.tar", "--cpu-ok"]) == 1
+    assert "--url and --md5 go with --download" in _one_line_error(capsys)
+    assert main(["reproduce", "--task", "task09", "--cpu-ok"]) == 1
+    assert "Or --download to fetch it" in _one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_reproduce_download_goes_from_nothing_to_a_report_and_a_second_call_does_nothing_more(server, msd_tar,
+                                                                                              tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["reproduce", "--task", "task09", "--download", "--url", server.url(PATH), "--md5", msd_tar[1],
+            "--cpu-ok", "--systems", "segresnet_dice,segresnet_be", "--seeds", "1", "--out", str(out),
+            "--no-progress", *TINY_COMPARE, f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    task_dir = tmp_path / "data-root" / FOLDER  # BESEG_DATA_DIR
+    assert "CC-BY-SA 4.0" in text and f"data: {task_dir}" in text
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "report.html").is_file()
+    assert check_task(task_dir).ok and len(server.gets(PATH)) == 1
+    trained = tree_state(*(out / s / "seed0" / "checkpoints" for s in ("segresnet_dice", "segresnet_be")))
+    assert len(trained) >= 4
+
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert len(server.gets(PATH)) == 1  # nothing downloaded
+    assert text.count("skipped") == 2 and "CC-BY-SA" not in text  # nothing trained, nothing unpacked
+    assert tree_state(*(out / s / "seed0" / "checkpoints" for s in ("segresnet_dice", "segresnet_be"))) == trained
