@@ -223,6 +223,24 @@ def test_download_verifies_extracts_and_the_folder_passes_data_check(server, msd
     assert len(server.gets(PATH)) == 1 and tree_state(root) == before
 
 
+def test_training_does_not_check_a_downloaded_folder_again(server, msd_tar, tmp_path, monkeypatch, capsys):
+    import beseg.data.check as check
+
+    root = tmp_path / "root"
+    assert main(["data", "download", "task09", "--to", str(root), "--url", server.url(PATH), "--md5", msd_tar[1],
+                 "--no-progress"]) == 0
+
+    def reads_every_voxel(*args, **kwargs):
+        raise AssertionError("the full check ran again")
+
+    monkeypatch.setattr(check, "check_task", reads_every_voxel)
+    monkeypatch.chdir(root)
+    check.require_valid_task(FOLDER)  # the pass is found, also under another spelling of the folder
+    (root / FOLDER / "dataset.json").touch()  # a changed file: checked again
+    with pytest.raises(AssertionError, match="the full check ran again"):
+        check.require_valid_task(root / FOLDER)
+
+
 def test_a_verified_archive_is_not_fetched_again(server, msd_tar, tmp_path):
     root = tmp_path / "root"
     install_task("task09", root / FOLDER, url=server.url(PATH), md5=msd_tar[1], keep_archive=True, progress=False,
