@@ -37,7 +37,7 @@ COMMANDS: dict[str, str] = {
     "score": "Dice, HD95, ASD and NSD of NIfTI prediction folders (nnU-Net, MONAI, ...) against labels; two or more "
              "folders: the paired comparison report",
     "configs": "list the shipped config presets (the paper's Table 1 rows)",
-    "data": "check and prepare MSD task folders, make phantom datasets",
+    "data": "download, check and prepare MSD task folders, make phantom datasets",
     "bench": "benchmarks (results go to stdout; record them in docs/benchmarks.md)",
     "nnunet": "BE trainers for nnU-Net v2 (needs the nnunet extra)",
 }

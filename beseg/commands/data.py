@@ -1,4 +1,4 @@
-"""``beseg data check|prepare|phantom``: validate and prepare MSD task folders, make phantom datasets."""
+"""``beseg data check|download|prepare|phantom``: validate, download and prepare MSD task folders, make phantoms."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from beseg.commands.common import EXIT_FAILURE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from beseg.data.download import MSD_ARCHIVES
     from beseg.data.phantom import PHANTOM_GEOMETRIES
 
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="WHAT")
@@ -17,6 +18,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--affine-tol", type=float, default=1e-3,
                        help="largest allowed image/label affine difference (mm)")
     check.set_defaults(func=_check)
+    download = sub.add_parser(
+        "download", help="download an MSD task (resumable, MD5-checked, safely unpacked), then check it",
+        description="Download the MSD archive of TASK from the public mirror MONAI's DecathlonDataset uses (or "
+                    "$BESEG_MSD_MIRROR, or --url), verify its MD5, unpack it safely into DIR/<TaskNN_Name> and run "
+                    "`beseg data check` on it. An interrupted download resumes when the same command runs again; "
+                    "a folder already in place is not unpacked again. The MSD data are licensed CC-BY-SA 4.0.")
+    download.add_argument("task", choices=tuple(MSD_ARCHIVES), metavar="TASK", help=", ".join(
+        f"{k} ({a.folder}, about {a.size_gb:g} GB)" for k, a in MSD_ARCHIVES.items()))
+    download.add_argument("--to", metavar="DIR", help="folder the task folder goes into (default $BESEG_DATA_DIR, "
+                                                      "else $BESEG_CACHE/msd, i.e. ~/.cache/beseg/msd)")
+    download.add_argument("--from", dest="source", metavar="FILE.tar",
+                          help="a copy of the archive you already have (no network): checked, unpacked, never changed")
+    download.add_argument("--url", metavar="URL", help="the archive's URL (a site mirror; default the public mirror, "
+                                                       "or $BESEG_MSD_MIRROR/<TaskNN_Name>.tar)")
+    download.add_argument("--md5", metavar="SUM", help="the archive's expected MD5 (default: the public archive's)")
+    download.add_argument("--keep-archive", action="store_true",
+                          help="keep the downloaded .tar after unpacking (default: remove it; the folder holds the same data)")
+    download.add_argument("--no-progress", action="store_true", help="no progress bars")
+    download.set_defaults(func=_download)
     prepare = sub.add_parser(
         "prepare", help="build the preprocessed, memory-mapped store a config trains from (once per dataset and "
                         "preprocessing settings; shared by every run)",
@@ -54,14 +74,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from beseg.data.check import check_task
+    return _print_check(args.dir, affine_tol=args.affine_tol)
 
-    report = check_task(args.dir, affine_tol=args.affine_tol)
+
+def _print_check(folder, affine_tol: float = 1e-3, progress: bool | None = None, remember: bool = False) -> int:
+    """``beseg data check``'s output for ``folder``; the exit code. ``remember``: record a pass, so that
+    training does not read every voxel again (:func:`beseg.data.check.require_valid_task`)."""
+    from beseg.data.check import check_task, remember_pass
+
+    report = check_task(folder, affine_tol=affine_tol, progress=progress)
     if report.cases:
         print(report.format_table())
         print()
     print(report.format_summary())
+    if remember:
+        remember_pass(report)
     return 0 if report.ok else EXIT_FAILURE
+
+
+def _download(args: argparse.Namespace) -> int:
+    from beseg.data.download import MSD_ARCHIVES, data_root, install_task
+
+    task_dir = data_root(args.to) / MSD_ARCHIVES[args.task].folder
+    progress = not args.no_progress
+    result = install_task(args.task, task_dir, url=args.url, md5=args.md5, source=args.source,
+                          keep_archive=args.keep_archive, progress=progress)
+    if not result.extracted:
+        print(f"{result.task_dir} is in place already (unpacked by beseg from the same archive); checking it")
+    elif result.archive_kept:
+        print(f"unpacked {result.task_dir} (archive kept: {result.archive}); checking it")
+    else:
+        print(f"unpacked {result.task_dir} (the downloaded archive was removed); checking it")
+    return _print_check(result.task_dir, progress=None if progress else False, remember=True)
 
 
 def _phantom(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from beseg.data.nifti import NiftiHeader, read_array
 from beseg.errors import DataError
 from beseg.fileio import atomic_write_text
 
-__all__ = ["CaseReport", "CheckReport", "check_task", "require_valid_task"]
+__all__ = ["CaseReport", "CheckReport", "check_task", "remember_pass", "require_valid_task"]
 
 
 @dataclass
@@ -232,6 +232,38 @@ def check_task(root: str | Path, affine_tol: float = 1e-3, progress: bool | None
     return report
 
 
+def _pass_marker(root: Path, cache_dir: str | Path | None) -> Path | None:
+    """The file that records a passed check of ``root``: named by every listed file's path, size and
+    modification time, so any change to the data (or to ``dataset.json``) checks again. None when the
+    folder cannot be listed (the full check then says exactly what is wrong)."""
+    import hashlib
+
+    from beseg.data.intensity import default_cache_dir
+
+    root = Path(root).expanduser().resolve()  # one key for every spelling of the folder (check_task reports it resolved)
+    try:
+        task = load_task(root, check_files=False)
+        files = [root / "dataset.json", *(p for c in task.training for p in (c.image, c.label)), *task.test]
+        h = hashlib.sha1(f"check v2 {root.resolve()}".encode())  # v2: entries checked one by one
+        for path in files:
+            st = path.stat()
+            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    except (DataError, OSError):
+        return None
+    return Path(cache_dir or default_cache_dir(root)) / f"check-{h.hexdigest()[:16]}.ok"
+
+
+def remember_pass(report: CheckReport, cache_dir: str | Path | None = None) -> None:
+    """Record a passed :func:`check_task` so that :func:`require_valid_task` does not read every voxel again
+    (``beseg data download`` shows the full check, then training starts without repeating it)."""
+    marker = _pass_marker(report.root, cache_dir) if report.ok else None
+    if marker is not None:
+        try:
+            atomic_write_text(marker, "passed\n")
+        except OSError:
+            pass  # a read-only cache only costs a re-check next time
+
+
 def require_valid_task(root: str | Path, cache_dir: str | Path | None = None, progress: bool = False) -> None:
     """Raise unless :func:`check_task` passes; a pass is remembered until a file changes.
 
@@ -243,26 +275,9 @@ def require_valid_task(root: str | Path, cache_dir: str | Path | None = None, pr
     Raises:
         DataError: the folder has problems; the message lists every one, each naming its file.
     """
-    import hashlib
-
-    from beseg.data.intensity import default_cache_dir
-
-    root = Path(root)
-    try:
-        task = load_task(root, check_files=False)
-        files = [root / "dataset.json", *(p for c in task.training for p in (c.image, c.label)), *task.test]
-        h = hashlib.sha1(f"check v2 {root.resolve()}".encode())  # v2: entries checked one by one
-        for path in files:
-            st = path.stat()
-            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        marker = Path(cache_dir or default_cache_dir(root)) / f"check-{h.hexdigest()[:16]}.ok"
-    except (DataError, OSError):
-        marker = None  # unreadable folder or missing file: the full check says exactly what is wrong
+    marker = _pass_marker(Path(root), cache_dir)
     if marker is not None and marker.is_file():
         return
-    check_task(root, progress=progress).raise_for_problems()
-    if marker is not None:
-        try:
-            atomic_write_text(marker, "passed\n")
-        except OSError:
-            pass  # a read-only cache only costs a re-check next time
+    report = check_task(root, progress=progress)
+    report.raise_for_problems()
+    remember_pass(report, cache_dir)
