@@ -1,4 +1,5 @@
-"""Names that become paths, checked where they enter (:mod:`beseg.experiment.plan`, :mod:`beseg.experiment.layout`).
+"""Names that become paths, checked where they enter (:mod:`beseg.experiment.plan`, :mod:`beseg.experiment.layout`),
+and the one split every system of a comparison shares (:func:`beseg.experiment.compare.split_config`).
 
 A system's name is a folder of the results folder and ``plan.json``'s ``run_dir`` is a path inside
 it: ``../x``, ``a/b``, an absolute path or the folder's own ``report``/``logs``/``slurm``/``nnunet``
@@ -16,6 +17,7 @@ import pytest
 from beseg.cli import main
 from beseg.errors import ConfigError
 from beseg.experiment import worker
+from beseg.experiment.compare import run_compare, split_config
 from beseg.experiment.layout import RESERVED_NAMES, ResultsLayout, run_id_problem, system_name_problem
 from beseg.experiment.plan import plan_runs, read_plan_json, resolve_system, write_plan_json
 from conftest import tiny_compare
@@ -105,3 +107,23 @@ def test_a_plan_json_whose_split_file_leaves_the_results_folder_is_refused(tmp_p
     with pytest.raises(ConfigError, match=r"has data.split_file '../other/split.json', which is not the results "):
         read_plan_json(out)
 
+
+def test_systems_that_disagree_on_the_split_are_refused_naming_both(tiny_data, tmp_path):
+    """The split was made from the first system's fractions alone; now the systems must agree."""
+    from beseg.engine.config import load_config
+
+    preset = load_config("phantom_spleen_segresnet_dice")[0].data.val_frac
+    mine = _system_yaml(tmp_path, "wider_val", val_frac=preset + 0.1)
+    out = tmp_path / "results"
+    with pytest.raises(ConfigError) as info:
+        run_compare(tiny_data, ["dice", str(mine)], 1, out, overrides=tiny_compare(tmp_path), log=lambda _: None)
+    assert str(info.value).startswith(f"systems segresnet_dice and wider_val disagree on data.val_frac ({preset} in "
+                                      f"segresnet_dice, {preset + 0.1} in wider_val): a comparison has one split")
+    assert not out.exists()
+    seeded = _system_yaml(tmp_path, "other_seed", split_seed=7)
+    with pytest.raises(ConfigError, match=r"segresnet_dice and other_seed disagree on data.split_seed \(0 in"):
+        run_compare(tiny_data, ["dice", str(seeded)], 1, out, overrides=tiny_compare(tmp_path), log=lambda _: None)
+    # Given to every system, the setting is one: no disagreement.
+    runs = plan_runs([resolve_system("dice", "phantom_spleen"), resolve_system(str(mine), "phantom_spleen")], [0], out,
+                     overrides=["data.val_frac=0.3"])
+    assert split_config(runs).data.val_frac == 0.3 and not out.exists()

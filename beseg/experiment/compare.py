@@ -71,7 +71,7 @@ from beseg.score import Summary
 
 __all__ = [
     "TABLE1_SYSTEMS", "ALIASES", "PROTOCOLS", "PAPER_VAL_FRAC", "SystemSpec", "PlannedRun", "CompareResult",
-    "preset_prefix", "resolve_system", "plan_runs", "prepare_splits", "merge_folds", "run_compare", "default_baseline",
+    "preset_prefix", "resolve_system", "plan_runs", "prepare_splits", "split_config", "merge_folds", "run_compare", "default_baseline",
 ]
 
 
@@ -114,6 +114,38 @@ def _new_split(protocol: str, ids: list[str], config: Config) -> Split:
     return make_split(ids, val_frac=data.val_frac, test_frac=data.test_frac, seed=data.split_seed)
 
 
+#: The data settings that size and shuffle the comparison's split(s): one value for every system.
+SPLIT_KEYS = ("val_frac", "test_frac", "split_seed")
+
+
+def split_config(runs: Sequence[PlannedRun]) -> Config:
+    """The config whose data settings make the comparison's split(s), once every run agrees on them.
+
+    A comparison has one split (one per fold) for every system, so the systems' ``data.val_frac``,
+    ``data.test_frac`` and ``data.split_seed`` must be equal; the split must not depend on which
+    system is listed first.
+
+    Args:
+        runs: the planned runs (not empty).
+
+    Returns:
+        The first run's config (its data settings are every run's).
+
+    Raises:
+        ConfigError: two systems disagree, naming both and their values.
+    """
+    first = runs[0]
+    for run in runs[1:]:
+        for key in SPLIT_KEYS:
+            mine, theirs = getattr(first.config.data, key), getattr(run.config.data, key)
+            if mine != theirs:
+                raise ConfigError(
+                    f"systems {first.system} and {run.system} disagree on data.{key} ({mine!r} in {first.system}, "
+                    f"{theirs!r} in {run.system}): a comparison has one split for every system; set the same value in "
+                    f"both configs, or give it to all with --set data.{key}=VALUE.")
+    return first.config
+
+
 def prepare_splits(results_dir: str | Path, data_dir: str | Path, protocol: str, folds: int | None,
                    config: Config) -> dict[int | None, Split]:
     """Make the comparison's split file(s) in ``results_dir`` before any run trains, or check existing ones.
@@ -123,8 +155,8 @@ def prepare_splits(results_dir: str | Path, data_dir: str | Path, protocol: str,
         data_dir: the task folder (its case ids).
         protocol: ``heldout``, ``paper`` or ``cv``.
         folds: K for ``cv``.
-        config: a run's config; its ``data.val_frac``, ``data.test_frac`` and ``data.split_seed``
-            size a new split (the paper protocol uses the paper's 80/20 instead).
+        config: the runs' config (:func:`split_config`); its ``data.val_frac``, ``data.test_frac`` and
+            ``data.split_seed`` size a new split (the paper protocol uses the paper's 80/20 instead).
 
     Returns:
         ``{None: split}``, or ``{f: fold f's split}`` for ``cv``.
@@ -270,8 +302,9 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         report is written until every run has).
 
     Raises:
-        ConfigError: unknown system, bad override, protocol or fold count, a baseline that is not
-            one of the systems, or a run folder made with other settings.
+        ConfigError: unknown system, a system name that cannot be a folder, bad override, protocol
+            or fold count, a baseline that is not one of the systems, systems that disagree on the
+            split's settings (:func:`split_config`), or a run folder made with other settings.
         NNUNetError: an ``nnunet:`` system without a usable nnU-Net, or a trainer nnU-Net cannot find
             (checked before anything trains).
         DataError: the dataset folder is missing, broken, or not the configs' task, or the
@@ -316,9 +349,10 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     _check_plan(results_dir, protocol, folds)
     planned = plan_runs(specs, seed_list, results_dir, overrides, "heldout" if protocol == "cv" else protocol, folds,
                         task=task_id)
+    split_settings = split_config(planned)  # the systems agree on the split before anything is written
     _check_data(data_dir, {p.config.data.task.lower() for p in planned}, planned[0].config.data.cache_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    splits = prepare_splits(results_dir, data_dir, protocol, folds, planned[0].config)
+    splits = prepare_splits(results_dir, data_dir, protocol, folds, split_settings)
     _write_plan(results_dir, data_dir, specs, seed_list, overrides, protocol, folds)
 
     write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env)
