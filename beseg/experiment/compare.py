@@ -31,8 +31,9 @@ the config's last epoch; finished runs are skipped. A run with a checkpoint but 
 resumed from ``last.pt``; a trained but unevaluated run is only evaluated; a run folder without a
 checkpoint is trained from scratch. The state is decided again under the run's claim
 (:mod:`beseg.engine.claim`), so two processes never train one run. In cross-validation each fold
-is such a run, and the merge is redone when a fold was (re)evaluated or the merged files are
-missing. A run whose saved config differs from the requested one (runtime settings and the split
+is such a run, and the merge is redone whenever a fold's evaluation differs from the one the merge
+was made of (:func:`beseg.experiment.folds.merge_is_current`) or the merged files are missing. A
+run whose saved config differs from the requested one (runtime settings and the split
 file's path aside) is an error (never silently reused or overwritten), and so is a results folder
 made with another protocol or split. A run that fails is listed with its log; the others finish,
 and the report waits until every run has.
@@ -59,7 +60,7 @@ from beseg.errors import ConfigError, DataError, ReportError
 from beseg.data.presets import PRESETS
 from beseg.experiment import nnunet_runs, worker
 from beseg.experiment.nnunet_runs import NNUNetSystem
-from beseg.experiment.folds import merge_folds
+from beseg.experiment.folds import merge_folds, merge_is_current
 from beseg.experiment.launch import LaunchOutcome, LocalLauncher
 from beseg.experiment.layout import ResultsLayout
 from beseg.experiment.plan import (
@@ -372,7 +373,6 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         return result
     states = {run.id: ("failed" if run.id in outcome.failed else "done") for run in planned}
     write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), states, nnunet=nnunet_env)
-    stale = {run.result_dir for run in planned if run.state != "done"}  # seed folders whose merge must be redone
     if result.failed:
         log(f"{len(result.failed)} run(s) failed; no report until they finish (rerun the same command to retry):")
         for run_id, (error, log_path) in result.failed.items():
@@ -383,8 +383,9 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     if protocol == "cv":
         all_ids = sorted(c for split in splits.values() for c in split.test)
         for seed_dir in dict.fromkeys(r.result_dir for r in planned):
-            if seed_dir in stale or not (seed_dir / "eval" / "summary.json").is_file():
-                merged = merge_folds(seed_dir, [seed_dir / f"fold{f}" for f in range(folds)], all_ids)
+            fold_dirs = [seed_dir / f"fold{f}" for f in range(folds)]
+            if not merge_is_current(seed_dir, fold_dirs):  # a fold (re)evaluated since the merge, or no merge yet
+                merged = merge_folds(seed_dir, fold_dirs, all_ids)
                 dice = merged["mean"].get("dice")
                 log(f"merged {folds} folds of {seed_dir.parent.name} {seed_dir.name}: out-of-fold Dice "
                     + (f"{dice:.4f}" if dice is not None else "n/a") + f" over {merged['cases']} case(s)")
