@@ -293,8 +293,8 @@ class SlurmLauncher:
                 outcome.jobs[run_id] = self.submit(results, run_id, log)
                 log(f"{run_id}: submitted as SLURM job {outcome.jobs[run_id]} (script {results.sbatch(run_id)}, "
                     f"log {results.log(run_id)})")
-        except SlurmUnreachable as err:
-            raise SlurmError(_unreachable(err, results, outcome.jobs, submitting=True)) from None
+        except SlurmError as err:  # unreachable, or a refusal: the jobs submitted so far are left to run
+            raise SlurmError(_stopped(err, results, outcome.jobs, submitting=True)) from None
         if self.detach:
             outcome.busy = list(run_ids)
             return outcome
@@ -303,7 +303,7 @@ class SlurmLauncher:
         try:
             self._wait(results, waiting, outcome, progress, log)
         except SlurmUnreachable as err:
-            raise SlurmError(_unreachable(err, results, outcome.jobs)) from None
+            raise SlurmError(_stopped(err, results, outcome.jobs)) from None
         return outcome
 
     def _wait(self, results: ResultsLayout, waiting: dict[str, str], outcome: LaunchOutcome, progress: Progress,
@@ -337,8 +337,9 @@ class SlurmLauncher:
                 time.sleep(self.poll_s)
 
 
-def _unreachable(err: SlurmUnreachable, results: ResultsLayout, jobs: dict[str, str], submitting: bool = False) -> str:
-    """The one line of a comparison that stops because SLURM does not answer: its jobs are left running."""
+def _stopped(err: SlurmError, results: ResultsLayout, jobs: dict[str, str], submitting: bool = False) -> str:
+    """The one line of a comparison that stops because SLURM does not answer (or refused a job while submitting):
+    the jobs it submitted are left running, and the same command picks them up."""
     ids = sorted(set(jobs.values()), key=lambda j: (len(j), j))
     shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
     status = f"`beseg compare {shlex.quote(str(results.root))} --status`"
@@ -347,6 +348,8 @@ def _unreachable(err: SlurmUnreachable, results: ResultsLayout, jobs: dict[str, 
     else:
         kept = (f"the {len(ids)} SLURM job(s) submitted ({shown}) keep running (none was cancelled); follow them with "
                 f"{status}")
+    if not isinstance(err, SlurmUnreachable):
+        return f"{err}; {kept}; fix the cause and run the same command again to submit the rest."
     again = "run the same command again to submit the rest" if submitting else \
         "run the same command again to collect their results (it submits nothing twice)"
     return f"SLURM does not answer: {err}; {kept}; {again} once SLURM answers."

@@ -69,6 +69,8 @@ class Fake:
 
     def __init__(self, bin_dir: Path, name: str, plan: list[str], match: str = "") -> None:
         self.state = bin_dir / f".{name}"
+        for old in bin_dir.glob(f".{name}.*"):  # a new plan counts its calls from 1
+            old.unlink()
         real = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin") or f"/usr/bin/{name}"
         script = _FAKE.format(name=name, real=shlex.quote(real), state=shlex.quote(str(self.state)),
                               match=match, plan=" ".join(shlex.quote(p) for p in plan))
@@ -155,6 +157,15 @@ def test_a_refusal_is_not_retried_and_names_the_run_and_the_reason(fakes, tmp_pa
         launcher.submit(ResultsLayout(tmp_path / "results"), "segresnet_dice/seed0")
     assert sbatch.calls == 1 and not isinstance(info.value, SlurmUnreachable)
     assert str(info.value).startswith("sbatch refused segresnet_dice/seed0 (") and "Invalid partition name" in str(info.value)
+
+    # Refused in the middle of a comparison's submissions: the jobs already submitted are left to run, and said so.
+    fakes("sbatch", ["answer:101", "refuse"])
+    fakes("squeue", ["answer:"])  # nothing of this user's is queued yet
+    with pytest.raises(SlurmError) as info:
+        launcher.execute(ResultsLayout(tmp_path / "results"), ["a/seed0", "b/seed0", "c/seed0"], lambda _: None)
+    assert str(info.value).startswith("sbatch refused b/seed0 (") and str(info.value).endswith(
+        "the 1 SLURM job(s) submitted (101) keep running (none was cancelled); follow them with `beseg compare "
+        f"{tmp_path / 'results'} --status`; fix the cause and run the same command again to submit the rest.")
 
 
 def test_unreachable_squeue_means_unknown_for_a_claim_not_ended(fakes):
