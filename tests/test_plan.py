@@ -18,7 +18,7 @@ from beseg.cli import main
 from beseg.errors import ConfigError
 from beseg.experiment import worker
 from beseg.experiment.compare import run_compare, split_config
-from beseg.experiment.layout import RESERVED_NAMES, ResultsLayout, run_id_problem, system_name_problem
+from beseg.experiment.layout import RESERVED_NAMES, run_id_problem, system_name_problem
 from beseg.experiment.plan import plan_runs, read_plan_json, resolve_system, write_plan_json
 from conftest import tiny_compare
 
