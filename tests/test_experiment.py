@@ -274,6 +274,18 @@ def test_cross_validation_scores_every_case_once_and_merges_the_folds(tiny_data,
                 log=lambda _: None)
     assert spy.train_calls == [] and spy.eval_calls == []
     assert list(csv.DictReader(open(seed / "eval" / "per_case.csv", newline=""))) == merged
+    # A fold evaluated again after the merge (as after a crash between its new evaluation and the merge) makes the
+    # same command merge again: the merge depends on the folds' files, not on what was unfinished at planning.
+    from beseg.score import write_per_case
+
+    again = list(csv.DictReader(open(seed / "fold1" / "eval" / "per_case.csv", newline="")))
+    again[0]["dice"] = "0.125"
+    write_per_case(again, seed / "fold1" / "eval" / "per_case.csv")
+    run_compare(tiny_data, ["dice"], 1, out, overrides=_tiny(tmp_path), progress=False, report=False, folds=3,
+                log=lambda _: None)
+    assert spy.train_calls == [] and spy.eval_calls == []
+    remerged = {r["case"]: r["dice"] for r in csv.DictReader(open(seed / "eval" / "per_case.csv", newline=""))}
+    assert remerged[again[0]["case"]] == "0.125" and len(remerged) == len(ids)
     with pytest.raises(ConfigError, match="made with protocol cv with 3 folds, not protocol cv with 2 folds"):
         run_compare(tiny_data, ["dice"], 1, out, overrides=_tiny(tmp_path), folds=2, log=lambda _: None)
 

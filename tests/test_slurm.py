@@ -236,3 +236,28 @@ def test_nnunet_runs_go_through_slurm_fold_by_fold(jobcomp, tmp_path, monkeypatc
     rows = per_case_rows(out)
     assert sorted(rows) == ["nnUNetTrainer_ci/repeat0"]
     assert sorted({r["case"] for r in rows["nnUNetTrainer_ci/repeat0"]}) == sorted(c for s in folds for c in s.test)
+
+
+def test_a_results_folder_with_a_space_and_a_percent_sign_is_submitted_and_logged_there(jobcomp, data, tmp_path):
+    """sbatch splits an unquoted ``#SBATCH --output=`` at the space (and expands ``%`` patterns): the job
+    script quotes it, so the job runs and writes its log into the results folder, nowhere else."""
+    out = tmp_path / "my results 100%"
+    result = run_compare(data, ["dice"], 1, out, overrides=_tiny(tmp_path), progress=False, log=lambda _: None,
+                         report=False, launcher=SlurmLauncher(poll_s=1))
+    assert not result.failed, result.failed
+    script = (out / "slurm" / "segresnet_dice.seed0.sbatch").read_text()
+    assert f'#SBATCH --output="{out}/logs/segresnet_dice.seed0.log"'.replace("%", "%%") in script
+    log = (out / "logs" / "segresnet_dice.seed0.log").read_text()
+    assert "worker: segresnet_dice/seed0 done" in log and _records(jobcomp)[result.jobs["segresnet_dice/seed0"]][
+        "JobState"] == "COMPLETED"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("my")) == ["my results 100%"]
+
+
+def test_a_path_sbatch_cannot_read_back_is_refused_before_submitting(tmp_path):
+    from beseg.errors import ConfigError
+    from beseg.experiment.layout import ResultsLayout
+
+    with pytest.raises(ConfigError, match=r"sbatch option --output='.*a\"b/logs/x.seed0.log': a double quote"):
+        SlurmLauncher().script(ResultsLayout(tmp_path / 'a"b'), "x/seed0")
+    script = SlurmLauncher(extra=["comment=two words"]).script(ResultsLayout(tmp_path / "r"), "x/seed0")
+    assert '#SBATCH --comment="two words"' in script and "#SBATCH --nodes=1" in script

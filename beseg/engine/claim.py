@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -38,6 +36,7 @@ from typing import Any
 
 from beseg.errors import BesegError
 from beseg.fileio import atomic_write_text
+from beseg.slurm_calls import job_listed
 
 __all__ = ["Claim", "RunLockedError", "HEARTBEAT_S", "STALE_AFTER_S", "slurm_job_id"]
 
@@ -58,17 +57,7 @@ def slurm_job_id() -> str | None:
 
 def _slurm_job_running(job_id: str) -> bool | None:
     """Whether SLURM still lists the job (pending, running, requeued...); None when it cannot be asked."""
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        # squeue exits non-zero for a job id it no longer knows ("Invalid job id specified").
-        return False if "invalid job id" in out.stderr.lower() else None
-    return bool(out.stdout.strip())
+    return job_listed(job_id)  # one try with a timeout: "unknown" now, asked again at the next check
 
 
 def _pid_alive(pid: int) -> bool:

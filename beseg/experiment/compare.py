@@ -31,8 +31,9 @@ the config's last epoch; finished runs are skipped. A run with a checkpoint but 
 resumed from ``last.pt``; a trained but unevaluated run is only evaluated; a run folder without a
 checkpoint is trained from scratch. The state is decided again under the run's claim
 (:mod:`beseg.engine.claim`), so two processes never train one run. In cross-validation each fold
-is such a run, and the merge is redone when a fold was (re)evaluated or the merged files are
-missing. A run whose saved config differs from the requested one (runtime settings and the split
+is such a run, and the merge is redone whenever a fold's evaluation differs from the one the merge
+was made of (:func:`beseg.experiment.folds.merge_is_current`) or the merged files are missing. A
+run whose saved config differs from the requested one (runtime settings and the split
 file's path aside) is an error (never silently reused or overwritten), and so is a results folder
 made with another protocol or split. A run that fails is listed with its log; the others finish,
 and the report waits until every run has.
@@ -59,7 +60,7 @@ from beseg.errors import ConfigError, DataError, ReportError
 from beseg.data.presets import PRESETS
 from beseg.experiment import nnunet_runs, worker
 from beseg.experiment.nnunet_runs import NNUNetSystem
-from beseg.experiment.folds import merge_folds
+from beseg.experiment.folds import merge_folds, merge_is_current
 from beseg.experiment.launch import LaunchOutcome, LocalLauncher
 from beseg.experiment.layout import ResultsLayout
 from beseg.experiment.plan import (
@@ -71,7 +72,7 @@ from beseg.score import Summary
 
 __all__ = [
     "TABLE1_SYSTEMS", "ALIASES", "PROTOCOLS", "PAPER_VAL_FRAC", "SystemSpec", "PlannedRun", "CompareResult",
-    "preset_prefix", "resolve_system", "plan_runs", "prepare_splits", "merge_folds", "run_compare", "default_baseline",
+    "preset_prefix", "resolve_system", "plan_runs", "prepare_splits", "split_config", "merge_folds", "run_compare", "default_baseline",
 ]
 
 
@@ -114,6 +115,38 @@ def _new_split(protocol: str, ids: list[str], config: Config) -> Split:
     return make_split(ids, val_frac=data.val_frac, test_frac=data.test_frac, seed=data.split_seed)
 
 
+#: The data settings that size and shuffle the comparison's split(s): one value for every system.
+SPLIT_KEYS = ("val_frac", "test_frac", "split_seed")
+
+
+def split_config(runs: Sequence[PlannedRun]) -> Config:
+    """The config whose data settings make the comparison's split(s), once every run agrees on them.
+
+    A comparison has one split (one per fold) for every system, so the systems' ``data.val_frac``,
+    ``data.test_frac`` and ``data.split_seed`` must be equal; the split must not depend on which
+    system is listed first.
+
+    Args:
+        runs: the planned runs (not empty).
+
+    Returns:
+        The first run's config (its data settings are every run's).
+
+    Raises:
+        ConfigError: two systems disagree, naming both and their values.
+    """
+    first = runs[0]
+    for run in runs[1:]:
+        for key in SPLIT_KEYS:
+            mine, theirs = getattr(first.config.data, key), getattr(run.config.data, key)
+            if mine != theirs:
+                raise ConfigError(
+                    f"systems {first.system} and {run.system} disagree on data.{key} ({mine!r} in {first.system}, "
+                    f"{theirs!r} in {run.system}): a comparison has one split for every system; set the same value in "
+                    f"both configs, or give it to all with --set data.{key}=VALUE.")
+    return first.config
+
+
 def prepare_splits(results_dir: str | Path, data_dir: str | Path, protocol: str, folds: int | None,
                    config: Config) -> dict[int | None, Split]:
     """Make the comparison's split file(s) in ``results_dir`` before any run trains, or check existing ones.
@@ -123,8 +156,8 @@ def prepare_splits(results_dir: str | Path, data_dir: str | Path, protocol: str,
         data_dir: the task folder (its case ids).
         protocol: ``heldout``, ``paper`` or ``cv``.
         folds: K for ``cv``.
-        config: a run's config; its ``data.val_frac``, ``data.test_frac`` and ``data.split_seed``
-            size a new split (the paper protocol uses the paper's 80/20 instead).
+        config: the runs' config (:func:`split_config`); its ``data.val_frac``, ``data.test_frac`` and
+            ``data.split_seed`` size a new split (the paper protocol uses the paper's 80/20 instead).
 
     Returns:
         ``{None: split}``, or ``{f: fold f's split}`` for ``cv``.
@@ -270,8 +303,9 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         report is written until every run has).
 
     Raises:
-        ConfigError: unknown system, bad override, protocol or fold count, a baseline that is not
-            one of the systems, or a run folder made with other settings.
+        ConfigError: unknown system, a system name that cannot be a folder, bad override, protocol
+            or fold count, a baseline that is not one of the systems, systems that disagree on the
+            split's settings (:func:`split_config`), or a run folder made with other settings.
         NNUNetError: an ``nnunet:`` system without a usable nnU-Net, or a trainer nnU-Net cannot find
             (checked before anything trains).
         DataError: the dataset folder is missing, broken, or not the configs' task, or the
@@ -316,9 +350,10 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     _check_plan(results_dir, protocol, folds)
     planned = plan_runs(specs, seed_list, results_dir, overrides, "heldout" if protocol == "cv" else protocol, folds,
                         task=task_id)
+    split_settings = split_config(planned)  # the systems agree on the split before anything is written
     _check_data(data_dir, {p.config.data.task.lower() for p in planned}, planned[0].config.data.cache_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    splits = prepare_splits(results_dir, data_dir, protocol, folds, planned[0].config)
+    splits = prepare_splits(results_dir, data_dir, protocol, folds, split_settings)
     _write_plan(results_dir, data_dir, specs, seed_list, overrides, protocol, folds)
 
     write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env)
@@ -338,7 +373,6 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         return result
     states = {run.id: ("failed" if run.id in outcome.failed else "done") for run in planned}
     write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), states, nnunet=nnunet_env)
-    stale = {run.result_dir for run in planned if run.state != "done"}  # seed folders whose merge must be redone
     if result.failed:
         log(f"{len(result.failed)} run(s) failed; no report until they finish (rerun the same command to retry):")
         for run_id, (error, log_path) in result.failed.items():
@@ -349,8 +383,9 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     if protocol == "cv":
         all_ids = sorted(c for split in splits.values() for c in split.test)
         for seed_dir in dict.fromkeys(r.result_dir for r in planned):
-            if seed_dir in stale or not (seed_dir / "eval" / "summary.json").is_file():
-                merged = merge_folds(seed_dir, [seed_dir / f"fold{f}" for f in range(folds)], all_ids)
+            fold_dirs = [seed_dir / f"fold{f}" for f in range(folds)]
+            if not merge_is_current(seed_dir, fold_dirs):  # a fold (re)evaluated since the merge, or no merge yet
+                merged = merge_folds(seed_dir, fold_dirs, all_ids)
                 dice = merged["mean"].get("dice")
                 log(f"merged {folds} folds of {seed_dir.parent.name} {seed_dir.name}: out-of-fold Dice "
                     + (f"{dice:.4f}" if dice is not None else "n/a") + f" over {merged['cases']} case(s)")

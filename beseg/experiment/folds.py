@@ -1,8 +1,17 @@
-"""Cross-validation: the K fold evaluations of one (system, seed) merged into one run the report reads."""
+"""Cross-validation: the K fold evaluations of one (system, seed) merged into one run the report reads.
+
+The merge depends on its inputs: the merged ``summary.json`` records a SHA-256 of each fold's
+``eval/summary.json`` and ``eval/per_case.csv`` (``fold_inputs``), and :func:`merge_is_current`
+compares them with the folds as they are now. So a fold evaluated again at any time (by another
+compare, after a crash between a fold's evaluation and the merge, by hand) makes the next compare
+merge again, instead of the report reading a merge of the fold's old scores.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -15,7 +24,10 @@ from beseg.fileio import atomic_output, atomic_write_text
 from beseg.metrics import BRATS_DISTANCE_PENALTY_MM
 from beseg.score import Summary, summarize, write_scores
 
-__all__ = ["merge_folds"]
+__all__ = ["merge_folds", "fold_inputs", "merge_is_current"]
+
+#: The files of a fold's evaluation that the merge reads.
+_INPUTS = ("summary.json", "per_case.csv")
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -36,6 +48,33 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copy2(src, tmp)
 
 
+def fold_inputs(fold_dirs: Sequence[str | Path]) -> dict[str, dict[str, str | None]]:
+    """``{fold folder name: {file: SHA-256 hex, or None when missing}}`` of the files the merge reads."""
+    out: dict[str, dict[str, str | None]] = {}
+    for fold_dir in map(Path, fold_dirs):
+        out[fold_dir.name] = {}
+        for name in _INPUTS:
+            try:
+                with open(fold_dir / "eval" / name, "rb") as f:
+                    out[fold_dir.name][name] = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError:
+                out[fold_dir.name][name] = None
+    return out
+
+
+def merge_is_current(seed_dir: str | Path, fold_dirs: Sequence[str | Path]) -> bool:
+    """Whether ``seed_dir/eval/summary.json`` is the merge of the folds' evaluations as they are now.
+
+    False when the merged summary is missing or unreadable, was made before merges recorded their inputs, or any
+    fold's ``summary.json`` or ``per_case.csv`` changed (was evaluated again) since.
+    """
+    try:
+        merged = json.loads((Path(seed_dir) / "eval" / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(merged, dict) and merged.get("fold_inputs") == fold_inputs(fold_dirs)
+
+
 def merge_folds(seed_dir: str | Path, fold_dirs: Sequence[str | Path], expected: Sequence[str]) -> dict[str, Any]:
     """Merge the K fold evaluations of one (system, seed) into ``seed_dir/eval/``, as one run.
 
@@ -44,7 +83,8 @@ def merge_folds(seed_dir: str | Path, fold_dirs: Sequence[str | Path], expected:
     by the same code as a single evaluation (:func:`beseg.score.summarize`), with
     ``protocol: "cv"``, ``split: "oof"``, ``folds: K`` and each fold's ``epoch``. Fold 0's
     ``config.yaml`` and ``metrics.jsonl`` are copied beside ``eval/`` so the report can show the
-    system's settings, step cost and a learning curve (fold 0's).
+    system's settings, step cost and a learning curve (fold 0's). ``fold_inputs`` records the
+    hashes of the files read (:func:`fold_inputs`), for :func:`merge_is_current`.
 
     Args:
         seed_dir: ``RESULTS_DIR/<system>/seed<k>``.
@@ -59,6 +99,7 @@ def merge_folds(seed_dir: str | Path, fold_dirs: Sequence[str | Path], expected:
             out-of-fold prediction, or the folds' CSV columns differ.
     """
     seed_dir, fold_dirs = Path(seed_dir), [Path(d) for d in fold_dirs]
+    inputs = fold_inputs(fold_dirs)  # before reading: a fold rewritten meanwhile makes the next check merge again
     rows: list[dict[str, str]] = []
     failed: list[tuple[str, str]] = []
     columns: list[str] | None = None
@@ -101,6 +142,7 @@ def merge_folds(seed_dir: str | Path, fold_dirs: Sequence[str | Path], expected:
         selection=f"{first.get('selection', 'best.pt by val Dice')}, per fold", case_ids=sorted(owner),
         checkpoint="fold*/checkpoints (one model per fold)", epoch=[s.get("epoch") for s in summaries],
         fold_runs=[d.name for d in fold_dirs], log="config.yaml and metrics.jsonl beside eval/ are fold 0's",
+        fold_inputs=inputs,
     )
     write_scores(out_dir, rows, merged)  # the summary last: it marks the merge as complete
     return merged

@@ -20,6 +20,12 @@
 A run's *id* is its run folder relative to ``RESULTS`` (``segresnet_be/seed0``,
 ``segresnet_be/seed0/fold2``, ``nnUNetTrainerBE/repeat1``); file names use it with ``/`` replaced by ``.``. Everything that
 is recorded is relative to ``RESULTS``, so a results folder can be moved.
+
+A system's name is a folder of ``RESULTS``, so it is checked (:func:`system_name_problem`) before it
+becomes one: letters, digits, ``_`` and ``-``, and none of the folder's own folders (``report``,
+``logs``, ``slurm``, ``nnunet``). A name such as ``../x`` or ``a/b`` would put runs outside the results
+folder or where the report does not look; ``report`` would mix runs with the report. Run ids read
+back from ``plan.json`` are checked the same way (:func:`run_id_problem`).
 """
 
 from __future__ import annotations
@@ -28,15 +34,46 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["ResultsLayout", "REPORT_DIR", "NNUNET_DIR", "RUN_UNITS"]
+__all__ = ["ResultsLayout", "REPORT_DIR", "NNUNET_DIR", "RUN_UNITS", "RESERVED_NAMES", "SPLIT_FILE", "system_name_problem",
+           "run_id_problem"]
 
 #: Folders of a results folder that are not systems.
 REPORT_DIR = "report"
 NNUNET_DIR = "nnunet"
-_NOT_SYSTEMS = {REPORT_DIR, "logs", "slurm", NNUNET_DIR}
+RESERVED_NAMES = frozenset({REPORT_DIR, "logs", "slurm", NNUNET_DIR})
+_NOT_SYSTEMS = RESERVED_NAMES
 #: What tells the runs of one system apart: a training seed, or (no seed: nnU-Net) a repeat number.
 RUN_UNITS = ("seed", "repeat")
 _RUN_DIR = re.compile(r"(seed|repeat)(\d+)")
+#: A system name: one plain folder name (no dots: the folder's own files, plan.json, split.json..., have them).
+_SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+#: The results folder's split files: ``split.json``, ``split_fold<f>.json`` (:meth:`ResultsLayout.split_file`).
+SPLIT_FILE = re.compile(r"split(?:_fold\d+)?\.json")
+_RUN_ID = re.compile(r"([^/]*)/(?:seed|repeat)\d+(?:/fold\d+)?")
+
+
+def system_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a system's folder in a results folder, or None when it can.
+
+    Returns:
+        A phrase for a message (``it may hold only letters, digits, '_' and '-' ...``), or None.
+    """
+    if not isinstance(name, str) or not _SYSTEM_NAME.fullmatch(name):
+        return ("a system name is a folder of the results folder: it may hold only letters, digits, '_' and '-' "
+                "(at most 100, the first a letter or digit)")
+    if name.lower() in RESERVED_NAMES:
+        return (f"{name!r} is the results folder's own {name.lower()}/ folder (reserved: "
+                f"{', '.join(sorted(RESERVED_NAMES))})")
+    return None
+
+
+def run_id_problem(run_id: object) -> str | None:
+    """Why ``run_id`` is not a run folder inside a results folder (``SYSTEM/seedK[/foldF]``, ``SYSTEM/repeatK``),
+    or None when it is."""
+    match = _RUN_ID.fullmatch(run_id) if isinstance(run_id, str) else None
+    if match is None:
+        return "not a run folder of the form SYSTEM/seedK[/foldF] or SYSTEM/repeatK[/foldF]"
+    return system_name_problem(match.group(1))
 
 
 class ResultsLayout:
@@ -94,6 +131,9 @@ class ResultsLayout:
         to the results folder."""
         if unit not in RUN_UNITS:
             raise ValueError(f"unit must be one of {RUN_UNITS}, got {unit!r}.")
+        problem = system_name_problem(system)
+        if problem:  # callers check names where they enter (plan.resolve_system); this is the last guard
+            raise ValueError(f"system {system!r}: {problem}.")
         return f"{system}/{unit}{seed}" + (f"/fold{fold}" if fold is not None else "")
 
     @staticmethod

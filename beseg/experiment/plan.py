@@ -46,7 +46,7 @@ from beseg.engine.config import (
 from beseg.engine.rundir import RunDir
 from beseg.errors import ConfigError
 from beseg.experiment import nnunet_runs
-from beseg.experiment.layout import ResultsLayout
+from beseg.experiment.layout import SPLIT_FILE, ResultsLayout, run_id_problem, system_name_problem
 from beseg.experiment.nnunet_runs import NNUNetSystem
 from beseg.fileio import atomic_write_text
 
@@ -218,6 +218,7 @@ def resolve_system(name: str, prefix: str | None) -> SystemSpec:
     text = name.strip()
     nnunet = NNUNetSystem.parse(text)
     if nnunet is not None:
+        _check_name(nnunet.name, f"--systems {text!r}")
         return SystemSpec(nnunet.name, resolve_system("segresnet_dice", prefix).config if prefix else "", nnunet)
     if prefix is None:
         raise ConfigError(f"system {text!r} needs one of beseg's task presets; this dataset has none, so only nnU-Net "
@@ -225,6 +226,7 @@ def resolve_system(name: str, prefix: str | None) -> SystemSpec:
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         config, _ = load_config(path)
+        _check_name(config.system, f"{path}: system")
         return SystemSpec(config.system, str(path))
     canonical = ALIASES.get(text.lower(), text.lower())
     if canonical not in TABLE1_SYSTEMS:
@@ -235,6 +237,17 @@ def resolve_system(name: str, prefix: str | None) -> SystemSpec:
     if preset not in list_presets():
         raise ConfigError(f"no preset {preset!r} for system {text!r}; `beseg configs` lists the presets.")
     return SystemSpec(canonical, preset)
+
+
+def _check_name(name: str, where: str) -> None:
+    """Refuse a system name that cannot be a folder of the results folder (:func:`~beseg.experiment.layout.system_name_problem`).
+
+    Raises:
+        ConfigError: ``<where> <name>: <why>`` (``where`` names the config file or the ``--systems`` entry).
+    """
+    problem = system_name_problem(name)
+    if problem:
+        raise ConfigError(f"{where} {name!r}: {problem}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +345,8 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
             raise ConfigError(f"override {item!r}: compare sets {', '.join(pinned)} itself"
                               + (" (the paper's 80/20 split)" if protocol == "paper" else " (use --seeds)") + ".")
     names = [s.name for s in systems]
+    for spec in systems:
+        _check_name(spec.name, f"{spec.config}: system" if spec.config and spec.nnunet is None else "system")
     if len(set(names)) != len(names):
         raise ConfigError(f"systems must have distinct names, got {', '.join(names)}.")
     extra = [f"data.val_frac={PAPER_VAL_FRAC}", "data.test_frac=0"] if protocol == "paper" else []
@@ -414,6 +429,7 @@ def read_plan_json(results_dir: str | Path) -> dict[str, Any]:
     try:
         plan = json.loads(layout.plan.read_text(encoding="utf-8"))
         for entry in plan["runs"]:
+            _check_entry(layout, entry)
             entry["path"] = layout.root / entry["run_dir"]
             config = json.loads(json.dumps(entry["config"]))
             if config["data"].get("split_file"):
@@ -424,3 +440,23 @@ def read_plan_json(results_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{layout.plan}: cannot read it ({err}); run the compare command again to rewrite it.") from None
     return plan
+
+
+def _check_entry(layout: ResultsLayout, entry: dict[str, Any]) -> None:
+    """Refuse a run whose folder or split file, as ``plan.json`` records them, would lie outside the results folder
+    (``../x``, ``/abs``) or where the report does not look (``a/b/seed0``, ``report/seed0``).
+
+    Raises:
+        ConfigError: naming the file, the run and the value.
+    """
+    for key in ("id", "run_dir"):
+        problem = run_id_problem(entry[key])
+        if problem:
+            raise ConfigError(f"{layout.plan}: run {entry['id']!r} has {key} {entry[key]!r}, which is not a run folder "
+                              f"inside {layout.root} ({problem}); the file was edited or damaged: run the compare "
+                              "command again to rewrite it.")
+    split_file = entry["config"]["data"].get("split_file")
+    if split_file and not SPLIT_FILE.fullmatch(str(split_file)):
+        raise ConfigError(f"{layout.plan}: run {entry['id']!r} has data.split_file {split_file!r}, which is not the "
+                          f"results folder's split.json or split_fold<f>.json; the file was edited or damaged: run the "
+                          "compare command again to rewrite it.")

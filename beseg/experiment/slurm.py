@@ -19,9 +19,20 @@ Each job script:
   longer runs is taken over), trains, on G > 1 GPUs as one G-rank DDP run through ``srun -n G``
   (:func:`beseg.engine.distributed.launch_env`), and evaluates.
 
+Paths in the script are quoted: ``#SBATCH`` values with spaces in double quotes (``%`` in the log
+path doubled, since sbatch expands ``%j``...), shell words with :func:`shlex.quote`.
+
 The compare command then waits, with one progress line, until every job has ended (``squeue``),
 and reads each run's outcome from its folder; ``--detach`` returns after submitting. Running the
-same command again submits only runs that are neither finished nor queued.
+same command again submits only runs that are neither finished nor queued (a run whose script
+SLURM lists, however it got there, is queued).
+
+SLURM's commands go through :func:`beseg.slurm_calls.call`: one that hangs or fails without a
+refusal is retried with a doubling pause (``BESEG_SLURM_ATTEMPTS``, ``BESEG_SLURM_TIMEOUT_S``,
+``BESEG_SLURM_BACKOFF_S``), and a ``sbatch`` is retried only after the queue was searched for the
+job it may have submitted. When SLURM stays unreachable the command ends with one line that names
+the command and how to follow the jobs (``beseg compare RESULTS --status``); the jobs are never
+cancelled and keep running.
 """
 
 from __future__ import annotations
@@ -34,51 +45,45 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from beseg.errors import BesegError, ConfigError
+from beseg.errors import ConfigError
 from beseg.experiment.launch import LaunchOutcome, Progress
 from beseg.experiment.layout import ResultsLayout
+from beseg.fileio import atomic_write_text
+from beseg.slurm_calls import SlurmError, SlurmRetry, SlurmUnreachable, call
 
-__all__ = ["SlurmLauncher", "SlurmError", "job_states"]
+__all__ = ["SlurmLauncher", "SlurmError", "SlurmUnreachable", "job_states"]
 
 #: Seconds before the time limit at which a job is told to requeue itself.
 SIGNAL_GRACE_S = 300
 _DURATION = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEM = re.compile(r"^\d+[KMGT]?$", re.I)
+#: #SBATCH values written without quotes.
+_PLAIN = re.compile(r"[A-Za-z0-9_.,:/=@+%-]*")
 
 
-class SlurmError(BesegError):
-    """SLURM refused a request or cannot be reached."""
-
-
-def _run(cmd: Sequence[str], what: str) -> str:
-    try:
-        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        raise SlurmError(f"{cmd[0]} not found: --launcher slurm needs SLURM's commands on PATH (sbatch, squeue, "
-                         "scontrol); run beseg compare on the cluster's login node.") from None
-    except subprocess.TimeoutExpired:
-        raise SlurmError(f"{' '.join(cmd[:2])} did not answer in 120 s while {what}.") from None
-    if out.returncode != 0:
-        raise SlurmError(f"{' '.join(cmd[:2])} failed while {what}: {out.stderr.strip() or out.stdout.strip()}")
-    return out.stdout
-
-
-def job_states(job_ids: Sequence[str]) -> dict[str, str]:
+def job_states(job_ids: Sequence[str], retry: SlurmRetry | None = None,
+               log: Callable[[str], None] | None = None) -> dict[str, str]:
     """``{job id: state}`` of the jobs SLURM still lists (PENDING, RUNNING, COMPLETING, ...); ended jobs are absent.
 
+    Args:
+        job_ids: the jobs.
+        retry: how a hanging or failing ``squeue`` is retried (default :meth:`SlurmRetry.from_env`).
+        log: one line per retry.
+
     Raises:
-        SlurmError: squeue is missing or fails.
+        SlurmError: squeue is missing or refused the request.
+        SlurmUnreachable: squeue did not answer (every attempt timed out or failed).
     """
     if not job_ids:
         return {}
-    out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"], capture_output=True, text=True,
-                         timeout=120)
+    out = call(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"], retry, log)
     if out.returncode != 0:
         if "invalid job id" in out.stderr.lower():  # every one of them has ended and been forgotten
             return {}
-        raise SlurmError(f"squeue failed: {out.stderr.strip()}")
+        raise SlurmError(f"squeue refused to list jobs {','.join(job_ids)}: {out.stderr.strip()}")
     states = {}
     for line in out.stdout.splitlines():
         job, _, state = line.strip().partition(" ")
@@ -87,12 +92,29 @@ def job_states(job_ids: Sequence[str]) -> dict[str, str]:
     return states
 
 
-def _ended_job(job_id: str) -> tuple[str, str]:
-    """``(state, exit code)`` of an ended job from ``scontrol show job`` (``("ENDED", "")`` once SLURM forgot it)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=120)
+def _ended_job(job_id: str, retry: SlurmRetry | None = None,
+               log: Callable[[str], None] | None = None) -> tuple[str, str]:
+    """``(state, exit code)`` of an ended job from ``scontrol show job`` (``("ENDED", "")`` once SLURM forgot it).
+
+    Raises:
+        SlurmUnreachable: scontrol did not answer.
+    """
+    out = call(["scontrol", "show", "job", "-o", job_id], retry, log)
     state = re.search(r"\bJobState=(\S+)", out.stdout)
     code = re.search(r"\bExitCode=(\S+)", out.stdout)
     return (state.group(1) if state else "ENDED"), (code.group(1) if code else "")
+
+
+def _directive(key: str, value: str) -> str:
+    """One ``#SBATCH --key=value`` line; a value with spaces or shell characters in double quotes (sbatch reads them).
+
+    Raises:
+        ConfigError: a value sbatch cannot read back (a double quote, backslash or line break in it).
+    """
+    if re.search(r'["\\\r\n]', value):
+        raise ConfigError(f"sbatch option --{key}={value!r}: a double quote, backslash or line break cannot be written "
+                          "in a job script's #SBATCH line; use another value (for a path: another folder).")
+    return f"#SBATCH --{key}={value}" if _PLAIN.fullmatch(value) else f'#SBATCH --{key}="{value}"'
 
 
 class SlurmLauncher:
@@ -107,6 +129,9 @@ class SlurmLauncher:
         ranks: ranks per run (default ``max(1, gpus)``; more ranks than GPUs trains with gloo on CPU).
         poll_s: how often ``squeue`` is asked while waiting.
         python: the interpreter the jobs run (default this one: the cluster must see the same environment).
+        retry: how a hanging or failing ``sbatch``/``squeue``/``scontrol`` is retried (default
+            :meth:`~beseg.slurm_calls.SlurmRetry.from_env`: ``BESEG_SLURM_ATTEMPTS``, ``BESEG_SLURM_TIMEOUT_S``,
+            ``BESEG_SLURM_BACKOFF_S``).
 
     Raises:
         ConfigError: an invalid option.
@@ -116,7 +141,7 @@ class SlurmLauncher:
 
     def __init__(self, partition: str | None = None, time_limit: str | None = None, gpus: int = 0, cpus: int = 1,
                  mem: str | None = None, extra: Sequence[str] = (), detach: bool = False, ranks: int | None = None,
-                 poll_s: float = 5.0, python: str | None = None) -> None:
+                 poll_s: float = 5.0, python: str | None = None, retry: SlurmRetry | None = None) -> None:
         if gpus < 0 or cpus < 1:
             raise ConfigError(f"--gpus-per-run must be >= 0 and --cpus-per-run >= 1, got {gpus} and {cpus}.")
         if time_limit is not None and not _DURATION.match(time_limit):
@@ -136,6 +161,7 @@ class SlurmLauncher:
         if self.ranks < 1 or (gpus and gpus != self.ranks):
             raise ConfigError(f"a run has one rank per GPU: {gpus} GPU(s) but {self.ranks} rank(s).")
         self.python = python or sys.executable
+        self.retry = retry or SlurmRetry.from_env()
 
     # -- job scripts ----------------------------------------------------------------------------
 
@@ -143,7 +169,9 @@ class SlurmLauncher:
         """The sbatch script of one run."""
         threads = max(1, self.cpus // self.ranks)
         head = [
-            ("job-name", f"beseg:{run_id}"), ("output", str(results.log(run_id))), ("open-mode", "append"),
+            # sbatch expands %j, %x... in file names; %% is a literal %
+            ("job-name", f"beseg:{run_id}"), ("output", str(results.log(run_id)).replace("%", "%%")),
+            ("open-mode", "append"),
             ("nodes", "1"), ("ntasks", str(self.ranks)), ("cpus-per-task", str(threads)),
             ("signal", f"B:USR1@{SIGNAL_GRACE_S}"),
         ]
@@ -157,7 +185,7 @@ class SlurmLauncher:
         worker = [self.python, "-m", "beseg.experiment.worker", str(results.root), run_id, "--no-progress",
                   "--ranks", str(self.ranks)]
         lines = ["#!/bin/bash", f"# beseg compare: run {run_id} of {results.root}", "#SBATCH --requeue",
-                 *(f"#SBATCH --{k}={v}" for k, v in head), "",
+                 *(_directive(k, v) for k, v in head), "",
                  f"cd {shlex.quote(os.getcwd())}",
                  f"export PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}}",
                  f"export OMP_NUM_THREADS={threads} BESEG_RUN_THREADS={threads}",
@@ -176,26 +204,66 @@ class SlurmLauncher:
                  ""]
         return "\n".join(lines)
 
-    def _queued_job(self, results: ResultsLayout, run_id: str) -> str | None:
-        """The job id of this run from an earlier submission if SLURM still has it queued or running."""
+    def queued_jobs(self, log: Callable[[str], None] | None = None,
+                    retry: SlurmRetry | None = None) -> dict[str, str]:
+        """``{job script: job id}`` of this user's jobs SLURM still lists (queued, running, completing).
+
+        A run whose script is among them is queued already (submitted by an earlier command, by a ``sbatch`` that
+        timed out after all, or by hand), so it is not submitted again.
+
+        Raises:
+            SlurmError: squeue refused the request.
+            SlurmUnreachable: squeue did not answer.
+        """
+        out = call(["squeue", "-h", "-u", str(os.getuid()), "-o", "%i|%o"], retry or self.retry, log)
+        if out.returncode != 0:
+            raise SlurmError(f"squeue refused to list this user's jobs: {out.stderr.strip() or out.stdout.strip()}")
+        jobs = {}
+        for line in out.stdout.splitlines():
+            job, _, script = line.strip().partition("|")
+            if job and script:
+                jobs[script] = job
+        return jobs
+
+    @staticmethod
+    def _recorded_job(results: ResultsLayout, run_id: str, queued: dict[str, str]) -> str | None:
+        """The job id an earlier submission recorded for the run (``RESULTS/slurm/<run>.jobid``), if SLURM lists it."""
         try:
             job = results.job_id_file(run_id).read_text().strip()
         except OSError:
             return None
-        return job if job and job in job_states([job]) else None
+        return job if job and job in queued.values() else None
 
-    def submit(self, results: ResultsLayout, run_id: str) -> str:
+    def submit(self, results: ResultsLayout, run_id: str, log: Callable[[str], None] | None = None) -> str:
         """Write the run's script and ``sbatch`` it; returns the job id.
+
+        A ``sbatch`` that hangs or fails without a refusal is retried (:attr:`retry`); before each retry the queue is
+        searched for the script, so that a job the failed attempt did submit is taken, not submitted twice.
 
         Raises:
             SlurmError: sbatch refused it (its message says why).
+            SlurmUnreachable: sbatch did not answer.
         """
-        path = results.sbatch(run_id)
+        path = results.sbatch(run_id).absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
         results.logs.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.script(results, run_id))
-        job = _run(["sbatch", "--parsable", str(path)], f"submitting {run_id}").strip().split(";")[0]
-        results.job_id_file(run_id).write_text(job + "\n")
+        atomic_write_text(path, self.script(results, run_id))
+        cmd = ["sbatch", "--parsable", str(path)]
+
+        def submitted_after_all() -> subprocess.CompletedProcess | None:
+            try:
+                job = self.queued_jobs(retry=replace(self.retry, attempts=1)).get(str(path))
+            except SlurmError:  # cannot tell: submit again (the run's claim keeps a second job from training it)
+                return None
+            if job is not None and log is not None:
+                log(f"{run_id}: the failed sbatch submitted it after all, as SLURM job {job}")
+            return subprocess.CompletedProcess(cmd, 0, job, "") if job is not None else None
+
+        out = call(cmd, self.retry, log, before_retry=submitted_after_all)
+        if out.returncode != 0:
+            raise SlurmError(f"sbatch refused {run_id} ({path}): {out.stderr.strip() or out.stdout.strip()}")
+        job = out.stdout.strip().split(";")[0]
+        atomic_write_text(results.job_id_file(run_id), job + "\n")
         return job
 
     # -- executing ------------------------------------------------------------------------------
@@ -209,28 +277,42 @@ class SlurmLauncher:
         Raises:
             SlurmError: SLURM is unreachable or refused a job.
         """
-        from beseg.experiment.worker import EXIT_BUSY, read_failure
-
         for tool in ("sbatch", "squeue", "scontrol"):
             if shutil.which(tool) is None:
                 raise SlurmError(f"{tool} not found: --launcher slurm needs SLURM's commands on PATH.")
         outcome = LaunchOutcome()
-        for run_id in run_ids:
-            queued = self._queued_job(results, run_id)
-            if queued is not None:
-                outcome.jobs[run_id] = queued
-                log(f"{run_id}: already queued as SLURM job {queued}")
-                continue
-            outcome.jobs[run_id] = self.submit(results, run_id)
-            log(f"{run_id}: submitted as SLURM job {outcome.jobs[run_id]} (script {results.sbatch(run_id)}, "
-                f"log {results.log(run_id)})")
+        try:
+            queued = self.queued_jobs(log)
+            for run_id in run_ids:
+                job = queued.get(str(results.sbatch(run_id).absolute())) or self._recorded_job(results, run_id, queued)
+                if job is not None:
+                    outcome.jobs[run_id] = job
+                    atomic_write_text(results.job_id_file(run_id), job + "\n")
+                    log(f"{run_id}: already queued as SLURM job {job}")
+                    continue
+                outcome.jobs[run_id] = self.submit(results, run_id, log)
+                log(f"{run_id}: submitted as SLURM job {outcome.jobs[run_id]} (script {results.sbatch(run_id)}, "
+                    f"log {results.log(run_id)})")
+        except SlurmError as err:  # unreachable, or a refusal: the jobs submitted so far are left to run
+            raise SlurmError(_stopped(err, results, outcome.jobs, submitting=True)) from None
         if self.detach:
             outcome.busy = list(run_ids)
             return outcome
         progress = Progress(len(run_ids), log)
         waiting = dict(outcome.jobs)
+        try:
+            self._wait(results, waiting, outcome, progress, log)
+        except SlurmUnreachable as err:
+            raise SlurmError(_stopped(err, results, outcome.jobs)) from None
+        return outcome
+
+    def _wait(self, results: ResultsLayout, waiting: dict[str, str], outcome: LaunchOutcome, progress: Progress,
+              log: Callable[[str], None]) -> None:
+        """Poll ``squeue`` until every job in ``waiting`` (``{run id: job id}``) has ended; file each run's outcome."""
+        from beseg.experiment.worker import EXIT_BUSY, read_failure
+
         while waiting:
-            states = job_states(list(waiting.values()))
+            states = job_states(list(waiting.values()), self.retry, log)
             for run_id, job in list(waiting.items()):
                 if job in states:
                     continue
@@ -240,7 +322,7 @@ class SlurmLauncher:
                     outcome.done.append(run_id)
                     continue
                 failure = read_failure(run_dir)
-                state, code = _ended_job(job)
+                state, code = _ended_job(job, self.retry, log)
                 if failure is None and code.startswith(f"{EXIT_BUSY}:"):
                     outcome.busy.append(run_id)
                     log(f"{run_id}: another process holds it; left to that process")
@@ -253,4 +335,21 @@ class SlurmLauncher:
             progress.update(len(outcome.done), running, len(outcome.failed))
             if waiting:
                 time.sleep(self.poll_s)
-        return outcome
+
+
+def _stopped(err: SlurmError, results: ResultsLayout, jobs: dict[str, str], submitting: bool = False) -> str:
+    """The one line of a comparison that stops because SLURM does not answer (or refused a job while submitting):
+    the jobs it submitted are left running, and the same command picks them up."""
+    ids = sorted(set(jobs.values()), key=lambda j: (len(j), j))
+    shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+    status = f"`beseg compare {shlex.quote(str(results.root))} --status`"
+    if not ids:
+        kept = "no job was submitted"
+    else:
+        kept = (f"the {len(ids)} SLURM job(s) submitted ({shown}) keep running (none was cancelled); follow them with "
+                f"{status}")
+    if not isinstance(err, SlurmUnreachable):
+        return f"{err}; {kept}; fix the cause and run the same command again to submit the rest."
+    again = "run the same command again to submit the rest" if submitting else \
+        "run the same command again to collect their results (it submits nothing twice)"
+    return f"SLURM does not answer: {err}; {kept}; {again} once SLURM answers."
