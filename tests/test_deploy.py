@@ -48,11 +48,11 @@ BLOCKED = import_blocker("torch", "monai")
 
 def run_cli_without(packages: tuple[str, ...], module: str, args: list[str], folder: Path) -> subprocess.CompletedProcess:
     """``python -m module args`` with ``packages`` not importable: a ``sitecustomize.py`` put first on PYTHONPATH
-    installs the blocker before anything else is imported, as a machine without them would behave."""
+    installs the blocker before anything else is imported, as a machine without them would behave. beseg
+    comes from where this interpreter finds it (the working directory or PYTHONPATH), as in :func:`run_without_torch`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(import_blocker(*packages))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
