@@ -11,36 +11,13 @@ import numpy as np
 
 from beseg.deploy.batch import PredictSummary, predict_each
 from beseg.deploy.geometry import to_input_grid, to_model_grid
+from beseg.deploy.intensity import normalize
 from beseg.deploy.io import plan_outputs, read_image
 from beseg.deploy.pipeline import DeployError, Member, Pipeline, load_pipeline
 from beseg.deploy.window import DEFAULT_WARN_BELOW, mirror_flips, sliding_window, small_scan_warning
 from beseg.extras import require
 
-__all__ = ["NOISE_FLOOR", "Predictor", "PredictSummary", "available_providers", "clear_resampling_noise",
-           "import_onnxruntime", "normalize", "to_labels"]
-
-#: ``zscore_nonzero``: a voxel whose magnitude is at most this fraction of its channel's largest counts as 0.
-NOISE_FLOOR = 1e-6
-
-
-def clear_resampling_noise(volume: np.ndarray) -> np.ndarray:
-    """Set to exactly 0, in place, the voxels of a (C, X, Y, Z) volume whose magnitude is at most
-    :data:`NOISE_FLOOR` of their channel's largest.
-
-    Linear resampling of an image with an exactly-zero background (skull-stripped MRI) leaves values
-    like 1e-14 beside it, where a voxel centre lands a rounding error away from an input voxel; which
-    voxels get them depends on the arithmetic (MONAI's float64 grid, scipy's), not on the image. The
-    non-zero z-score counts every non-zero voxel, so those voxels would shift the mean and spread of a
-    small scan by whole percents. Both prediction paths clear them before normalising.
-
-    Returns:
-        ``volume``.
-    """
-    for channel in volume:
-        peak = float(np.abs(channel).max()) if channel.size else 0.0
-        channel[np.abs(channel) <= NOISE_FLOOR * peak] = 0
-    return volume
-
+__all__ = ["Predictor", "PredictSummary", "available_providers", "import_onnxruntime", "normalize", "to_labels"]
 
 def import_onnxruntime() -> Any:
     """The onnxruntime module.
@@ -67,29 +44,6 @@ def available_providers(device: str = "auto") -> list[str]:
     if device not in ("auto", "cpu", "cuda"):
         raise DeployError(f"--device must be auto, cpu or cuda, got {device!r}.")
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda and device != "cpu" else ["CPUExecutionProvider"]
-
-
-def normalize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    """Intensity normalisation of a (C, X, Y, Z) float32 volume as ``spec`` says (a new array).
-
-    ``zscore_nonzero``: per channel, zero mean and unit variance over the non-zero voxels (zeros stay
-    zero; a constant channel is only shifted), after :func:`clear_resampling_noise`. ``scale_range``:
-    ``low`` -> 0, ``high`` -> 1, clipped.
-    """
-    kind = spec.get("kind")
-    out = image.astype(np.float32, copy=True)
-    if kind == "zscore_nonzero":
-        for c in clear_resampling_noise(out):
-            mask = c != 0
-            if mask.any():
-                values = c[mask]
-                std = float(values.std())
-                c[mask] = (values - np.float32(values.mean())) / np.float32(std if std != 0 else 1.0)
-        return out
-    if kind == "scale_range":
-        low, high = float(spec["low"]), float(spec["high"])
-        return np.clip((out - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32)
-    raise DeployError(f"unknown normalization kind {kind!r} in pipeline.json.")
 
 
 def _activate(logits: np.ndarray, activation: str) -> np.ndarray:

@@ -35,7 +35,6 @@ from beseg.data.nifti import read_image_header
 from beseg.deploy.batch import PredictSummary, predict_each
 from beseg.deploy.geometry import grid_of, to_input_grid
 from beseg.deploy.io import check_scan, plan_outputs, write_label
-from beseg.deploy.runtime import clear_resampling_noise
 from beseg.deploy.window import DEFAULT_WARN_BELOW, small_scan_warning
 from beseg.engine.checkpoint import CheckpointError, load_checkpoint
 from beseg.engine.config import Config, config_from_dict
@@ -196,9 +195,6 @@ def predict_image(models: LoadedModel | Sequence[LoadedModel], image_path: str |
     image = data["image"]
     if not torch.isfinite(image.as_tensor()).all():
         raise DataError(f"{image_path}: contains NaN or Inf values.")
-    if preset.normalization == "zscore_nonzero":  # as beseg-predict does: resampling noise is not "non-zero"
-        image = image.clone()
-        clear_resampling_noise(image.as_tensor().numpy())
     message = small_scan_warning(image_path, tuple(image.shape[1:]), [m.roi for m in members], preset.pixdim,
                                  warn_below)
     if message:
