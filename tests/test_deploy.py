@@ -236,6 +236,40 @@ def test_normalize_and_label_maps_follow_their_definitions():
     assert to_labels(probs, P).tolist() == [0, 1, 2, 3]
 
 
+def test_the_presets_and_the_runtime_clear_the_same_resampling_noise():
+    """Values within 1e-6 of a channel's peak (what linear resampling leaves beside a zero background)
+    are 0 for the non-zero z-score, in MONAI's chain and in the runtime alike; real values stay."""
+    from monai.data import MetaTensor
+
+    from beseg.data.presets import ClearResamplingNoised
+    from beseg.deploy.intensity import clear_resampling_noise
+
+    x = (np.random.default_rng(0).random((4, 10, 11, 12)) * 100 + 1).astype(np.float32)
+    x[:, :3] = 0
+    x[0, 0, 0, 0], x[1, 0, 0, 1], x[2, 1, 1, 1], x[3, 2, 2, 2] = 1e-12, -2e-13, 5e-4, 1e-14
+    ours = clear_resampling_noise(x.copy())
+    theirs = ClearResamplingNoised(keys="image")({"image": MetaTensor(torch.from_numpy(x.copy()))})["image"].numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours[0, 0, 0, 0] == ours[1, 0, 0, 1] == ours[3, 2, 2, 2] == 0 and ours[2, 1, 1, 1] == np.float32(5e-4)
+    assert (ours[:, 3:] == x[:, 3:]).all()
+
+
+def test_a_label_map_is_written_atomically_and_never_over_a_file_that_appeared(tmp_path):
+    from beseg.deploy.io import OutputError, is_beseg_label, write_label
+
+    reference = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([0.5, 1.0, 2.0, 1.0]))
+    labels = np.arange(120, dtype=np.uint8).reshape(4, 5, 6) % 3
+    path = write_label(labels, reference, tmp_path / "a.nii.gz", replace=False)
+    assert is_beseg_label(path) and not is_beseg_label(write_image(tmp_path / "b.nii.gz", np.zeros((4, 5, 6))))
+    np.testing.assert_array_equal(np.asarray(nib.load(str(path)).dataobj), labels)
+    before = path.read_bytes()
+    with pytest.raises(OutputError, match="appeared while predicting"):
+        write_label(labels * 0, reference, path, replace=False)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    write_label(labels * 0, reference, path, replace=True)
+    assert not np.asarray(nib.load(str(path)).dataobj).any()
+
+
 # ---------------------------------------------------------------------------------------------
 # the runtime on a hand-made model
 

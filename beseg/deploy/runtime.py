@@ -19,6 +19,7 @@ from beseg.extras import require
 
 __all__ = ["Predictor", "PredictSummary", "available_providers", "import_onnxruntime", "normalize", "to_labels"]
 
+
 def import_onnxruntime() -> Any:
     """The onnxruntime module.
 
