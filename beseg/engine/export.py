@@ -128,8 +128,8 @@ def _readme(spec: dict[str, Any]) -> str:
         f"{', '.join(spec['input']['channel_names'])} ({spec['input']['layout']}). Any orientation and spacing: the "
         f"image is reoriented to {spec['geometry']['orientation']} and resampled to "
         f"{' x '.join(f'{s:g}' for s in spec['geometry']['spacing_mm'])} mm. A scan smaller than the window along some axis "
-        "is padded to one window (constant 0 after normalisation, as in training-time validation) and cropped back; "
-        "one under a quarter of the window is predicted with a warning. Refused, one line each: an axis of 0 or 1 "
+        "is padded to one window (constant 0 after normalisation, as `beseg predict` pads) and cropped back; one under "
+        "a quarter of the window (`--warn-below`) is predicted with a warning. Refused, one line each: an axis of 0 or 1 "
         "voxel, a degenerate affine, another number of channels, NaN or Inf intensities.",
         "",
         "## Output",
