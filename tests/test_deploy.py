@@ -8,6 +8,7 @@ equivalence with `beseg predict` on trained runs are in tests/test_export.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import tree_state
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -27,16 +29,31 @@ from beseg.deploy.pipeline import sha256  # noqa: E402
 from beseg.deploy.runtime import normalize, to_labels  # noqa: E402
 from beseg.deploy.window import importance_map, mirror_flips, sliding_window, window_starts  # noqa: E402
 
-#: Runs Python with torch and monai imports refused, then reports which of them got imported.
-BLOCKED = """
+def import_blocker(*packages: str) -> str:
+    """Python code that makes importing ``packages`` (and their submodules) fail as if they were not installed."""
+    return f"""
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "monai"):
-            raise ImportError(f"blocked import of {name}")
+        if name.split(".")[0] in {packages!r}:
+            raise ModuleNotFoundError(f"blocked import of {{name}}", name=name)
         return None
 sys.meta_path.insert(0, Block())
 """
+
+
+#: Runs Python with torch and monai imports refused, then reports which of them got imported.
+BLOCKED = import_blocker("torch", "monai")
+
+
+def run_cli_without(packages: tuple[str, ...], module: str, args: list[str], folder: Path) -> subprocess.CompletedProcess:
+    """``python -m module args`` with ``packages`` not importable: a ``sitecustomize.py`` put first on PYTHONPATH
+    installs the blocker before anything else is imported, as a machine without them would behave. beseg
+    comes from where this interpreter finds it (the working directory or PYTHONPATH), as in :func:`run_without_torch`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(import_blocker(*packages))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def run_without_torch(code: str) -> subprocess.CompletedProcess:
@@ -124,9 +141,14 @@ def test_importance_map_matches_monai(window):
     ((20, 33, 41), (8, 12, 10), 0.5, "constant"),
     ((16, 17, 18), (16, 16, 16), 0.0, "gaussian"),
     ((50, 21, 19), (16, 8, 16), 0.7, "gaussian"),
+    # smaller than the window: padded (odd and even differences), then cropped back
+    ((37, 16, 5), (16, 16, 16), 0.25, "gaussian"),
+    ((4, 9, 30), (16, 16, 16), 0.25, "gaussian"),
+    ((3, 2, 1), (8, 12, 10), 0.5, "constant"),
 ])
 def test_sliding_window_matches_monai(size, window, overlap, mode):
-    """A network whose output depends on where the window is (its mean), so placement and weights matter."""
+    """A network whose output depends on where the window is (its mean), so placement, weights and
+    padding matter."""
     from monai.inferers import sliding_window_inference
 
     image = np.random.default_rng(1).normal(size=(2, *size)).astype(np.float32)
@@ -214,6 +236,40 @@ def test_normalize_and_label_maps_follow_their_definitions():
     assert to_labels(probs, P).tolist() == [0, 1, 2, 3]
 
 
+def test_the_presets_and_the_runtime_clear_the_same_resampling_noise():
+    """Values within 1e-6 of a channel's peak (what linear resampling leaves beside a zero background)
+    are 0 for the non-zero z-score, in MONAI's chain and in the runtime alike; real values stay."""
+    from monai.data import MetaTensor
+
+    from beseg.data.presets import ClearResamplingNoised
+    from beseg.deploy.intensity import clear_resampling_noise
+
+    x = (np.random.default_rng(0).random((4, 10, 11, 12)) * 100 + 1).astype(np.float32)
+    x[:, :3] = 0
+    x[0, 0, 0, 0], x[1, 0, 0, 1], x[2, 1, 1, 1], x[3, 2, 2, 2] = 1e-12, -2e-13, 5e-4, 1e-14
+    ours = clear_resampling_noise(x.copy())
+    theirs = ClearResamplingNoised(keys="image")({"image": MetaTensor(torch.from_numpy(x.copy()))})["image"].numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours[0, 0, 0, 0] == ours[1, 0, 0, 1] == ours[3, 2, 2, 2] == 0 and ours[2, 1, 1, 1] == np.float32(5e-4)
+    assert (ours[:, 3:] == x[:, 3:]).all()
+
+
+def test_a_label_map_is_written_atomically_and_never_over_a_file_that_appeared(tmp_path):
+    from beseg.deploy.io import OutputError, is_beseg_label, write_label
+
+    reference = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([0.5, 1.0, 2.0, 1.0]))
+    labels = np.arange(120, dtype=np.uint8).reshape(4, 5, 6) % 3
+    path = write_label(labels, reference, tmp_path / "a.nii.gz", replace=False)
+    assert is_beseg_label(path) and not is_beseg_label(write_image(tmp_path / "b.nii.gz", np.zeros((4, 5, 6))))
+    np.testing.assert_array_equal(np.asarray(nib.load(str(path)).dataobj), labels)
+    before = path.read_bytes()
+    with pytest.raises(OutputError, match="appeared while predicting"):
+        write_label(labels * 0, reference, path, replace=False)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    write_label(labels * 0, reference, path, replace=True)
+    assert not np.asarray(nib.load(str(path)).dataobj).any()
+
+
 # ---------------------------------------------------------------------------------------------
 # the runtime on a hand-made model
 
@@ -233,6 +289,7 @@ def test_threshold_model_labels_the_bright_voxels_in_the_input_grid(tmp_path):
 def test_importing_and_running_deploy_never_imports_torch_or_monai(tmp_path):
     model = make_model_dir(tmp_path / "model")
     write_image(tmp_path / "in" / "a.nii.gz", smooth_volume((20, 20, 18)), oblique_affine((1.2, 0.9, 2.0)))
+    write_image(tmp_path / "in" / "thin.nii.gz", smooth_volume((20, 20, 4)), oblique_affine((1.2, 0.9, 2.0)))
     result = run_without_torch(f"""
 from beseg.deploy.cli import main
 rc = main([{str(model)!r}, {str(tmp_path / 'in')!r}, "--out", {str(tmp_path / 'out')!r}])
@@ -242,8 +299,20 @@ print("rc", rc, "imported", sorted(m for m in sys.modules if m.split(".")[0] in 
     assert result.returncode == 0, result.stderr
     assert "rc 0 imported []" in result.stdout
     assert nib.load(str(tmp_path / "out" / "a.nii.gz")).shape == (20, 20, 18)
+    assert nib.load(str(tmp_path / "out" / "thin.nii.gz")).shape == (20, 20, 4)  # padded: thinner than the window
     # the guard works: the same interpreter refuses torch
     assert "blocked import of torch" in run_without_torch("import torch").stderr
+
+
+def test_without_onnxruntime_beseg_predict_says_what_to_install(tmp_path):
+    model = make_model_dir(tmp_path / "model")
+    image = write_image(tmp_path / "in" / "a.nii.gz", smooth_volume((20, 20, 20)))
+    result = run_cli_without(("onnxruntime",), "beseg.deploy.cli", [str(model), str(image), "--out",
+                                                                     str(tmp_path / "out")], tmp_path / "site")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "beseg-predict needs onnxruntime" in result.stderr and "pip install onnxruntime" in result.stderr
+    assert "beseg[deploy]" in result.stderr and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,18 +361,152 @@ def test_a_malformed_pipeline_is_one_clear_error(key, value, match, tmp_path, ca
     assert "pipeline.json" in err and match in err
 
 
-def test_wrong_channels_and_too_small_images_fail_alone(tmp_path, capsys):
-    model = make_model_dir(tmp_path / "model")
-    good = write_image(tmp_path / "in" / "good.nii.gz", smooth_volume((20, 20, 20)))
-    four = write_image(tmp_path / "in" / "four.nii.gz", np.zeros((20, 20, 20, 4)))
-    small = write_image(tmp_path / "in" / "small.nii.gz", smooth_volume((20, 20, 8)), np.diag([1.0, 1.0, 1.5, 1.0]))
-    assert deploy_main([str(model), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+def write_with_affine(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """A NIfTI file whose sform is ``affine`` verbatim, even a degenerate one nibabel would not build an image from."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(np.float32)
+    header["sform_code"] = 1
+    for row, name in enumerate(("srow_x", "srow_y", "srow_z")):
+        header[name] = affine[row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), None, header), str(path))
+    return path
+
+
+def test_scans_thinner_than_the_window_are_padded_and_predicted(tmp_path, capsys):
+    """Thin along one axis (odd padding), along two, and under a quarter of the window (a warning):
+    the threshold model labels each voxel by its own intensity, so the labels are known exactly and
+    any misplaced padding or crop shows."""
+    model = make_model_dir(tmp_path / "model", mirror=(0, 1, 2))  # window 16^3; mirroring flips the padding too
+    volumes = {"thin_z": (20, 18, 9), "thin_xy": (6, 5, 30), "sliver": (20, 18, 3)}
+    data = {name: smooth_volume(shape, seed=i) for i, (name, shape) in enumerate(volumes.items())}
+    for name, volume in data.items():
+        write_image(tmp_path / "in" / f"{name}.nii.gz", volume)
+    assert deploy_main([str(model), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    for name, volume in data.items():
+        out = nib.load(str(tmp_path / "out" / f"{name}.nii.gz"))
+        assert out.shape == volume.shape
+        labels = np.asarray(out.dataobj)
+        np.testing.assert_array_equal(labels, (volume > 100.0).astype(np.uint8))
+        assert 0 < labels.mean() < 1, name  # both labels present: the comparison is not of constant maps
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and not any("Traceback" in line for line in err)
-    assert any(str(four) in line and "has 4 channel(s)" in line and "expects 1" in line for line in err)
-    assert any(str(small) in line and "smaller than one window" in line and "20x20x12 voxels" in line for line in err)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]
-    assert good.exists()
+    assert len(err) == 1 and "warning" in err[0] and "sliver.nii.gz" in err[0] and "20x18x3 voxels" in err[0]
+    assert "under 25% of the window 16x16x16 along axis 2" in err[0]
+    # the threshold is configurable: 0 never warns, 0.5 warns about thin_xy (6 and 5 < 8) too, not thin_z (9)
+    args = [str(model), str(tmp_path / "in"), "--quiet", "--overwrite"]
+    assert deploy_main([*args, "--out", str(tmp_path / "out"), "--warn-below", "0"]) == 0
+    assert capsys.readouterr().err == ""
+    assert deploy_main([*args, "--out", str(tmp_path / "out"), "--warn-below", "0.5"]) == 0
+    warned = capsys.readouterr().err
+    assert "thin_xy.nii.gz" in warned and "along axis 0, 1" in warned and "thin_z" not in warned
+
+
+def test_what_cannot_be_a_scan_is_refused_and_the_rest_is_predicted(tmp_path, capsys):
+    """One line per bad image, naming it; the images after a bad one are still predicted; exit code 1."""
+    model = make_model_dir(tmp_path / "model")
+    folder = tmp_path / "in"
+    bad = {
+        "a_degenerate": write_with_affine(folder / "a_degenerate.nii.gz", smooth_volume((20, 20, 20)),
+                                          np.diag([1.0, 1.0, 0.0, 1.0])),
+        "b_collinear": write_with_affine(folder / "b_collinear.nii.gz", smooth_volume((20, 20, 20)),
+                                         np.array([[1.0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])),
+        "c_one_slice": write_image(folder / "c_one_slice.nii.gz", smooth_volume((20, 20, 1))),
+        "d_four": write_image(folder / "d_four.nii.gz", np.zeros((20, 20, 20, 4))),
+        "e_nan": write_image(folder / "e_nan.nii.gz", np.full((20, 20, 20), np.nan)),
+        "f_not_nifti": folder / "f_not_nifti.nii.gz",
+    }
+    bad["f_not_nifti"].write_bytes(b"not a NIfTI file")
+    good = write_image(folder / "z_good.nii.gz", smooth_volume((20, 20, 20)))
+    before = tree_state(folder)
+    assert deploy_main([str(model), str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[0] == f"{len(bad)} input(s) failed:" and len(err) == len(bad) + 1
+    reasons = {"a_degenerate": "degenerate affine", "b_collinear": "degenerate affine",
+               "c_one_slice": "1 voxel(s) along axis 2", "d_four": "has 4 channel(s)", "e_nan": "NaN or Inf",
+               "f_not_nifti": "not a readable NIfTI"}
+    for name, path in bad.items():
+        assert sum(str(path) in line and reasons[name] in line for line in err) == 1, (name, err)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [good.name]
+    assert tree_state(folder) == before
+
+
+def test_a_model_folder_from_before_the_padding_key_pads_and_an_unknown_mode_is_refused(tmp_path, capsys):
+    """Format 1 as 1580cec wrote it (``padding`` a string) or with no key: constant 0 padding, like
+    ``beseg predict``; a mode this version does not implement is refused, not ignored."""
+    volume = smooth_volume((20, 18, 7))
+    write_image(tmp_path / "in" / "thin.nii.gz", volume)
+    for i, padding in enumerate(["none: an image smaller than the window is refused", None,
+                                 {"mode": "constant", "value": 0.0}]):
+        model = make_model_dir(tmp_path / f"model{i}")
+        spec = json.loads((model / "pipeline.json").read_text())
+        assert spec["format"] == 1
+        if padding is not None:
+            spec["members"][0]["padding"] = padding
+        (model / "pipeline.json").write_text(json.dumps(spec))
+        assert load_pipeline(model).members[0].padding == "constant"
+        out = tmp_path / f"out{i}"
+        assert deploy_main([str(model), str(tmp_path / "in"), "--out", str(out), "--quiet"]) == 0
+        np.testing.assert_array_equal(np.asarray(nib.load(str(out / "thin.nii.gz")).dataobj), volume > 100.0)
+    spec["members"][0]["padding"] = {"mode": "reflect"}
+    (model / "pipeline.json").write_text(json.dumps(spec))
+    err = error_of(capsys, str(model), str(tmp_path / "in"), "--out", str(tmp_path / "out9"))
+    assert "pipeline.json" in err and "padding mode 'reflect'" in err and "update beseg" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs never replace an input, never collide, and replace only beseg's own label maps
+
+
+def test_out_in_an_input_folder_is_refused_and_the_images_are_untouched(tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    scans = tmp_path / "scans"
+    write_image(scans / "ct.nii.gz", smooth_volume((20, 20, 20)))
+    write_image(scans / "mr.nii", smooth_volume((20, 20, 20)))
+    before = tree_state(scans)
+    for images in ([scans], [scans / "mr.nii"]):  # the folder itself, or one file of it
+        err = error_of(capsys, str(model), *map(str, images), "--out", str(scans))
+        assert f"--out {scans} is the folder of the input" in err and "choose another output folder" in err
+        assert tree_state(scans) == before
+    # a link from the output folder to an input: refused as well
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ct.nii.gz").symlink_to(scans / "ct.nii.gz")
+    err = error_of(capsys, str(model), str(scans), "--out", str(tmp_path / "out"), "--overwrite")
+    assert f"{tmp_path / 'out' / 'ct.nii.gz'} is the input {scans / 'ct.nii.gz'}" in err
+    assert tree_state(scans) == before
+
+
+def test_two_inputs_with_one_output_name_are_refused_naming_both(tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    a = write_image(tmp_path / "A" / "case.nii.gz", smooth_volume((20, 20, 20), seed=1))
+    b = write_image(tmp_path / "B" / "case.nii", smooth_volume((20, 20, 20), seed=2))
+    err = error_of(capsys, str(model), str(a.parent), str(b.parent), "--out", str(tmp_path / "out"))
+    assert str(a) in err and str(b) in err and str(tmp_path / "out" / "case.nii.gz") in err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+    # the same file given twice (its folder and itself) is one input, not a collision
+    assert deploy_main([str(model), str(a.parent), str(a), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+
+
+def test_existing_outputs_are_kept_unless_overwrite_and_only_beseg_label_maps_are_replaced(tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    write_image(tmp_path / "in" / "a.nii.gz", smooth_volume((20, 20, 20), seed=1))
+    write_image(tmp_path / "in" / "b.nii.gz", smooth_volume((20, 20, 20), seed=2))
+    out = tmp_path / "out"
+    args = [str(model), str(tmp_path / "in"), "--out", str(out), "--quiet"]
+    assert deploy_main(args) == 0
+    ours = tree_state(out)
+    err = error_of(capsys, *args)  # a second run: refused, nothing replaced
+    assert f"{out / 'a.nii.gz'} exists already (and 1 more output(s))" in err and "--overwrite" in err
+    assert tree_state(out) == ours
+    assert deploy_main([*args, "--overwrite"]) == 0  # beseg's own label maps are replaced
+    assert all(tree_state(out)[k][1] != ours[k][1] for k in ours)
+    # a file beseg did not write is never replaced, --overwrite or not
+    write_image(out / "b.nii.gz", np.zeros((20, 20, 20)))
+    theirs = tree_state(out)
+    err = error_of(capsys, *args, "--overwrite")
+    assert f"{out / 'b.nii.gz'} exists and is not a label map written by beseg" in err
+    assert tree_state(out) == theirs
 
 
 def test_missing_model_folder_and_device(tmp_path, capsys):

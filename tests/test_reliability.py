@@ -476,7 +476,7 @@ def test_disk_full_while_writing_a_prediction_keeps_the_previous_file(trained_ru
         Path(filename).write_bytes(b"\x1f\x8b partial")
         _enospc()
     monkeypatch.setattr(nib, "save", save_then_fill_disk)
-    rc, out, err = run_main(capsys, "predict", trained_run, image, "--out", out_dir)
+    rc, out, err = run_main(capsys, "predict", trained_run, image, "--out", out_dir, "--overwrite")
     assert_clear_error(rc, err, "1 input(s) failed", f"could not write {written}: No space left on device",
                        one_line=False)
     assert written.read_bytes() == previous

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_FAILURE = 1
+from beseg.errors import EXIT_FAILURE, report_failures  # noqa: F401 - the commands' shared failure list
 
 
 def data_dir(data: str | None, task: str, progress: bool = True) -> Path:
@@ -43,16 +43,6 @@ def add_distance_penalty(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distance-penalty", type=float, default=None, metavar="MM",
                         help="HD95 and ASD of a class empty in exactly one of prediction and label (default 373.13, "
                              "the BraTS convention); nan leaves them undefined (left out of means, counted)")
-
-
-def report_failures(failed: list[tuple[str, str]]) -> int:
-    """List failed inputs on stderr; the exit code (1 if any failed)."""
-    if not failed:
-        return 0
-    print(f"{len(failed)} input(s) failed:", file=sys.stderr)
-    for name, reason in failed:
-        print(f"  - {reason if reason.startswith(name) else f'{name}: {reason}'}", file=sys.stderr)
-    return EXIT_FAILURE
 
 
 def add_protocol(parser: argparse.ArgumentParser, default: str) -> None:

@@ -53,6 +53,7 @@ from monai.transforms import (
 from beseg.data.classes import ClassSpec
 from beseg.data.intensity import IntensityRange
 from beseg.data.msd import MSDTask
+from beseg.deploy.intensity import NOISE_FLOOR
 from beseg.errors import DataError
 
 __all__ = ["BRATS_REGIONS", "MSDBratsRegionsd", "TaskPreset", "PRESETS", "canonical_task", "get_preset", "preset_for_task", "msd_brats_regions"]
@@ -92,6 +93,27 @@ class MSDBratsRegionsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = msd_brats_regions(d[key])
+        return d
+
+
+class ClearResamplingNoised(MapTransform):
+    """Set to exactly 0 the voxels of each channel whose magnitude is at most ``NOISE_FLOOR`` (1e-6) of
+    the channel's largest, before the non-zero z-score.
+
+    Linear resampling leaves values like 1e-14 beside an exactly-zero background, in voxels that depend
+    on the resampler's rounding (MONAI's float64 grid here, scipy's in ``beseg-predict``); the non-zero
+    z-score would count them. This is :func:`beseg.deploy.intensity.clear_resampling_noise` for tensors,
+    so the store, validation, ``evaluate``, ``predict`` and the exported runtime share one rule.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key].clone()
+            magnitude = image.abs()
+            peak = magnitude.reshape(magnitude.shape[0], -1).amax(dim=1).reshape(-1, *([1] * (image.ndim - 1)))
+            image[magnitude <= NOISE_FLOOR * peak] = 0
+            d[key] = image
         return d
 
 
@@ -215,7 +237,8 @@ class TaskPreset:
 
     def _normalize(self, stats: IntensityRange | None) -> list:
         if self.normalization == "zscore_nonzero":
-            return [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)]
+            return [ClearResamplingNoised(keys="image"),
+                    NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)]
         if stats is None:
             raise ValueError(f"preset {self.name!r} needs intensity stats (beseg.data.foreground_percentiles)")
         return [ScaleIntensityRanged(keys="image", a_min=stats.low, a_max=stats.high, b_min=0.0, b_max=1.0,

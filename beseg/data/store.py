@@ -70,7 +70,8 @@ from beseg.fileio import atomic_write_text, lock_holder, release_lock, touch_loc
 __all__ = ["STORE_VERSION", "CaseArrays", "Store", "StoreSettings", "open_store", "prepare_store"]
 
 #: Bumped whenever what the store writes changes, so older stores are never read.
-STORE_VERSION = 1
+#: 2: z-scored images clear resampling noise first (presets.ClearResamplingNoised).
+STORE_VERSION = 2
 #: Voxel locations sampled per label value at preparation (nnU-Net samples 10,000 per class).
 DEFAULT_LOCATIONS = 10_000
 #: A lock of another machine not refreshed for this long is stale (its builder died).

@@ -6,12 +6,15 @@ installs as ``pip install beseg[deploy]`` on machines without PyTorch. The comma
 ``beseg-predict MODEL_DIR IMAGE_OR_FOLDER... --out DIR``.
 
 The steps mirror ``beseg predict``: reorient and resample (:mod:`beseg.deploy.geometry`), normalise
-with each member's training statistics, sliding window with MONAI's window placement and blending
-(:mod:`beseg.deploy.window`), activation, mirroring and ensemble averaging of probabilities, the
-label map, and nearest-neighbour resampling back into the input's grid with the input's affine.
+with each member's training statistics, sliding window with MONAI's padding, window placement and
+blending (:mod:`beseg.deploy.window`), activation, mirroring and ensemble averaging of
+probabilities, the label map, and nearest-neighbour resampling back into the input's grid with the
+input's affine. The input checks, the output planning and the per-image loop
+(:mod:`beseg.deploy.io`, :mod:`beseg.deploy.batch`) are the ones ``beseg predict`` uses too.
 """
 
+from beseg.deploy.batch import PredictSummary
 from beseg.deploy.pipeline import FORMAT_VERSION, DeployError, Pipeline, load_pipeline
-from beseg.deploy.runtime import Predictor, PredictSummary
+from beseg.deploy.runtime import Predictor
 
 __all__ = ["FORMAT_VERSION", "DeployError", "Pipeline", "PredictSummary", "Predictor", "load_pipeline"]

@@ -6,7 +6,11 @@ spacing that keeps the image's direction cosines. The new grid's shape is the ex
 input's voxel centres in the new voxel units plus one, rounded, and its origin is the input's
 "smallest" corner (the grid is centred on the input when no corner is smallest). An axis already
 within 1e-3 mm of the target spacing keeps its spacing. Inverse: nearest-neighbour lookup from the
-label grid back to the input grid (ties rounded to even), then the inverse reordering.
+label grid back to the input grid, then the inverse reordering. An input voxel halfway between two
+model voxels (every other slice of a 2.5 mm scan on a 1 mm grid) takes the even one: coordinates
+are rounded to :data:`TIE_DECIMALS` decimals first, so that float noise in the affines (float32
+headers, a grid computed by MONAI or by this module) never decides it. ``beseg predict``,
+``beseg evaluate`` and ``beseg-predict`` all map labels back with :func:`to_input_grid`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from scipy import ndimage
 __all__ = ["Grid", "grid_of", "to_model_grid", "to_input_grid"]
 
 AFFINE_TOL = 1e-3
+#: Model-grid coordinates are rounded to this many decimals (voxels) before the nearest voxel is taken.
+TIE_DECIMALS = 4
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ def to_input_grid(labels: np.ndarray, grid: Grid) -> np.ndarray:
         j, k = np.meshgrid(np.arange(grid.oriented_shape[1]), np.arange(grid.oriented_shape[2]), indexing="ij")
         for i in range(grid.oriented_shape[0]):  # one slab at a time: coordinates of a whole volume are large
             points = np.stack([np.full(j.shape, i, float), j, k, np.ones(j.shape)]).reshape(4, -1)
-            src = np.rint(xform[:3] @ points).astype(np.int64)
+            src = np.rint(np.round(xform[:3] @ points, TIE_DECIMALS)).astype(np.int64)
             for axis in range(3):
                 np.clip(src[axis], 0, grid.model_shape[axis] - 1, out=src[axis])
             oriented[i] = labels[src[0], src[1], src[2]].reshape(j.shape)

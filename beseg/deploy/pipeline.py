@@ -4,16 +4,24 @@ A model folder written by ``beseg export`` holds one ONNX network per ensemble m
 ``pipeline.json`` describing the whole pipeline (format :data:`FORMAT_VERSION`) and a README. The
 pipeline lists the SHA-256 of every other file of the folder; :func:`load_pipeline` checks them
 before anything runs, so a damaged or swapped network is refused rather than used.
+
+Each member records how a volume smaller than its window is padded
+(``"padding": {"mode": "constant", "value": 0.0}``). Folders exported before that key existed
+(format 1 with no ``padding``, or the string ``"none: ..."``) are read as constant 0 padding: the
+padding ``beseg predict`` always applied, so their labels stay those of the research path. A mode
+this version does not implement is refused, never ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from beseg.deploy.window import PADDING_MODES
 from beseg.errors import BesegError
 
 __all__ = ["FORMAT_VERSION", "PIPELINE_FILE", "DeployError", "Member", "Pipeline", "load_pipeline", "sha256"]
@@ -49,6 +57,8 @@ class Member:
         sigma_scale: Gaussian sigma as a fraction of the window.
         normalization: ``{"kind": "zscore_nonzero"}`` (per channel, over non-zero voxels) or
             ``{"kind": "scale_range", "low": L, "high": H}`` (L -> 0, H -> 1, clipped to [0, 1]).
+        padding: how a volume smaller than the window is padded (``"constant"``).
+        pad_value: the value of padded voxels, in normalised units.
     """
 
     file: str
@@ -57,6 +67,28 @@ class Member:
     blending: str
     sigma_scale: float
     normalization: dict[str, Any]
+    padding: str = "constant"
+    pad_value: float = 0.0
+
+
+def _padding(spec: Any) -> tuple[str, float]:
+    """``(mode, value)`` of a member's ``padding`` entry; absent or a string (format 1 before the key
+    existed) is constant 0, what ``beseg predict`` pads with.
+
+    Raises:
+        ValueError: not an object with a known ``mode`` and a finite ``value``.
+    """
+    if spec is None or isinstance(spec, str):
+        return "constant", 0.0
+    if not isinstance(spec, dict):
+        raise ValueError(f"padding must be an object, got {spec!r}")
+    mode, value = spec.get("mode"), float(spec.get("value", 0.0))
+    if mode not in PADDING_MODES:
+        raise ValueError(f"padding mode {mode!r} is not one this beseg implements ({', '.join(PADDING_MODES)}); "
+                         "update beseg")
+    if not math.isfinite(value):
+        raise ValueError(f"padding value {value!r} is not finite")
+    return str(mode), value
 
 
 @dataclass(frozen=True)
@@ -135,7 +167,8 @@ def load_pipeline(model_dir: str | Path, verify: bool = True) -> Pipeline:
             raise DeployError(f"{path}: {where}.file {m.get('file')!r} has no checksum in 'files'.")
         try:
             members.append(Member(str(m["file"]), tuple(int(v) for v in m["window"]), float(m["overlap"]),  # type: ignore[arg-type]
-                                  str(m["blending"]), float(m["sigma_scale"]), dict(m["normalization"])))
+                                  str(m["blending"]), float(m["sigma_scale"]), dict(m["normalization"]),
+                                  *_padding(m.get("padding"))))
         except (KeyError, TypeError, ValueError) as err:
             raise DeployError(f"{path}: {where} is malformed ({type(err).__name__}: {err}).") from None
     if not members:

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from beseg.deploy.batch import PredictSummary, predict_each
 from beseg.deploy.geometry import to_input_grid, to_model_grid
-from beseg.deploy.io import list_images, output_name, read_image, write_label
+from beseg.deploy.intensity import normalize
+from beseg.deploy.io import plan_outputs, read_image
 from beseg.deploy.pipeline import DeployError, Member, Pipeline, load_pipeline
-from beseg.deploy.window import mirror_flips, sliding_window
-from beseg.errors import BesegError, DataError
+from beseg.deploy.window import DEFAULT_WARN_BELOW, mirror_flips, sliding_window, small_scan_warning
+from beseg.extras import require
 
-__all__ = ["Predictor", "PredictSummary", "available_providers", "normalize", "to_labels"]
+__all__ = ["Predictor", "PredictSummary", "available_providers", "import_onnxruntime", "normalize", "to_labels"]
 
 
-@dataclass
-class PredictSummary:
-    """Which inputs were written, and which failed with what reason."""
+def import_onnxruntime() -> Any:
+    """The onnxruntime module.
 
-    written: list[Path] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    Raises:
+        MissingDependencyError: it is not installed; the message says what to install.
+    """
+    return require(["onnxruntime"], "beseg-predict",
+                   "pip install onnxruntime (onnxruntime-gpu for CUDA), or pip install 'beseg[deploy]'")[0]
 
 
 def available_providers(device: str = "auto") -> list[str]:
@@ -30,9 +35,9 @@ def available_providers(device: str = "auto") -> list[str]:
 
     Raises:
         DeployError: ``cuda`` was asked for but this onnxruntime has no CUDA provider.
+        MissingDependencyError: onnxruntime is not installed.
     """
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     available = ort.get_available_providers()
     cuda = "CUDAExecutionProvider" in available
     if device == "cuda" and not cuda:
@@ -40,28 +45,6 @@ def available_providers(device: str = "auto") -> list[str]:
     if device not in ("auto", "cpu", "cuda"):
         raise DeployError(f"--device must be auto, cpu or cuda, got {device!r}.")
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda and device != "cpu" else ["CPUExecutionProvider"]
-
-
-def normalize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    """Intensity normalisation of a (C, X, Y, Z) float32 volume as ``spec`` says (a new array).
-
-    ``zscore_nonzero``: per channel, zero mean and unit variance over the non-zero voxels (zeros stay
-    zero; a constant channel is only shifted). ``scale_range``: ``low`` -> 0, ``high`` -> 1, clipped.
-    """
-    kind = spec.get("kind")
-    out = image.astype(np.float32, copy=True)
-    if kind == "zscore_nonzero":
-        for c in out:
-            mask = c != 0
-            if mask.any():
-                values = c[mask]
-                std = float(values.std())
-                c[mask] = (values - np.float32(values.mean())) / np.float32(std if std != 0 else 1.0)
-        return out
-    if kind == "scale_range":
-        low, high = float(spec["low"]), float(spec["high"])
-        return np.clip((out - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32)
-    raise DeployError(f"unknown normalization kind {kind!r} in pipeline.json.")
 
 
 def _activate(logits: np.ndarray, activation: str) -> np.ndarray:
@@ -93,19 +76,22 @@ class Predictor:
         mirror: override the pipeline's test-time mirroring: ``False`` turns it off.
         threads: onnxruntime intra-op threads (default: its own choice).
         batch_size: windows per network call.
+        warn_below: warn about a scan under this fraction of the window along some axis (on the
+            model grid); it is predicted all the same. 0 never warns.
 
     Raises:
         DeployError: the folder is damaged, from a newer format, or onnxruntime cannot load a network.
+        MissingDependencyError: onnxruntime is not installed.
     """
 
     def __init__(self, model_dir: str | Path, device: str = "auto", mirror: bool | None = None,
-                 threads: int | None = None, batch_size: int = 1) -> None:
-        import onnxruntime as ort
-
+                 threads: int | None = None, batch_size: int = 1, warn_below: float = DEFAULT_WARN_BELOW) -> None:
+        ort = import_onnxruntime()
         self.pipeline = load_pipeline(model_dir)
         self.providers = available_providers(device)
         self.mirror_axes = self.pipeline.mirror_axes if mirror is not False else ()
         self.batch_size = batch_size
+        self.warn_below = warn_below
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -119,14 +105,22 @@ class Predictor:
 
     def _member_probabilities(self, image: np.ndarray, member: Member, session: Any) -> np.ndarray:
         name = session.get_inputs()[0].name
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            try:
+                return session.run(None, {name: batch})[0]
+            except Exception as err:  # onnxruntime's own exception types (e.g. out of device memory)
+                raise DeployError(f"onnxruntime failed on {member.file} ({' '.join(str(err).split())[:200]}).") from None
+
         x = normalize(image, member.normalization)
         total = None
         flips = mirror_flips(self.mirror_axes)
         for axes in flips:
             dims = tuple(a + 1 for a in axes)
             xf = np.ascontiguousarray(np.flip(x, dims)) if dims else x
-            logits = sliding_window(xf, member.window, lambda batch: session.run(None, {name: batch})[0],
-                                    member.overlap, member.blending, member.sigma_scale, self.batch_size)
+            # padded after normalisation, each flip on its own, as MONAI's sliding_window_inference in beseg predict
+            logits = sliding_window(xf, member.window, run, member.overlap, member.blending, member.sigma_scale,
+                                    self.batch_size, member.padding, member.pad_value)
             p = _activate(logits, self.pipeline.activation)
             p = np.flip(p, dims) if dims else p
             total = p if total is None else total + p
@@ -143,38 +137,48 @@ class Predictor:
         assert total is not None
         return (total / len(self.sessions)).astype(np.float32)
 
-    def predict(self, path: str | Path) -> tuple[np.ndarray, Any]:
+    def predict(self, path: str | Path, warn: Callable[[str], None] | None = None) -> tuple[np.ndarray, Any]:
         """Label map of one image in that image's own voxel grid.
+
+        An image smaller than a window along some axis is padded (see :mod:`beseg.deploy.window`);
+        one under ``warn_below`` of the window is predicted with a warning.
+
+        Args:
+            path: the NIfTI image.
+            warn: receives a one-line warning about the image (default: :func:`warnings.warn`).
 
         Returns:
             ``(labels, image)``: (X, Y, Z) uint8 labels and the input's nibabel image.
 
         Raises:
-            DataError: unreadable image, wrong channels, or smaller than a window once resampled.
+            DataError: unreadable image, wrong channels, not a 3D scan, NaN/Inf voxels.
+            DeployError: onnxruntime failed.
         """
         p = self.pipeline
         data, img = read_image(path, p.channels)
         model_image, grid = to_model_grid(data, np.asarray(img.affine, dtype=np.float64), p.axcodes, p.spacing)
-        for member in p.members:
-            if any(s < w for s, w in zip(grid.model_shape, member.window)):
-                raise DataError(
-                    f"{path}: smaller than one window of the model: resampled to {'x'.join(f'{s:g}' for s in p.spacing)} mm "
-                    f"it is {'x'.join(map(str, grid.model_shape))} voxels, the window is "
-                    f"{'x'.join(map(str, member.window))}.")
+        message = small_scan_warning(path, grid.model_shape, [m.window for m in p.members], p.spacing, self.warn_below)
+        if message:
+            (warn or (lambda m: warnings.warn(m, stacklevel=3)))(message)
         labels = to_labels(self.probabilities(model_image), p)
         return to_input_grid(labels, grid), img
 
-    def predict_files(self, images: list[str | Path], out_dir: str | Path, progress: bool = False) -> PredictSummary:
-        """Predict every image (folders expanded) into ``out_dir/<name>.nii.gz``; a bad image is recorded, not fatal."""
-        out_dir = Path(out_dir)
-        summary = PredictSummary()
-        for image in list_images(images):
-            try:
-                labels, ref = self.predict(image)
-                summary.written.append(write_label(labels, ref, out_dir / output_name(image)))
-            except BesegError as err:
-                summary.failed.append((str(image), str(err)))
-                continue
-            if progress:
-                print(f"wrote {summary.written[-1]}", flush=True)
-        return summary
+    def predict_files(self, images: list[str | Path], out_dir: str | Path, progress: bool = False,
+                      overwrite: bool = False, on_warning: Callable[[str], None] | None = None) -> PredictSummary:
+        """Predict every image (folders expanded) into ``out_dir/<name>.nii.gz``; a bad image is recorded, not fatal.
+
+        Args:
+            images: NIfTI files, or folders of them.
+            out_dir: output folder.
+            progress: print a line per written file.
+            overwrite: replace existing label maps that beseg wrote (never any other file).
+            on_warning: receives each warning as it happens (they are in the summary too).
+
+        Raises:
+            OutputError: before anything runs, when an output would be written over an input, two
+                inputs share an output name, or an output exists (see :func:`beseg.deploy.io.plan_outputs`).
+        """
+        plan = plan_outputs(images, out_dir, overwrite)
+        return predict_each(plan, lambda image, warn: self.predict(image, warn), overwrite,
+                            on_written=(lambda out: print(f"wrote {out}", flush=True)) if progress else None,
+                            on_warning=on_warning)

@@ -1,11 +1,15 @@
 """Sliding-window inference in numpy, placed and blended as MONAI's ``sliding_window_inference``.
 
-Window positions: along each axis the step is ``int(window * (1 - overlap))`` (at least 1; a whole
-window when the volume is exactly one window long), and the last window is moved back so that it
-ends at the volume's edge. Blending: each window's logits are weighted by an importance map,
-constant or a Gaussian with sigma = ``sigma_scale * window`` per axis (clamped below at its smallest
-value, at least 1e-3), summed, and divided by the summed weights. These are the rules MONAI 1.6
-follows, so the exported pipeline and ``beseg predict`` place and weight the same windows.
+Padding: a volume smaller than the window along an axis is padded along it to one window, with a
+constant (0: the normalised intensity ``beseg predict`` pads with too), ``(window - size) // 2``
+voxels before and the rest after; the blended output is cropped back to the volume. Window
+positions: along each axis the step is ``int(window * (1 - overlap))`` (at least 1; a whole window
+when the volume is exactly one window long), and the last window is moved back so that it ends at
+the volume's edge. Blending: each window's logits are weighted by an importance map, constant or a
+Gaussian with sigma = ``sigma_scale * window`` per axis (clamped below at its smallest value, at
+least 1e-3), summed, and divided by the summed weights. These are the rules MONAI 1.6's
+``sliding_window_inference`` follows (``padding_mode="constant"``, ``cval=0``), so the exported
+pipeline and ``beseg predict`` pad, place and weight the same windows.
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["importance_map", "mirror_flips", "sliding_window", "window_starts"]
+__all__ = ["DEFAULT_WARN_BELOW", "PADDING_MODES", "importance_map", "mirror_flips", "pad_widths", "sliding_window",
+           "small_scan_warning", "window_starts"]
+
+#: Padding modes the runtime implements (``pipeline.json``: ``members[i].padding.mode``).
+PADDING_MODES = ("constant",)
+#: A scan under this fraction of the window along some axis (on the model grid) is predicted with a warning.
+DEFAULT_WARN_BELOW = 0.25
 
 
 def mirror_flips(axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -33,6 +43,44 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     step = window if window == size else max(int(window * (1 - overlap)), 1)
     count = next((i for i in range(math.ceil(size / step)) if i * step + window >= size), 0) + 1
     return sorted({min(i * step, size - window) for i in range(count)})
+
+
+def pad_widths(size: Sequence[int], window: Sequence[int]) -> list[tuple[int, int]]:
+    """``(before, after)`` voxels of padding per axis that make ``size`` at least one ``window``:
+    ``(window - size) // 2`` before and the rest after (MONAI's ``sliding_window_inference``), 0 where
+    the volume is large enough."""
+    widths = []
+    for s, w in zip(size, window):
+        diff = max(int(w) - int(s), 0)
+        widths.append((diff // 2, diff - diff // 2))
+    return widths
+
+
+def small_scan_warning(path: object, shape: Sequence[int], windows: Sequence[Sequence[int]],
+                       spacing: Sequence[float], warn_below: float = DEFAULT_WARN_BELOW) -> str | None:
+    """A one-line warning when a scan on the model grid is much smaller than a window, else None.
+
+    Such a scan is still predicted (padded to one window), but the network sees mostly padding
+    along that axis, so the result deserves a look: is it the intended series?
+
+    Args:
+        path: the input file, named in the message.
+        shape: the scan's spatial shape on the model grid (voxels).
+        windows: each ensemble member's window (voxels).
+        spacing: the model grid's voxel size (mm), for the message.
+        warn_below: fraction of the window under which an axis is "much smaller"; 0 never warns.
+
+    Returns:
+        The message, or None when every axis is at least ``warn_below`` of every window.
+    """
+    window = [max(int(w[a]) for w in windows) for a in range(len(shape))]
+    axes = [a for a, (s, w) in enumerate(zip(shape, window)) if s < warn_below * w]
+    if not axes:
+        return None
+    return (f"{path}: only {'x'.join(map(str, shape))} voxels on the model's "
+            f"{'x'.join(f'{s:g}' for s in spacing)} mm grid, under {warn_below:.0%} of the window "
+            f"{'x'.join(map(str, window))} along axis {', '.join(map(str, axes))}; predicted with padding, but check "
+            "that this is the intended series.")
 
 
 def importance_map(window: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
@@ -55,27 +103,34 @@ def importance_map(window: Sequence[int], mode: str = "gaussian", sigma_scale: f
 
 def sliding_window(image: np.ndarray, window: Sequence[int], run: Callable[[np.ndarray], np.ndarray],
                    overlap: float = 0.25, mode: str = "gaussian", sigma_scale: float = 0.125,
-                   batch_size: int = 1) -> np.ndarray:
+                   batch_size: int = 1, padding: str = "constant", pad_value: float = 0.0) -> np.ndarray:
     """Blended network outputs of a whole volume.
 
     Args:
-        image: (C, X, Y, Z) float32 volume, at least one window along each axis.
+        image: (C, X, Y, Z) float32 volume; an axis shorter than the window is padded (see :func:`pad_widths`).
         window: window (voxels), the network's fixed input size.
         run: (B, C, *window) float32 -> (B, K, *window) float32 logits.
         overlap: fraction of a window that neighbouring windows share.
         mode: ``"gaussian"`` or ``"constant"`` blending.
         sigma_scale: Gaussian sigma as a fraction of the window.
         batch_size: windows per call of ``run``.
+        padding: ``"constant"``, the only mode (MONAI's default, what ``beseg predict`` uses).
+        pad_value: the constant padded voxels get (in the network's input units, i.e. normalised).
 
     Returns:
-        (K, X, Y, Z) float32 blended logits.
+        (K, X, Y, Z) float32 blended logits, the shape of ``image`` (padding cropped off).
 
     Raises:
-        ValueError: the volume is smaller than the window along some axis.
+        ValueError: an unknown padding mode, or a volume with a zero-size axis.
     """
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+    if min(image.shape[1:]) < 1:
+        raise ValueError(f"volume {tuple(image.shape[1:])} has a zero-size axis")
+    widths = pad_widths(image.shape[1:], window)
+    if any(before or after for before, after in widths):
+        image = np.pad(image, [(0, 0), *widths], mode="constant", constant_values=np.float32(pad_value))
     size = image.shape[1:]
-    if any(s < w for s, w in zip(size, window)):
-        raise ValueError(f"volume {tuple(size)} is smaller than the window {tuple(window)}")
     weights = importance_map(window, mode, sigma_scale)
     corners = list(itertools.product(*(window_starts(s, w, overlap) for s, w in zip(size, window))))
     out: np.ndarray | None = None
@@ -90,4 +145,6 @@ def sliding_window(image: np.ndarray, window: Sequence[int], run: Callable[[np.n
             out[(slice(None), *s)] += pred * weights
             count[s] += weights
     assert out is not None
-    return out / count
+    out /= count
+    crop = tuple(slice(before, n - after) for (before, after), n in zip(widths, size))
+    return np.ascontiguousarray(out[(slice(None), *crop)])

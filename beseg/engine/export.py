@@ -12,7 +12,8 @@
 
 :mod:`beseg.deploy` (``beseg-predict``) runs the folder with onnxruntime, numpy, nibabel and scipy.
 The folder is written beside its final place and renamed into it at the end: a failed export
-leaves nothing behind.
+leaves nothing behind. ``overwrite`` replaces only a model folder (its ``pipeline.json`` of beseg's
+kind, no file that export did not write) and never a folder that holds a run being exported.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from beseg.data import TaskPreset
 from beseg.deploy.pipeline import FORMAT_VERSION, KIND, PIPELINE_FILE, sha256
 from beseg.engine.predict import LoadedModel, ensemble_members, load_model
 from beseg.errors import BesegError
+from beseg.extras import require
 
 __all__ = ["ExportError", "ExportResult", "export_runs", "pipeline_spec"]
 
@@ -44,6 +46,10 @@ INPUT_CHANNELS = {"brats_regions": ("FLAIR", "T1w", "t1gd", "T2w"), "foreground"
 BRATS_LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"}
 #: Largest |ONNX - PyTorch| logit difference accepted when the export is checked.
 CHECK_TOLERANCE = 1e-3
+#: How a volume smaller than the window is padded: what MONAI's sliding_window_inference does in
+#: ``beseg predict`` (constant 0 in normalised units, half before and half after, cropped back).
+PADDING = {"mode": "constant", "value": 0.0,
+           "where": "on the normalised volume, (window - size) // 2 voxels before, the rest after; cropped back"}
 
 
 class ExportError(BesegError):
@@ -102,7 +108,7 @@ def pipeline_spec(members: Sequence[LoadedModel], files: Sequence[str], mirror_a
             else str(member.checkpoint), "checkpoint": member.checkpoint.name, "epoch": member.epoch,
             "network": member.config.model.network, "input_name": "image", "output_name": "logits",
             "window": [int(w) for w in member.roi], "overlap": float(cfg.sw_overlap), "blending": "gaussian",
-            "sigma_scale": 0.125, "padding": "none: an image smaller than the window is refused",
+            "sigma_scale": 0.125, "padding": dict(PADDING),
             "normalization": norm,
         })
     return spec
@@ -121,7 +127,10 @@ def _readme(spec: dict[str, Any]) -> str:
         f"One NIfTI image per case with {spec['input']['channels']} channel(s) in this order: "
         f"{', '.join(spec['input']['channel_names'])} ({spec['input']['layout']}). Any orientation and spacing: the "
         f"image is reoriented to {spec['geometry']['orientation']} and resampled to "
-        f"{' x '.join(f'{s:g}' for s in spec['geometry']['spacing_mm'])} mm, and must then be at least one window large.",
+        f"{' x '.join(f'{s:g}' for s in spec['geometry']['spacing_mm'])} mm. A scan smaller than the window along some axis "
+        "is padded to one window (constant 0 after normalisation, as `beseg predict` pads) and cropped back; one under "
+        "a quarter of the window (`--warn-below`) is predicted with a warning. Refused, one line each: an axis of 0 or 1 "
+        "voxel, a degenerate affine, another number of channels, NaN or Inf intensities.",
         "",
         "## Output",
         "A uint8 label map in the input's own voxel grid, with the input's affine: "
@@ -138,6 +147,9 @@ def _readme(spec: dict[str, Any]) -> str:
         "pip install 'beseg[deploy]'        # numpy, nibabel, scipy, onnxruntime: no PyTorch",
         "beseg-predict MODEL_DIR image.nii.gz [more images or folders] --out predictions/",
         "```",
+        "The output folder may not be an input's folder, and existing files in it are not replaced (`--overwrite` "
+        "replaces label maps beseg wrote, never other files). A bad image is named and skipped; the exit code is 1 "
+        "if any failed.",
         "`pipeline.json` holds every step's parameters and the SHA-256 of each file; `beseg-predict` refuses a "
         "folder whose files do not match. Each `model*.onnx` maps a float32 `image` (batch, channels, *window) to "
         "`logits` (batch, classes, *window).",
@@ -198,11 +210,11 @@ def export_runs(runs: Sequence[str | Path], out_dir: str | Path, mirror_axes: Se
         CheckpointError: a run cannot be loaded, or the runs cannot form an ensemble.
         ExportError: ``out_dir`` exists (without ``overwrite``), or an export or its check failed.
     """
+    require(["onnx", "onnxscript", "onnxruntime"], "beseg export", "pip install 'beseg[export]'")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ExportError(f"{out_dir} already exists; choose another --out or pass --overwrite.")
     if any(a not in (0, 1, 2) for a in mirror_axes):
         raise ExportError(f"mirror axes must be 0, 1 or 2, got {list(mirror_axes)}.")
+    _check_out_dir(out_dir, runs, overwrite)
     members = ensemble_members([load_model(r, "cpu") for r in runs])
     files = ["model.onnx"] if len(members) == 1 else [f"model-{i}.onnx" for i in range(len(members))]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -223,10 +235,15 @@ def export_runs(runs: Sequence[str | Path], out_dir: str | Path, mirror_axes: Se
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            _check_out_dir(out_dir, runs, overwrite)  # again: it may have changed during the export
+            # aside under a fresh name (never an existing folder of the user's), then the new one in its place
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old)  # a directory renamed over the empty one mkdtemp made
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
@@ -234,3 +251,50 @@ def export_runs(runs: Sequence[str | Path], out_dir: str | Path, mirror_axes: Se
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out_dir, [*files, "README.md", PIPELINE_FILE], max(diffs))
+
+
+def _check_out_dir(out_dir: Path, runs: Sequence[str | Path], overwrite: bool) -> None:
+    """Refuse an ``out_dir`` whose replacement could lose anything that is not an earlier export.
+
+    Raises:
+        ExportError: ``out_dir`` is a file; it is, or holds, a run being exported; it is a non-empty
+            folder and ``overwrite`` is off; or ``overwrite`` is on and it is not a model folder
+            (a ``pipeline.json`` of beseg's kind, and no file that ``beseg export`` did not write).
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} exists and is not a folder; nothing was changed.")
+    real = os.path.realpath(out_dir)
+    for run in runs:
+        run_real = os.path.realpath(run)
+        if run_real == real or run_real.startswith(real.rstrip(os.sep) + os.sep):
+            raise ExportError(f"--out {out_dir} holds the run {run} being exported; export into another folder "
+                              "(nothing was changed).")
+    if not any(out_dir.iterdir()):
+        return  # an empty folder: nothing to lose
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists; choose another --out or pass --overwrite (which replaces only "
+                          "a model folder written by beseg export).")
+    reason = _not_a_model_folder(out_dir)
+    if reason:
+        raise ExportError(f"--overwrite replaces only a model folder written by beseg export, and {out_dir} is not one "
+                          f"({reason}); nothing was deleted.")
+
+
+def _not_a_model_folder(folder: Path) -> str | None:
+    """Why ``folder`` is not a model folder that ``beseg export`` wrote, or None if it is one."""
+    try:
+        spec = json.loads((folder / PIPELINE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {PIPELINE_FILE}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {PIPELINE_FILE} is not readable JSON"
+    if not isinstance(spec, dict) or spec.get("kind") != KIND or not isinstance(spec.get("format"), int) \
+            or not isinstance(spec.get("files"), dict):
+        return f"its {PIPELINE_FILE} is not a beseg pipeline"
+    ours = {PIPELINE_FILE, *map(str, spec["files"])}
+    others = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+    if others:
+        return "it holds " + ", ".join(others[:3]) + (" ..." if len(others) > 3 else "") + ", which export did not write"
+    return None

@@ -9,31 +9,39 @@ Several checkpoints form an ensemble (e.g. the k folds): the image is resampled 
 normalises it with its own statistics, and the probabilities after the activation are averaged
 over the members and, with ``mirror_axes``, over the flips (nnU-Net's test-time mirroring) before
 the label map is made. ``beseg export`` writes the same pipeline for :mod:`beseg.deploy`.
+
+An image smaller than the window along some axis is padded by MONAI's ``sliding_window_inference``
+(constant 0 after normalisation) and cropped back. What is refused, warned about, and how outputs
+are planned and written is shared with :mod:`beseg.deploy` (:func:`beseg.deploy.io.check_scan`,
+:func:`beseg.deploy.window.small_scan_warning`, :func:`beseg.deploy.io.plan_outputs`,
+:func:`beseg.deploy.batch.predict_each`), so both paths accept, refuse and warn about the same images.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from torch import nn
 
 from beseg.data import IntensityRange, TaskPreset, get_preset
-from beseg.data.msd import case_id
 from beseg.data.nifti import read_image_header
-from beseg.deploy.io import list_images, write_label
+from beseg.deploy.batch import PredictSummary, predict_each
+from beseg.deploy.geometry import grid_of, to_input_grid
+from beseg.deploy.io import check_scan, plan_outputs, write_label
+from beseg.deploy.window import DEFAULT_WARN_BELOW, small_scan_warning
 from beseg.engine.checkpoint import CheckpointError, load_checkpoint
 from beseg.engine.config import Config, config_from_dict
 from beseg.engine.inference import predict_probabilities
 from beseg.engine.networks import build_network
 from beseg.engine.rundir import RunDir
-from beseg.errors import BesegError, DataError
+from beseg.errors import DataError
 
 __all__ = ["LoadedModel", "PredictSummary", "ensemble_labels", "ensemble_members", "load_model", "predict_image", "predict_files", "resolve_checkpoint", "write_label"]
 
@@ -50,14 +58,6 @@ class LoadedModel:
     device: torch.device
     checkpoint: Path
     epoch: int
-
-
-@dataclass
-class PredictSummary:
-    """Which inputs were written, and which failed with what reason."""
-
-    written: list[Path] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -152,7 +152,8 @@ def ensemble_labels(members: Sequence[LoadedModel], normalized: Callable[[Loaded
 
 
 def predict_image(models: LoadedModel | Sequence[LoadedModel], image_path: str | Path,
-                  mirror_axes: Sequence[int] = ()) -> tuple[np.ndarray, Any]:
+                  mirror_axes: Sequence[int] = (), warn: Callable[[str], None] | None = None,
+                  warn_below: float = DEFAULT_WARN_BELOW) -> tuple[np.ndarray, Any]:
     """Label map of one image, in that image's own voxel grid.
 
     The image is read, reoriented and resampled once; each ensemble member normalises it with its
@@ -163,13 +164,17 @@ def predict_image(models: LoadedModel | Sequence[LoadedModel], image_path: str |
         models: a model from :func:`load_model`, or several (an ensemble, e.g. the k folds).
         image_path: NIfTI image with the task's channels (4D for multi-channel MRI).
         mirror_axes: test-time mirroring axes of the RAS grid (0, 1, 2); ``()`` for none.
+        warn: receives a one-line warning about the image (default: :func:`warnings.warn`): a scan
+            under ``warn_below`` of the window along some axis once resampled (it is predicted, padded).
+        warn_below: see ``warn``; 0 never warns.
 
     Returns:
         ``(labels, image)``: (H, W, D) uint8 label map in the input's voxel order, and the input's
         nibabel image (for its affine and header).
 
     Raises:
-        DataError: the image cannot be read or has the wrong number of channels.
+        DataError: the image cannot be read, has the wrong number of channels, is not a 3D scan
+            (:func:`beseg.deploy.io.check_scan`) or holds NaN/Inf.
         CheckpointError: the models cannot form an ensemble.
     """
     members = ensemble_members(models)
@@ -178,6 +183,7 @@ def predict_image(models: LoadedModel | Sequence[LoadedModel], image_path: str |
     # The input check that evaluate and score share (readable NIfTI, 3D or 4D, the task's channels).
     shape = read_image_header(image_path, preset.in_channels, f"task {preset.name}").shape
     original = nib.load(str(image_path))
+    check_scan(image_path, shape, original.affine)  # what beseg-predict refuses too, with the same message
     geometry = preset.infer_geometry()
     try:
         data = geometry({"image": str(image_path)})
@@ -189,43 +195,50 @@ def predict_image(models: LoadedModel | Sequence[LoadedModel], image_path: str |
     image = data["image"]
     if not torch.isfinite(image.as_tensor()).all():
         raise DataError(f"{image_path}: contains NaN or Inf values.")
+    message = small_scan_warning(image_path, tuple(image.shape[1:]), [m.roi for m in members], preset.pixdim,
+                                 warn_below)
+    if message:
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(message)
     # a copy: the normalisation works in place, and the next member needs the raw intensities
     labels = ensemble_labels(members, lambda m: m.preset.infer_intensity(m.stats)({"image": image.clone()})["image"]
                              .as_tensor(), mirror_axes)
-    data["pred"] = MetaTensor(labels.float(), affine=image.affine)
-    back = preset.inverter(geometry, nearest=True)(data)["pred"]
-    out = np.asarray(back.detach().cpu().numpy()[0]).round().astype(np.uint8)
-    if out.shape != tuple(shape[:3]):  # the inverse must land exactly on the input grid
-        raise BesegError(f"{image_path}: inverse resampling gave shape {out.shape}, expected {shape[:3]}.")
-    return out, original
+    # Back to the input's grid with the nearest-neighbour map that beseg-predict and evaluate's store path
+    # use too: one rule for voxels halfway between two model voxels (MONAI's inverse decides those by
+    # float32 rounding noise, so two implementations would disagree on every other slice of a 2.5 mm scan).
+    grid = grid_of(np.asarray(original.affine, dtype=np.float64), shape[:3], "RAS",
+                   np.asarray(image.affine, dtype=np.float64), image.shape[1:])
+    return to_input_grid(labels[0].numpy().astype(np.uint8), grid), original
 
 
 def predict_files(checkpoints: str | Path | Sequence[str | Path], images: Sequence[str | Path], out_dir: str | Path,
-                  device: str = "auto", progress: bool = True, mirror_axes: Sequence[int] = ()) -> PredictSummary:
+                  device: str = "auto", progress: bool = True, mirror_axes: Sequence[int] = (),
+                  overwrite: bool = False, warn_below: float = DEFAULT_WARN_BELOW,
+                  on_warning: Callable[[str], None] | None = None) -> PredictSummary:
     """Predict every image into ``out_dir/<name>.nii.gz``; a bad image is recorded, not fatal.
 
     Args:
         checkpoints: a checkpoint or run folder, or several: an ensemble averaging their probabilities.
         images: NIfTI files, or folders of them.
+        out_dir: output folder; not the folder of an input.
         device: ``auto``, ``cpu``, ``cuda``...
         progress: show a progress bar.
         mirror_axes: test-time mirroring axes, see :func:`predict_image`.
+        overwrite: replace existing label maps that beseg wrote (never any other file).
+        warn_below: warn about a scan under this fraction of the window, see :func:`predict_image`.
+        on_warning: receives each warning as it happens (they are in the summary too).
 
     Raises:
+        OutputError: an output would be written over an input, two inputs share an output name, or
+            an output exists (see :func:`beseg.deploy.io.plan_outputs`); checked before anything runs.
         CheckpointError: a checkpoint cannot be used, or the runs cannot form an ensemble (nothing
             is predicted then).
     """
     from tqdm.auto import tqdm
 
+    plan = plan_outputs(list(images), out_dir, overwrite)
     if isinstance(checkpoints, (str, Path)):
         checkpoints = [checkpoints]
     members = ensemble_members([load_model(c, device) for c in checkpoints])
-    out_dir = Path(out_dir)
-    summary = PredictSummary()
-    for image in tqdm(list_images(list(images)), desc="predict", unit="image", disable=not progress):
-        try:
-            labels, ref = predict_image(members, image, mirror_axes)
-            summary.written.append(write_label(labels, ref, out_dir / f"{case_id(image)}.nii.gz"))
-        except BesegError as err:
-            summary.failed.append((str(image), str(err)))
-    return summary
+    return predict_each(tqdm(plan, desc="predict", unit="image", disable=not progress),
+                        lambda image, warn: predict_image(members, image, mirror_axes, warn, warn_below),
+                        overwrite, on_warning=on_warning)
