@@ -28,7 +28,8 @@ PAPER_TASKS: dict[str, str] = {"task01": "Task01_BrainTumour", "task09": "Task09
 def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: str | Path | None = None,
                   systems: Sequence[str] = TABLE1_SYSTEMS, overrides: Sequence[str] = (), cpu_ok: bool = False,
                   progress: bool = True, log: Callable[[str], None] = print, protocol: str = "paper",
-                  folds: int | None = None, launcher=None) -> CompareResult:
+                  folds: int | None = None, launcher=None, primary: str | None = None,
+                  replan: bool = False) -> CompareResult:
     """Run every Table 1 row with the paper's settings for ``task`` and write the report.
 
     Args:
@@ -45,6 +46,8 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
         folds: K-fold cross-validation (with ``protocol="heldout"``).
         launcher: where the runs execute (see :func:`beseg.experiment.compare.run_compare`); with
             the SLURM launcher the GPU check is the jobs' business, not this machine's.
+        primary: ``SYSTEM:METRIC``, the comparison the report answers first (default: segresnet_be vs
+            segresnet_dice in Dice); ``replan``: allow changing the declared one (see :func:`run_compare`).
 
     Returns:
         The :class:`CompareResult`.
@@ -72,4 +75,5 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
             "numbers are optimistic (comparable to the paper's Table 1, not held out); --protocol heldout or --folds K "
             "for held-out numbers.")
     return run_compare(data_dir, systems, seeds, out or f"results-{key}", overrides=overrides, prefix=key,
-                       progress=progress, log=log, protocol=protocol, folds=folds, launcher=launcher)
+                       progress=progress, log=log, protocol=protocol, folds=folds, launcher=launcher, primary=primary,
+                       replan=replan)
