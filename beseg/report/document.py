@@ -458,10 +458,20 @@ def _family_paragraph(results: Results, family: list[tables.ComparisonRow], call
                          f"at the comparison's Holm level, and 'better' or 'worse' only where Holm rejects.{reach}",
                          tuple(_family_items(results, family, calls, baseline)))
     why = "it could not be computed" if primary_call is None else "it did not reject"
+    noun = split_noun(results) or "scored"
+    items = []
+    for system in dict.fromkeys(r.system for r in family):
+        mine = [r for r in family if r.system == system]
+        seeds = f", {_run_counts(results.runs_of(system), results.runs_of(baseline))}" if results.kind == "runs" else ""
+        metrics = ", ".join(dict.fromkeys(_NAMES[r.metric] for r in mine))
+        classes = len(dict.fromkeys(r.cls for r in mine))
+        what = f"{metrics}" + (f" x {classes} classes" if classes > 1 else "")
+        items.append(f"{system} vs {baseline} on {max(r.result.n for r in mine)} {noun} cases{seeds}: not tested "
+                     f"({what}).")
     return Paragraph(f"Secondary comparisons: the other {m} ({grid}) were not tested. They form one family, tested with "
                      "Holm's step-down procedure at 5% family-wise only after the primary comparison rejects, so that "
                      f"the whole verdict makes a false claim in at most 5% of experiments; {why}. Their unadjusted "
-                     f"numbers are in the paired table below, as description, not findings.{reach}")
+                     f"numbers are in the paired table below, as description, not findings.{reach}", tuple(items))
 
 
 def _method_text(results: Results, primary: Primary, family: list[tables.ComparisonRow],
@@ -504,7 +514,8 @@ def _method_text(results: Results, primary: Primary, family: list[tables.Compari
 def _verdict_blocks(results: Results, primary: Primary, primary_row: tables.ComparisonRow | None,
                     family: list[tables.ComparisonRow], primary_call: verdict.Call | None, calls: list[verdict.Call],
                     optimistic: bool, fig_dir: Path, notes: list[str]) -> list[Block]:
-    """The report's first screen: the primary verdict, the corrected family, how they were tested, the paired plot."""
+    """The report's first screen: the primary verdict, the corrected family and the paired plot; then how they were
+    tested."""
     blocks: list[Block] = [Heading("Verdict"),
                            Paragraph(_primary_sentence(results, primary, primary_row, primary_call, optimistic) + " "
                                      + _provenance(primary, results))]
@@ -514,7 +525,6 @@ def _verdict_blocks(results: Results, primary: Primary, primary_row: tables.Comp
     tests = ([primary_row] if primary_row is not None else []) + family
     if not tests:
         return blocks
-    blocks.append(Paragraph(_method_text(results, primary, family, primary_row)))
     panels = []
     for r in tests:
         if r.metric != "dice" or r.cls == tables.MEAN_COLUMN:
@@ -533,6 +543,8 @@ def _verdict_blocks(results: Results, primary: Primary, primary_row: tables.Comp
                                    "the mean. The cases that moved most either way are named."))
     except (OSError, ValueError) as exc:
         notes.append(f"paired Dice plot not drawn: {exc}")
+    # How it was tested goes below the plot, so that the first screen holds the answer.
+    blocks.append(Paragraph(_method_text(results, primary, family, primary_row)))
     return blocks
 
 
