@@ -515,7 +515,9 @@ def _verdict_blocks(results: Results, primary: Primary, primary_row: tables.Comp
                     family: list[tables.ComparisonRow], primary_call: verdict.Call | None, calls: list[verdict.Call],
                     optimistic: bool, fig_dir: Path, notes: list[str]) -> list[Block]:
     """The report's first screen: the primary verdict, the corrected family and the paired plot; then how they were
-    tested."""
+    tested. Nothing when only one system was evaluated (there is no comparison)."""
+    if primary.system == primary.baseline and primary_row is None and not family:
+        return []
     blocks: list[Block] = [Heading("Verdict"),
                            Paragraph(_primary_sentence(results, primary, primary_row, primary_call, optimistic) + " "
                                      + _provenance(primary, results))]
