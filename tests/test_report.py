@@ -358,6 +358,14 @@ def test_missing_baseline_and_phantom_task(tmp_path):
     assert "The paper's Table 1" not in md
 
 
+def test_one_system_alone_has_no_verdict(tmp_path):
+    results = make_results(tmp_path / "results")
+    shutil.rmtree(results / "segresnet_be")
+    md = (write_report(results, None).parent / "report.md").read_text()
+    assert "## Verdict" not in md and "Primary comparison" not in md
+    assert "Not computed: there is no other system to compare with segresnet_dice." in md
+
+
 @pytest.mark.parametrize("damage, match", [
     (lambda r: shutil.rmtree(r), "does not exist"),
     (lambda r: [shutil.rmtree(p) for p in r.iterdir()], "no <system>/seed<k>/ folders"),
