@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from beseg.errors import ConfigError, DataError
 from beseg.report.collect import collect_results
 from beseg.experiment.compare import resolve_system, run_compare
 from beseg.experiment.launch import LocalLauncher
-from conftest import TINY_COMPARE, per_case_rows, tiny_compare
+from conftest import TINY_COMPARE, per_case_rows, tiny_compare, tree_state
 from beseg.experiment.demo import DEMO_OVERRIDES, DEMO_PHANTOM, DEMO_SPLIT, demo_overrides
 
 @pytest.fixture(autouse=True)
@@ -344,7 +345,7 @@ def test_demo_runs_the_phantom_presets_own_schedule_on_16_test_cases():
     preset, _ = load_config("phantom_spleen_segresnet_be", DEMO_OVERRIDES)
     shipped, _ = load_config("phantom_spleen_segresnet_be")
     assert (preset.data.patch_size, preset.train) == (shipped.data.patch_size, shipped.train)  # the same schedule
-    # Enough paired test cases for an exact Wilcoxon test to reach p < 0.001 (2 / 2^n), and cases left to train on.
+    # Enough paired test cases for the exact sign-flip test to reach p < 0.001 (2 / 2^n), and cases left to train on.
     ids = [f"case{i}" for i in range(DEMO_PHANTOM["cases"])]
     split = make_split(ids, val_frac=preset.data.val_frac, test_frac=preset.data.test_frac)
     assert len(split.test) >= 16 and 2 / 2 ** len(split.test) < 1e-3
@@ -403,6 +404,12 @@ def test_cli_demo_tiny(tmp_path, capsys):
     assert f"open it: {(out / 'report' / 'report.html').resolve().as_uri()}" in text
     md = (out / "report" / "report.md").read_text()
     assert "segresnet_be" in md and "segresnet_dice" in md
+    # The verdict opens with the primary comparison's sentence, then the corrected family.
+    paragraphs = md.split("## Verdict", 1)[1].strip().split("\n\n")
+    assert paragraphs[0].startswith("Primary comparison, segresnet_be vs segresnet_dice in Dice on 4 test cases, 1 seed: ")
+    assert "declared in plan.json before any run had finished" in paragraphs[0]
+    assert paragraphs[1].startswith("Secondary comparisons")
+    assert "Holm's step-down procedure at 5% family-wise" in paragraphs[1]
     test = json.loads((out / "split.json").read_text())["test"]
     assert len(test) == 4  # 40 % of 10 phantom cases
     assert _csv_cases(out / "segresnet_be" / "seed0" / "eval" / "per_case.csv") == sorted(test)
@@ -448,6 +455,51 @@ def test_plan_json_lists_every_run_with_relative_paths(compared):
     for run in plan["runs"]:
         assert run["id"] == run["run_dir"] == f"{run['system']}/seed{run['seed']}"
         assert run["config"]["train"]["seed"] == run["seed"] and run["config"]["data"]["split_file"] == "split.json"
+
+
+@pytest.mark.slow
+def test_plan_json_declares_the_primary_comparison_before_training(compared):
+    primary = json.loads((compared / "plan.json").read_text())["primary"]
+    assert {k: primary[k] for k in ("system", "baseline", "metric", "chosen", "runs_done", "runs_total")} == {
+        "system": "segresnet_be", "baseline": "segresnet_dice", "metric": "dice", "chosen": "default", "runs_done": 0,
+        "runs_total": 4}
+    verdict = (compared / "report" / "report.md").read_text().split("## Verdict", 1)[1]
+    assert verdict.strip().startswith("Primary comparison, segresnet_be vs segresnet_dice in Dice on 2 test cases, "
+                                      "2 seeds: ")
+    assert "It was declared in plan.json before any run had finished, by the default rule" in verdict
+
+
+@pytest.mark.slow
+def test_a_changed_primary_is_refused_in_one_line_and_replan_is_reported(compared, tiny_data, tmp_path, capsys):
+    out = tmp_path / "results"
+    shutil.copytree(compared, out)
+    argv = ["compare", "--data", str(tiny_data), "--systems", "dice,dice_be", "--seeds", "2", "--out", str(out),
+            "--no-progress", *TINY_COMPARE, "--set", f"data.cache_dir={compared.parent / 'cache'}"]
+    before = tree_state(out)
+    assert main([*argv, "--primary", "be:hd95"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "declares the primary comparison segresnet_be vs segresnet_dice in dice" in err and "--replan" in err
+    assert tree_state(out) == before  # refused before anything was written
+    assert main([*argv, "--primary", "be:hd95", "--replan"]) == 0
+    primary = json.loads((out / "plan.json").read_text())["primary"]
+    assert primary["metric"] == "hd95_mm" and [(p["metric"], p["runs_done"]) for p in primary["previous"]] == [("dice", 4)]
+    verdict = (out / "report" / "report.md").read_text().split("## Verdict", 1)[1]
+    assert verdict.strip().startswith("Primary comparison, segresnet_be vs segresnet_dice in HD95 on 2 test cases")
+    assert (f"It was changed with --replan on {primary['declared_at'][:10]}, after 4 of 4 runs had finished (declared "
+            "before: segresnet_be vs segresnet_dice in Dice") in verdict
+    assert "a primary comparison changed after results were seen is not protected by its declaration" in verdict
+    capsys.readouterr()
+    assert main(argv) == 0  # the same command without --primary keeps the declaration it finds
+
+
+def test_a_bad_primary_is_refused_before_anything_is_written(tiny_data, tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["compare", "--data", str(tiny_data), "--systems", "dice,dice_be", "--seeds", "1", "--out", str(out)]
+    assert main([*argv, "--primary", "focal:dice"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("beseg compare: error: --primary 'focal:dice': 'focal' is not one of the compared systems")
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from beseg.cli import main
 from beseg.data import load_task, make_folds, make_split
 from beseg.engine.config import config_from_dict
 from beseg.errors import ConfigError
-from beseg.experiment.compare import _be_counterpart, default_baseline
+from beseg.experiment.primary import be_counterpart, default_baseline
 from beseg.experiment.layout import ResultsLayout
 from beseg.experiment.nnunet_runs import NNUNetError, NNUNetSystem, nnunet_env, read_progress, run_state
 from beseg.experiment.plan import plan_runs, read_plan_json, resolve_system, write_plan_json
@@ -239,4 +239,4 @@ def test_uncompressed_nifti_is_named_before_nnunets_converter_runs(tmp_path):
     ("unet", ["unet", "ahnet"], "ahnet"),
 ])
 def test_the_contour_figure_shows_the_baselines_own_be_version(baseline, names, expected):
-    assert _be_counterpart(baseline, names) == expected
+    assert be_counterpart(baseline, names) == expected

@@ -19,10 +19,10 @@ from scipy import stats
 
 from beseg.errors import ReportError
 from beseg.metrics import METRIC_NAMES
-from beseg.report import collect_results, paired_comparison, write_report
-from beseg.report.document import N_RESAMPLES
+from beseg.report import collect_results, write_report
+from beseg.report.stats import paired_test
+
 from beseg.report.paper import PAPER_TABLE1, msd_task_key, paper_dice
-from beseg.report.stats import min_detectable_difference, min_wilcoxon_p
 
 SYSTEMS = ("segresnet_dice", "segresnet_be")
 SEEDS = (0, 1)
@@ -183,61 +183,52 @@ def test_penalised_and_undefined_counts_table(report):
     assert rows["segresnet_be"] == ["8", "0", "1", "0", "1", "0"]
 
 
+def _verdict(md: str) -> str:
+    return md.split("## Verdict", 1)[1].split("## How the numbers were made", 1)[0]
+
+
 def test_the_verdict_comes_before_the_tables_and_its_numbers_are_the_paired_ones(report):
     results, _, html = report
     md = (html.parent / "report.md").read_text()
     assert md.index("## Verdict") < md.index("## How the numbers were made") < md.index("## Table 1: Dice")
-    verdict = md.split("## Verdict", 1)[1].split("## How the numbers were made", 1)[0]
-    dice = [line for line in verdict.splitlines() if ", overlap:" in line]
-    assert len(dice) == 1 and dice[0].lstrip("- ").startswith("segresnet_be vs segresnet_dice on 4 test cases, 2 seeds")
+    verdict = _verdict(md)
+    first = verdict.strip().split("\n\n")[0]
+    # The primary comparison first: the BE system against its own baseline in Dice, at 5%.
+    assert first.startswith("Primary comparison, segresnet_be vs segresnet_dice in Dice on 4 test cases, 2 seeds: "
+                            "no difference shown, ")
     # the mean difference is the mean over cases of the seed-averaged per-case differences (numpy, from the CSVs)
     be = [_csv_values(results, "segresnet_be", s, "dice") for s in SEEDS]
     base = [_csv_values(results, "segresnet_dice", s, "dice") for s in SEEDS]
-    diff = np.mean([np.mean([b[c] for b in be]) - np.mean([b[c] for b in base]) for c in CASES])
-    assert _numbers(dice[0].split("in Dice", 1)[1])[0] == pytest.approx(diff, abs=5e-4)
+    d = np.array([np.mean([b[c] for b in be]) - np.mean([b[c] for b in base]) for c in CASES])
+    assert _numbers(first.split("no difference shown, ", 1)[1])[0] == pytest.approx(d.mean(), abs=5e-4)
+    # The exact paired sign-flip p-value (scipy); and 4 cases can never reach 5%: the smallest p-value is 2 / 2^4.
+    p = stats.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf).pvalue
+    assert f"p = {p:.3g}, two-sided, 5% level" in first and "the smallest possible p-value is 0.125" in first
+    assert "(95% interval unbounded;" in first
+    # This folder has no plan.json: the report says the primary comparison was chosen now, by a rule.
+    assert "No primary comparison is declared in" in first and "does not look at the results" in first
+    # Then the family, untested because the primary did not reject, and why nothing could have been called anyway.
+    family = verdict.strip().split("\n\n")[1]
+    assert family.startswith("Secondary comparisons: the other 3 (1 system x 4 metrics x 1 class, less the primary) "
+                             "were not tested.")
+    assert "above Holm's first threshold 0.05/3 = 0.0167" in family
+    assert "Holm's step-down" in verdict and "sign-flip" in verdict and "two-level" in verdict
+    assert "better" not in verdict.replace("'better'", "") and "worse" not in verdict.replace("'worse'", "")
     assert "paired_dice.png" in verdict
 
 
-def _row(metric: str, mean: float, lo: float, hi: float, mdd: float = 0.03, cls: str = "spleen"):
-    from beseg.report.stats import PairedComparison
-    from beseg.report.tables import ComparisonRow
-
-    return ComparisonRow("be", cls, metric, PairedComparison(16, mean, lo, hi, 0.5, mdd=mdd), (0, 0))
-
-
-@pytest.mark.parametrize("metric, mean, lo, hi, word", [
-    ("dice", -0.002, -0.020, 0.021, "no difference shown"),
-    ("dice", 0.03, 0.01, 0.05, "better"),
-    ("dice", -0.03, -0.05, -0.01, "worse"),
-    ("hd95_mm", -2.0, -3.0, -1.0, "better"),  # lower distances are better
-    ("hd95_mm", 2.0, 1.0, 3.0, "worse"),
-    ("nsd", 0.0, 0.0, 0.02, "no difference shown"),  # an interval touching 0 does not exclude it
+@pytest.mark.parametrize("metric, mean, reject, word", [
+    ("dice", -0.002, False, "no difference shown"),
+    ("dice", 0.03, True, "better"),
+    ("dice", -0.03, True, "worse"),
+    ("hd95_mm", -2.0, True, "better"),  # lower distances are better
+    ("asd_mm", 2.0, True, "worse"),
+    ("nsd", 0.05, False, "no difference shown"),  # a large difference the test did not reject is not a finding
 ])
-def test_verdict_words_follow_the_interval(metric, mean, lo, hi, word):
+def test_verdict_words_follow_the_decision(metric, mean, reject, word):
     from beseg.report.document import direction
 
-    assert direction(metric, _row(metric, mean, lo, hi).result) == word
-
-
-def test_verdict_sentence_reads_like_the_example(tmp_path):
-    from types import SimpleNamespace
-
-    from beseg.report.document import verdict_sentences
-
-    results = SimpleNamespace(kind="runs", classes=["spleen"], runs=[SimpleNamespace(summary={"split": "test"})],
-                              runs_of=lambda s: [SimpleNamespace(unit="seed")] * 3)
-    rows = [_row("dice", -0.002, -0.020, 0.021, mdd=0.033), _row("hd95_mm", -1.5, -2.5, -0.5, mdd=0.8),
-            _row("asd_mm", 0.1, -0.2, 0.4, mdd=0.5), _row("nsd", 0.01, -0.01, 0.03, mdd=0.02)]
-    sentences = verdict_sentences(results, rows, "base", optimistic=False)
-    assert sentences[0] == ("be vs base on 16 test cases, 3 seeds, overlap: no difference shown in Dice "
-                            "(-0.002 [-0.020, +0.021]); the test could have detected 0.033.")
-    assert sentences[1].startswith("be vs base on 16 test cases, 3 seeds, boundaries: better in HD95 "
-                                   "(-1.50 [-2.50, -0.50] mm), Wilcoxon p = 0.5; no difference shown in ASD "
-                                   "(+0.10 [-0.20, +0.40] mm); the test could have detected 0.50 mm;")
-    few = _row("dice", 0.2, 0.05, 0.4)
-    few = replace(few, result=replace(few.result, n=4, min_p=0.125))
-    assert "with 4 cases it cannot go below 0.125: a hint, not a finding" in verdict_sentences(
-        results, [few], "base", optimistic=False)[0]
+    assert direction(metric, mean, reject) == word
 
 
 def test_report_states_the_protocol_first_and_names_the_split(report):
@@ -281,6 +272,7 @@ def test_comparison_equals_stats_on_csv(report):
     results, _, html = report
     md = (html.parent / "report.md").read_text()
     table = md.split("## Paired comparison against segresnet_dice", 1)[1].split("\n## ", 1)[0]
+    assert "UNADJUSTED for the number of comparisons" in table
     rows = {r[2]: r for r in (
         [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| segresnet_be")
     )}
@@ -290,23 +282,25 @@ def test_comparison_equals_stats_on_csv(report):
             return np.array([np.nanmean([p[c] for p in per_seed]) for c in CASES])
 
         d = averaged("segresnet_be") - averaged("segresnet_dice")
-        boot = stats.bootstrap((d,), np.mean, n_resamples=N_RESAMPLES, method="percentile",
-                               rng=np.random.default_rng(0))
+        exact = stats.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf)
+
+        def runs(system):
+            return np.array([[_csv_values(results, system, s, metric)[c] for c in CASES] for s in SEEDS])
+
+        two_level = paired_test(runs("segresnet_be"), runs("segresnet_dice"))
         row = rows[label]
         assert row[3] == "4"
         digits = 3 if metric != "hd95_mm" else 2
-        tol = 0.5 * 10**-digits + 1e-12
-        assert _numbers(row[4])[0] == pytest.approx(d.mean(), abs=tol)
-        lo, hi = _numbers(row[5])
-        assert lo == pytest.approx(boot.confidence_interval.low, abs=tol)
-        assert hi == pytest.approx(boot.confidence_interval.high, abs=tol)
-        assert float(row[6]) == pytest.approx(stats.wilcoxon(d).pvalue, rel=1e-2)
-        # power: the minimum detectable difference from the SD of these differences, and 2 / 2^n for n = 4
-        mdd = (stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * np.std(d, ddof=1) / 2.0
-        assert float(row[8]) == pytest.approx(mdd, abs=tol)
-        assert float(row[9]) == pytest.approx(0.125)
+        assert _numbers(row[4])[0] == pytest.approx(d.mean(), abs=0.5 * 10**-digits + 1e-12)
+        assert row[5] == "unbounded"  # 4 cases: no p-value can reach 5%, so no shift is excluded
+        # Two seeds per system: the seeds' variance widens the case-only exact test (scipy's), never narrows it.
+        assert float(row[6]) == pytest.approx(two_level.p_value, rel=1e-2)
+        assert two_level.p_value >= exact.pvalue - 1e-12
+        assert row[7] == ("primary" if metric == "dice" else "family")
+        assert row[9] == ("no difference shown" if metric == "dice" else "not tested")
+        assert row[10] == "none" and float(row[11]) == pytest.approx(0.125)
         # the missed spleen (spleen_4 of segresnet_dice seed 1) is a penalised baseline HD95 of a paired case
-        assert row[10] == ("0 / 1" if metric == "hd95_mm" else "0 / 0")
+        assert row[12] == ("0 / 1" if metric == "hd95_mm" else "0 / 0")
 
 
 def test_cost_table(report):
@@ -333,84 +327,6 @@ def test_html_is_self_contained(report):
     assert "<link" not in text and "<script" not in text
 
 
-# --------------------------------------------------------------------------- statistics against scipy
-
-
-@pytest.mark.parametrize("n", [6, 10, 20, 40])
-def test_minimum_detectable_difference_has_the_stated_power(n):
-    # Independent check of what the number means: the exact power of the two-sided paired t-test
-    # (noncentral t) at a true mean difference of MDD is 80%, up to the t-approximation's error.
-    sd = 0.07
-    mdd = min_detectable_difference(sd, n)
-    df, crit = n - 1, stats.t.ppf(0.975, n - 1)
-
-    def power(delta):
-        nc = delta * math.sqrt(n) / sd
-        return stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
-
-    assert 0.785 <= power(mdd) <= 0.805
-    assert power(0.5 * mdd) < 0.4  # half that difference would usually be missed
-    assert min_detectable_difference(2 * sd, n) == pytest.approx(2 * mdd)  # in the unit of the SD
-    assert math.isnan(min_detectable_difference(sd, 1))
-
-
-def test_smallest_wilcoxon_p_is_reached_by_scipy():
-    # With all n differences of one sign (no ties), scipy's exact test gives the smallest possible p.
-    for n in (4, 5, 8, 11):
-        d = np.arange(1, n + 1) * 0.01
-        assert min_wilcoxon_p(n) == pytest.approx(stats.wilcoxon(d, method="exact").pvalue)
-    assert min_wilcoxon_p(4) == 0.125 and min_wilcoxon_p(11) < 0.001  # REFERENCE.md's figures
-    r = paired_comparison([0.9, 0.8, 0.7, 0.6, 0.5], [0.5, 0.5, 0.5, 0.5, 0.5])
-    assert r.min_p == pytest.approx(2 / 2**4)  # the zero difference is dropped, as the test drops it
-
-
-def test_paired_comparison_matches_scipy():
-    rng = np.random.default_rng(3)
-    base = rng.uniform(0.7, 0.9, 12)
-    system = base + rng.normal(0.02, 0.03, 12)
-    r = paired_comparison(system, base, n_resamples=5000, seed=7)
-    d = system - base
-    boot = stats.bootstrap((d,), np.mean, n_resamples=5000, method="percentile", rng=np.random.default_rng(7))
-    assert r.n == 12 and r.mean_diff == pytest.approx(d.mean())
-    assert (r.ci_low, r.ci_high) == pytest.approx((boot.confidence_interval.low, boot.confidence_interval.high))
-    assert r.p_value == pytest.approx(stats.wilcoxon(d).pvalue)
-    assert r == paired_comparison(system, base, n_resamples=5000, seed=7)  # deterministic
-    assert r.ci_low < r.mean_diff < r.ci_high
-
-
-def test_bootstrap_interval_exact_on_two_cases():
-    # Resampled means of d = [0, 1] are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: the 2.5th and
-    # 97.5th percentiles are exactly 0 and 1, whatever the seed.
-    for seed in range(3):
-        r = paired_comparison([1.0, 2.0], [1.0, 1.0], seed=seed)
-        assert (r.ci_low, r.ci_high) == (0.0, 1.0)
-        assert r.mean_diff == 0.5
-
-
-def test_bootstrap_covers_true_mean():
-    # Coverage of the 95% interval over 200 normal samples of 30: near 95% (binomial 99.9% band).
-    rng = np.random.default_rng(11)
-    hits = sum(
-        r.ci_low <= 0.1 <= r.ci_high
-        for r in (paired_comparison(rng.normal(0.1, 1.0, 30), np.zeros(30), n_resamples=2000, seed=i)
-                  for i in range(200))
-    )
-    assert 0.86 * 200 <= hits <= 0.99 * 200
-
-
-def test_degenerate_inputs_give_nan_with_note():
-    r = paired_comparison([0.5, 0.7], [0.5, 0.7])
-    assert r.mean_diff == 0.0 and math.isnan(r.ci_low) and math.isnan(r.p_value) and "zero" in r.note
-    r = paired_comparison([0.9], [0.8])
-    assert r.n == 1 and r.mean_diff == pytest.approx(0.1) and math.isnan(r.p_value) and "one" in r.note
-    r = paired_comparison([math.nan, 0.9, 0.8, 0.7], [0.5, 0.5, math.nan, 0.6])
-    assert r.n == 2 and "2 case(s)" in r.note and r.mean_diff == pytest.approx(0.25)
-    r = paired_comparison([math.nan], [0.5])
-    assert r.n == 0 and math.isnan(r.mean_diff) and "no paired" in r.note
-    with pytest.raises(ValueError, match="equal length"):
-        paired_comparison([1.0, 2.0], [1.0])
-
-
 # --------------------------------------------------------------------------- missing and partial runs
 
 
@@ -431,11 +347,23 @@ def test_unfinished_run_is_skipped_with_note(tmp_path):
 
 def test_missing_baseline_and_phantom_task(tmp_path):
     results = make_results(tmp_path / "results", task="phantom-spleen")
+    (results / "plan.json").write_text(json.dumps({"primary": {
+        "system": "segresnet_be", "baseline": "segresnet_dice", "metric": "dice", "declared_at": "2026-12-01"}}))
     shutil.rmtree(results / "segresnet_dice")
     md = (write_report(results, make_dataset(tmp_path / "data")).parent / "report.md").read_text()
     assert "Not computed: the baseline segresnet_dice has no run" in md
+    assert ("Primary comparison, segresnet_be vs segresnet_dice in Dice: not computed (segresnet_dice has no run "
+            "here).") in md
     assert "paper" not in md.split("**Test Dice on phantom-spleen**", 1)[1].split("\n\n", 2)[1].splitlines()[0]
     assert "The paper's Table 1" not in md
+
+
+def test_one_system_alone_has_no_verdict(tmp_path):
+    results = make_results(tmp_path / "results")
+    shutil.rmtree(results / "segresnet_be")
+    md = (write_report(results, None).parent / "report.md").read_text()
+    assert "## Verdict" not in md and "Primary comparison" not in md
+    assert "Not computed: there is no other system to compare with segresnet_dice." in md
 
 
 @pytest.mark.parametrize("damage, match", [
@@ -541,10 +469,10 @@ def test_table1_counts_repeats_for_nnunet_and_seeds_for_the_others(nnunet_report
 def test_verdict_counts_repeats_and_seeds_separately(nnunet_report):
     _, md = nnunet_report
     verdict = md.split("## Verdict", 1)[1].split("## How the numbers were made", 1)[0]
-    sentences = [line[2:] for line in verdict.splitlines() if line.startswith("- ")]
-    assert len(sentences) == 2
-    for family, line in zip(("overlap", "boundaries"), sentences):
-        assert line.startswith(f"{NNUNET} vs segresnet_dice on 4 test cases, 3 repeats / 2 seeds, {family}: ")
+    # segresnet_dice's BE version here is the nnU-Net BE trainer: the default primary comparison.
+    assert verdict.strip().startswith(f"Primary comparison, {NNUNET} vs segresnet_dice in Dice on 4 test cases, "
+                                      "3 repeats / 2 seeds: ")
+    assert "each case's value is first averaged over a system's seeds / repeats" in verdict
 
 
 def test_listing_note_and_settings_name_repeats_and_the_nnunet_trainer(nnunet_report):

@@ -307,6 +307,10 @@ def test_two_folders_give_the_comparison_report(ct, tmp_path, capsys):
     compared = [line for line in md.splitlines() if line.startswith("| be | spleen | HD95 (mm)")]
     assert len(compared) == 1 and "| 0 / 1 |" in compared[0]  # the baseline's missed spleen, counted
     assert "MDD (80% power)" in md and "min. p" in md
+    # The primary comparison: the first folder other than the baseline, in Dice, and chosen after the fact.
+    verdict = md.split("## Verdict", 1)[1].strip()
+    assert verdict.startswith("Primary comparison, be vs default in Dice on 4 out-of-fold cases: ")
+    assert "beseg score chose it after the predictions were made, by the default rule" in verdict
     assert sorted(p.name for p in (out / "report" / "figures").glob("*.png")) == ["figure1_contours.png",
                                                                                  "figure1_filter.png", "paired_dice.png"]
     html = (out / "report" / "report.html").read_text()
@@ -321,6 +325,10 @@ def test_comparison_refuses_bad_names(ct, tmp_path, capsys):
     code = main(["score", *dirs, "--labels", str(ct["root"] / "labelsTr"), "--out", str(tmp_path),
                  "--baseline", "nobody"])
     assert code == 1 and "baseline 'nobody' is not one of the systems" in capsys.readouterr().err
+    code = main(["score", *dirs, "--labels", str(ct["root"] / "labelsTr"), "--out", str(tmp_path / "p"),
+                 "--primary", "nnUNetTrainerBE:iou"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--primary 'nnUNetTrainerBE:iou': unknown metric 'iou'" in err and not (tmp_path / "p").exists()
 
 
 def test_comparison_with_an_unscorable_folder_says_why(ct, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``beseg bench loss|data|train|predict``: benchmarks whose results go to stdout (record them in docs/benchmarks.md)."""
+"""``beseg bench loss|data|train|predict|verdict``: benchmarks whose results go to stdout (record them in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     predict.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     predict.add_argument("--init-filters", type=int, default=16, help="SegResNet width")
     predict.set_defaults(func=_predict)
+    verdict = sub.add_parser(
+        "verdict", help="family-wise false-positive rate of the report's verdict, with and without the correction, "
+                        "and its power, on simulated experiments",
+        description="Simulate experiments in which K systems and a baseline are drawn from one distribution of per-case "
+                    "scores (case difficulty shared by every system and metric, correlated metrics), run the report's "
+                    "own decision code on each, and print how often it calls anything better or worse: corrected (the "
+                    "primary comparison at 5%, the others by Holm after it) and uncorrected (every comparison's own "
+                    "95% interval); then the power of the primary comparison to find a true Dice gain.")
+    verdict.add_argument("--systems", type=int, nargs="+", default=[2, 6, 10], metavar="K",
+                         help="systems compared with the baseline (default: 2 6 10)")
+    verdict.add_argument("--cases", type=int, nargs="+", default=[16, 48], metavar="N",
+                         help="paired cases per experiment (default: 16 48)")
+    verdict.add_argument("--metrics", type=int, default=4, choices=(1, 2, 3, 4),
+                         help="the first M of Dice, HD95, ASD, NSD (default 4)")
+    verdict.add_argument("--simulations", type=int, default=2000, help="experiments per rate (default 2000)")
+    verdict.add_argument("--effect", type=float, default=0.03,
+                         help="mean Dice gain of the primary system in the power simulations (default 0.03)")
+    verdict.add_argument("--seeds", type=int, default=1, help="runs per system (default 1)")
+    verdict.add_argument("--seed-sd", type=float, default=0.0, metavar="SD",
+                         help="seed-to-seed SD of a run's mean Dice (each run shifts all its cases; default 0)")
+    verdict.add_argument("--seed", type=int, default=0, help="random seed of the simulation (default 0)")
+    verdict.set_defaults(func=_verdict)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +117,18 @@ def _predict(args: argparse.Namespace) -> int:
     from beseg.bench.predict import run_predict_benchmark
 
     run_predict_benchmark(cases=args.cases, repeats=args.repeats, threads=args.threads, init_filters=args.init_filters)
+    return 0
+
+
+def _verdict(args: argparse.Namespace) -> int:
+    from beseg.bench.verdict import run_verdict_benchmark
+    from beseg.errors import ConfigError
+
+    if min(args.systems) < 1 or min(args.cases) < 2 or args.simulations < 1 or args.seeds < 1 or args.seed_sd < 0:
+        raise ConfigError("--systems must be at least 1, --cases at least 2, --simulations and --seeds at least 1, "
+                          "--seed-sd at least 0.")
+    run_verdict_benchmark(args.systems, args.cases, args.metrics, args.simulations, args.effect, args.seeds,
+                          args.seed_sd, args.seed)
     return 0
 
 

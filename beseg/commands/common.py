@@ -57,6 +57,22 @@ def add_protocol(parser: argparse.ArgumentParser, default: str) -> None:
                              "best.pt with it (with --protocol heldout)")
 
 
+def add_primary(parser: argparse.ArgumentParser, scored: bool = False) -> None:
+    """The primary comparison option of compare and reproduce (with ``--replan``), or of score (``scored``);
+    see :mod:`beseg.experiment.primary`."""
+    what, other = ("NAME", "folder") if scored else ("SYSTEM", "system")
+    when = ("the report says it was chosen after the predictions were made" if scored
+            else "recorded in RESULTS_DIR/plan.json before training")
+    parser.add_argument("--primary", metavar=f"{what}:METRIC",
+                        help="the comparison the report answers first, against the baseline, at 5%% (metric: dice, "
+                             f"hd95, asd or nsd, averaged over the classes; default: the baseline's BE version if it "
+                             f"is compared, else the first other {other}, in Dice); {when}")
+    if not scored:
+        parser.add_argument("--replan", action="store_true",
+                            help="allow changing the primary comparison (or the baseline) recorded in plan.json; the "
+                                 "report says it was changed and after how many finished runs")
+
+
 def add_launchers(parser: argparse.ArgumentParser, status: bool = True) -> None:
     """compare's (and reproduce's) launcher options: where the runs execute (see :mod:`beseg.experiment.launch`)."""
     group = parser.add_argument_group(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from beseg.commands.common import add_launchers, add_protocol, data_dir, finish, make_launcher, split_systems
+from beseg.commands.common import (
+    add_launchers, add_primary, add_protocol, data_dir, finish, make_launcher, split_systems,
+)
 
 
 
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", metavar="SYSTEM",
                         help="the system the report compares the others with (default: nnUNetTrainer if compared, "
                              "else segresnet_dice, else the first)")
+    add_primary(parser)
     parser.add_argument("--out", metavar="RESULTS_DIR", help="results folder (reused to resume); required")
     parser.add_argument("--task", "--preset-prefix", dest="task", metavar="TASK",
                         help="preset prefix: phantom_spleen, task09 or task01 (default: from the dataset)")
@@ -69,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
     result = run_compare(data, split_systems(args.systems), args.seeds, args.out, overrides=[*args.sets, *args.overrides],
                          prefix=task, progress=progress, report=not args.no_report, protocol=args.protocol,
                          folds=args.folds, launcher=launcher, nnunet_python=args.nnunet_python,
-                         baseline=args.baseline)
+                         baseline=args.baseline, primary=args.primary, replan=args.replan)
     return finish(result, args.out)

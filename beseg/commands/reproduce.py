@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from beseg.commands.common import add_launchers, add_protocol, finish, make_launcher, split_systems
+from beseg.commands.common import add_launchers, add_primary, add_protocol, finish, make_launcher, split_systems
 
 
 
@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="RESULTS_DIR", help="results folder (default results-<task>)")
     parser.add_argument("--systems", default=None, metavar="A,B,...", help="subset of Table 1 rows (default all)")
     add_protocol(parser, "paper")
+    add_primary(parser)
     parser.add_argument("--cpu-ok", action="store_true", help="run even without a CUDA device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_launchers(parser, status=False)
@@ -39,5 +40,6 @@ def run(args: argparse.Namespace) -> int:
     result = run_reproduce(args.task, args.data, seeds=args.seeds, out=args.out, systems=systems,
                            overrides=args.overrides, cpu_ok=args.cpu_ok, progress=not args.no_progress,
                            protocol=args.protocol, folds=args.folds, launcher=make_launcher(args),
-                           download=args.download, url=args.url, md5=args.md5)
+                           download=args.download, url=args.url, md5=args.md5, primary=args.primary,
+                           replan=args.replan)
     return finish(result, result.results_dir)

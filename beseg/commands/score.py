@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from beseg.commands.common import EXIT_FAILURE, add_distance_penalty, distance_penalty, report_failures
+from beseg.commands.common import EXIT_FAILURE, add_distance_penalty, add_primary, distance_penalty, report_failures
 
 
 
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", metavar="A,B,...",
                         help="system names, one per PRED_DIR (default: the folder names that tell them apart)")
     parser.add_argument("--baseline", metavar="NAME", help="system the others are compared with (default the first)")
+    add_primary(parser, scored=True)
     parser.add_argument("--images", metavar="DIR",
                         help="images for the report's contour figure (CASE.nii.gz or CASE_0000.nii.gz; default the "
                              "imagesTr beside a labelsTr folder)")
@@ -60,15 +61,16 @@ def run(args: argparse.Namespace) -> int:
               "affine_tol_mm": args.affine_tol, "ignore_label": args.ignore_label, "workers": args.workers,
               "protocol": args.protocol, "only_predicted": args.only_predicted, "progress": not args.no_progress}
     if len(args.pred_dirs) == 1:
-        if args.names or args.baseline or args.images:
+        if args.names or args.baseline or args.images or args.primary:
             from beseg.errors import ConfigError
 
-            raise ConfigError("--names, --baseline and --images are for comparing two or more PRED_DIRs.")
+            raise ConfigError("--names, --baseline, --primary and --images are for comparing two or more PRED_DIRs.")
         scored, report = [score_predictions(args.pred_dirs[0], args.labels, args.out, **kwargs)], None
     else:
         names = [n.strip() for n in args.names.split(",")] if args.names else None
         scored, report = compare_predictions(args.pred_dirs, args.labels, args.out, names=names,
-                                             baseline=args.baseline, images_dir=args.images, **kwargs)
+                                             baseline=args.baseline, images_dir=args.images, primary=args.primary,
+                                             **kwargs)
     failed: list[tuple[str, str]] = []
     for result in scored:
         summary = result.summary

@@ -2,6 +2,7 @@
 
 * :mod:`beseg.experiment.layout`: the results folder's paths (:class:`ResultsLayout`).
 * :mod:`beseg.experiment.plan`: systems, the runs of a comparison and ``plan.json``.
+* :mod:`beseg.experiment.primary`: the primary comparison, declared in ``plan.json`` before training.
 * :mod:`beseg.experiment.folds`: merging the K folds of a cross-validated run.
 * :mod:`beseg.experiment.compare`: ``beseg compare`` (plan, execute, merge, report).
 * :mod:`beseg.experiment.launch`: launchers (local processes over devices or cores, SLURM jobs)

@@ -67,6 +67,7 @@ from beseg.experiment.plan import (
     ALIASES, PAPER_VAL_FRAC, PROTOCOLS, TABLE1_SYSTEMS, PlannedRun, SystemSpec, check_protocol, plan_runs,
     preset_prefix, resolve_system, write_plan_json, _check_prefix,
 )
+from beseg.experiment.primary import declare_primary, default_baseline, read_primary
 from beseg.fileio import atomic_write_text
 from beseg.score import Summary
 
@@ -271,7 +272,7 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
                 overrides: Sequence[str] = (), prefix: str | None = None, progress: bool = True,
                 report: bool = True, log: Callable[[str], None] = print, protocol: str = "heldout",
                 folds: int | None = None, launcher=None, wait_s: float = 5.0, nnunet_python: str | None = None,
-                baseline: str | None = None) -> CompareResult:
+                baseline: str | None = None, primary: str | None = None, replan: bool = False) -> CompareResult:
     """Train and evaluate every system with every seed on the same split(s), then write the report.
 
     Runs already finished in ``results_dir`` are skipped and interrupted ones resumed, so running
@@ -295,8 +296,12 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         wait_s: how often runs held by other processes are looked at again.
         nnunet_python: the interpreter of the environment with nnunetv2, for ``nnunet:`` systems
             (default ``$BESEG_NNUNET_PYTHON``, else this one); see :mod:`beseg.experiment.nnunet_runs`.
-        baseline: the system the report compares every other one with (default
-            :func:`default_baseline`).
+        baseline: the system the report compares every other one with (default: the one ``plan.json``
+            declares, else :func:`default_baseline`).
+        primary: ``SYSTEM:METRIC``, the primary comparison against the baseline (default: the one
+            ``plan.json`` declares, else the baseline's BE counterpart in Dice); recorded in
+            ``plan.json`` before any run trains (:mod:`beseg.experiment.primary`).
+        replan: allow changing the declared primary comparison (the report says it was changed).
 
     Returns:
         A :class:`CompareResult`; ``failed`` lists the runs that failed (the others finish; no
@@ -305,7 +310,8 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     Raises:
         ConfigError: unknown system, a system name that cannot be a folder, bad override, protocol
             or fold count, a baseline that is not one of the systems, systems that disagree on the
-            split's settings (:func:`split_config`), or a run folder made with other settings.
+            split's settings (:func:`split_config`), a bad ``primary`` or a change of the declared one
+            without ``replan``, or a run folder made with other settings.
         NNUNetError: an ``nnunet:`` system without a usable nnU-Net, or a trainer nnU-Net cannot find
             (checked before anything trains).
         DataError: the dataset folder is missing, broken, or not the configs' task, or the
@@ -336,7 +342,9 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         raise ConfigError("give at least one system in --systems.")
     specs = [resolve_system(s, prefix) for s in systems]
     names = [s.name for s in specs]
-    baseline = baseline or default_baseline(names)
+    recorded = read_primary(results_dir)
+    if baseline is None:
+        baseline = recorded.baseline if recorded is not None and recorded.baseline in names else default_baseline(names)
     if baseline not in names:
         raise ConfigError(f"--baseline {baseline!r} is not one of the systems ({', '.join(names)}).")
     results_dir = Path(results_dir)
@@ -352,11 +360,17 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
                         task=task_id)
     split_settings = split_config(planned)  # the systems agree on the split before anything is written
     _check_data(data_dir, {p.config.data.task.lower() for p in planned}, planned[0].config.data.cache_dir)
+    declared = declare_primary(recorded, primary, names, baseline, replan, sum(p.state == "done" for p in planned),
+                               len(planned), ResultsLayout(results_dir).plan)
+    declared_json = declared.to_dict() if declared is not None else None
+    if recorded is not None and declared is not None and not recorded.same(declared):
+        log(f"primary comparison changed with --replan: {declared.describe()} (was {recorded.describe()}, "
+            f"{declared.runs_done} of {declared.runs_total} runs finished); the report will say so")
     results_dir.mkdir(parents=True, exist_ok=True)
     splits = prepare_splits(results_dir, data_dir, protocol, folds, split_settings)
     _write_plan(results_dir, data_dir, specs, seed_list, overrides, protocol, folds)
 
-    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env)
+    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env, primary=declared_json)
 
     result = CompareResult(results_dir, planned, protocol=protocol, folds=folds)
     todo = sum(p.state != "done" for p in planned)
@@ -372,7 +386,8 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         result.seconds = time.perf_counter() - start
         return result
     states = {run.id: ("failed" if run.id in outcome.failed else "done") for run in planned}
-    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), states, nnunet=nnunet_env)
+    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), states, nnunet=nnunet_env,
+                    primary=declared_json)
     if result.failed:
         log(f"{len(result.failed)} run(s) failed; no report until they finish (rerun the same command to retry):")
         for run_id, (error, log_path) in result.failed.items():
@@ -396,30 +411,10 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     if report:
         from beseg.report import write_report  # rendering: the last step, after every run is in
 
-        be_system = _be_counterpart(baseline, names)
         log("writing the report...")
-        result.report = write_report(results_dir, data_dir, baseline=baseline, be_system=be_system)
+        result.report = write_report(results_dir, data_dir)  # baseline and primary: from plan.json
     result.seconds = time.perf_counter() - start
     return result
-
-
-def default_baseline(names: Sequence[str]) -> str:
-    """The system the report compares the others with: nnU-Net's default trainer when it is in the comparison
-    (the question is then "does BE improve nnU-Net?"), else ``segresnet_dice``, else the first system."""
-    for candidate in ("nnUNetTrainer", "segresnet_dice"):
-        if candidate in names:
-            return candidate
-    return names[0]
-
-
-def _be_counterpart(baseline: str, names: Sequence[str]) -> str:
-    """The system shown beside the baseline in the contour figure: the baseline's BE version if present."""
-    for candidate in (f"{baseline}BE", baseline.replace("nnUNetTrainer", "nnUNetTrainerBE", 1),
-                      baseline.replace("_dice", "_be"), "segresnet_be", "nnUNetTrainerBE"):
-        if candidate in names and candidate != baseline:
-            return candidate
-    others = [n for n in names if n != baseline]
-    return others[-1] if others else baseline
 
 
 def _held_elsewhere(run: PlannedRun) -> bool:

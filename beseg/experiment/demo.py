@@ -8,7 +8,7 @@ are skipped, interrupted ones resumed.
 
 The split is held out (protocol ``heldout``): 20 training, 4 validation cases (which choose
 ``best.pt``) and 16 test cases, on which every reported number is computed. Sixteen paired cases
-are what lets the demo decide: the smallest two-sided exact Wilcoxon p-value is 2 / 2^n, 0.125 with
+are what lets the demo decide: the smallest two-sided p-value of the exact sign-flip test is 2 / 2^n, 0.125 with
 the four cases an 80/20 split of 24 would score, 3e-5 with 16. Training costs steps, not cases,
 so the extra cases cost only their generation and scoring (about a second each).
 """

@@ -35,7 +35,7 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
                   systems: Sequence[str] = TABLE1_SYSTEMS, overrides: Sequence[str] = (), cpu_ok: bool = False,
                   progress: bool = True, log: Callable[[str], None] = print, protocol: str = "paper",
                   folds: int | None = None, launcher=None, download: bool = False, url: str | None = None,
-                  md5: str | None = None) -> CompareResult:
+                  md5: str | None = None, primary: str | None = None, replan: bool = False) -> CompareResult:
     """Run every Table 1 row with the paper's settings for ``task`` and write the report.
 
     Args:
@@ -55,6 +55,8 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
             the SLURM launcher the GPU check is the jobs' business, not this machine's.
         download: put the task folder in place first (download, MD5, safe extraction) unless it is there.
         url, md5: with ``download``, the archive's URL and MD5 (default the public mirror's and MONAI's sum).
+        primary: ``SYSTEM:METRIC``, the comparison the report answers first (default: segresnet_be vs
+            segresnet_dice in Dice); ``replan``: allow changing the declared one (see :func:`run_compare`).
 
     Returns:
         The :class:`CompareResult`.
@@ -92,4 +94,5 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
         data_dir = install_task(key, target, url=url, md5=md5, progress=progress, log=log).task_dir
         log(f"data: {data_dir}")
     return run_compare(data_dir, systems, seeds, out or f"results-{key}", overrides=overrides, prefix=key,
-                       progress=progress, log=log, protocol=protocol, folds=folds, launcher=launcher)
+                       progress=progress, log=log, protocol=protocol, folds=folds, launcher=launcher, primary=primary,
+                       replan=replan)

@@ -8,7 +8,10 @@ Two sources, one report:
   (:func:`beseg.score.score_predictions`) and reports them the same way (``beseg score A B``):
   how an nnU-Net user compares ``nnUNetTrainer`` with ``nnUNetTrainerBE``.
 
-Both write ``report.md``, a self-contained ``report.html`` and ``figures/*.png``.
+Both write ``report.md``, a self-contained ``report.html`` and ``figures/*.png``. The verdict answers
+the primary comparison first (declared in ``plan.json`` by ``beseg compare``; see
+:mod:`beseg.experiment.primary`), then the other comparisons as one Holm-corrected family
+(:mod:`beseg.report.verdict`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from beseg.data.msd import case_id, list_nifti
 from beseg.errors import ReportError
+from beseg.experiment.primary import Primary, be_counterpart, default_baseline, parse_primary, read_primary
 from beseg.fileio import atomic_write_text
 from beseg.report.collect import Results, Run, collect_results, collect_scored
 from beseg.report.document import CaseFiles, build_document
@@ -28,7 +32,7 @@ from beseg.score import ScoreResult, score_predictions
 
 __all__ = [
     "write_report", "compare_predictions", "default_names", "collect_results", "collect_scored", "Results", "Run",
-    "paired_comparison", "PairedComparison",
+    "paired_comparison", "PairedComparison", "report_primary",
 ]
 
 
@@ -38,36 +42,60 @@ def _write(blocks: list[Block], out: Path, title: str) -> Path:
     return atomic_write_text(out / "report.html", to_html(blocks, title))
 
 
+def report_primary(results: Results, declared: Primary | None = None, baseline: str | None = None) -> Primary:
+    """The primary comparison a report answers: the declared one, else the default rule's, chosen now.
+
+    Args:
+        results: the collected runs.
+        declared: what ``plan.json`` declares (:func:`beseg.experiment.primary.read_primary`).
+        baseline: the baseline asked for (default: the declared one, else
+            :func:`beseg.experiment.primary.default_baseline`).
+
+    Raises:
+        ReportError: ``baseline`` is not the declared primary comparison's baseline.
+    """
+    if declared is not None:
+        if baseline is not None and baseline != declared.baseline:
+            raise ReportError(f"the primary comparison declared in plan.json is {declared.describe()}; the report "
+                              f"compares with its baseline {declared.baseline}, not {baseline}.")
+        return declared
+    baseline = baseline or default_baseline(results.systems)
+    return Primary(be_counterpart(baseline, results.systems), baseline, "dice", "default", "report")
+
+
 def write_report(
     results_dir: str | Path,
     data_dir: str | Path | None,
     out_dir: str | Path | None = None,
-    baseline: str = "segresnet_dice",
-    be_system: str = "segresnet_be",
+    baseline: str | None = None,
     seed: int = 0,
 ) -> Path:
     """Write the comparison report of a ``beseg compare`` results folder.
 
     Args:
-        results_dir: folder with ``<system>/seed<k>/`` run folders.
+        results_dir: folder with ``<system>/seed<k>/`` run folders (and ``plan.json``).
         data_dir: the dataset folder (MSD layout: ``dataset.json``, ``imagesTr/``, ``labelsTr/``) the
             runs used, for the figures' images and labels; None leaves Figure 1 out.
         out_dir: where to write; default ``results_dir/report``.
-        baseline: the system every other one is compared with (paired per case).
-        be_system: the system shown beside the baseline in the contour figure.
-        seed: seed of the bootstrap intervals (same seed, same report).
+        baseline: the system every other one is compared with (paired per case); default the
+            baseline of the primary comparison ``plan.json`` declares, else
+            :func:`beseg.experiment.primary.default_baseline`.
+        seed: seed of the tests' random sign patterns (same seed, same report).
 
     Returns:
         Path of the written ``report.html`` (``report.md`` and ``figures/`` are beside it).
 
     Raises:
         ReportError: the results folder is missing, has no finished run, or its runs disagree on
-            the task or classes. Unfinished runs and figure problems are notes in the report.
+            the task or classes, or ``baseline`` contradicts the declared primary comparison.
+            Unfinished runs and figure problems are notes in the report.
+        ConfigError: ``plan.json``'s primary comparison is malformed.
     """
     results = collect_results(results_dir)
+    primary = report_primary(results, read_primary(results_dir), baseline)
     out = Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    blocks = build_document(results, data_dir, out / "figures", baseline=baseline, be_system=be_system, seed=seed)
+    blocks = build_document(results, data_dir, out / "figures", primary, seed=seed)
     return _write(blocks, out, f"beseg comparison report: {results.task}")
 
 
@@ -108,6 +136,7 @@ def compare_predictions(
     baseline: str | None = None,
     images_dir: str | Path | None = None,
     seed: int = 0,
+    primary: str | None = None,
     **score_kwargs: Any,
 ) -> tuple[list[ScoreResult], Path]:
     """Score each prediction folder against the same labels, then write the paired comparison report.
@@ -123,7 +152,10 @@ def compare_predictions(
         baseline: the system the others are compared with (default the first folder's name).
         images_dir: images for the contour figure (``CASE.nii.gz`` or ``CASE_0000.nii.gz``);
             default the ``imagesTr`` beside a ``labelsTr`` folder, if there is one.
-        seed: bootstrap seed.
+        seed: seed of the tests' random sign patterns.
+        primary: ``NAME:METRIC``, the comparison the verdict answers first (default: the baseline's BE
+            counterpart if there is one, else the first other folder, in Dice); the report says it was
+            chosen after the predictions were made.
         **score_kwargs: passed to :func:`beseg.score.score_predictions` (``classes``,
             ``dataset_json``, ``nsd_tolerance_mm``, ``distance_penalty_mm``, ``workers`` ...).
 
@@ -134,6 +166,7 @@ def compare_predictions(
         ReportError: fewer than two folders, names that are not distinct or not usable as folder
             names, a baseline that is not one of them, or a folder none of whose cases could be
             scored (its per_case.csv and summary.json are written first).
+        ConfigError: a malformed or impossible ``primary`` (checked before anything is scored).
         DataError, ConfigError, ValueError: as :func:`beseg.score.score_predictions`.
     """
     if len(pred_dirs) < 2:
@@ -149,6 +182,11 @@ def compare_predictions(
     baseline = baseline or names[0]
     if baseline not in names:
         raise ReportError(f"baseline {baseline!r} is not one of the systems {names}.")
+    if primary:
+        system, metric = parse_primary(primary, names, baseline)
+        declared = Primary(system, baseline, metric, "--primary", "score")
+    else:
+        declared = Primary(be_counterpart(baseline, names), baseline, "dice", "default", "score")
     out_dir, labels_dir = Path(out_dir), Path(labels_dir)
     scored = [score_predictions(folder, labels_dir, out_dir / name, name=name, **score_kwargs)
               for folder, name in zip(pred_dirs, names)]
@@ -164,7 +202,5 @@ def compare_predictions(
     cases: CaseFiles = {case_id(p): (_image_for(case_id(p), images), p) for p in list_nifti(labels_dir)}
     report = out_dir / "report"
     report.mkdir(parents=True, exist_ok=True)
-    be_system = next((n for n in names if n != baseline), baseline)
-    blocks = build_document(results, None, report / "figures", baseline=baseline, be_system=be_system, seed=seed,
-                            cases=cases)
+    blocks = build_document(results, None, report / "figures", declared, seed=seed, cases=cases)
     return scored, _write(blocks, report, f"beseg score report: {results.task}")

@@ -19,21 +19,21 @@ import numpy as np
 
 from beseg.errors import BesegError
 from beseg.experiment.layout import RUN_UNITS
+from beseg.experiment.primary import Primary
 from beseg.metrics import DISTANCE_METRICS, HIGHER_IS_BETTER, METRIC_NAMES
-from beseg.report import figures, tables
+from beseg.report import figures, tables, verdict
 from beseg.report.collect import Results, Run
 from beseg.report.dataset import case_files
 from beseg.report.paper import PAPER_SOURCE, PAPER_TABLE1, msd_task_key, paper_dice
 from beseg.report.render import Block, Figure, Heading, Paragraph, Table
-from beseg.report.stats import PairedComparison
+from beseg.report.stats import MAX_PATTERNS
 
 __all__ = ["build_document", "direction", "format_value", "format_cell", "protocol_statement", "settings_text",
-           "split_noun", "verdict_sentences"]
+           "split_noun", "primary_row"]
 
 _LABELS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "asd_mm": "ASD (mm)", "nsd": "NSD"}
 _NAMES = {"dice": "Dice", "hd95_mm": "HD95", "asd_mm": "ASD", "nsd": "NSD"}
 _DIGITS = {"dice": 3, "hd95_mm": 2, "asd_mm": 2, "nsd": 3}
-N_RESAMPLES = 10_000
 #: ``summary.json`` ``split`` -> how captions name the cases.
 _SPLIT_NOUNS = {"test": "test", "val": "validation", "oof": "out-of-fold", "train": "training", "all": "all-case"}
 
@@ -45,6 +45,8 @@ def format_value(metric: str, value: float, signed: bool = False) -> str:
     """A metric value with the report's precision (Dice/NSD 3 decimals, mm 2); NaN gives "n/a"."""
     if math.isnan(value):
         return "n/a"
+    if math.isinf(value):
+        return ("+" if signed and value > 0 else "") + ("inf" if value > 0 else "-inf")
     return f"{value:{'+' if signed else ''}.{_DIGITS[metric]}f}"
 
 
@@ -275,131 +277,321 @@ def _counts_table(results: Results) -> Table:
                  notes=("Counted over every scored case of every run of the system.",))
 
 
-def _ci(metric: str, r: PairedComparison) -> str:
-    if math.isnan(r.ci_low):
+def _interval(metric: str, ends: tuple[float, float]) -> str:
+    """``[-0.020, +0.021]``; "n/a" without a test, "unbounded" when no shift can be rejected."""
+    low, high = ends
+    if math.isnan(low) or math.isnan(high):
         return "n/a"
-    return f"[{format_value(metric, r.ci_low, True)}, {format_value(metric, r.ci_high, True)}]"
+    if math.isinf(low) and math.isinf(high):
+        return "unbounded"
+    return f"[{format_value(metric, low, True)}, {format_value(metric, high, True)}]"
 
 
-def direction(metric: str, r: PairedComparison) -> str:
-    """``better``, ``worse`` or ``no difference shown``: only what the 95% interval supports.
+def _level(alpha: float) -> str:
+    """A confidence level as a percentage: 0.05 -> ``95%``, 0.05/19 -> ``99.74%``."""
+    return f"{100 * (1 - alpha):.4g}%"
 
-    A difference is called only when the interval excludes 0; its sign says better or worse by the
-    metric's direction (higher Dice/NSD, lower HD95/ASD). ``not computed`` when there is no interval.
+
+def direction(metric: str, mean_diff: float, reject: bool) -> str:
+    """``better``, ``worse`` or ``no difference shown``: only what the test's decision supports.
+
+    A difference is called only where its test rejects (the primary at 5%, the others by Holm);
+    its sign then says better or worse by the metric's direction (higher Dice/NSD, lower HD95/ASD).
     """
-    if math.isnan(r.ci_low) or math.isnan(r.ci_high):
+    if not reject:
+        return "no difference shown"
+    return "better" if (mean_diff > 0) == HIGHER_IS_BETTER[metric] else "worse"
+
+
+def _word(row: tables.ComparisonRow, call: verdict.Call) -> str:
+    """The verdict's word for one comparison: :func:`direction`, or why there is none."""
+    if not row.test or not row.test.testable:
         return "not computed"
-    if r.ci_low > 0 or r.ci_high < 0:
-        return "better" if (r.ci_low > 0) == HIGHER_IS_BETTER[metric] else "worse"
-    return "no difference shown"
+    if not call.tested:
+        return "not tested"
+    return direction(row.metric, row.result.mean_diff, call.reject)
+
+
+def _metric_label(metric: str, results: Results, cls: str) -> str:
+    """``Dice``, ``Dice ET``, or ``mean foreground Dice`` (the mean over several classes)."""
+    if cls == tables.MEAN_COLUMN:
+        return f"mean foreground {_NAMES[metric]}"
+    return _NAMES[metric] + (f" {cls}" if len(results.classes) > 1 else "")
+
+
+def _unit(metric: str) -> str:
+    return " mm" if metric in DISTANCE_METRICS else ""
+
+
+def _power_text(row: tables.ComparisonRow, call: verdict.Call, level: str) -> str:
+    """What the test could have found at its level."""
+    unit = _unit(row.metric)
+    if math.isinf(call.mdd):
+        return (f"with {row.result.n} cases no difference can reach the {level} level (the smallest possible p-value "
+                f"is {row.test.flips.min_p:.3g})")
+    if math.isnan(call.mdd):
+        return ""
+    return f"the test could have detected {format_value(row.metric, call.mdd)}{unit} (80% power)"
+
+
+def _provenance(primary: Primary, results: Results) -> str:
+    """How the primary comparison came about, as the verdict's second sentence says it."""
+    other = "system" if primary.context != "score" else "folder"
+    metric = f"{'mean foreground ' if len(results.classes) > 1 else ''}{_NAMES[primary.metric]}"
+    rule = f"the default rule (the baseline's BE version if it is compared, else the first other {other}; {metric})"
+    how = f"by {rule}" if primary.chosen == "default" else "with --primary"
+    if primary.context == "report":
+        return (f"No primary comparison is declared in {results.root / 'plan.json'} (a results folder from an older "
+                f"beseg, or not made by beseg compare): it was chosen when this report was written, by {rule}, which "
+                "does not look at the results.")
+    if primary.context == "score":
+        if primary.chosen == "default":
+            return (f"beseg score chose it after the predictions were made, by {rule}, which does not look at the "
+                    "scores (--primary NAME:METRIC names another).")
+        return ("It was given with --primary to beseg score, after the predictions were made; beseg cannot check that "
+                "it was chosen before any score was seen.")
+    if primary.previous:
+        last = primary.previous[-1]
+        when = str(last.get("replaced_at") or "")[:10]
+        done = int(last.get("runs_done") or 0)
+        text = (f"It was changed with --replan on {when or 'an unknown date'}, after {done} of "
+                f"{last.get('runs_total') or '?'} runs had finished (declared before: {last.get('system')} vs "
+                f"{last.get('baseline')} in {_NAMES.get(str(last.get('metric')), last.get('metric'))}"
+                f"{', on ' + str(last.get('declared_at'))[:10] if last.get('declared_at') else ''}); ")
+        return text + ("a primary comparison changed after results were seen is not protected by its declaration."
+                       if done else "no run had finished, so it was still chosen before any result was seen.")
+    if primary.runs_done:
+        return (f"It was declared in plan.json, {how}, after {primary.runs_done} of {primary.runs_total} runs had "
+                "finished (the results folder predates primary comparisons), so declaring it did not protect its "
+                "5% level.")
+    return f"It was declared in plan.json before any run had finished, {how}."
+
+
+def _primary_sentence(results: Results, primary: Primary, row: tables.ComparisonRow | None,
+                      call: verdict.Call | None, optimistic: bool) -> str:
+    """The verdict's first sentence: the primary comparison alone, at 5%, with its interval and p-value."""
+    label = (f"mean foreground {_NAMES[primary.metric]}" if len(results.classes) > 1
+             else _NAMES[primary.metric])
+    head = f"Primary comparison, {primary.system} vs {primary.baseline} in {label}"
+    if row is None or call is None or not row.test or not row.test.testable:
+        missing = [s for s in (primary.system, primary.baseline) if s not in results.systems]
+        why = (f"{' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no "
+               f"{'run' if results.kind == 'runs' else 'scores'} here" if missing
+               else (row.result.note if row is not None and row.result.note else "too few cases"))
+        return f"{head}: not computed ({why})."
+    noun = split_noun(results) or "scored"
+    seeds = (f", {_run_counts(results.runs_of(primary.system), results.runs_of(primary.baseline))}"
+             if results.kind == "runs" else "")
+    res, unit = row.result, _unit(primary.metric)
+    word = _word(row, call)
+    text = (f"{head} on {res.n} {noun} cases{seeds}: {word}, {format_value(primary.metric, res.mean_diff, True)}{unit} "
+            f"(95% interval {_interval(primary.metric, call.interval)}{unit}; p = {call.p_value:.3g}, two-sided, "
+            "5% level)")
+    if word == "no difference shown":
+        power = _power_text(row, call, "5%")
+        text += f"; {power}" if power else ""
+    return text + "." + (" (Optimistic protocol: these cases chose the checkpoint.)" if optimistic else "")
 
 
 #: The verdict's metric families: one sentence per system and family.
 _FAMILIES = (("overlap", ("dice",)), ("boundaries", tuple(m for m in METRIC_NAMES if m != "dice")))
 
 
-def verdict_sentences(results: Results, rows: list[tables.ComparisonRow], baseline: str, optimistic: bool) -> list[str]:
-    """One sentence per system and metric family, worded by :func:`direction` from the paired rows.
-
-    For example ``segresnet_be vs segresnet_dice on 16 test cases, 3 seeds, overlap: no difference
-    shown in Dice (-0.002 [-0.020, +0.021]); the test could have detected 0.033.`` Runs of a system
-    without a seed count as repeats (``nnUNetTrainerBE vs segresnet_dice on 16 test cases, 2 repeats /
-    2 seeds, ...``).
-    """
+def _family_items(results: Results, rows: list[tables.ComparisonRow], calls: list[verdict.Call],
+                  baseline: str) -> list[str]:
+    """One sentence per system and metric family, each comparison at its Holm level."""
     noun = split_noun(results) or "scored"
     sentences = []
     for system in dict.fromkeys(r.system for r in rows):
-        mine = [r for r in rows if r.system == system]
-        n = max(r.result.n for r in mine)
+        mine = [(r, c) for r, c in zip(rows, calls) if r.system == system]
+        n = max(r.result.n for r, _ in mine)
         seeds = f", {_run_counts(results.runs_of(system), results.runs_of(baseline))}" if results.kind == "runs" else ""
         for family, metrics in _FAMILIES:
             parts = []
-            for r in (r for m in metrics for r in mine if r.metric == m):
-                cls = f" {r.cls}" if len(results.classes) > 1 else ""
-                res = r.result
-                if math.isnan(res.ci_low):
-                    parts.append(f"not computed for {_LABELS[r.metric]}{cls} ({res.note or 'too few cases'})")
+            for r, c in ((r, c) for m in metrics for r, c in mine if r.metric == m):
+                what = _metric_label(r.metric, results, r.cls)
+                word = _word(r, c)
+                if word == "not computed":
+                    parts.append(f"not computed for {what} ({r.result.note or 'too few cases'})")
                     continue
-                word = direction(r.metric, res)
-                unit = " mm" if r.metric in DISTANCE_METRICS else ""
-                text = (f"{word} in {_NAMES[r.metric]}{cls} "
-                        f"({format_value(r.metric, res.mean_diff, True)} {_ci(r.metric, res)}{unit})")
+                unit, level = _unit(r.metric), _level(c.level)
+                text = (f"{word} in {what} ({format_value(r.metric, r.result.mean_diff, True)}{unit}, {level} interval "
+                        f"{_interval(r.metric, c.interval)}{unit}, Holm-adjusted p = {c.adjusted_p:.3g})")
                 if word == "no difference shown":
-                    if not math.isnan(res.mdd):
-                        text += f"; the test could have detected {format_value(r.metric, res.mdd)}{unit}"
-                elif not math.isnan(res.p_value):
-                    text += f", Wilcoxon p = {res.p_value:.3g}"
-                    if res.min_p > 0.05:  # the interval excludes 0, but the rank test cannot confirm it
-                        text += f" (with {res.n} cases it cannot go below {res.min_p:.3g}: a hint, not a finding)"
+                    power = _power_text(r, c, level)
+                    power = power.replace(" (80% power)", "")
+                    text += f"; at that level {power}" if power.startswith("the test") else (f"; {power}" if power else "")
                 parts.append(text)
             if parts:
-                sentences.append(f"{system} vs {baseline} on {n} {noun} cases{seeds}, {family}: " + "; ".join(parts)
-                                 + "." + (" (Optimistic protocol: these cases chose the checkpoint.)" if optimistic else ""))
+                sentences.append(f"{system} vs {baseline} on {n} {noun} cases{seeds}, {family}: " + "; ".join(parts) + ".")
     return sentences
 
 
-def _verdict_blocks(results: Results, rows: list[tables.ComparisonRow], baseline: str, optimistic: bool,
-                    fig_dir: Path, notes: list[str]) -> list[Block]:
-    """The report's first screen: the verdict in words, beside the per-case paired Dice plot."""
-    if not rows:
+def _grid(family: list[tables.ComparisonRow], primary: tables.ComparisonRow | None) -> str:
+    """``5 systems x 4 metrics x 1 class, less the primary``: what the family is made of."""
+    grid = family + ([primary] if primary is not None and primary.cls != tables.MEAN_COLUMN else [])
+    systems = len(dict.fromkeys(r.system for r in grid))
+    classes = len(dict.fromkeys(r.cls for r in grid))
+    metrics = len(dict.fromkeys(r.metric for r in grid))
+    less = ", less the primary" if len(grid) > len(family) else ""
+    return (f"{systems} system{'s' if systems != 1 else ''} x {metrics} metrics x {classes} "
+            f"class{'es' if classes != 1 else ''}{less}")
+
+
+def _family_paragraph(results: Results, family: list[tables.ComparisonRow], calls: list[verdict.Call],
+                      baseline: str, primary_row: tables.ComparisonRow | None,
+                      primary_call: verdict.Call | None) -> Paragraph | None:
+    """The corrected family: Holm's decisions where the primary opened the gate, else why nothing was tested."""
+    if not family:
+        return None
+    m = len(family)
+    grid = _grid(family, primary_row)
+    reach = ""
+    min_p = min((r.test.flips.min_p for r in family if r.test and r.test.flips is not None), default=math.nan)
+    if math.isfinite(min_p) and min_p > verdict.ALPHA / m:
+        n = max(r.result.n for r in family)
+        reach = (f" With {n} cases the smallest possible p-value is {min_p:.3g}, above Holm's first threshold "
+                 f"0.05/{m} = {verdict.ALPHA / m:.3g}: no secondary comparison could be called at all.")
+    if primary_call is not None and primary_call.reject:
+        return Paragraph(f"Secondary comparisons, tested because the primary comparison rejected: the other {m} "
+                         f"({grid}) as one family, with Holm's step-down procedure at 5% family-wise. Each interval is "
+                         f"at the comparison's Holm level, and 'better' or 'worse' only where Holm rejects.{reach}",
+                         tuple(_family_items(results, family, calls, baseline)))
+    why = "it could not be computed" if primary_call is None else "it did not reject"
+    noun = split_noun(results) or "scored"
+    items = []
+    for system in dict.fromkeys(r.system for r in family):
+        mine = [r for r in family if r.system == system]
+        seeds = f", {_run_counts(results.runs_of(system), results.runs_of(baseline))}" if results.kind == "runs" else ""
+        metrics = ", ".join(dict.fromkeys(_NAMES[r.metric] for r in mine))
+        classes = len(dict.fromkeys(r.cls for r in mine))
+        what = f"{metrics}" + (f" x {classes} classes" if classes > 1 else "")
+        items.append(f"{system} vs {baseline} on {max(r.result.n for r in mine)} {noun} cases{seeds}: not tested "
+                     f"({what}).")
+    return Paragraph(f"Secondary comparisons: the other {m} ({grid}) were not tested. They form one family, tested with "
+                     "Holm's step-down procedure at 5% family-wise only after the primary comparison rejects, so that "
+                     f"the whole verdict makes a false claim in at most 5% of experiments; {why}. Their unadjusted "
+                     f"numbers are in the paired table below, as description, not findings.{reach}", tuple(items))
+
+
+def _method_text(results: Results, primary: Primary, family: list[tables.ComparisonRow],
+                 primary_row: tables.ComparisonRow | None) -> str:
+    """The verdict's protocol sentence: the primary, the family, the correction, the test and the resampling."""
+    tests = ([primary_row] if primary_row is not None else []) + family
+    flips = next((r.test.flips for r in tests if r.test and r.test.flips is not None), None)
+    patterns = (f"exact over all 2^n sign patterns up to 16 cases, else {MAX_PATTERNS} random ones"
+                if flips is None else f"here {flips.describe()} of the {flips.n} cases")
+    runs = {s: len(results.runs_of(s)) for s in dict.fromkeys(r.system for r in tests) | {primary.baseline: 0}
+            if s in results.systems}
+    single = [s for s, k in runs.items() if k < 2]
+    if results.kind != "runs":
+        seeds = ("There is one prediction folder per system, so seed-to-seed variation is not in the intervals: the "
+                 "claims are about these predictions, not about retraining the models.")
+    else:
+        over = _over(results)
+        seeds = (f"Seeds and cases together: each case's value is first averaged over a system's {over}, and where a "
+                 f"system has two or more, the between-run variance of the run means (less the per-case noise the cases "
+                 "already carry) is added to the test's null distribution as a Student-t term: a two-level (cases and "
+                 "seeds) analysis, so intervals widen when seeds disagree.")
+        if single and len(single) == len(runs):
+            seeds += (" Here every system has one run, so that variance cannot be estimated: the claims are about "
+                      "these trained models, not about retraining them.")
+        elif single:
+            seeds += f" {', '.join(single)} {'has' if len(single) == 1 else 'have'} one run and borrow the other's estimate."
+    gated = (f"The verdict tests one primary comparison ({primary.system} vs {primary.baseline} in "
+             f"{'mean foreground ' if len(results.classes) > 1 else ''}{_NAMES[primary.metric]}) alone at the 5% level")
+    if family:
+        gated += (f"; every other comparison shown ({len(family)}: {_grid(family, primary_row)}) is one family, corrected "
+                  "with Holm's step-down procedure at 5% family-wise and tested only after the primary comparison "
+                  "rejects (serial gatekeeping: where no system differs from the baseline, the whole verdict calls "
+                  "something 'better' or 'worse' in at most 5% of experiments; beseg bench verdict measures it)")
+    return (f"{gated}. Each comparison is a two-sided paired sign-flip (permutation) test of the mean difference over "
+            f"cases ({patterns}); its intervals are the test inverted, so an interval excludes 0 exactly when its test "
+            f"rejects at that level. {seeds} The paired table keeps every comparison's unadjusted 95% interval and "
+            "p-value.")
+
+
+def _verdict_blocks(results: Results, primary: Primary, primary_row: tables.ComparisonRow | None,
+                    family: list[tables.ComparisonRow], primary_call: verdict.Call | None, calls: list[verdict.Call],
+                    optimistic: bool, fig_dir: Path, notes: list[str]) -> list[Block]:
+    """The report's first screen: the primary verdict, the corrected family and the paired plot; then how they were
+    tested. Nothing when only one system was evaluated (there is no comparison)."""
+    if primary.system == primary.baseline and primary_row is None and not family:
         return []
-    blocks: list[Block] = [Heading("Verdict"), Paragraph(
-        f"Each system against {baseline}, paired by case (system − {baseline}; 95% bootstrap interval). "
-        "'Better' or 'worse' only where the interval excludes 0 (with the Wilcoxon p-value); otherwise 'no "
-        "difference shown', with the smallest difference the test could have detected (80% power).",
-        tuple(verdict_sentences(results, rows, baseline, optimistic)))]
+    blocks: list[Block] = [Heading("Verdict"),
+                           Paragraph(_primary_sentence(results, primary, primary_row, primary_call, optimistic) + " "
+                                     + _provenance(primary, results))]
+    paragraph = _family_paragraph(results, family, calls, primary.baseline, primary_row, primary_call)
+    if paragraph is not None:
+        blocks.append(paragraph)
+    tests = ([primary_row] if primary_row is not None else []) + family
+    if not tests:
+        return blocks
     panels = []
-    for r in rows:
-        if r.metric != "dice":
+    for r in tests:
+        if r.metric != "dice" or r.cls == tables.MEAN_COLUMN:
             continue
-        diffs = tables.paired_differences(results, r.system, baseline, r.cls, "dice")
+        diffs = tables.paired_differences(results, r.system, primary.baseline, r.cls, "dice")
         label = r.system if len(results.classes) == 1 else f"{r.system}, {r.cls}"
         panels.append(figures.PairedPanel(label, diffs, r.result.mean_diff, (r.result.ci_low, r.result.ci_high)))
     try:
-        path = figures.paired_difference_figure(panels, f"Dice difference per case (system − {baseline})",
+        path = figures.paired_difference_figure(panels, f"Dice difference per case (system − {primary.baseline})",
                                                 fig_dir / "paired_dice.png")
         averaged = f"averaged over {_over(results)}" if results.has_repeats else "seed-averaged"
-        blocks.append(Figure(path, f"Per-case Dice differences to {baseline}: one dot per case ({averaged}); "
-                                   "black bar: the 95% interval of the mean difference; red tick: the mean. The "
-                                   "cases that moved most either way are named."))
+        unbounded = (" (none where it is unbounded: too few cases)"
+                     if any(not all(map(math.isfinite, p.ci)) for p in panels) else "")
+        blocks.append(Figure(path, f"Per-case Dice differences to {primary.baseline}: one dot per case ({averaged}); "
+                                   f"black bar: the unadjusted 95% interval of the mean difference{unbounded}; red tick: "
+                                   "the mean. The cases that moved most either way are named."))
     except (OSError, ValueError) as exc:
         notes.append(f"paired Dice plot not drawn: {exc}")
+    # How it was tested goes below the plot, so that the first screen holds the answer.
+    blocks.append(Paragraph(_method_text(results, primary, family, primary_row)))
     return blocks
 
 
-def _comparison_blocks(results: Results, rows: list[tables.ComparisonRow], baseline: str, seed: int) -> list[Block]:
+def _comparison_blocks(results: Results, primary_row: tables.ComparisonRow | None, family: list[tables.ComparisonRow],
+                       primary_call: verdict.Call | None, calls: list[verdict.Call], baseline: str,
+                       seed: int) -> list[Block]:
     blocks: list[Block] = [Heading(f"Paired comparison against {baseline}")]
+    placeholder = verdict.Call("primary", True, False, verdict.ALPHA, math.nan, math.nan, (math.nan, math.nan), math.nan)
+    rows = [(primary_row, primary_call or placeholder)] if primary_row is not None else []
+    rows += list(zip(family, calls))
     if not rows:
         why = (f"the baseline {baseline} has no {'run' if results.kind == 'runs' else 'scores'} here"
                if baseline not in results.systems else f"there is no other system to compare with {baseline}")
         return blocks + [Paragraph(f"Not computed: {why}.")]
     noun = split_noun(results) or "scored"
-    n = max(r.result.n for r in rows)
+    n = max(r.result.n for r, _ in rows)
     averaged = f"each system's value is averaged over its {_over(results)} and " if results.kind == "runs" else ""
     blocks.append(Paragraph(
-        f"Per {noun} case, {averaged}the baseline's is subtracted (system − {baseline}). Shown: the number of "
-        f"paired cases, the mean difference, a 95% percentile bootstrap interval ({N_RESAMPLES} resamples of the "
-        f"cases, seed {seed}) and the two-sided paired Wilcoxon signed-rank p-value. Better is a positive difference "
-        f"for Dice and NSD, a negative one for HD95 and ASD; an interval that contains 0 means the data do not show a "
-        f"difference. What the test could have found: 'MDD' is the minimum detectable mean difference at 80% power "
-        f"and two-sided alpha 0.05, (t(0.975, n−1) + t(0.80, n−1)) × SD / √n with SD the observed standard deviation "
-        f"of the paired differences (t-approximation); 'min. p' is the smallest p-value the exact Wilcoxon test can "
-        f"give for n non-zero differences, 2 / 2^n (with {n} cases: {2 / 2 ** n:.3g}). A true difference smaller "
-        f"than the MDD would usually go unnoticed. 'pen.' counts paired cases whose value was a distance penalty "
-        f"(system / baseline)."
+        f"Per {noun} case, {averaged}the baseline's is subtracted (system − {baseline}). Shown, UNADJUSTED for the "
+        f"number of comparisons: the paired cases, the mean difference, its 95% interval and the two-sided p-value of "
+        f"the paired sign-flip test (random sign patterns seeded with {seed}; with several runs per system the seed "
+        f"variance is in both). 'verdict' is the corrected decision of the Verdict section: the primary comparison at "
+        f"5%, the others by Holm ('Holm p' is the adjusted p-value) and only after the primary rejects. Better is a "
+        f"positive difference for Dice and NSD, a negative one for HD95 and ASD. What the test could have found: "
+        f"'MDD' is the minimum detectable mean difference at 80% power and two-sided 5%, (t(0.975, df) + t(0.80, df)) "
+        f"× SE with SE from the observed spread of the paired differences (t-approximation; 'none' when no p-value "
+        f"can reach 5% with these cases); 'min. p' is the smallest p-value the test can give, 2 / 2^n for n cases "
+        f"(with {n} cases: {2 / 2 ** n:.3g}). A true difference smaller than the MDD would usually go unnoticed. "
+        f"'pen.' counts paired cases whose value was a distance penalty (system / baseline)."
     ))
     body = []
-    for r in rows:
+    for r, c in rows:
         res = r.result
-        better = direction(r.metric, res)
-        better = better if better in ("better", "worse") else ""
+        mdd = "none" if math.isinf(res.mdd) else format_value(r.metric, res.mdd)
         body.append((r.system, r.cls, _LABELS[r.metric], str(res.n), format_value(r.metric, res.mean_diff, True),
-                     _ci(r.metric, res), "n/a" if math.isnan(res.p_value) else f"{res.p_value:.3g}",
-                     better, format_value(r.metric, res.mdd), "n/a" if math.isnan(res.min_p) else f"{res.min_p:.3g}",
+                     _interval(r.metric, (res.ci_low, res.ci_high)),
+                     "n/a" if math.isnan(res.p_value) else f"{res.p_value:.3g}", c.role,
+                     "n/a" if math.isnan(c.adjusted_p) or c.role == "primary" or not c.tested else f"{c.adjusted_p:.3g}",
+                     _word(r, c), mdd, "n/a" if math.isnan(res.min_p) else f"{res.min_p:.3g}",
                      f"{r.penalised[0]} / {r.penalised[1]}", res.note))
-    blocks.append(Table(("system", "class", "metric", "cases", "mean diff.", "95% CI", "Wilcoxon p",
-                         "CI excludes 0", "MDD (80% power)", "min. p", "pen.", "note"), tuple(body),
-                        caption=f"Paired differences on the {noun} cases"))
+    blocks.append(Table(("system", "class", "metric", "cases", "mean diff.", "95% interval (unadjusted)",
+                         "p (unadjusted)", "role", "Holm p", "verdict", "MDD (80% power)", "min. p", "pen.", "note"),
+                        tuple(body), caption=f"Paired differences on the {noun} cases (unadjusted intervals and p-values)",
+                        notes=(f"Class '{tables.MEAN_COLUMN}': each case's mean over the classes (the primary "
+                               "comparison's mean foreground value).",) if len(results.classes) > 1 else ()))
     return blocks
 
 
@@ -511,8 +703,20 @@ def _failure_notes(results: Results) -> list[str]:
     return notes
 
 
-def build_document(results: Results, data_dir: str | Path | None, fig_dir: str | Path,
-                   baseline: str = "segresnet_dice", be_system: str = "segresnet_be",
+def primary_row(results: Results, primary: Primary, rows: list[tables.ComparisonRow], seed: int = 0,
+                flips: dict | None = None) -> tables.ComparisonRow | None:
+    """The primary comparison's row: its system against the baseline in its metric, averaged over the classes
+    (the class itself with one class); None when either system has no run."""
+    if primary.system == primary.baseline or not {primary.system, primary.baseline} <= set(results.systems):
+        return None
+    column = results.classes[0] if len(results.classes) == 1 else tables.MEAN_COLUMN
+    for row in rows:
+        if (row.system, row.cls, row.metric) == (primary.system, column, primary.metric):
+            return row
+    return tables.comparison(results, primary.system, primary.baseline, column, primary.metric, seed, flips)
+
+
+def build_document(results: Results, data_dir: str | Path | None, fig_dir: str | Path, primary: Primary,
                    seed: int = 0, cases: CaseFiles | None = None) -> list[Block]:
     """The whole report as blocks, drawing the figures into ``fig_dir`` on the way.
 
@@ -521,9 +725,9 @@ def build_document(results: Results, data_dir: str | Path | None, fig_dir: str |
         data_dir: the dataset folder (MSD layout) for the figure images; None skips Figure 1
             unless ``cases`` is given.
         fig_dir: folder for the PNG figures (created).
-        baseline: system every other system is compared with.
-        be_system: system whose predictions the contour figure shows beside the baseline's.
-        seed: bootstrap seed.
+        primary: the primary comparison; its baseline is the one every system is compared with, and
+            its system is shown beside the baseline in the contour figure.
+        seed: seed of the tests' random sign patterns.
         cases: ``{case: (image or None, label)}`` for the figures, instead of ``data_dir``.
 
     Returns:
@@ -534,15 +738,22 @@ def build_document(results: Results, data_dir: str | Path | None, fig_dir: str |
     statement, optimistic = protocol_statement(results)
     noun = split_noun(results)
     n_cases = len({row["case"] for r in results.runs for row in r.per_case})
-    rows = tables.comparisons(results, baseline, seed=seed)
-    verdict = _verdict_blocks(results, rows, baseline, optimistic, Path(fig_dir), notes)
+    baseline = primary.baseline
+    flips: dict = {}
+    rows = tables.comparisons(results, baseline, seed=seed, flips=flips)
+    first = primary_row(results, primary, rows, seed, flips)
+    family = [r for r in rows if r is not first]
+    primary_call, calls = verdict.judge(first.test if first is not None and first.test.testable else None,
+                                        [r.test for r in family])
+    verdict_blocks = _verdict_blocks(results, primary, first, family, primary_call, calls, optimistic, Path(fig_dir),
+                                     notes)
     body: list[Block] = []
     body += _table1_blocks(results, optimistic)
-    body += _comparison_blocks(results, rows, baseline, seed)
+    body += _comparison_blocks(results, first, family, primary_call, calls, baseline, seed)
     if results.kind == "runs":
         body += _cost_blocks(results)
     body += _figure_blocks(results, Path(data_dir) if data_dir is not None else None, cases, Path(fig_dir),
-                           baseline, be_system, notes)
+                           baseline, primary.system, notes)
     if results.kind == "runs":
         what = (f"Results folder {results.root}; {len(results.runs)} runs of {len(results.systems)} systems; "
                 f"{n_cases} {noun or 'scored'} cases; classes: {', '.join(results.classes)}.")
@@ -560,7 +771,7 @@ def build_document(results: Results, data_dir: str | Path | None, fig_dir: str |
     head: list[Block] = [
         Heading(f"{title}: {results.task}", level=1),
         Paragraph(statement),
-        *verdict,
+        *verdict_blocks,
         Heading("How the numbers were made"),
         Paragraph(what, items),
     ]

@@ -9,7 +9,9 @@ Aggregation rules (the report states them too):
   :mod:`beseg.metrics`) is a number and enters the mean; an undefined (NaN) value is skipped.
   Both are counted per class and metric. Failed cases have no value and are counted per run.
 * Paired comparisons: each case's value is averaged over a system's seeds, then paired by case
-  with the baseline's (:func:`beseg.report.stats.paired_comparison`).
+  with the baseline's, and tested by the sign-flip test with the seeds' own variance added
+  (:func:`beseg.report.stats.paired_test`). The ``"mean"`` column (the primary comparison's mean
+  foreground value) averages each case's classes first (NaN when a class has none).
 * Cost: per run the median step time and median loss time of its training steps, and the share
   of the total step time spent in the loss; then the mean over seeds.
 """
@@ -17,18 +19,19 @@ Aggregation rules (the report states them too):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from beseg.metrics import DISTANCE_METRICS, METRIC_NAMES
 from beseg.report.collect import Results, Run
-from beseg.report.stats import PairedComparison, paired_comparison
+from beseg.report.stats import PairedComparison, PairedTest, SignFlips, paired_test
 
 __all__ = [
     "MEAN_COLUMN", "Cell", "RunMean", "CostRow", "ComparisonRow", "run_mean", "table1_columns", "table1",
-    "seed_averaged_cases", "paired_differences", "penalised_cases", "comparisons", "cost", "is_penalised",
+    "seed_averaged_cases", "paired_differences", "penalised_cases", "case_values", "comparison", "comparisons", "cost",
+    "is_penalised",
 ]
 
 #: Table 1's column averaging over classes, present when a task has more than one class.
@@ -71,8 +74,13 @@ class ComparisonRow:
     """A system against the baseline on one class and metric.
 
     Attributes:
+        system: the compared system.
+        cls: the class, or :data:`MEAN_COLUMN` (each case's mean over the classes).
+        metric: the metric.
+        result: the unadjusted summary (95% interval, p-value, power).
         penalised: paired cases whose value (in any seed) is a distance penalty, for the system
             and for the baseline.
+        test: the test itself, for the verdict's intervals at other levels.
     """
 
     system: str
@@ -80,6 +88,7 @@ class ComparisonRow:
     metric: str
     result: PairedComparison
     penalised: tuple[int, int] = (0, 0)
+    test: PairedTest | None = None
 
 
 @dataclass(frozen=True)
@@ -159,19 +168,30 @@ def table1(results: Results) -> dict[str, dict[str, dict[str, Cell]]]:
     return table
 
 
+def case_values(run: Run, column: str, metric: str) -> dict[str, float]:
+    """``{case: value}`` of one run, for a class or :data:`MEAN_COLUMN` (the mean over the classes; NaN when
+    a class has no value for the case)."""
+    if column != MEAN_COLUMN:
+        return run.values(column, metric)
+    per_class = [run.values(cls, metric) for cls in run.classes]
+    cases = sorted(set.intersection(*(set(v) for v in per_class))) if per_class else []
+    return {c: float(np.mean([v[c] for v in per_class])) for c in cases}
+
+
 def seed_averaged_cases(results: Results, system: str, cls: str, metric: str) -> dict[str, float]:
     """``{case: value}`` averaged over the system's seeds (NaN seeds skipped; NaN if all are)."""
     by_case: dict[str, list[float]] = {}
     for run in results.runs_of(system):
-        for case, value in run.values(cls, metric).items():
+        for case, value in case_values(run, cls, metric).items():
             by_case.setdefault(case, []).append(value)
     return {case: _nanmean(v) for case, v in sorted(by_case.items())}
 
 
 def penalised_cases(results: Results, system: str, cls: str, metric: str) -> set[str]:
-    """The cases whose value of ``metric`` is a distance penalty in at least one of the system's runs."""
+    """The cases whose value of ``metric`` is a distance penalty in at least one of the system's runs
+    (in at least one class for :data:`MEAN_COLUMN`)."""
     return {r["case"] for run in results.runs_of(system) for r in run.per_case
-            if r["class"] == cls and is_penalised(r, metric)}
+            if (cls == MEAN_COLUMN or r["class"] == cls) and is_penalised(r, metric)}
 
 
 def paired_differences(results: Results, system: str, baseline: str, cls: str, metric: str) -> dict[str, float]:
@@ -181,33 +201,54 @@ def paired_differences(results: Results, system: str, baseline: str, cls: str, m
     return {c: a[c] - b[c] for c in sorted(set(a) & set(b)) if math.isfinite(a[c]) and math.isfinite(b[c])}
 
 
-def comparisons(results: Results, baseline: str, seed: int = 0) -> list[ComparisonRow]:
-    """Every other system against ``baseline``, per class and metric, paired by case.
+def _run_matrix(results: Results, system: str, cls: str, metric: str, cases: list[str]) -> np.ndarray:
+    """``(runs, cases)`` values of the system's runs on ``cases`` (NaN where a run has none)."""
+    rows = [case_values(run, cls, metric) for run in results.runs_of(system)]
+    return np.array([[row.get(c, math.nan) for c in cases] for row in rows], dtype=float).reshape(len(rows), len(cases))
+
+
+def comparison(results: Results, system: str, baseline: str, cls: str, metric: str, seed: int = 0,
+               flips: dict[int, SignFlips] | None = None) -> ComparisonRow:
+    """``system`` against ``baseline`` on one class (or :data:`MEAN_COLUMN`) and metric, paired by case.
 
     Cases evaluated by only one of the two systems are left out (and counted in the note).
+
+    Args:
+        results: the collected runs.
+        system: the compared system.
+        baseline: the baseline.
+        cls: a class or :data:`MEAN_COLUMN`.
+        metric: the metric.
+        seed: seed of the random sign patterns.
+        flips: sign patterns shared between comparisons (``{n: SignFlips}``, filled here).
+    """
+    a = {c for run in results.runs_of(system) for c in case_values(run, cls, metric)}
+    b = {c for run in results.runs_of(baseline) for c in case_values(run, cls, metric)}
+    common = sorted(a & b)
+    test = paired_test(_run_matrix(results, system, cls, metric, common),
+                       _run_matrix(results, baseline, cls, metric, common), seed=seed, flips=flips)
+    unpaired = len(a ^ b)
+    if unpaired:
+        test.note = "; ".join(filter(None, [test.note, f"{unpaired} case(s) evaluated by only one system left out"]))
+    sa, sb = seed_averaged_cases(results, system, cls, metric), seed_averaged_cases(results, baseline, cls, metric)
+    paired = {c for c in common if math.isfinite(sa[c]) and math.isfinite(sb[c])}
+    penalised = (len(penalised_cases(results, system, cls, metric) & paired),
+                 len(penalised_cases(results, baseline, cls, metric) & paired))
+    return ComparisonRow(system, cls, metric, test.summary(), penalised, test)
+
+
+def comparisons(results: Results, baseline: str, seed: int = 0,
+                flips: dict[int, SignFlips] | None = None) -> list[ComparisonRow]:
+    """Every other system against ``baseline``, per class and metric, paired by case (:func:`comparison`).
+
     Returns [] when the baseline has no run.
     """
     if baseline not in results.systems:
         return []
-    rows = []
-    for system in results.systems:
-        if system == baseline:
-            continue
-        for cls in results.classes:
-            for metric in METRIC_NAMES:
-                a = seed_averaged_cases(results, system, cls, metric)
-                b = seed_averaged_cases(results, baseline, cls, metric)
-                common = sorted(set(a) & set(b))
-                result = paired_comparison([a[c] for c in common], [b[c] for c in common], seed=seed)
-                unpaired = len(set(a) ^ set(b))
-                if unpaired:
-                    extra = f"{unpaired} case(s) evaluated by only one system left out"
-                    result = replace(result, note="; ".join(filter(None, [result.note, extra])))
-                paired = {c for c in common if math.isfinite(a[c]) and math.isfinite(b[c])}
-                penalised = (len(penalised_cases(results, system, cls, metric) & paired),
-                             len(penalised_cases(results, baseline, cls, metric) & paired))
-                rows.append(ComparisonRow(system, cls, metric, result, penalised))
-    return rows
+    flips = flips if flips is not None else {}
+    return [comparison(results, system, baseline, cls, metric, seed, flips)
+            for system in results.systems if system != baseline
+            for cls in results.classes for metric in METRIC_NAMES]
 
 
 def cost(results: Results) -> list[CostRow]:
