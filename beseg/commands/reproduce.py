@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from beseg.commands.common import add_launchers, add_protocol, finish, make_launcher, split_systems
+from beseg.commands.common import add_launchers, add_protocol, cost_options, finish, make_launcher, split_systems
 
 
 
@@ -30,5 +30,6 @@ def run(args: argparse.Namespace) -> int:
     systems = split_systems(args.systems) if args.systems else list(TABLE1_SYSTEMS)
     result = run_reproduce(args.task, args.data, seeds=args.seeds, out=args.out, systems=systems,
                            overrides=args.overrides, cpu_ok=args.cpu_ok, progress=not args.no_progress,
-                           protocol=args.protocol, folds=args.folds, launcher=make_launcher(args))
+                           protocol=args.protocol, folds=args.folds, launcher=make_launcher(args),
+                           **cost_options(args))
     return finish(result, result.results_dir)

@@ -28,7 +28,8 @@ PAPER_TASKS: dict[str, str] = {"task01": "Task01_BrainTumour", "task09": "Task09
 def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: str | Path | None = None,
                   systems: Sequence[str] = TABLE1_SYSTEMS, overrides: Sequence[str] = (), cpu_ok: bool = False,
                   progress: bool = True, log: Callable[[str], None] = print, protocol: str = "paper",
-                  folds: int | None = None, launcher=None) -> CompareResult:
+                  folds: int | None = None, launcher=None, dry_run: bool = False, measure: bool | None = None,
+                  time_margin: float | None = None) -> CompareResult:
     """Run every Table 1 row with the paper's settings for ``task`` and write the report.
 
     Args:
@@ -45,6 +46,8 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
         folds: K-fold cross-validation (with ``protocol="heldout"``).
         launcher: where the runs execute (see :func:`beseg.experiment.compare.run_compare`); with
             the SLURM launcher the GPU check is the jobs' business, not this machine's.
+        dry_run, measure, time_margin: the cost plan (see :func:`~beseg.experiment.compare.run_compare`); a dry
+            run trains nothing, so it needs no GPU (without one it measures and projects the CPU).
 
     Returns:
         The :class:`CompareResult`.
@@ -61,7 +64,7 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
     if data_dir is None:
         raise ConfigError(f"--data DIR is required: the MSD {PAPER_TASKS[key]} folder (holding dataset.json, "
                           "imagesTr/, labelsTr/); check it with `beseg data check DIR`.")
-    if not torch.cuda.is_available() and getattr(launcher, "name", "local") == "local":
+    if not torch.cuda.is_available() and getattr(launcher, "name", "local") == "local" and not dry_run:
         message = (f"no CUDA device: the paper protocol ({len(systems)} systems x {seeds} seed(s), paper patch "
                    "sizes and epochs) is meant for GPUs and would take weeks on a CPU")
         if not cpu_ok:
@@ -72,4 +75,5 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
             "numbers are optimistic (comparable to the paper's Table 1, not held out); --protocol heldout or --folds K "
             "for held-out numbers.")
     return run_compare(data_dir, systems, seeds, out or f"results-{key}", overrides=overrides, prefix=key,
-                       progress=progress, log=log, protocol=protocol, folds=folds, launcher=launcher)
+                       progress=progress, log=log, protocol=protocol, folds=folds, launcher=launcher,
+                       dry_run=dry_run, measure=measure, time_margin=time_margin)
