@@ -70,7 +70,7 @@ from beseg.experiment.plan import PlannedRun
 from beseg.fileio import atomic_write_text
 
 __all__ = ["COST_VERSION", "DEFAULT_MARGIN", "CostPlan", "CostCache", "auto_time_limit", "format_cost_plan",
-           "plan_cost", "requeues_needed"]
+           "plan_cost", "pool_wall", "requeues_needed"]
 
 COST_VERSION = 1
 #: ``--slurm-time-margin``'s default: a job asks for 1.5x its run's projected time.
@@ -478,7 +478,7 @@ def _run_cost(run: PlannedRun, split: Any, protocol: str, fig: dict[str, Any], d
             "seconds": {k: round(v, 3) for k, v in seconds.items()}, "total_s": round(sum(seconds.values()), 3)}
 
 
-def _pool_wall(durations: Sequence[float], slots: int) -> float:
+def pool_wall(durations: Sequence[float], slots: int) -> float:
     """Wall time of ``durations`` run in order, each by the first free of ``slots`` (the local launcher's rule)."""
     free = [0.0] * max(1, slots)
     for d in durations:
@@ -573,11 +573,11 @@ def plan_cost(planned: Sequence[PlannedRun], data_dir: str | Path, results_dir: 
     one_device = store_seconds + sum(totals)
     plan["projection"] = {"one_device_s": round(one_device, 1)}
     if target.launcher == "local" and target.slots > 1:
-        plan["projection"]["launcher_s"] = round(store_seconds + _pool_wall(totals, target.slots), 1)
+        plan["projection"]["launcher_s"] = round(store_seconds + pool_wall(totals, target.slots), 1)
     gpus_here = figures["device"].get("count", 0) if figures["device"].get("kind") == "cuda" else 0
     if target.kind == "cuda" and target.launcher == "local" and gpus_here > target.slots:
         plan["projection"]["all_gpus_here"] = {"gpus": gpus_here,
-                                               "wall_s": round(store_seconds + _pool_wall(totals, gpus_here), 1)}
+                                               "wall_s": round(store_seconds + pool_wall(totals, gpus_here), 1)}
     _memory_warnings(plan, figures, target, launcher)
     limits: dict[str, int] = {}
     if target.launcher == "slurm":
