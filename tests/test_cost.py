@@ -216,3 +216,19 @@ def test_reproduce_dry_run_needs_no_gpu(tiny_data, tmp_path, capsys, monkeypatch
     assert code == 0, captured.err
     assert "dry run: nothing was trained" in captured.out and "segresnet_be" in captured.out
     assert not list(tmp_path.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--slurm-time-margin", "2"], "--slurm-time-margin only applies with --launcher slurm --slurm-time auto"),
+    (["--launcher", "slurm", "--slurm-time", "1:00:00", "--slurm-time-margin", "2"],
+     "--slurm-time-margin only applies with --slurm-time auto"),
+    (["--launcher", "slurm", "--dry-run", "--detach"], "--dry-run submits nothing, so --detach has nothing to do"),
+    (["--no-measure"], "--no-measure applies only with --dry-run or --slurm-time auto"),
+    (["--launcher", "slurm", "--slurm-time", "auto", "--slurm-time-margin", "0.5", "--dry-run"],
+     "--slurm-time-margin must be at least 1"),
+])
+def test_cost_plan_options_are_checked(tiny_data, tmp_path, capsys, extra, message):
+    code = main(["compare", "--data", str(tiny_data), "--systems", "dice", "--seeds", "1", "--out", str(tmp_path / "r"),
+                 *extra, *tiny_compare(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err, err
