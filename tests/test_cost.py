@@ -82,6 +82,7 @@ def _dry(results, launcher=None, **kwargs):
                        progress=False, log=QUIET, dry_run=True, measure=False, launcher=launcher, **kwargs)
 
 
+@pytest.mark.slow  # the module's dry run measures for ~20 s once
 def test_the_projection_adds_up_every_part_of_every_run(results):
     cost = _dry(results).cost
     # 6 train / 2 validation / 2 test cases, all of one size (one volume scale); in this process (no start-up).
@@ -99,6 +100,7 @@ def test_the_projection_adds_up_every_part_of_every_run(results):
     assert "one device, runs one after another: 2 min 37 s" in text  # 3 + 2 x 77 s
 
 
+@pytest.mark.slow  # the module's dry run measures for ~20 s once
 def test_local_slots_run_in_plan_order_and_each_process_pays_its_start(results):
     cost = _dry(results, LocalLauncher(jobs=2)).cost
     per_run = 77.0 + 7.0
@@ -106,6 +108,7 @@ def test_local_slots_run_in_plan_order_and_each_process_pays_its_start(results):
     assert cost["projection"]["one_device_s"] == pytest.approx(3.0 + 2 * per_run, abs=0.1)
 
 
+@pytest.mark.slow  # the module's dry run measures for ~20 s once
 def test_a_resumed_run_counts_only_what_is_left(results):
     first, second = results["runs"]
     first.state, first.epoch = "resume", 2  # epoch 3 left: 2 steps, the final validation, last.pt and best.pt
@@ -117,6 +120,7 @@ def test_a_resumed_run_counts_only_what_is_left(results):
     assert cost.to_dict()["work"]["to_run"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_time,limit,requeues", [
     (None, 180, 0),   # (77 + 7 + 3 store) x 1.5 = 130.5 s: 3 minutes leave 162 s before the 18 s signal
     (120, 120, 1),    # capped: 108 s before the signal, 24 s (an epoch: 2 steps, 2 validation cases) may be lost
@@ -140,6 +144,7 @@ def test_slurm_time_auto_follows_the_plan_and_the_partitions_max_time(results, m
     assert f"#SBATCH --signal=B:USR1@{min(300, max(5, limit // 10))}" in script
 
 
+@pytest.mark.slow  # the module's dry run measures for ~20 s once
 def test_slurm_time_auto_refuses_a_max_time_too_short_for_one_checkpoint_interval(results, monkeypatch):
     monkeypatch.setattr("beseg.experiment.slurm.partition_limits",
                         lambda partition=None: PartitionLimits("short", 60, None))
@@ -148,6 +153,7 @@ def test_slurm_time_auto_refuses_a_max_time_too_short_for_one_checkpoint_interva
         _dry(results, SlurmLauncher(time_limit="auto"), time_margin=1.0)
 
 
+@pytest.mark.slow  # the module's dry run measures for ~20 s once
 def test_an_explicit_slurm_time_is_checked_against_the_plan(results, monkeypatch):
     monkeypatch.setattr("beseg.experiment.slurm.partition_limits",
                         lambda partition=None: PartitionLimits("debug", 7200, None))
@@ -157,6 +163,7 @@ def test_an_explicit_slurm_time_is_checked_against_the_plan(results, monkeypatch
     assert any("exceeds partition debug's MaxTime (2 h 00 min)" in w for w in cost["warnings"])
 
 
+@pytest.mark.slow  # the module's dry run measures for ~20 s once
 def test_memory_beyond_the_device_or_mem_per_run_is_warned_about(results):
     path = next((results["out"] / "cost").glob("cpu-*.json"))
     doc = json.loads(path.read_text())

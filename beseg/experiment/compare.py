@@ -21,7 +21,9 @@ written to ``RESULTS/plan.json``), has a launcher (:mod:`beseg.experiment.launch
 :mod:`beseg.experiment.slurm`) execute the unfinished ones, each by
 :func:`beseg.experiment.worker.execute_run`, waits for runs other processes hold, merges the folds
 (:mod:`beseg.experiment.folds`) and writes the report (:func:`beseg.report.write_report`). The
-folder's layout is :class:`beseg.experiment.layout.ResultsLayout`.
+folder's layout is :class:`beseg.experiment.layout.ResultsLayout`. ``dry_run`` (``--dry-run``) stops
+after planning with the cost plan (:mod:`beseg.experiment.cost`) in ``plan.json``; ``--slurm-time
+auto`` makes the same plan and takes each job's time limit from it.
 
 Every ``eval/summary.json`` says how its numbers were made: ``protocol``, ``split`` (``test``,
 ``val`` or ``oof``), ``folds``, ``selection`` and the ``case_ids`` scored.

@@ -337,7 +337,7 @@ def _figures(runs: Sequence[PlannedRun], target: Target, data_dir: Path, split: 
 
     from beseg.engine import measure as m
 
-    cache = CostCache(layout.root / "cost")
+    cache = CostCache(layout.cost)
     device = _measure_device(target)
     here = None
     if device is not None:
@@ -605,7 +605,7 @@ def _memory_warnings(plan: dict[str, Any], figures: dict[str, Any], target: Targ
     from beseg.engine.measure import gib
 
     device = figures["device"]
-    sharing = target.slots if target.launcher == "local" else 1  # runs on this machine at once
+    sharing = target.slots  # runs on this machine at once (local launcher)
     for name, entry in figures["systems"].items():
         fig = entry["figures"]
         if fig.get("error"):
@@ -615,9 +615,10 @@ def _memory_warnings(plan: dict[str, Any], figures: dict[str, Any], target: Targ
             plan["warnings"].append(f"{name}: peak GPU memory {gib(peak)} is {peak / device['memory_bytes']:.0%} of "
                                     f"the {device['name']}'s {gib(device['memory_bytes'])}: expect out-of-memory "
                                     "errors; lower data.batch_size, data.patch_size or train.sw_batch_size")
-        host = fig["host_peak_bytes"] * (sharing if device["kind"] == "cpu" or target.launcher == "local" else 1)
+        host = fig["host_peak_bytes"] * sharing
         memory = device["memory_bytes"] if device["kind"] == "cpu" else _host_memory()
-        if memory and host > MEMORY_WARN_SHARE * memory:
+        # SLURM jobs run on other nodes: --mem-per-run (below) is their limit, not this machine's RAM.
+        if target.launcher == "local" and memory and host > MEMORY_WARN_SHARE * memory:
             plan["warnings"].append(f"{name}: {sharing} run(s) at a time need about {gib(host)} of RAM (peak RSS "
                                     f"{gib(fig['host_peak_bytes'])} each, without loader workers), more than this "
                                     f"machine's {gib(memory)}; run fewer at a time")
