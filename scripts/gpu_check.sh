@@ -94,13 +94,16 @@ phantoms() {  # Task09 and Task01 geometry, 3 cases each (the paper protocol's s
     local b=$!
     wait "$a"; ra=$?
     wait "$b"; rb=$?
-    return $((ra || rb))
+    if [ "$ra" -eq 0 ] && [ "$rb" -eq 0 ]; then touch "$work/phantoms.done"; else touch "$work/phantoms.failed"; fi
 }
 
 dry_run() {  # TASK: the paper presets' cost plan on the phantom; the plan's "cost" to cost_TASK.json
     local task="$1"
     while [ ! -f "$work/phantoms.done" ]; do
-        [ -f "$work/phantoms.failed" ] && { echo "the phantoms were not generated (see the phantoms step)"; return 1; }
+        if [ -f "$work/phantoms.failed" ] || ! kill -0 "$phantoms_pid" 2>/dev/null; then
+            echo "the phantoms were not generated (see the phantoms part of steps.log)"
+            return 1
+        fi
         sleep 1
     done
     beseg reproduce --task "$task" --data "$work/${task/task/t}" --seeds 3 --out "$work/results-$task" \
@@ -129,12 +132,13 @@ export -f beseg device cuda_tests phantoms dry_run short_training
 echo "beseg GPU check, $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')" | tee -a "$summary"
 step device 30 device
 # The phantoms are CPU work: generated while the GPU steps below run (at most 200 s).
-( if timeout 200 bash -c phantoms >"$work/phantoms.log" 2>&1; then touch "$work/phantoms.done"
-  else touch "$work/phantoms.failed"; fi ) &
+timeout 200 bash -c phantoms </dev/null >"$work/phantoms.log" 2>&1 &
+export phantoms_pid=$!
 step cuda-tests 90 cuda_tests
 step dry-run-task09 110 dry_run task09
 step dry-run-task01 80 dry_run task01
 { printf '\n===== phantoms (in the background) =====\n'; cat "$work/phantoms.log" 2>/dev/null; } >>"$log"
+kill "$phantoms_pid" 2>/dev/null  # done by now, unless the dry runs were cut short
 step bench-loss 40 beseg bench loss --device cuda --repeats 30
 step bench-train 40 beseg bench train --device cuda --repeats 5
 step train-evaluate-predict 100 short_training
