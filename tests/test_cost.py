@@ -239,3 +239,18 @@ def test_cost_plan_options_are_checked(tiny_data, tmp_path, capsys, extra, messa
                  *extra, *tiny_compare(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_a_system_that_cannot_train_is_named_and_the_dry_run_exits_1(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BESEG_CACHE_DIR", str(tmp_path / "cache"))
+    # U-Net's four stride-2 levels leave 1 voxel of a 16^3 patch: its training step fails, as the run would
+    code = main(["compare", "--data", str(tiny_data), "--systems", "dice,unet", "--seeds", "1", "--out",
+                 str(tmp_path / "r"), "--dry-run", "--no-progress", *tiny_compare(tmp_path),
+                 "model.unet_channels=[8,16,32,64,128]"])
+    captured = capsys.readouterr()
+    assert code == 1 and "1 system(s) failed while being measured (unet)" in captured.err
+    assert "warning: unet: training steps failed: ValueError: Expected more than 1 spatial element" in captured.out
+    assert "not projected: unet/seed0" in captured.out
+    cost = json.loads((tmp_path / "r" / "plan.json").read_text())["cost"]
+    assert [r["id"] for r in cost["runs"]] == ["segresnet_dice/seed0"]  # the other system is still projected

@@ -89,6 +89,16 @@ def test_a_measurement_that_runs_out_of_memory_says_where(measured, monkeypatch)
     assert math.isnan(cost.step_s) and cost.setup_s > 0  # what was measured before stays
 
 
+def test_a_step_that_fails_is_recorded_with_its_reason(measured, monkeypatch):
+    def broken(self, batch):
+        raise ValueError("Expected more than 1 spatial element when training")
+
+    monkeypatch.setattr(Trainer, "train_step", broken)
+    cost = measure_training(measured["config"], measured["store"], measured["case"], measured["task"],
+                            measured["preset"], measured["stats"], torch.device("cpu"), measured["tmp"] / "broken")
+    assert cost.error == "training steps failed: ValueError: Expected more than 1 spatial element when training"
+
+
 def test_a_validation_shared_with_another_system_is_not_repeated(measured):
     cost = measure_training(measured["config"], measured["store"], measured["case"], measured["task"],
                             measured["preset"], measured["stats"], torch.device("cpu"), measured["tmp"] / "noval",

@@ -143,6 +143,11 @@ def finish(result: Any, out: Any) -> int:
             print(line)
         print(f"dry run: nothing was trained or submitted; the plan is in {result.results_dir / 'plan.json'} "
               "(key \"cost\"); the same command without --dry-run runs it")
+        broken = [name for name, entry in (result.cost or {}).get("figures", {}).items() if entry["figures"].get("error")]
+        if broken:
+            print(f"{len(broken)} system(s) failed while being measured ({', '.join(broken)}): their runs would fail; "
+                  "see the warnings above", file=sys.stderr)
+            return EXIT_FAILURE
         return 0
     if result.detached:
         for run_id, job in result.jobs.items():

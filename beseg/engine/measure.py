@@ -347,8 +347,8 @@ def measure_training(config: Config, store: Store, case: Case, task: MSDTask, pr
         validate: also time one validation (systems with the same network, patch and sliding window share it).
 
     Returns:
-        A :class:`TrainingCost`; when the device runs out of memory its ``error`` says where, and the
-        figures measured before stay.
+        A :class:`TrainingCost`; when the device runs out of memory, or a step fails (a patch too small for
+        the network...), its ``error`` says where and why, and the figures measured before stay.
     """
     cost = TrainingCost(warmup_steps=warmup, threads=torch.get_num_threads())
     trainer = Trainer(config, task.root, scratch / "run", progress=False)
@@ -409,10 +409,10 @@ def measure_training(config: Config, store: Store, case: Case, task: MSDTask, pr
             synchronize(device)
             cost.validation_s = time.perf_counter() - start
         cost.validation_peak_bytes = peak.bytes
-    except Exception as err:  # noqa: BLE001 - out of memory is a finding of the measurement, not a crash
-        if not _out_of_memory(err):
-            raise
-        cost.error = f"out of memory while {stage} ({str(err).splitlines()[0][:200]})"
+    except Exception as err:  # noqa: BLE001 - a step that fails is a finding of the measurement: the runs would fail
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        cost.error = (f"out of memory while {stage} ({first})" if _out_of_memory(err)
+                      else f"{stage} failed: {type(err).__name__}: {first}")
     finally:
         del trainer
         if device.type == "cuda":

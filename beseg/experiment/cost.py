@@ -556,9 +556,16 @@ def plan_cost(planned: Sequence[PlannedRun], data_dir: str | Path, results_dir: 
         run_costs.append(_run_cost(run, splits[run.config.data.split_file], protocol, entry, data_fig, startup_s,
                                    target, volumes))
     for name, entry in figures["systems"].items():
-        if entry["figures"].get("error"):
-            plan["warnings"].append(f"{name}: {entry['figures']['error']} on {figures['device']['describe']}; its "
-                                    "runs are not projected: lower data.batch_size or data.patch_size")
+        error = entry["figures"].get("error")
+        if error:
+            advice = "lower data.batch_size, data.patch_size or train.sw_batch_size" if error.startswith("out of memory") \
+                else "its runs would fail the same way"
+            plan["warnings"].append(f"{name}: {error} on {figures['device']['describe']}; its runs are not projected: "
+                                    f"{advice}")
+    if auto and failed:
+        raise ConfigError(f"--slurm-time auto: {len(failed)} run(s) cannot be timed because their system failed on "
+                          f"{figures['device']['describe']} ({'; '.join(plan['warnings'])[:600]}); fix that first "
+                          "(--dry-run shows the plan).")
     plan["not_projected"] += [f"{rid}: its system could not be measured" for rid in failed]
     store_seconds, store_missing = _store_work(runs, task, preset, all_ids, volumes, data_fig)
     plan["store"] = {"cases": len(all_ids) if runs[0].config.data.cache in ("store", "disk") else 0,
