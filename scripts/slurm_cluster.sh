@@ -75,6 +75,8 @@ AuthInfo=cred_expire=10
 SchedulerParameters=sched_interval=1
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+# A partition with a one-minute MaxTime, for the test of --slurm-time auto: a run longer than that requeues.
+PartitionName=short Nodes=$host MaxTime=1 State=UP
 EOF
 }
 

@@ -87,3 +87,52 @@ def test_devices_0_trains_and_evaluates_on_the_gpu(tiny_data, tmp_path):
     run = out / "segresnet_dice" / "seed0"
     assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]["device"] == "cuda"
     assert json.loads((run / "eval" / "summary.json").read_text())["cases"] == 2
+
+
+def test_slurm_durations_are_read_and_written_in_slurms_forms():
+    from beseg.experiment.slurm import format_duration, parse_duration, signal_grace_s
+
+    cases = {"90": 5400, "5:30": 330, "12:00:00": 43200, "2-00": 172800, "2-06:30": 196200, "1-00:00:05": 86405,
+             "UNLIMITED": None, "infinite": None}
+    assert {text: parse_duration(text) for text in cases} == cases
+    with pytest.raises(ConfigError, match="is not a SLURM time"):
+        parse_duration("a day")
+    # whole minutes, rounded up: SLURM counts minutes
+    assert [format_duration(s) for s in (1, 60, 61, 3600, 86400, 90061)] == \
+        ["0:01:00", "0:01:00", "0:02:00", "1:00:00", "1-00:00:00", "1-01:02:00"]
+    assert [signal_grace_s(s) for s in (None, 30, 60, 600, 2999, 3000, 86400)] == [300, 5, 6, 60, 299, 300, 300]
+
+
+def test_partition_limits_come_from_scontrol(tmp_path, monkeypatch):
+    from beseg.experiment.slurm import PartitionLimits, SlurmError, partition_limits
+
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\ncat <<'EOF'\n"
+                    "PartitionName=debug Default=YES DefaultTime=NONE MaxTime=UNLIMITED State=UP\n"
+                    "PartitionName=gpu Default=NO DefaultTime=04:00:00 MaxTime=1-00:00:00 State=UP\n"
+                    "EOF\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    assert partition_limits() == PartitionLimits("debug", None, None)
+    assert partition_limits("gpu") == PartitionLimits("gpu", 86400, 14400)
+    with pytest.raises(SlurmError, match="no partition 'a100'"):
+        partition_limits("a100")
+
+
+def test_slurm_time_auto_takes_each_jobs_limit_from_the_plan(tmp_path):
+    launcher = SlurmLauncher(time_limit="auto")
+    results = ResultsLayout(tmp_path / "results")
+    assert not any(line.startswith("#SBATCH --time") for line in launcher.script(results, "a/seed0").splitlines())
+    launcher.run_limits = {"a/seed0": 5400}
+    script = launcher.script(results, "a/seed0")
+    assert "#SBATCH --time=1:30:00" in script and "#SBATCH --signal=B:USR1@300" in script
+    short = SlurmLauncher(time_limit="2")  # an explicit short limit: the signal comes a tenth before it
+    assert "#SBATCH --signal=B:USR1@12" in short.script(results, "a/seed0")
+
+
+def test_local_slots_take_runs_in_order_by_the_first_free_slot():
+    from beseg.experiment.cost import pool_wall
+
+    assert pool_wall([3, 1, 1, 1], 2) == 3  # the 3 on one slot, the three 1s on the other
+    assert pool_wall([1, 1, 1, 3], 2) == 4  # the 3 comes last, after a 1
+    assert pool_wall([2, 2, 2], 1) == 6 and pool_wall([], 4) == 0

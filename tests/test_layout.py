@@ -59,10 +59,10 @@ def test_the_layout_check_sees_an_upward_import(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("package,allowed", [
     ("data", ("beseg.data", "beseg.errors", "beseg.fileio", "beseg.protocols")),
-    # the report reads results (through the results folder's layout) and renders: no training, no
-    # orchestration (plans, launchers), no CLI
+    # the report reads results (through the results folder's layout, and the primary comparison plan.json
+    # declares) and renders: no training, no orchestration (plans, launchers), no CLI
     ("report", ("beseg.report", "beseg.errors", "beseg.fileio", "beseg.protocols", "beseg.data", "beseg.losses",
-                "beseg.metrics", "beseg.score", "beseg.experiment.layout")),
+                "beseg.metrics", "beseg.score", "beseg.experiment.layout", "beseg.experiment.primary")),
 ])
 def test_lower_layers_do_not_import_upward(package, allowed):
     assert _violations(package, allowed) == []

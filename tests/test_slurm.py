@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -207,6 +208,56 @@ def test_a_job_told_its_time_is_up_requeues_itself_and_the_run_resumes(jobcomp, 
     assert _train_epochs(run) == list(range(1, 21)) and (run / "eval" / "summary.json").is_file()
     assert _records(jobcomp)[job]["JobState"] == "COMPLETED"
     assert main(argv) == 0  # the same command collects: nothing left to run
+
+
+def test_slurm_time_auto_caps_jobs_at_max_time_and_requeued_runs_equal_an_uninterrupted_run(jobcomp, data, tmp_path):
+    """``--slurm-time auto`` on the cluster's ``short`` partition (MaxTime 1 minute, scripts/slurm_cluster.sh): a run
+    planned longer than that gets ``--time`` = MaxTime, is planned to requeue, requeues itself on the signal before
+    the limit, resumes from ``last.pt`` and ends with the numbers of the same run trained without interruption."""
+    from beseg.experiment.cost import auto_time_limit
+    from beseg.experiment.slurm import SlurmError, format_duration, partition_limits
+
+    try:
+        short = partition_limits("short")
+    except SlurmError as err:
+        _unavailable(f"{err} (scripts/slurm_cluster.sh makes a 'short' partition with MaxTime 1 minute)")
+    assert short.max_s == 60
+    quiet = lambda _: None  # noqa: E731
+    # The measured plan of one epoch sizes the run: about 50 s of training, more than a one-minute job has left
+    # after its start-up and before its signal.
+    probe = run_compare(data, ["dice"], 1, tmp_path / "probe", overrides=_tiny(tmp_path), progress=False, log=quiet,
+                        dry_run=True, launcher=SlurmLauncher(partition="short", time_limit="auto"))
+    epoch_s = probe.cost["runs"][0]["epoch_s"]
+    epochs = max(10, min(400, round(50 / epoch_s)))
+    overrides = [*_tiny(tmp_path), f"train.epochs={epochs}", f"train.val_every={epochs}"]
+    # The same run without interruption, on the other core meanwhile.
+    uninterrupted = subprocess.Popen(
+        [sys.executable, "-m", "beseg.cli", "compare", "--data", str(data), "--systems", "dice", "--seeds", "1",
+         "--out", str(tmp_path / "seq"), "--no-progress", "--no-report", *overrides], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "slurm"
+    launcher = SlurmLauncher(partition="short", time_limit="auto", poll_s=1)
+    watchdog = threading.Timer(900, lambda: subprocess.run(["scancel", "--name=beseg:segresnet_dice/seed0"]))
+    watchdog.start()  # a job that could never finish would otherwise keep this test waiting
+    try:
+        result = run_compare(data, ["dice"], 1, out, overrides=overrides, progress=False, log=quiet, report=False,
+                             launcher=launcher)
+    finally:
+        watchdog.cancel()
+    assert uninterrupted.wait(timeout=900) == 0, uninterrupted.stderr.read()[-2000:]
+    assert not result.failed, result.failed
+    (run,) = result.cost["runs"]
+    need = (run["total_s"] + result.cost["store"]["seconds"]) * 1.5
+    assert auto_time_limit(need) > 60 and run["slurm"] == {"time_limit_s": 60, "requeues": run["slurm"]["requeues"]}
+    assert run["slurm"]["requeues"] >= 1 and result.cost["projection"]["slurm"]["max_time_s"] == 60
+    script = (out / "slurm" / "segresnet_dice.seed0.sbatch").read_text()
+    assert f"#SBATCH --time={format_duration(60)}" in script and "#SBATCH --signal=B:USR1@6" in script
+    log = (out / "logs" / "segresnet_dice.seed0.log").read_text()
+    job = result.jobs["segresnet_dice/seed0"]
+    assert "requeueing the job" in log and f"SLURM job {job} (start 2)" in log, log[-3000:]
+    assert _records(jobcomp)[job]["JobState"] == "COMPLETED"
+    assert _train_epochs(out / "segresnet_dice" / "seed0") == list(range(1, epochs + 1))  # every epoch once
+    assert _rows(out) == _rows(tmp_path / "seq") and len(_rows(out)["segresnet_dice/seed0"]) == 2
 
 
 def test_nnunet_runs_go_through_slurm_fold_by_fold(jobcomp, tmp_path, monkeypatch):

@@ -208,12 +208,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def machine_description(device: torch.device, threads: int, malloc: str | None = None) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from beseg.engine.measure import cpu_name
+
+    cpu = cpu_name()
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
     env = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
     allocator = malloc or (f"env {env}" if env else "glibc defaults")

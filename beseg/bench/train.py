@@ -8,8 +8,6 @@ the BE term's share of the step: ``(t_loss(DiceBE) - t_loss(Dice)) / t_step(Dice
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,24 +18,10 @@ from beseg.engine.config import LossConfig, ModelConfig
 from beseg.engine.inference import autocast_for, predict_probabilities
 from beseg.engine.networks import build_network
 from beseg.engine.losses import build_loss
+from beseg.engine.measure import median_seconds
 from beseg.errors import ConfigError
 
 __all__ = ["run_train_benchmark"]
-
-
-def _median_seconds(fn: Callable[[], None], repeats: int, warmup: int = 1,
-                    device: torch.device = torch.device("cpu")) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_train_benchmark(
@@ -111,8 +95,8 @@ def run_train_benchmark(
     out: dict[str, float] = {}
     # Interleave the two losses so that machine noise hits both alike.
     for name, fn in losses.items():
-        out[f"step_{name}_s"] = _median_seconds(step(fn), repeats, device=dev)
-        out[f"loss_{name}_s"] = _median_seconds(loss_only(fn), max(repeats, 5), device=dev)
+        out[f"step_{name}_s"] = median_seconds(step(fn), repeats, device=dev)
+        out[f"loss_{name}_s"] = median_seconds(loss_only(fn), max(repeats, 5), device=dev)
     be_cost = max(out["loss_dice_be_s"] - out["loss_dice_s"], 0.0)
     out["be_share_of_step"] = be_cost / out["step_dice_be_s"]
     out["dice_be_loss_share_of_step"] = out["loss_dice_be_s"] / out["step_dice_be_s"]
@@ -124,7 +108,7 @@ def run_train_benchmark(
 
     net.eval()
     vol = torch.randn(1, 1, *volume, device=dev)
-    out["sliding_window_s"] = _median_seconds(
+    out["sliding_window_s"] = median_seconds(
         lambda: predict_probabilities(net, vol, patch, "softmax", overlap=overlap, sw_batch_size=1, amp=amp),
         max(1, repeats - 1), device=dev)
     print_fn(f"sliding-window inference, volume {'x'.join(map(str, volume))}, roi {'x'.join(map(str, patch))}, "

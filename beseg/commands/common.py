@@ -89,8 +89,13 @@ def add_launchers(parser: argparse.ArgumentParser, status: bool = True) -> None:
     group.add_argument("--jobs", type=int, default=1, metavar="N",
                        help="local: CPU runs at a time, each with its share of the cores (default 1: in this process)")
     group.add_argument("--slurm-partition", metavar="NAME", help="slurm: partition (default: the cluster's default)")
-    group.add_argument("--slurm-time", metavar="TIME", help="slurm: time limit per job, e.g. 12:00:00; a job that "
-                                                              "reaches it is requeued and resumes from last.pt")
+    group.add_argument("--slurm-time", metavar="TIME",
+                       help="slurm: time limit per job, e.g. 12:00:00, or auto: each job's from the measured cost plan "
+                            "(--slurm-time-margin x its projected time, capped by the partition's MaxTime; a run "
+                            "longer than that is planned to requeue); a job that reaches its limit is requeued and "
+                            "resumes from last.pt")
+    group.add_argument("--slurm-time-margin", type=float, default=None, metavar="X",
+                       help="slurm: with --slurm-time auto, ask for X times each run's projected time (default 1.5)")
     group.add_argument("--gpus-per-run", type=int, default=0, metavar="G",
                        help="slurm: GPUs per run (G > 1 trains with DDP inside the job; default 0: CPU)")
     group.add_argument("--cpus-per-run", type=int, default=1, metavar="C", help="slurm: CPU cores per run (default 1)")
@@ -99,18 +104,57 @@ def add_launchers(parser: argparse.ArgumentParser, status: bool = True) -> None:
                        help="slurm: any other sbatch option, repeatable (account=X, qos=Y, constraint=a100)")
     group.add_argument("--detach", action="store_true",
                        help="slurm: submit, print the job ids and return; the same command later collects")
+    plan = parser.add_argument_group(
+        "cost plan", "What the comparison will cost before anything trains: the work of every run, timings measured "
+        "on this machine's device with the real presets and data, the projected wall time for these launcher "
+        "options, and the peak memory of a training step (docs/clusters.md).")
+    plan.add_argument("--dry-run", action="store_true",
+                      help="check the data, pin the split, measure a few training steps, one validation and one store "
+                           "case of each system, print the cost plan and write it into RESULTS_DIR/plan.json; "
+                           "nothing trains or is submitted")
+    plan.add_argument("--no-measure", action="store_true",
+                      help="with --dry-run or --slurm-time auto: use the timings cached in RESULTS_DIR/cost/ "
+                           "instead of measuring")
 
 
 def make_launcher(args: argparse.Namespace) -> Any:
     from beseg.experiment.launch import make_launcher as make
 
+    from beseg.errors import ConfigError
+
+    if args.launcher != "slurm" and args.slurm_time_margin is not None:
+        raise ConfigError("--slurm-time-margin only applies with --launcher slurm --slurm-time auto.")
+    if args.slurm_time_margin is not None and args.slurm_time != "auto":
+        raise ConfigError("--slurm-time-margin only applies with --slurm-time auto.")
+    if args.dry_run and args.detach:
+        raise ConfigError("--dry-run submits nothing, so --detach has nothing to do; drop one of them.")
     return make(args.launcher, devices=args.devices, jobs=args.jobs, partition=args.slurm_partition,
                 time_limit=args.slurm_time, gpus=args.gpus_per_run, cpus=args.cpus_per_run,
                 mem=args.mem_per_run, extra=args.slurm_arg, detach=args.detach)
 
 
+def cost_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_compare``'s cost-plan arguments from ``--dry-run``, ``--no-measure`` and ``--slurm-time-margin``."""
+    return {"dry_run": args.dry_run, "measure": False if args.no_measure else None,
+            "time_margin": args.slurm_time_margin}
+
+
 def finish(result: Any, out: Any) -> int:
-    """Print what a comparison did: job ids when detached, the failed runs (exit 1), or the report."""
+    """Print what a comparison did: the cost plan of a dry run, job ids when detached, the failed runs (exit 1),
+    or the report."""
+    if result.dry_run:
+        from beseg.experiment.cost import format_cost_plan
+
+        for line in format_cost_plan(result.cost or {}):
+            print(line)
+        print(f"dry run: nothing was trained or submitted; the plan is in {result.results_dir / 'plan.json'} "
+              "(key \"cost\"); the same command without --dry-run runs it")
+        broken = [name for name, entry in (result.cost or {}).get("figures", {}).items() if entry["figures"].get("error")]
+        if broken:
+            print(f"{len(broken)} system(s) failed while being measured ({', '.join(broken)}): their runs would fail; "
+                  "see the warnings above", file=sys.stderr)
+            return EXIT_FAILURE
+        return 0
     if result.detached:
         for run_id, job in result.jobs.items():
             print(f"{run_id}: SLURM job {job}")

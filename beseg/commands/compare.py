@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from beseg.commands.common import (
-    add_launchers, add_primary, add_protocol, data_dir, finish, make_launcher, split_systems,
+    add_launchers, add_primary, add_protocol, cost_options, data_dir, finish, make_launcher, split_systems,
 )
 
 
@@ -72,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
     result = run_compare(data, split_systems(args.systems), args.seeds, args.out, overrides=[*args.sets, *args.overrides],
                          prefix=task, progress=progress, report=not args.no_report, protocol=args.protocol,
                          folds=args.folds, launcher=launcher, nnunet_python=args.nnunet_python,
-                         baseline=args.baseline, primary=args.primary, replan=args.replan)
+                         baseline=args.baseline, primary=args.primary, replan=args.replan, **cost_options(args))
     return finish(result, args.out)

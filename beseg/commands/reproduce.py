@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from beseg.commands.common import add_launchers, add_primary, add_protocol, finish, make_launcher, split_systems
+from beseg.commands.common import (
+    add_launchers, add_primary, add_protocol, cost_options, finish, make_launcher, split_systems,
+)
 
 
 
@@ -41,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
                            overrides=args.overrides, cpu_ok=args.cpu_ok, progress=not args.no_progress,
                            protocol=args.protocol, folds=args.folds, launcher=make_launcher(args),
                            download=args.download, url=args.url, md5=args.md5, primary=args.primary,
-                           replan=args.replan)
+                           replan=args.replan, **cost_options(args))
     return finish(result, result.results_dir)

@@ -319,9 +319,7 @@ def _transfer(part: _Partial, timeout_s: float, progress: bool, log: Callable[[s
     offset = part.size
     if part.total is not None and offset == part.total:
         return  # complete already (an earlier call stopped between the last byte and the check)
-    from beseg import __version__
-
-    headers = {"User-Agent": f"beseg/{__version__} (python urllib)"}
+    headers = {"User-Agent": f"beseg/{_version()} (python urllib)"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
         if part.validator:
@@ -770,3 +768,14 @@ def _extract_into_place(archive: Path, spec: MSDArchive, task_dir: Path, md5: st
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _version() -> str:
+    """beseg's installed version, for the User-Agent (read from the package metadata: the data layer does not
+    import the top-level package, which pulls in the loss library)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("beseg")
+    except PackageNotFoundError:
+        return "unknown"

@@ -49,7 +49,7 @@ from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, label_map_metrics
 from beseg.score import summarize, write_scores
 
 __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSummary", "evaluate", "one_hot_scored", "predict_stored", "protocol_fields",
-           "run_split", "run_store", "stored_header"]
+           "run_split", "run_store", "stored_header", "to_original_grid"]
 
 #: ``evaluate(split=...)`` values: the run's held-out test cases (default), its validation cases
 #: (which chose best.pt: optimistic), its training cases, or every labelled case.
@@ -163,6 +163,20 @@ def predict_stored(loaded: LoadedModel, store: Store, case: Case) -> np.ndarray:
     if read is not None:
         image = torch.as_tensor(read(image), dtype=torch.float32)
     labels = ensemble_labels([loaded], lambda _: image)[0].numpy()
+    return to_original_grid(labels, props)
+
+
+def to_original_grid(labels: np.ndarray, props: dict[str, Any]) -> np.ndarray:
+    """A label map on a stored case's resampled grid -> the same map on its image's original grid (nearest
+    neighbour, :func:`beseg.deploy.geometry.to_input_grid`).
+
+    Args:
+        labels: (X, Y, Z) label map on the stored grid (``props["shape"]``, RAS at the preset's spacing).
+        props: the case's store properties (:meth:`beseg.data.store.Store.build_case`).
+
+    Returns:
+        (H, W, D) uint8 label map on the original image's grid.
+    """
     grid = grid_of(np.asarray(props["original_affine"]), props["original_shape"], "RAS",
                    np.asarray(props["affine"]), props["shape"])
     return to_input_grid(labels, grid)

@@ -21,7 +21,9 @@ written to ``RESULTS/plan.json``), has a launcher (:mod:`beseg.experiment.launch
 :mod:`beseg.experiment.slurm`) execute the unfinished ones, each by
 :func:`beseg.experiment.worker.execute_run`, waits for runs other processes hold, merges the folds
 (:mod:`beseg.experiment.folds`) and writes the report (:func:`beseg.report.write_report`). The
-folder's layout is :class:`beseg.experiment.layout.ResultsLayout`.
+folder's layout is :class:`beseg.experiment.layout.ResultsLayout`. ``dry_run`` (``--dry-run``) stops
+after planning with the cost plan (:mod:`beseg.experiment.cost`) in ``plan.json``; ``--slurm-time
+auto`` makes the same plan and takes each job's time limit from it.
 
 Every ``eval/summary.json`` says how its numbers were made: ``protocol``, ``split`` (``test``,
 ``val`` or ``oof``), ``folds``, ``selection`` and the ``case_ids`` scored.
@@ -42,6 +44,7 @@ and the report waits until every run has.
 from __future__ import annotations
 
 import csv
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +94,8 @@ class CompareResult:
         failed: ``{run id: (error, log file or None)}`` of the runs that failed (then no report).
         jobs: ``{run id: SLURM job id}`` of the runs submitted by this call (SLURM launcher).
         detached: the runs were submitted and not waited for (``--detach``).
+        dry_run: only planned (``--dry-run``): nothing trained or submitted.
+        cost: the cost plan (``--dry-run``, ``--slurm-time auto``; :mod:`beseg.experiment.cost`), else ``None``.
     """
 
     results_dir: Path
@@ -102,6 +107,8 @@ class CompareResult:
     failed: dict[str, tuple[str, Path | None]] = field(default_factory=dict)
     jobs: dict[str, str] = field(default_factory=dict)
     detached: bool = False
+    dry_run: bool = False
+    cost: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +279,8 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
                 overrides: Sequence[str] = (), prefix: str | None = None, progress: bool = True,
                 report: bool = True, log: Callable[[str], None] = print, protocol: str = "heldout",
                 folds: int | None = None, launcher=None, wait_s: float = 5.0, nnunet_python: str | None = None,
-                baseline: str | None = None, primary: str | None = None, replan: bool = False) -> CompareResult:
+                baseline: str | None = None, primary: str | None = None, replan: bool = False,
+                dry_run: bool = False, measure: bool | None = None, time_margin: float | None = None) -> CompareResult:
     """Train and evaluate every system with every seed on the same split(s), then write the report.
 
     Runs already finished in ``results_dir`` are skipped and interrupted ones resumed, so running
@@ -302,6 +310,12 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
             ``plan.json`` declares, else the baseline's BE counterpart in Dice); recorded in
             ``plan.json`` before any run trains (:mod:`beseg.experiment.primary`).
         replan: allow changing the declared primary comparison (the report says it was changed).
+        dry_run: plan only: check the data, pin the split(s), measure this machine's device and write the
+            cost plan (:mod:`beseg.experiment.cost`) into ``plan.json``; nothing trains or is submitted.
+        measure: ``False``: the cost plan uses the timings cached in ``RESULTS/cost/`` (``--no-measure``);
+            otherwise ``--dry-run`` measures afresh and ``--slurm-time auto`` measures what is not cached.
+        time_margin: ``--slurm-time-margin``: a job under ``--slurm-time auto`` asks for this multiple of its
+            run's projected time (default :data:`beseg.experiment.cost.DEFAULT_MARGIN`).
 
     Returns:
         A :class:`CompareResult`; ``failed`` lists the runs that failed (the others finish; no
@@ -355,6 +369,10 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         version = nnunet_runs.check_environment(
             python, nnunet_systems, nnunet_runs.nnunet_env(ResultsLayout(results_dir.absolute()).nnunet))
         nnunet_env = {"python": python, "version": version}
+    auto_time = getattr(launcher, "time_limit", None) == "auto"
+    if measure is False and not (dry_run or auto_time):
+        raise ConfigError("--no-measure applies only with --dry-run or --slurm-time auto (it makes the cost plan "
+                          "from the cached timings).")
     _check_plan(results_dir, protocol, folds)
     planned = plan_runs(specs, seed_list, results_dir, overrides, "heldout" if protocol == "cv" else protocol, folds,
                         task=task_id)
@@ -370,13 +388,32 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     splits = prepare_splits(results_dir, data_dir, protocol, folds, split_settings)
     _write_plan(results_dir, data_dir, specs, seed_list, overrides, protocol, folds)
 
-    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env, primary=declared_json)
+    cost = _previous_cost(results_dir)  # a dry run's plan stays in plan.json until a new one is made
+    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env,
+                    primary=declared_json, cost=cost)
 
     result = CompareResult(results_dir, planned, protocol=protocol, folds=folds)
     todo = sum(p.state != "done" for p in planned)
     log(f"compare: {len(specs)} system(s) x {len(seed_list)} seed(s)" + (f" x {folds} folds" if folds else "")
         + f" on {data_dir} -> {results_dir} ({len(planned) - todo} finished already, {todo} to run)")
     log(_describe_protocol(protocol, splits))
+    if dry_run or auto_time:
+        from beseg.experiment.cost import DEFAULT_MARGIN, format_cost_plan, plan_cost
+
+        cost_plan = plan_cost(planned, data_dir, results_dir, protocol, launcher,
+                              measure=(measure is not False) if dry_run else measure,
+                              margin=DEFAULT_MARGIN if time_margin is None else time_margin, log=log)
+        cost = cost_plan.to_dict()
+        write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env,
+                        primary=declared_json, cost=cost)
+        result.cost = cost
+        if dry_run:
+            result.dry_run = True
+            result.seconds = time.perf_counter() - start
+            return result
+        launcher.run_limits = cost_plan.limits
+        for line in format_cost_plan(cost):
+            log(line)
     launcher = launcher if launcher is not None else LocalLauncher()
     outcome = _execute(ResultsLayout(results_dir.resolve()), planned, launcher, data_dir, protocol, progress, log, wait_s,
                        nnunet_env)
@@ -387,7 +424,7 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         return result
     states = {run.id: ("failed" if run.id in outcome.failed else "done") for run in planned}
     write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), states, nnunet=nnunet_env,
-                    primary=declared_json)
+                    primary=declared_json, cost=cost)
     if result.failed:
         log(f"{len(result.failed)} run(s) failed; no report until they finish (rerun the same command to retry):")
         for run_id, (error, log_path) in result.failed.items():
@@ -524,6 +561,15 @@ def _check_plan(results_dir: Path, protocol: str, folds: int | None) -> None:
         now = f"protocol {protocol}" + (f" with {folds} folds" if folds else "")
         raise ConfigError(f"{results_dir} holds a comparison made with {was}, not {now}; give another --out, or "
                           "repeat the original protocol.")
+
+
+def _previous_cost(results_dir: Path) -> dict | None:
+    """The cost plan an earlier command left in ``plan.json`` (``None`` when there is none or it is unreadable)."""
+    try:
+        cost = json.loads(ResultsLayout(results_dir).plan.read_text(encoding="utf-8")).get("cost")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cost if isinstance(cost, dict) else None
 
 
 def _write_plan(results_dir: Path, data_dir: Path, specs: Sequence[SystemSpec], seeds: Sequence[int],

@@ -25,7 +25,7 @@ from pathlib import Path
 from beseg.errors import ConfigError
 from beseg.experiment.layout import ResultsLayout
 
-__all__ = ["LaunchOutcome", "LocalLauncher", "Progress", "parse_devices"]
+__all__ = ["LaunchOutcome", "LocalLauncher", "Progress", "duration_text", "parse_devices"]
 
 
 @dataclass
@@ -63,11 +63,11 @@ class Progress:
         elapsed = time.monotonic() - self.start
         left = self.total - done - failed
         if done and left:
-            eta = f", ETA {_duration(elapsed / (done + failed) * left)}"
+            eta = f", ETA {duration_text(elapsed / (done + failed) * left)}"
         else:
             eta = ""
         return (f"progress: {done}/{self.total} runs done" + (f", {running} running" if running else "")
-                + (f", {failed} failed" if failed else "") + f", {_duration(elapsed)} elapsed{eta}")
+                + (f", {failed} failed" if failed else "") + f", {duration_text(elapsed)} elapsed{eta}")
 
     def update(self, done: int, running: int, failed: int) -> None:
         text = self.line(done, running, failed)
@@ -77,13 +77,18 @@ class Progress:
             self.log(text)
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float | None) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 05 min``, ``3 d 04 h``; ``unlimited`` for None."""
+    if seconds is None:
+        return "unlimited"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600:02d} h"
 
 
 def parse_devices(text: str | None) -> list[str] | None:

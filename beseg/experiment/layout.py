@@ -15,6 +15,7 @@
     RESULTS/nnunet/                       nnU-Net's raw and preprocessed dataset, shared by its runs
     RESULTS/logs/<run id>.log             each run's output when a launcher ran it in its own process
     RESULTS/slurm/<run id>.sbatch         the SLURM launcher's job scripts (and <run id>.jobid)
+    RESULTS/cost/<device>.json            timings the cost plan measured on each device (beseg.experiment.cost)
     RESULTS/report/                       report.md, report.html, figures/
 
 A run's *id* is its run folder relative to ``RESULTS`` (``segresnet_be/seed0``,
@@ -40,7 +41,8 @@ __all__ = ["ResultsLayout", "REPORT_DIR", "NNUNET_DIR", "RUN_UNITS", "RESERVED_N
 #: Folders of a results folder that are not systems.
 REPORT_DIR = "report"
 NNUNET_DIR = "nnunet"
-RESERVED_NAMES = frozenset({REPORT_DIR, "logs", "slurm", NNUNET_DIR})
+COST_DIR = "cost"
+RESERVED_NAMES = frozenset({REPORT_DIR, "logs", "slurm", NNUNET_DIR, COST_DIR})
 _NOT_SYSTEMS = RESERVED_NAMES
 #: What tells the runs of one system apart: a training seed, or (no seed: nnU-Net) a repeat number.
 RUN_UNITS = ("seed", "repeat")
@@ -112,6 +114,11 @@ class ResultsLayout:
     @property
     def slurm(self) -> Path:
         return self.root / "slurm"
+
+    @property
+    def cost(self) -> Path:
+        """The cost plan's cached timings, one file per device (:class:`beseg.experiment.cost.CostCache`)."""
+        return self.root / COST_DIR
 
     def split_file(self, fold: int | None = None) -> Path:
         """``split.json``, or fold ``fold``'s ``split_fold<f>.json``."""

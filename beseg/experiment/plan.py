@@ -14,10 +14,13 @@ that sees the results folder.
        "nnunet": {"trainer": "nnUNetTrainerBE", "configuration": "3d_fullres", "plans": "nnUNetPlans"},
        "config": {...}}, ...],
      "nnunet": {"python": "/envs/nnunet/bin/python", "version": "2.8.1"},
-     "primary": {"system": "segresnet_be", "baseline": "segresnet_dice", "metric": "dice", ...}}
+     "primary": {"system": "segresnet_be", "baseline": "segresnet_dice", "metric": "dice", ...},
+     "cost": {...}}
 
 ``primary`` is the comparison the report answers first, declared here before any run trains
-(:mod:`beseg.experiment.primary`).
+(:mod:`beseg.experiment.primary`). ``cost`` is the cost plan of ``--dry-run`` or ``--slurm-time auto``
+(:mod:`beseg.experiment.cost`: the work, the measured timings, the projected wall time, memory
+warnings), kept when a later command rewrites the file without making a new one.
 
 An nnU-Net run's ``config`` is the task's reference config: only its ``data`` settings matter
 (they make the split; on a dataset without a beseg preset, ``data.task`` is the dataset's own id);
@@ -383,7 +386,8 @@ PLAN_VERSION = 1
 
 def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protocol: str, folds: int | None,
                     data_dir: str | Path, states: dict[str, str] | None = None,
-                    nnunet: dict[str, Any] | None = None, primary: dict[str, Any] | None = None) -> Path:
+                    nnunet: dict[str, Any] | None = None, primary: dict[str, Any] | None = None,
+                    cost: dict[str, Any] | None = None) -> Path:
     """Write ``RESULTS/plan.json`` atomically: every run, its config and its state.
 
     Paths inside are relative to the results folder (``run_dir``, the config's ``data.split_file``),
@@ -398,6 +402,7 @@ def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protoco
         states: ``{run id: state}`` to record (default: ``done`` for finished runs, else ``pending``).
         nnunet: the nnU-Net environment of the nnU-Net runs: ``{"python", "version"}``.
         primary: the primary comparison, declared before training (:mod:`beseg.experiment.primary`).
+        cost: the cost plan (:mod:`beseg.experiment.cost`), kept under the key ``cost``.
 
     Returns:
         The path written.
@@ -417,7 +422,8 @@ def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protoco
         entries.append(entry)
     text = json.dumps({"version": PLAN_VERSION, "protocol": protocol, "folds": folds, "data": str(data_dir),
                        "runs": entries, **({"nnunet": dict(nnunet)} if nnunet else {}),
-                       **({"primary": dict(primary)} if primary else {})}, indent=1)
+                       **({"primary": dict(primary)} if primary else {}), **({"cost": cost} if cost else {})},
+                      indent=1)
     return atomic_write_text(layout.plan, text + "\n")
 
 

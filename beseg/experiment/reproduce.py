@@ -35,7 +35,8 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
                   systems: Sequence[str] = TABLE1_SYSTEMS, overrides: Sequence[str] = (), cpu_ok: bool = False,
                   progress: bool = True, log: Callable[[str], None] = print, protocol: str = "paper",
                   folds: int | None = None, launcher=None, download: bool = False, url: str | None = None,
-                  md5: str | None = None, primary: str | None = None, replan: bool = False) -> CompareResult:
+                  md5: str | None = None, primary: str | None = None, replan: bool = False, dry_run: bool = False,
+                  measure: bool | None = None, time_margin: float | None = None) -> CompareResult:
     """Run every Table 1 row with the paper's settings for ``task`` and write the report.
 
     Args:
@@ -57,6 +58,8 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
         url, md5: with ``download``, the archive's URL and MD5 (default the public mirror's and MONAI's sum).
         primary: ``SYSTEM:METRIC``, the comparison the report answers first (default: segresnet_be vs
             segresnet_dice in Dice); ``replan``: allow changing the declared one (see :func:`run_compare`).
+        dry_run, measure, time_margin: the cost plan (see :func:`~beseg.experiment.compare.run_compare`); a dry
+            run trains nothing, so it needs no GPU (without one it measures and projects the CPU).
 
     Returns:
         The :class:`CompareResult`.
@@ -77,7 +80,7 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
     if data_dir is None and not download:
         raise ConfigError(f"--data DIR is required: the MSD {PAPER_TASKS[key]} folder (holding dataset.json, "
                           "imagesTr/, labelsTr/); check it with `beseg data check DIR`. Or --download to fetch it.")
-    if not torch.cuda.is_available() and getattr(launcher, "name", "local") == "local":
+    if not torch.cuda.is_available() and getattr(launcher, "name", "local") == "local" and not dry_run:
         message = (f"no CUDA device: the paper protocol ({len(systems)} systems x {seeds} seed(s), paper patch "
                    "sizes and epochs) is meant for GPUs and would take weeks on a CPU")
         if not cpu_ok:
@@ -95,4 +98,4 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
         log(f"data: {data_dir}")
     return run_compare(data_dir, systems, seeds, out or f"results-{key}", overrides=overrides, prefix=key,
                        progress=progress, log=log, protocol=protocol, folds=folds, launcher=launcher, primary=primary,
-                       replan=replan)
+                       replan=replan, dry_run=dry_run, measure=measure, time_margin=time_margin)

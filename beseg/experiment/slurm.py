@@ -9,10 +9,13 @@ RESULTS RUN_ID``) and it resumes from ``last.pt`` by itself.
 Each job script:
 
 * asks for ``--ntasks`` = the run's ranks (``--gpus-per-run``, at least 1), ``--cpus-per-task``,
-  ``--gres=gpu:G``, ``--mem``, ``--time``, ``--partition`` and any ``--slurm-arg KEY=VALUE``;
+  ``--gres=gpu:G``, ``--mem``, ``--time``, ``--partition`` and any ``--slurm-arg KEY=VALUE``; with
+  ``--slurm-time auto`` each run's ``--time`` comes from the measured cost plan
+  (:mod:`beseg.experiment.cost`, which sets :attr:`SlurmLauncher.run_limits`);
 * writes its output to ``RESULTS/logs/<run>.log`` (appended across restarts);
-* is ``--requeue``-able (a preempted job goes back to the queue) and asks for ``USR1`` a few
-  minutes before its time limit (``--signal=B:USR1@<grace>``): the script then requeues its own job
+* is ``--requeue``-able (a preempted job goes back to the queue) and asks for ``USR1`` before its
+  time limit (``--signal=B:USR1@<grace>``, :func:`signal_grace_s`: 5 minutes, a tenth of shorter
+  limits, at least 5 s): the script then requeues its own job
   (``scontrol requeue``), and the next start resumes from the run's ``last.pt`` (at most the
   epochs since the last checkpoint are redone; ``train.checkpoint_every``);
 * runs the worker, which claims the run (the claim records the job id: a claim of a job SLURM no
@@ -45,7 +48,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from beseg.errors import ConfigError
@@ -54,10 +57,15 @@ from beseg.experiment.layout import ResultsLayout
 from beseg.fileio import atomic_write_text
 from beseg.slurm_calls import SlurmError, SlurmRetry, SlurmUnreachable, call
 
-__all__ = ["SlurmLauncher", "SlurmError", "SlurmUnreachable", "job_states"]
+__all__ = ["SlurmLauncher", "SlurmError", "SlurmUnreachable", "PartitionLimits", "format_duration", "job_states",
+           "parse_duration", "partition_limits", "signal_grace_s"]
 
-#: Seconds before the time limit at which a job is told to requeue itself.
+#: Seconds before the time limit at which a job is told to requeue itself (at most; see :func:`signal_grace_s`).
 SIGNAL_GRACE_S = 300
+#: The least warning a job gets, for very short limits.
+MIN_SIGNAL_GRACE_S = 5
+#: ``--slurm-time`` value that takes each run's limit from the measured cost plan.
+AUTO_TIME = "auto"
 _DURATION = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEM = re.compile(r"^\d+[KMGT]?$", re.I)
 #: #SBATCH values written without quotes.
@@ -92,6 +100,91 @@ def job_states(job_ids: Sequence[str], retry: SlurmRetry | None = None,
     return states
 
 
+def parse_duration(text: str) -> int | None:
+    """A SLURM duration in seconds: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``;
+    ``None`` for ``UNLIMITED``/``INFINITE``.
+
+    Raises:
+        ConfigError: not a SLURM duration.
+    """
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", "NONE"):
+        return None
+    if not _DURATION.match(text):
+        raise ConfigError(f"{text!r} is not a SLURM time (e.g. 90, 12:00:00 or 2-00:00:00).")
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a SLURM time, rounded up to whole minutes (SLURM's unit): ``0:05:00``, ``1-06:30:00``."""
+    minutes = max(1, -(-int(round(seconds)) // 60))
+    days, minutes = divmod(minutes, 24 * 60)
+    text = f"{minutes // 60}:{minutes % 60:02d}:00"
+    return f"{days}-{text.zfill(8)}" if days else text
+
+
+def signal_grace_s(limit_s: float | None) -> int:
+    """How long before a time limit of ``limit_s`` seconds a job is told to requeue itself: :data:`SIGNAL_GRACE_S`,
+    or a tenth of a shorter limit (at least :data:`MIN_SIGNAL_GRACE_S`), so a short job still trains first."""
+    if limit_s is None:
+        return SIGNAL_GRACE_S
+    return int(min(SIGNAL_GRACE_S, max(MIN_SIGNAL_GRACE_S, limit_s // 10)))
+
+
+@dataclass(frozen=True)
+class PartitionLimits:
+    """A partition's time limits, as ``scontrol show partition`` reports them.
+
+    Attributes:
+        name: the partition (the cluster's default when none was named).
+        max_s: ``MaxTime`` in seconds (``None``: unlimited).
+        default_s: ``DefaultTime``, what a job without ``--time`` gets (``None``: ``MaxTime``).
+    """
+
+    name: str
+    max_s: int | None
+    default_s: int | None
+
+
+def partition_limits(partition: str | None = None, retry: SlurmRetry | None = None,
+                     log: Callable[[str], None] | None = None) -> PartitionLimits:
+    """The time limits of ``partition`` (default: the cluster's default partition), read with ``scontrol``.
+
+    Args:
+        partition: the partition (None: the cluster's default).
+        retry: how a hanging or failing ``scontrol`` is retried (default :meth:`SlurmRetry.from_env`).
+        log: one line per retry.
+
+    Raises:
+        SlurmError: scontrol is missing or refused the request, or no such partition.
+        SlurmUnreachable: scontrol did not answer.
+    """
+    out = call(["scontrol", "show", "partition", "-o", *([partition] if partition else [])], retry, log)
+    if out.returncode != 0:
+        raise SlurmError(f"scontrol refused to show partition {partition or '(default)'}: {out.stderr.strip()}")
+    for line in out.stdout.splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        if partition is None and fields.get("Default") != "YES":
+            continue
+        if partition is not None and fields.get("PartitionName") != partition:
+            continue
+        default = fields.get("DefaultTime", "NONE")
+        return PartitionLimits(fields.get("PartitionName", partition or "?"),
+                               parse_duration(fields.get("MaxTime", "UNLIMITED")),
+                               None if default.upper() == "NONE" else parse_duration(default))
+    raise SlurmError(f"no partition {partition!r} in `scontrol show partition`" if partition else
+                     "the cluster has no default partition; give --slurm-partition.")
+
+
 def _ended_job(job_id: str, retry: SlurmRetry | None = None,
                log: Callable[[str], None] | None = None) -> tuple[str, str]:
     """``(state, exit code)`` of an ended job from ``scontrol show job`` (``("ENDED", "")`` once SLURM forgot it).
@@ -121,7 +214,8 @@ class SlurmLauncher:
     """Submits each run as one SLURM job (see the module docstring).
 
     Args:
-        partition, time_limit, mem: ``--partition``, ``--time``, ``--mem`` of each job (None: the cluster's default).
+        partition, time_limit, mem: ``--partition``, ``--time``, ``--mem`` of each job (None: the cluster's default);
+            ``time_limit="auto"``: each run's from :attr:`run_limits` (the measured cost plan).
         gpus: GPUs per run; G > 1 trains as one G-rank DDP run inside the job.
         cpus: CPU cores per run (shared by its ranks).
         extra: further ``KEY=VALUE`` sbatch options (``account=X``, ``qos=Y``, ``constraint=a100``).
@@ -144,8 +238,9 @@ class SlurmLauncher:
                  poll_s: float = 5.0, python: str | None = None, retry: SlurmRetry | None = None) -> None:
         if gpus < 0 or cpus < 1:
             raise ConfigError(f"--gpus-per-run must be >= 0 and --cpus-per-run >= 1, got {gpus} and {cpus}.")
-        if time_limit is not None and not _DURATION.match(time_limit):
-            raise ConfigError(f"--slurm-time {time_limit!r}: use SLURM's form, e.g. 90, 12:00:00 or 2-00:00:00.")
+        if time_limit is not None and time_limit != AUTO_TIME and not _DURATION.match(time_limit):
+            raise ConfigError(f"--slurm-time {time_limit!r}: use SLURM's form, e.g. 90, 12:00:00 or 2-00:00:00, or "
+                              "auto (from the measured cost plan).")
         if mem is not None and not _MEM.match(mem):
             raise ConfigError(f"--mem-per-run {mem!r}: use SLURM's form, e.g. 32G or 16000M.")
         self.options: list[tuple[str, str]] = []
@@ -162,22 +257,33 @@ class SlurmLauncher:
             raise ConfigError(f"a run has one rank per GPU: {gpus} GPU(s) but {self.ranks} rank(s).")
         self.python = python or sys.executable
         self.retry = retry or SlurmRetry.from_env()
+        #: ``{run id: seconds}``: each run's ``--time`` under ``--slurm-time auto`` (set from the cost plan).
+        self.run_limits: dict[str, int] = {}
+
+    def limit_s(self, run_id: str) -> int | None:
+        """The run's time limit in seconds: its :attr:`run_limits` entry, else ``--slurm-time`` (``None``: not set)."""
+        if run_id in self.run_limits:
+            return self.run_limits[run_id]
+        return parse_duration(self.time_limit) if self.time_limit not in (None, AUTO_TIME) else None
 
     # -- job scripts ----------------------------------------------------------------------------
 
     def script(self, results: ResultsLayout, run_id: str) -> str:
         """The sbatch script of one run."""
         threads = max(1, self.cpus // self.ranks)
+        limit = self.limit_s(run_id)
         head = [
             # sbatch expands %j, %x... in file names; %% is a literal %
             ("job-name", f"beseg:{run_id}"), ("output", str(results.log(run_id)).replace("%", "%%")),
             ("open-mode", "append"),
             ("nodes", "1"), ("ntasks", str(self.ranks)), ("cpus-per-task", str(threads)),
-            ("signal", f"B:USR1@{SIGNAL_GRACE_S}"),
+            ("signal", f"B:USR1@{signal_grace_s(limit)}"),
         ]
         if self.gpus:
             head.append(("gres", f"gpu:{self.gpus}"))
-        for key, value in (("partition", self.partition), ("time", self.time_limit), ("mem", self.mem)):
+        time_limit = format_duration(limit) if run_id in self.run_limits else \
+            (self.time_limit if self.time_limit != AUTO_TIME else None)
+        for key, value in (("partition", self.partition), ("time", time_limit), ("mem", self.mem)):
             if value:
                 head.append((key, value))
         head += self.options

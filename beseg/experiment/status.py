@@ -116,13 +116,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def format_status(rows: list[RunStatus]) -> str:
     """The ``--status`` table: one line per run, then a count per state."""
-    from beseg.experiment.launch import _duration
+    from beseg.experiment.launch import duration_text
 
     width = max((len(r.id) for r in rows), default=0)
     lines = []
     for r in rows:
         dice = f"best val Dice {r.best_dice:.4f}" if r.best_dice is not None else "best val Dice -"
-        took = _duration(r.seconds) if r.seconds is not None else "-"
+        took = duration_text(r.seconds) if r.seconds is not None else "-"
         lines.append(f"{r.id:<{width}}  {r.state:<8} {r.where or '-':<28} epoch {r.epoch}/{r.epochs}  {dice}  {took}"
                      + (f"  {r.note}" if r.note else ""))
     counts = {s: sum(r.state == s for r in rows) for s in ("done", "running", "failed", "pending")}
