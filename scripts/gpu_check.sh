@@ -151,7 +151,7 @@ from pathlib import Path
 from beseg.data.presets import get_preset
 from beseg.engine.config import load_config
 from beseg.experiment.cost import pool_wall
-from beseg.experiment.launch import duration_text
+from beseg.experiment.outcome import duration_text
 
 out = Path(sys.argv[1])
 print("\n--- paste into docs/benchmarks.md (GPU section) ---")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from beseg.errors import ConfigError
-from beseg.experiment.launch import LocalLauncher, Progress, make_launcher, parse_devices
+from beseg.experiment.launch import LocalLauncher, make_launcher, parse_devices
+from beseg.experiment.outcome import Progress
 from beseg.experiment.layout import ResultsLayout
 from beseg.experiment.slurm import SlurmLauncher
 
@@ -64,7 +65,7 @@ def test_a_slurm_job_script_asks_for_what_the_options_say(tmp_path):
 
 def test_the_progress_line_counts_runs_and_estimates_the_rest(monkeypatch):
     clock = iter([0.0, 600.0])
-    monkeypatch.setattr("beseg.experiment.launch.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("beseg.experiment.outcome.time.monotonic", lambda: next(clock))
     lines: list[str] = []
     progress = Progress(4, lines.append)
     progress.update(1, 2, 0)  # one run done after 10 minutes: 3 left at that pace

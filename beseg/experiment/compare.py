@@ -64,7 +64,8 @@ from beseg.data.presets import PRESETS
 from beseg.experiment import nnunet_runs, worker
 from beseg.experiment.nnunet_runs import NNUNetSystem
 from beseg.experiment.folds import merge_folds, merge_is_current
-from beseg.experiment.launch import LaunchOutcome, LocalLauncher
+from beseg.experiment.launch import LocalLauncher
+from beseg.experiment.outcome import LaunchOutcome
 from beseg.experiment.layout import ResultsLayout
 from beseg.experiment.plan import (
     ALIASES, PAPER_VAL_FRAC, PROTOCOLS, TABLE1_SYSTEMS, PlannedRun, SystemSpec, check_protocol, plan_runs,

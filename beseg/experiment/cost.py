@@ -64,7 +64,8 @@ from beseg.data.store import Store, StoreSettings
 from beseg.engine.config import Config, config_to_dict
 from beseg.engine.trainer import steps_per_epoch
 from beseg.errors import ConfigError
-from beseg.experiment.launch import LocalLauncher, duration_text
+from beseg.experiment.launch import LocalLauncher
+from beseg.experiment.outcome import duration_text
 from beseg.experiment.layout import ResultsLayout
 from beseg.experiment.plan import PlannedRun
 from beseg.fileio import atomic_write_text

@@ -52,7 +52,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from beseg.errors import ConfigError
-from beseg.experiment.launch import LaunchOutcome, Progress
+from beseg.experiment.outcome import LaunchOutcome, Progress
 from beseg.experiment.layout import ResultsLayout
 from beseg.fileio import atomic_write_text
 from beseg.slurm_calls import SlurmError, SlurmRetry, SlurmUnreachable, call

@@ -116,7 +116,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def format_status(rows: list[RunStatus]) -> str:
     """The ``--status`` table: one line per run, then a count per state."""
-    from beseg.experiment.launch import duration_text
+    from beseg.experiment.outcome import duration_text
 
     width = max((len(r.id) for r in rows), default=0)
     lines = []
