@@ -1,7 +1,7 @@
 """beseg: boundary-enhanced 3D medical image segmentation.
 
 The loss exports are loaded on first use (module ``__getattr__``), so that importing a torch-free
-part of the package, such as :mod:`beseg.deploy`, never imports torch.
+part of the package (the CLI's parser, :mod:`beseg.errors`) never imports torch.
 """
 
 from typing import Any

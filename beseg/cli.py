@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from importlib import import_module
 
 from beseg import __version__
-from beseg.errors import BesegError
+from beseg.errors import EXIT_BUG, EXIT_FAILURE, run_reporting_errors  # noqa: F401 - the exit codes, for callers
 
-EXIT_FAILURE = 1
-EXIT_BUG = 3
 #: command -> one-line help; the command's code is ``beseg.commands.<command>``.
 COMMANDS: dict[str, str] = {
     "demo": "the main command: Dice vs Dice + BE on the phantom spleen, scored on 16 held-out test cases, report in "
@@ -43,7 +40,6 @@ COMMANDS: dict[str, str] = {
 }
 #: Commands that train in this process; they set the CPU allocator as :mod:`beseg.allocator` explains.
 TRAINING_COMMANDS = ("train", "compare", "demo", "reproduce")
-BUG_REPORT = "this is a bug in beseg; please report it with the traceback above and the command you ran"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -97,20 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from beseg.allocator import keep_freed_memory
 
         keep_freed_memory()  # the process is beseg's own: keep freed volumes (see beseg.allocator)
-    try:
-        return int(args.run(args) or 0)
-    except (BesegError, OSError) as err:  # messages that name the file or argument; OSError: e.g. a full disk
-        if args.debug:
-            traceback.print_exc()
-        print(f"beseg {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(f"beseg {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - anything else is a bug: keep its traceback
-        traceback.print_exc()
-        print(f"beseg {args.command}: internal error: {type(err).__name__}: {err}\n{BUG_REPORT}", file=sys.stderr)
-        return EXIT_BUG
+    # one line for beseg's errors and OS errors (a full disk), exit 1; any other exception is a bug (exit 3)
+    return run_reporting_errors(f"beseg {args.command}", lambda: int(args.run(args) or 0), args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,43 +1,25 @@
-"""Exceptions that the CLI turns into one clear message and a non-zero exit, and the list of failed inputs."""
+"""Exceptions that the CLI turns into one clear message and a non-zero exit, and the list of failed inputs.
+
+The base class :class:`BesegError`, :class:`DataError`, :class:`MissingDependencyError`, the exit
+codes and the functions that report errors (:func:`run_reporting_errors`, :func:`report_failures`)
+are defined in :mod:`beseg_runtime.errors`, the torch-free runtime that beseg builds on, so that
+the runtime's errors (a bad scan, a damaged model folder) are beseg's errors too: one family,
+caught and printed the same way by ``beseg`` and ``beseg-predict``. They are imported here so that
+this module lists every error beseg raises.
+"""
 
 from __future__ import annotations
 
-import sys
+from beseg_runtime.errors import (BUG_REPORT, EXIT_BUG, EXIT_FAILURE, EXIT_INTERRUPTED, BesegError, DataError,
+                                  MissingDependencyError, report_failures, require, run_reporting_errors)
 
-#: Exit code of a command that failed on bad input (or for which some inputs failed).
-EXIT_FAILURE = 1
-
-
-class BesegError(Exception):
-    """Base class for user-facing errors: the message names the file or argument and the problem."""
+__all__ = ["BUG_REPORT", "EXIT_BUG", "EXIT_FAILURE", "EXIT_INTERRUPTED", "BesegError", "ConfigError", "DataError",
+           "MissingDependencyError", "ReportError", "report_failures", "require", "run_reporting_errors"]
 
 
 class ConfigError(BesegError):
     """A configuration file or command-line override is missing, malformed or inconsistent."""
 
 
-class DataError(BesegError):
-    """A dataset folder, ``dataset.json`` or image/label file is missing, unreadable or inconsistent."""
-
-
 class ReportError(BesegError):
     """A results folder cannot be turned into a report: missing, empty, or runs that disagree."""
-
-
-def report_failures(failed: list[tuple[str, str]]) -> int:
-    """List failed inputs on stderr after a command processed the others (``beseg predict``,
-    ``beseg-predict``, ``evaluate``, ``score``): ``N input(s) failed:``, then one line per input
-    naming it and the reason.
-
-    Args:
-        failed: ``(input, reason)`` pairs.
-
-    Returns:
-        The exit code: :data:`EXIT_FAILURE` if any failed, else 0.
-    """
-    if not failed:
-        return 0
-    print(f"{len(failed)} input(s) failed:", file=sys.stderr)
-    for name, reason in failed:
-        print(f"  - {reason if reason.startswith(name) else f'{name}: {reason}'}", file=sys.stderr)
-    return EXIT_FAILURE

@@ -6,7 +6,6 @@ on failure the temporary file is removed and the previous file is left as it was
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import tempfile
@@ -19,7 +18,7 @@ __all__ = ["atomic_output", "atomic_write_text", "lock_holder", "release_lock", 
 
 
 @contextmanager
-def atomic_output(path: str | Path, suffix: str = ".tmp", replace: bool = True) -> Iterator[Path]:
+def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a fresh temporary path in ``path``'s folder; rename it to ``path`` if the block succeeds.
 
     Args:
@@ -27,12 +26,8 @@ def atomic_output(path: str | Path, suffix: str = ".tmp", replace: bool = True) 
         suffix: ending of the temporary name (writers that infer the format from it, such as
             ``nibabel.save``, need ``.nii.gz``). The temporary name starts with ``.<name>.``, so
             it is hidden and never mistaken for the target.
-        replace: replace an existing ``path``; with False the file is put in place only if
-            ``path`` does not exist at that moment (a hard link, atomic also on NFS; on file
-            systems without hard links, a check just before the rename).
 
     Raises:
-        FileExistsError: ``replace`` is False and ``path`` exists (nothing is changed).
         Whatever the block or the rename raises, after the temporary file is removed.
     """
     path = Path(path)
@@ -41,29 +36,10 @@ def atomic_output(path: str | Path, suffix: str = ".tmp", replace: bool = True) 
     os.close(fd)
     try:
         yield Path(tmp)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            _rename_no_replace(Path(tmp), path)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _rename_no_replace(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` to ``path`` unless ``path`` exists (then FileExistsError, ``tmp`` left for the caller)."""
-    try:
-        os.link(tmp, path)  # fails with EEXIST if path exists, whoever created it in the meantime
-    except FileExistsError:
-        raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
-    except OSError as err:
-        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        if path.exists() or path.is_symlink():  # no hard links here: check, then rename
-            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
-        os.replace(tmp, path)
-        return
-    tmp.unlink()
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -95,7 +95,7 @@ def nnunet_python() -> Path:
             pytest.fail(f"BESEG_NNUNET_PYTHON={value}: no such interpreter")
         return Path(value)
     how = ("the nnU-Net tests need a virtual environment with nnunetv2: python -m venv .venv-nnunet && "
-           ".venv-nnunet/bin/pip install --isolated torch==2.13.0 torchvision==0.28.0 -e '.[nnunet,test]', then "
+           ".venv-nnunet/bin/pip install --isolated torch==2.13.0 torchvision==0.28.0 -e ./runtime -e '.[nnunet,test]', then "
            "export BESEG_NNUNET_PYTHON=$PWD/.venv-nnunet/bin/python (.ci/run does this)")
     if os.environ.get("CI"):
         pytest.fail(f"BESEG_NNUNET_PYTHON is not set in CI; {how}")

@@ -1,4 +1,4 @@
-"""beseg.deploy: the torch-free runtime of exported models.
+"""beseg_runtime (the beseg-runtime distribution): the torch-free runtime of exported models.
 
 Its pieces are checked against MONAI (window placement, blending, reorientation and resampling)
 and against independent computations on a hand-made ONNX model; `beseg export` and the
@@ -22,12 +22,12 @@ from conftest import tree_state
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from beseg.deploy import FORMAT_VERSION, DeployError, Predictor, load_pipeline  # noqa: E402
-from beseg.deploy.cli import main as deploy_main  # noqa: E402
-from beseg.deploy.geometry import to_input_grid, to_model_grid  # noqa: E402
-from beseg.deploy.pipeline import sha256  # noqa: E402
-from beseg.deploy.runtime import normalize, to_labels  # noqa: E402
-from beseg.deploy.window import importance_map, mirror_flips, sliding_window, window_starts  # noqa: E402
+from beseg_runtime import FORMAT_VERSION, DeployError, Predictor, load_pipeline  # noqa: E402
+from beseg_runtime.cli import main as deploy_main  # noqa: E402
+from beseg_runtime.geometry import to_input_grid, to_model_grid  # noqa: E402
+from beseg_runtime.pipeline import sha256  # noqa: E402
+from beseg_runtime.runtime import normalize, to_labels  # noqa: E402
+from beseg_runtime.window import importance_map, mirror_flips, sliding_window, window_starts  # noqa: E402
 
 def import_blocker(*packages: str) -> str:
     """Python code that makes importing ``packages`` (and their submodules) fail as if they were not installed."""
@@ -42,22 +42,22 @@ sys.meta_path.insert(0, Block())
 """
 
 
-#: Runs Python with torch and monai imports refused, then reports which of them got imported.
-BLOCKED = import_blocker("torch", "monai")
+#: What the runtime may not import: it is installed without PyTorch, MONAI and beseg (tests/test_distributions.py).
+BLOCKED = import_blocker("torch", "monai", "beseg")
 
 
 def run_cli_without(packages: tuple[str, ...], module: str, args: list[str], folder: Path) -> subprocess.CompletedProcess:
     """``python -m module args`` with ``packages`` not importable: a ``sitecustomize.py`` put first on PYTHONPATH
     installs the blocker before anything else is imported, as a machine without them would behave. beseg
-    comes from where this interpreter finds it (the working directory or PYTHONPATH), as in :func:`run_without_torch`."""
+    comes from where this interpreter finds it (the working directory or PYTHONPATH), as in :func:`run_runtime_alone`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(import_blocker(*packages))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
-def run_without_torch(code: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter whose torch and monai imports fail."""
+def run_runtime_alone(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter whose torch, monai and beseg imports fail (:data:`BLOCKED`)."""
     return subprocess.run([sys.executable, "-c", BLOCKED + code], capture_output=True, text=True, timeout=300)
 
 
@@ -242,7 +242,7 @@ def test_the_presets_and_the_runtime_clear_the_same_resampling_noise():
     from monai.data import MetaTensor
 
     from beseg.data.presets import ClearResamplingNoised
-    from beseg.deploy.intensity import clear_resampling_noise
+    from beseg_runtime.intensity import clear_resampling_noise
 
     x = (np.random.default_rng(0).random((4, 10, 11, 12)) * 100 + 1).astype(np.float32)
     x[:, :3] = 0
@@ -255,7 +255,7 @@ def test_the_presets_and_the_runtime_clear_the_same_resampling_noise():
 
 
 def test_a_label_map_is_written_atomically_and_never_over_a_file_that_appeared(tmp_path):
-    from beseg.deploy.io import OutputError, is_beseg_label, write_label
+    from beseg_runtime.io import OutputError, is_beseg_label, write_label
 
     reference = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([0.5, 1.0, 2.0, 1.0]))
     labels = np.arange(120, dtype=np.uint8).reshape(4, 5, 6) % 3
@@ -286,33 +286,51 @@ def test_threshold_model_labels_the_bright_voxels_in_the_input_grid(tmp_path):
     np.testing.assert_array_equal(np.asarray(out.dataobj), (data > 100.0).astype(np.uint8))
 
 
-def test_importing_and_running_deploy_never_imports_torch_or_monai(tmp_path):
+def test_the_runtime_runs_without_torch_monai_or_beseg(tmp_path):
     model = make_model_dir(tmp_path / "model")
     write_image(tmp_path / "in" / "a.nii.gz", smooth_volume((20, 20, 18)), oblique_affine((1.2, 0.9, 2.0)))
     write_image(tmp_path / "in" / "thin.nii.gz", smooth_volume((20, 20, 4)), oblique_affine((1.2, 0.9, 2.0)))
-    result = run_without_torch(f"""
-from beseg.deploy.cli import main
+    result = run_runtime_alone(f"""
+from beseg_runtime.cli import main
 rc = main([{str(model)!r}, {str(tmp_path / 'in')!r}, "--out", {str(tmp_path / 'out')!r}])
-import beseg, beseg.deploy
-print("rc", rc, "imported", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "monai")))
+import beseg_runtime
+for name in beseg_runtime.__all__:  # the lazy exports load too
+    getattr(beseg_runtime, name)
+print("rc", rc, "imported", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "monai", "beseg")))
 """)
     assert result.returncode == 0, result.stderr
     assert "rc 0 imported []" in result.stdout
     assert nib.load(str(tmp_path / "out" / "a.nii.gz")).shape == (20, 20, 18)
     assert nib.load(str(tmp_path / "out" / "thin.nii.gz")).shape == (20, 20, 4)  # padded: thinner than the window
-    # the guard works: the same interpreter refuses torch
-    assert "blocked import of torch" in run_without_torch("import torch").stderr
+    # the guard works: the same interpreter refuses torch and beseg, but not the runtime's own modules
+    assert "blocked import of torch" in run_runtime_alone("import torch").stderr
+    assert "blocked import of beseg" in run_runtime_alone("import beseg.errors").stderr
+
+
+def test_no_runtime_module_imports_beseg_torch_or_monai():
+    """Read from the source, so that an import in a branch the test above does not reach is caught too."""
+    import ast
+
+    import beseg_runtime
+
+    found = []
+    for path in sorted(Path(beseg_runtime.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("beseg", "torch", "monai")]
+    assert found == []
 
 
 def test_without_onnxruntime_beseg_predict_says_what_to_install(tmp_path):
     model = make_model_dir(tmp_path / "model")
     image = write_image(tmp_path / "in" / "a.nii.gz", smooth_volume((20, 20, 20)))
-    result = run_cli_without(("onnxruntime",), "beseg.deploy.cli", [str(model), str(image), "--out",
+    result = run_cli_without(("onnxruntime",), "beseg_runtime.cli", [str(model), str(image), "--out",
                                                                      str(tmp_path / "out")], tmp_path / "site")
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "beseg-predict needs onnxruntime" in result.stderr and "pip install onnxruntime" in result.stderr
-    assert "beseg[deploy]" in result.stderr and not (tmp_path / "out").exists()
+    assert "onnxruntime-gpu for CUDA" in result.stderr and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]
 WRAPPERS = {"time", "/usr/bin/time", "env", "nohup", "exec", "srun", "timeout", "salloc"}
 PROGRAMS = {"beseg", "beseg-predict"}
 #: ``python -m MODULE`` / ``torchrun ... -m MODULE`` -> the program it is.
-MODULES = {"beseg": "beseg", "beseg.cli": "beseg", "beseg.deploy.cli": "beseg-predict"}
+MODULES = {"beseg": "beseg", "beseg.cli": "beseg", "beseg_runtime.cli": "beseg-predict"}
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def parse_problem(argv: list[str]) -> str | None:
     if argv[0] == "beseg":
         from beseg.cli import parse_args as parse
     else:
-        from beseg.deploy.cli import build_parser
+        from beseg_runtime.cli import build_parser
 
         parse = build_parser().parse_args
     err = io.StringIO()

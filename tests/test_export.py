@@ -1,7 +1,7 @@
 """`beseg export` and the ensembles and mirroring of `beseg predict`, on tiny phantom runs.
 
-The equivalence tests run the exported folder with beseg-predict in a fresh interpreter whose torch
-and monai imports are refused, and compare its label maps with `beseg predict`'s.
+The equivalence tests run the exported folder with beseg-predict in a fresh interpreter whose torch,
+monai and beseg imports are refused, and compare its label maps with `beseg predict`'s.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from beseg.data import make_phantom  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_train_config  # noqa: E402
-from test_deploy import oblique_affine, run_without_torch  # noqa: E402
-from beseg.deploy.cli import main as deploy_main  # noqa: E402
+from test_deploy import oblique_affine, run_runtime_alone  # noqa: E402
+from beseg_runtime.cli import main as deploy_main  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -102,10 +102,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def deploy_without_torch(model: Path, images: Path, out: Path) -> None:
-    result = run_without_torch(f"""
-from beseg.deploy.cli import main
+    result = run_runtime_alone(f"""
+from beseg_runtime.cli import main
 rc = main([{str(model)!r}, {str(images)!r}, "--out", {str(out)!r}, "--quiet"])
-assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "monai")]
+assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "monai", "beseg")]
 sys.exit(rc)
 """)
     assert result.returncode == 0, result.stderr

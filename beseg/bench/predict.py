@@ -82,9 +82,9 @@ def run_predict_benchmark(cases: Sequence[str] = ("phantom", "task09"), repeats:
     Raises:
         ValueError: an unknown case name.
     """
-    from beseg.deploy import Predictor
     from beseg.engine.export import export_runs
     from beseg.engine.predict import load_model, predict_image
+    from beseg_runtime import Predictor
 
     unknown = [c for c in cases if c not in CASES]
     if unknown:

@@ -9,7 +9,7 @@ from beseg.commands.common import report_failures
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from beseg.deploy.window import DEFAULT_WARN_BELOW
+    from beseg_runtime.window import DEFAULT_WARN_BELOW
 
     parser.description = ("RUN_DIR|CHECKPOINT... come first (run folders holding checkpoints/, or .pt files), then "
                           "the images; several runs average their probabilities (e.g. the k folds).")

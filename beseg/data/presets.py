@@ -53,8 +53,8 @@ from monai.transforms import (
 from beseg.data.classes import ClassSpec
 from beseg.data.intensity import IntensityRange
 from beseg.data.msd import MSDTask
-from beseg.deploy.intensity import NOISE_FLOOR
 from beseg.errors import DataError
+from beseg_runtime.intensity import NOISE_FLOOR
 
 __all__ = ["BRATS_REGIONS", "MSDBratsRegionsd", "TaskPreset", "PRESETS", "canonical_task", "get_preset", "preset_for_task", "msd_brats_regions"]
 
@@ -102,7 +102,7 @@ class ClearResamplingNoised(MapTransform):
 
     Linear resampling leaves values like 1e-14 beside an exactly-zero background, in voxels that depend
     on the resampler's rounding (MONAI's float64 grid here, scipy's in ``beseg-predict``); the non-zero
-    z-score would count them. This is :func:`beseg.deploy.intensity.clear_resampling_noise` for tensors,
+    z-score would count them. This is :func:`beseg_runtime.intensity.clear_resampling_noise` for tensors,
     so the store, validation, ``evaluate``, ``predict`` and the exported runtime share one rule.
     """
 

@@ -41,12 +41,12 @@ from beseg.data.classes import class_masks
 from beseg.data.msd import Case, MSDTask
 from beseg.data.nifti import AFFINE_TOL_MM, NiftiHeader, check_same_grid, read_header, read_label_map
 from beseg.data.store import Store, open_store
-from beseg.deploy.geometry import grid_of, to_input_grid
 from beseg.engine.rundir import RunDir
 from beseg.engine.predict import LoadedModel, ensemble_labels, load_model, predict_image, write_label
 from beseg.errors import BesegError, DataError
 from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, label_map_metrics
 from beseg.score import summarize, write_scores
+from beseg_runtime.geometry import grid_of, to_input_grid
 
 __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSummary", "evaluate", "one_hot_scored", "predict_stored", "protocol_fields",
            "run_split", "run_store", "stored_header", "to_original_grid"]
@@ -148,7 +148,7 @@ def predict_stored(loaded: LoadedModel, store: Store, case: Case) -> np.ndarray:
 
     The stored volume (crop undone by zero padding, as validation reads it) gets the normalisation the
     store leaves to reading time (:meth:`~beseg.data.presets.TaskPreset.read_transform`), the model's
-    sliding window, and :func:`beseg.deploy.geometry.to_input_grid` (nearest neighbour) back to the
+    sliding window, and :func:`beseg_runtime.geometry.to_input_grid` (nearest neighbour) back to the
     grid recorded in the case's properties.
 
     Returns:

@@ -7,10 +7,10 @@
                              (B, K, *window) of a (B, C, *window) float32 input; dynamic batch,
                              fixed window (the training patch); checked by onnx.checker and
                              against PyTorch's output on random input
-      pipeline.json          everything inference needs (format FORMAT_VERSION, see beseg.deploy)
+      pipeline.json          everything inference needs (format FORMAT_VERSION, see beseg_runtime)
       README.md              inputs, outputs and how to run it
 
-:mod:`beseg.deploy` (``beseg-predict``) runs the folder with onnxruntime, numpy, nibabel and scipy.
+:mod:`beseg_runtime` (``beseg-predict``) runs the folder with onnxruntime, numpy, nibabel and scipy.
 The folder is written beside its final place and renamed into it at the end: a failed export
 leaves nothing behind. ``overwrite`` replaces only a model folder (its ``pipeline.json`` of beseg's
 kind, no file that export did not write) and never a folder that holds a run being exported.
@@ -33,10 +33,9 @@ import numpy as np
 import torch
 
 from beseg.data import TaskPreset
-from beseg.deploy.pipeline import FORMAT_VERSION, KIND, PIPELINE_FILE, sha256
 from beseg.engine.predict import LoadedModel, ensemble_members, load_model
-from beseg.errors import BesegError
-from beseg.extras import require
+from beseg.errors import BesegError, require
+from beseg_runtime.pipeline import FORMAT_VERSION, KIND, PIPELINE_FILE, sha256
 
 __all__ = ["ExportError", "ExportResult", "export_runs", "pipeline_spec"]
 
@@ -144,7 +143,8 @@ def _readme(spec: dict[str, Any]) -> str:
         "",
         "## Run",
         "```",
-        "pip install 'beseg[deploy]'        # numpy, nibabel, scipy, onnxruntime: no PyTorch",
+        "pip install beseg-runtime          # onnxruntime, numpy, nibabel, scipy: no PyTorch (from a beseg "
+        "checkout: pip install ./runtime)",
         "beseg-predict MODEL_DIR image.nii.gz [more images or folders] --out predictions/",
         "```",
         "The output folder may not be an input's folder, and existing files in it are not replaced (`--overwrite` "

@@ -14,7 +14,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
-from beseg.deploy.window import mirror_flips
+from beseg_runtime.window import mirror_flips
 
 __all__ = ["predict_probabilities", "autocast_for"]
 

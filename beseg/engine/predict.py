@@ -8,13 +8,13 @@ orientation, voxel grid and affine.
 Several checkpoints form an ensemble (e.g. the k folds): the image is resampled once, each member
 normalises it with its own statistics, and the probabilities after the activation are averaged
 over the members and, with ``mirror_axes``, over the flips (nnU-Net's test-time mirroring) before
-the label map is made. ``beseg export`` writes the same pipeline for :mod:`beseg.deploy`.
+the label map is made. ``beseg export`` writes the same pipeline for :mod:`beseg_runtime`.
 
 An image smaller than the window along some axis is padded by MONAI's ``sliding_window_inference``
 (constant 0 after normalisation) and cropped back. What is refused, warned about, and how outputs
-are planned and written is shared with :mod:`beseg.deploy` (:func:`beseg.deploy.io.check_scan`,
-:func:`beseg.deploy.window.small_scan_warning`, :func:`beseg.deploy.io.plan_outputs`,
-:func:`beseg.deploy.batch.predict_each`), so both paths accept, refuse and warn about the same images.
+are planned and written is shared with :mod:`beseg_runtime` (:func:`beseg_runtime.io.check_scan`,
+:func:`beseg_runtime.window.small_scan_warning`, :func:`beseg_runtime.io.plan_outputs`,
+:func:`beseg_runtime.batch.predict_each`), so both paths accept, refuse and warn about the same images.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from torch import nn
 
 from beseg.data import IntensityRange, TaskPreset, get_preset
 from beseg.data.nifti import read_image_header
-from beseg.deploy.batch import PredictSummary, predict_each
-from beseg.deploy.geometry import grid_of, to_input_grid
-from beseg.deploy.io import check_scan, plan_outputs, write_label
-from beseg.deploy.window import DEFAULT_WARN_BELOW, small_scan_warning
 from beseg.engine.checkpoint import CheckpointError, load_checkpoint
 from beseg.engine.config import Config, config_from_dict
 from beseg.engine.inference import predict_probabilities
 from beseg.engine.networks import build_network
 from beseg.engine.rundir import RunDir
 from beseg.errors import DataError
+from beseg_runtime.batch import PredictSummary, predict_each
+from beseg_runtime.geometry import grid_of, to_input_grid
+from beseg_runtime.io import check_scan, plan_outputs, write_label
+from beseg_runtime.window import DEFAULT_WARN_BELOW, small_scan_warning
 
 __all__ = ["LoadedModel", "PredictSummary", "ensemble_labels", "ensemble_members", "load_model", "predict_image", "predict_files", "resolve_checkpoint", "write_label"]
 
@@ -174,7 +174,7 @@ def predict_image(models: LoadedModel | Sequence[LoadedModel], image_path: str |
 
     Raises:
         DataError: the image cannot be read, has the wrong number of channels, is not a 3D scan
-            (:func:`beseg.deploy.io.check_scan`) or holds NaN/Inf.
+            (:func:`beseg_runtime.io.check_scan`) or holds NaN/Inf.
         CheckpointError: the models cannot form an ensemble.
     """
     members = ensemble_members(models)
@@ -229,7 +229,7 @@ def predict_files(checkpoints: str | Path | Sequence[str | Path], images: Sequen
 
     Raises:
         OutputError: an output would be written over an input, two inputs share an output name, or
-            an output exists (see :func:`beseg.deploy.io.plan_outputs`); checked before anything runs.
+            an output exists (see :func:`beseg_runtime.io.plan_outputs`); checked before anything runs.
         CheckpointError: a checkpoint cannot be used, or the runs cannot form an ensemble (nothing
             is predicted then).
     """

@@ -33,7 +33,7 @@ SUPPORTED_VERSIONS = f">= {'.'.join(map(str, MIN_NNUNET_VERSION))}, < {MAX_NNUNE
 
 INSTALL_HINT = (
     'install the extra with a matching torch/torchvision pair, e.g. pip install torch==2.13.0 torchvision==0.28.0 '
-    '-e ".[nnunet]" from the beseg clone (docs/nnunet.md)'
+    '-e ./runtime -e ".[nnunet]" from the beseg clone (docs/nnunet.md)'
 )
 
 

@@ -100,10 +100,10 @@ def test_a_full_disk_while_predicting_names_the_file_leaves_nothing_and_a_rerun_
     def command(out: Path) -> list[str]:
         if path == "beseg predict":
             return ["beseg.cli", "predict", str(model["run"]), str(model["images"]), "--out", str(out)]
-        return ["beseg.deploy.cli", str(model["model"]), str(model["images"]), "--out", str(out), "--quiet"]
+        return ["beseg_runtime.cli", str(model["model"]), str(model["images"]), "--out", str(out), "--quiet"]
 
     from beseg.cli import main
-    from beseg.deploy.cli import main as deploy_main
+    from beseg_runtime.cli import main as deploy_main
 
     reference = tmp_path / "reference"
     assert (main if path == "beseg predict" else deploy_main)(command(reference)[1:]) == 0  # in this process

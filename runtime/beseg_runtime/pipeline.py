@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from beseg.deploy.window import PADDING_MODES
-from beseg.errors import BesegError
+from beseg_runtime.errors import BesegError
+from beseg_runtime.window import PADDING_MODES
 
 __all__ = ["FORMAT_VERSION", "PIPELINE_FILE", "DeployError", "Member", "Pipeline", "load_pipeline", "sha256"]
 
@@ -84,8 +84,8 @@ def _padding(spec: Any) -> tuple[str, float]:
         raise ValueError(f"padding must be an object, got {spec!r}")
     mode, value = spec.get("mode"), float(spec.get("value", 0.0))
     if mode not in PADDING_MODES:
-        raise ValueError(f"padding mode {mode!r} is not one this beseg implements ({', '.join(PADDING_MODES)}); "
-                         "update beseg")
+        raise ValueError(f"padding mode {mode!r} is not one this beseg-runtime implements ({', '.join(PADDING_MODES)}); "
+                         "update beseg-runtime")
     if not math.isfinite(value):
         raise ValueError(f"padding value {value!r} is not finite")
     return str(mode), value
@@ -141,10 +141,10 @@ def load_pipeline(model_dir: str | Path, verify: bool = True) -> Pipeline:
     if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
         raise DeployError(f"{path}: invalid format {fmt!r}; expected an integer from 1 to {FORMAT_VERSION}.")
     if fmt > FORMAT_VERSION:
-        from beseg import __version__
+        from beseg_runtime import __version__
 
         raise DeployError(f"{path}: pipeline format {fmt} is newer than format {FORMAT_VERSION}, the newest that "
-                          f"beseg {__version__} reads; update beseg to run this model.")
+                          f"beseg-runtime {__version__} reads; update beseg-runtime to run this model.")
     files = _get(raw, "files", path)
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise DeployError(f"{path}: 'files' must map file names to SHA-256 hex digests.")

@@ -2,7 +2,7 @@
 
 ``beseg predict`` (PyTorch) and ``beseg-predict`` (this runtime) differ only in how one image
 becomes a label map; what happens around it is this module: the outputs are planned and checked
-before anything runs (:func:`beseg.deploy.io.plan_outputs`), each image is predicted and written
+before anything runs (:func:`beseg_runtime.io.plan_outputs`), each image is predicted and written
 atomically, an image that fails is recorded with a one-line reason naming it and the next one is
 predicted, and warnings (a scan much smaller than the window) are collected and passed on as they
 happen.
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from beseg.deploy.io import write_label
-from beseg.errors import BesegError
+from beseg_runtime.errors import BesegError
+from beseg_runtime.io import write_label
 
 __all__ = ["PredictOne", "PredictSummary", "predict_each"]
 
@@ -50,7 +50,7 @@ def predict_each(plan: Iterable[tuple[Path, Path]], predict: PredictOne, overwri
     """Predict and write every ``(image, output)`` of ``plan``; a failing image is recorded, not fatal.
 
     Args:
-        plan: from :func:`beseg.deploy.io.plan_outputs` (possibly wrapped in a progress bar).
+        plan: from :func:`beseg_runtime.io.plan_outputs` (possibly wrapped in a progress bar).
         predict: one image -> its label map, see :data:`PredictOne`.
         overwrite: replace an existing output (the plan allowed only beseg's own label maps).
         on_written: called with each output path once it is in place.

@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from beseg.deploy.batch import PredictSummary, predict_each
-from beseg.deploy.geometry import to_input_grid, to_model_grid
-from beseg.deploy.intensity import normalize
-from beseg.deploy.io import plan_outputs, read_image
-from beseg.deploy.pipeline import DeployError, Member, Pipeline, load_pipeline
-from beseg.deploy.window import DEFAULT_WARN_BELOW, mirror_flips, sliding_window, small_scan_warning
-from beseg.extras import require
+from beseg_runtime.batch import PredictSummary, predict_each
+from beseg_runtime.errors import require
+from beseg_runtime.geometry import to_input_grid, to_model_grid
+from beseg_runtime.intensity import normalize
+from beseg_runtime.io import plan_outputs, read_image
+from beseg_runtime.pipeline import DeployError, Member, Pipeline, load_pipeline
+from beseg_runtime.window import DEFAULT_WARN_BELOW, mirror_flips, sliding_window, small_scan_warning
 
 __all__ = ["Predictor", "PredictSummary", "available_providers", "import_onnxruntime", "normalize", "to_labels"]
 
@@ -26,8 +26,9 @@ def import_onnxruntime() -> Any:
     Raises:
         MissingDependencyError: it is not installed; the message says what to install.
     """
-    return require(["onnxruntime"], "beseg-predict",
-                   "pip install onnxruntime (onnxruntime-gpu for CUDA), or pip install 'beseg[deploy]'")[0]
+    # beseg-runtime depends on onnxruntime, so this is an installation without its dependencies
+    # (--no-deps) or a GPU user's swap to onnxruntime-gpu that did not finish.
+    return require(["onnxruntime"], "beseg-predict", "pip install onnxruntime (onnxruntime-gpu for CUDA)")[0]
 
 
 def available_providers(device: str = "auto") -> list[str]:
@@ -140,7 +141,7 @@ class Predictor:
     def predict(self, path: str | Path, warn: Callable[[str], None] | None = None) -> tuple[np.ndarray, Any]:
         """Label map of one image in that image's own voxel grid.
 
-        An image smaller than a window along some axis is padded (see :mod:`beseg.deploy.window`);
+        An image smaller than a window along some axis is padded (see :mod:`beseg_runtime.window`);
         one under ``warn_below`` of the window is predicted with a warning.
 
         Args:
@@ -176,7 +177,7 @@ class Predictor:
 
         Raises:
             OutputError: before anything runs, when an output would be written over an input, two
-                inputs share an output name, or an output exists (see :func:`beseg.deploy.io.plan_outputs`).
+                inputs share an output name, or an output exists (see :func:`beseg_runtime.io.plan_outputs`).
         """
         plan = plan_outputs(images, out_dir, overwrite)
         return predict_each(plan, lambda image, warn: self.predict(image, warn), overwrite,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from beseg.deploy.pipeline import DeployError
+from beseg_runtime.pipeline import DeployError
 
 __all__ = ["NOISE_FLOOR", "clear_resampling_noise", "normalize"]
 
@@ -64,4 +64,4 @@ def normalize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     if kind == "scale_range":
         low, high = float(spec["low"]), float(spec["high"])
         return np.clip((out - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32)
-    raise DeployError(f"unknown normalization kind {kind!r} in pipeline.json; update beseg.")
+    raise DeployError(f"unknown normalization kind {kind!r} in pipeline.json; update beseg-runtime.")

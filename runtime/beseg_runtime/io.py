@@ -11,15 +11,16 @@ rename) and marks its files as beseg's (NIfTI intent ``label``, intent name ``be
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from beseg.errors import BesegError, DataError
-from beseg.fileio import atomic_output
+from beseg_runtime.errors import BesegError, DataError
 
 __all__ = ["LABEL_INTENT_NAME", "OutputError", "check_scan", "is_beseg_label", "list_images", "output_name",
            "plan_outputs", "read_image", "write_label"]
@@ -144,13 +145,47 @@ def write_label(labels: np.ndarray, reference: Any, path: str | Path, replace: b
     img.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
     img.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
     try:
-        with atomic_output(path, suffix=".tmp.nii.gz", replace=replace) as tmp:  # nibabel picks the format by ending
-            nib.save(img, tmp)
+        _save_atomically(img, path, replace)
     except FileExistsError:
         raise OutputError(f"{path} appeared while predicting; not replacing it.") from None
     except OSError as err:
         raise BesegError(f"could not write {path}: {err.strerror or err}.") from None
     return path
+
+
+def _save_atomically(img: Any, path: Path, replace: bool) -> None:
+    """Save ``img`` to a hidden temporary file beside ``path``, then rename it into place.
+
+    A reader sees no file or the whole one, never half of one, even after SIGKILL or a full disk; the
+    temporary file is removed whatever happens. With ``replace`` False the file is put in place only if
+    ``path`` does not exist at that moment: a hard link fails if it does, atomically also on NFS; on
+    file systems without hard links, a check just before the rename.
+
+    Raises:
+        FileExistsError: ``replace`` is False and ``path`` exists (nothing is changed).
+        OSError: the file cannot be written or renamed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)  # nibabel: by ending
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        nib.save(img, tmp)
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # fails with EEXIST if path exists, whoever created it in the meantime
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if path.exists() or path.is_symlink():  # no hard links here: check, then rename
+                raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a link or a failure; after a rename it is gone already
 
 
 def is_beseg_label(path: str | Path) -> bool:

@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 
-from beseg.errors import EXIT_FAILURE, BesegError, report_failures
+from beseg_runtime.errors import EXIT_FAILURE, report_failures, run_reporting_errors
 
-EXIT_BUG = 3
 PROG = "beseg-predict"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from beseg.deploy.window import DEFAULT_WARN_BELOW
+    from beseg_runtime.window import DEFAULT_WARN_BELOW
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -50,31 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from beseg.deploy.runtime import Predictor
+    return run_reporting_errors(PROG, lambda: _predict(args), args.debug)
 
-        predictor = Predictor(args.model_dir, device=args.device, mirror=False if args.no_mirror else None,
-                              threads=args.threads, batch_size=max(args.batch_size, 1), warn_below=args.warn_below)
-        if not args.quiet:
-            p = predictor.pipeline
-            print(f"{args.model_dir}: task {p.raw.get('task')}, {len(p.members)} network(s), mirroring "
-                  f"{list(predictor.mirror_axes) or 'off'}, onnxruntime {predictor.providers[0]}", flush=True)
-        result = predictor.predict_files(
-            args.images, args.out, progress=not args.quiet, overwrite=args.overwrite,
-            on_warning=lambda message: print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True))
-    except (BesegError, OSError) as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - anything else is a bug: keep its traceback
-        traceback.print_exc()
-        print(f"{PROG}: internal error: {type(err).__name__}: {err}\nthis is a bug in beseg; please report it with "
-              "the traceback above and the command you ran", file=sys.stderr)
-        return EXIT_BUG
+
+def _predict(args: argparse.Namespace) -> int:
+    from beseg_runtime.runtime import Predictor
+
+    predictor = Predictor(args.model_dir, device=args.device, mirror=False if args.no_mirror else None,
+                          threads=args.threads, batch_size=max(args.batch_size, 1), warn_below=args.warn_below)
+    if not args.quiet:
+        p = predictor.pipeline
+        print(f"{args.model_dir}: task {p.raw.get('task')}, {len(p.members)} network(s), mirroring "
+              f"{list(predictor.mirror_axes) or 'off'}, onnxruntime {predictor.providers[0]}", flush=True)
+    result = predictor.predict_files(
+        args.images, args.out, progress=not args.quiet, overwrite=args.overwrite,
+        on_warning=lambda message: print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True))
     if not result.written and not result.failed:
         print(f"{PROG}: error: no NIfTI images (.nii, .nii.gz) in " + ", ".join(args.images), file=sys.stderr)
         return EXIT_FAILURE
