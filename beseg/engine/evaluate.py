@@ -168,7 +168,7 @@ def predict_stored(loaded: LoadedModel, store: Store, case: Case) -> np.ndarray:
 
 def to_original_grid(labels: np.ndarray, props: dict[str, Any]) -> np.ndarray:
     """A label map on a stored case's resampled grid -> the same map on its image's original grid (nearest
-    neighbour, :func:`beseg.deploy.geometry.to_input_grid`).
+    neighbour, :func:`beseg_runtime.geometry.to_input_grid`).
 
     Args:
         labels: (X, Y, Z) label map on the stored grid (``props["shape"]``, RAS at the preset's spacing).

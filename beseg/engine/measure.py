@@ -50,7 +50,7 @@ from beseg.data.patches import StorePatchDataset, StoreVolumeDataset
 from beseg.data.presets import TaskPreset
 from beseg.data.splits import Split
 from beseg.data.store import Store, open_store
-from beseg.deploy.io import write_label
+from beseg_runtime.io import write_label
 from beseg.engine.config import Config
 from beseg.engine.distributed import DistInfo
 from beseg.engine.evaluate import to_original_grid
