@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"beseg {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+        return getattr(err, "exit_code", EXIT_FAILURE)  # e.g. a claim taken over by another process
     except KeyboardInterrupt:
         print(f"beseg {args.command}: interrupted", file=sys.stderr)
         return 130

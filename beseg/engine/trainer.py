@@ -80,6 +80,7 @@ from beseg.engine.networks import build_network, window_multiple
 from beseg.engine.rundir import RunDir
 from beseg.engine.sampling import EpochSampler, SeededDataset
 from beseg.errors import BesegError, ConfigError
+from beseg.fileio import LockLostError
 from beseg.engine.losses import build_loss
 
 __all__ = [
@@ -253,6 +254,7 @@ class Trainer:
             if self.dist.is_main:
                 # The run records the cases it trained, validated and is tested on: split.json in the run
                 # folder, and the split file it used in config.yaml (and every checkpoint).
+                self.run_dir.check()
                 save_split(self.data.split, self.run_dir.split)
                 if self.config.data.split_file is None and self.data.split_file is not None:
                     self.config.data.split_file = str(Path(self.data.split_file).resolve())
@@ -643,16 +645,17 @@ class Trainer:
         }
 
     def save_checkpoint(self, best: bool, last: bool) -> None:
-        """Write ``best.pt`` and/or ``last.pt`` atomically (called on rank 0 only).
+        """Write ``best.pt`` and/or ``last.pt`` atomically (called on rank 0 only), fenced by the run's claim.
 
         Raises:
             CheckpointError: a file cannot be written; the previous one is intact.
+            LockLostError: another process took the run over; nothing was written.
         """
         state = self.checkpoint_state()
         if best:
-            atomic_save(state, self.run_dir.best)
+            atomic_save(state, self.run_dir.best, fence=self.run_dir.check)
         if last:
-            atomic_save(state, self.run_dir.last)
+            atomic_save(state, self.run_dir.last, fence=self.run_dir.check)
 
     # ------------------------------------------------------------------------------------------
     # collective decisions
@@ -692,6 +695,8 @@ class Trainer:
         failed = [(rank, text) for rank, text in enumerate(texts) if text is not None]
         rank, text = failed[0]
         others = ", ".join(str(r) for r, _ in failed[1:])
+        if isinstance(failure, LockLostError):
+            raise failure  # this rank's process exits as one whose claim was taken over, not as a failure
         if failure is not None and not isinstance(failure, (BesegError, OSError)):
             traceback.print_exception(failure, file=sys.stderr)  # a bug: keep its traceback on its own rank
         raise TrainingError(

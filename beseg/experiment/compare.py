@@ -66,7 +66,7 @@ from beseg.experiment.plan import (
     ALIASES, PAPER_VAL_FRAC, PROTOCOLS, TABLE1_SYSTEMS, PlannedRun, SystemSpec, check_protocol, plan_runs,
     preset_prefix, resolve_system, write_plan_json, _check_prefix,
 )
-from beseg.fileio import atomic_write_text
+from beseg.fileio import LockLostError, atomic_write_text
 from beseg.score import Summary
 
 __all__ = [
@@ -387,9 +387,15 @@ def _be_counterpart(baseline: str, names: Sequence[str]) -> str:
     return others[-1] if others else baseline
 
 
-def _held_elsewhere(run: PlannedRun) -> bool:
-    """Another live process (here or on another host) holds the run's claim."""
-    claim = Claim(RunDir(run.run_dir).lock)
+def _held_elsewhere(run: PlannedRun, watchers: dict[str, Claim]) -> bool:
+    """Another live process (here or on another host) holds the run's claim.
+
+    Args:
+        run: the run.
+        watchers: one :class:`Claim` per run, kept across the waiting loop's rounds: each remembers how long
+            it has seen the holder's heartbeat unchanged (judged on this process's clock, not the holder's).
+    """
+    claim = watchers.setdefault(run.id, Claim(RunDir(run.run_dir).lock))
     held = claim.holder()
     return held is not None and not claim.is_mine(held) and claim.stale_reason(held) is None
 
@@ -407,6 +413,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
     for i, run in enumerate(planned, start=1):
         log(f"[{i}/{len(planned)}] {run.name}: {run.describe()}")
     first = True
+    watchers: dict[str, Claim] = {}
     while todo:
         if not first:
             time.sleep(wait_s)
@@ -416,7 +423,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
             state, run.epoch = run.current_state()
             if state == "done":
                 total.done.append(run.id)
-            elif _held_elsewhere(run):
+            elif _held_elsewhere(run, watchers):
                 waiting.append(run)
             elif not total.failed.get(run.id) and (first or _failed_elsewhere(run) is None):
                 ready.append(run)
@@ -456,6 +463,10 @@ def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_di
         except RunLockedError:
             outcome.busy.append(run.id)
             log(f"{run.name}: another process holds it; waiting for it")
+            continue
+        except LockLostError as err:
+            outcome.busy.append(run.id)
+            log(f"{err}; waiting for that process")
             continue
         except Exception as err:  # noqa: BLE001 - a failing run must not stop the others
             outcome.failed[run.id] = (str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,

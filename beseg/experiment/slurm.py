@@ -209,7 +209,7 @@ class SlurmLauncher:
         Raises:
             SlurmError: SLURM is unreachable or refused a job.
         """
-        from beseg.experiment.worker import EXIT_BUSY, read_failure
+        from beseg.experiment.worker import EXIT_BUSY, EXIT_CLAIM_LOST, read_failure
 
         for tool in ("sbatch", "squeue", "scontrol"):
             if shutil.which(tool) is None:
@@ -241,7 +241,7 @@ class SlurmLauncher:
                     continue
                 failure = read_failure(run_dir)
                 state, code = _ended_job(job)
-                if failure is None and code.startswith(f"{EXIT_BUSY}:"):
+                if failure is None and code.split(":")[0] in (str(EXIT_BUSY), str(EXIT_CLAIM_LOST)):
                     outcome.busy.append(run_id)
                     log(f"{run_id}: another process holds it; left to that process")
                     continue
