@@ -304,9 +304,17 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_new(path: Path, record: dict[str, Any]) -> None:
-    """Create ``path`` (a name nobody else uses) holding ``record``."""
-    with open(path, "x", encoding="utf-8") as f:
-        json.dump(record, f)
+    """Create ``path`` (a name nobody else uses) holding ``record``.
+
+    Raises:
+        OSError: naming ``path`` (a full disk); nothing is left.
+    """
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            json.dump(record, f)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 class FileLock:
@@ -587,14 +595,17 @@ class FileLock:
                     break
                 time.sleep(0.02)
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self._new_record(token), f)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(self._new_record(token), f)
+            except OSError:
+                pass  # a full disk: the guard is held all the same (empty, it is judged as unreadable)
             have = True
             break
         try:
             yield have
         finally:
-            if have and (_read_json(guard) or {}).get("token") == token:
+            if have and (_read_json(guard) or {}).get("token") in (token, None):
                 guard.unlink(missing_ok=True)
 
     def _hold(self, token: str, owned: bool) -> None:
@@ -660,15 +671,19 @@ class FileLock:
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock file if it is still this holder's (under the guard, so a
-        takeover in between is never removed)."""
+        takeover in between is never removed). Never raises: it runs while another error may be on its way
+        (a full disk); a lock it could not remove is judged by the usual rules (this process is gone)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
         if self.owned and self.token:
-            with self._guard(wait_s=5.0) as have:
-                held = _read_json(self.path)
-                if have and held and held.get("token") == self.token:
-                    self.path.unlink(missing_ok=True)
-            self.beat_path(self.token).unlink(missing_ok=True)
+            try:
+                with self._guard(wait_s=5.0) as have:
+                    held = _read_json(self.path)
+                    if have and held and held.get("token") == self.token:
+                        self.path.unlink(missing_ok=True)
+                self.beat_path(self.token).unlink(missing_ok=True)
+            except OSError:
+                pass
         self.token, self.owned = None, False

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,28 @@ class RunDir:
         claim = Claim(self.lock)
         claim.acquire()
         self._claim = claim
+        if claim.owned:
+            self.remove_leftovers()
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove the temporary files a killed (or taken over) holder left: ``.<name>.<random>.tmp`` of
+        checkpoints, metrics, config and evaluation files. Call it holding the claim.
+
+        Returns:
+            The files removed.
+        """
+        removed = []
+        for folder in (self.root, self.checkpoints, self.eval, self.eval / "predictions"):
+            try:
+                names = os.listdir(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name in names:
+                if name.startswith(".") and (name.endswith(".tmp") or ".tmp." in name) \
+                        and not name.startswith(f".{self.lock.name}."):  # the claim's own (heartbeat) files
+                    (folder / name).unlink(missing_ok=True)
+                    removed.append(folder / name)
+        return removed
 
     def release(self) -> None:
         """Release the claim if :meth:`acquire` took it (an adopted claim stays with its holder)."""

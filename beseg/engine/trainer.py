@@ -259,7 +259,9 @@ class Trainer:
                 if self.config.data.split_file is None and self.data.split_file is not None:
                     self.config.data.split_file = str(Path(self.data.split_file).resolve())
                 self.run_dir.write_config(config_to_dict(self.config))
-                if self.checkpoint is not None:
+                # Records of epochs after the checkpoint (all of them when training from scratch) come from an
+                # attempt that was killed before its next checkpoint; they are redone, and logged once.
+                if self.run_dir.metrics.exists():
                     self.run_dir.truncate_metrics(self.epoch)
                 self.writer = _tensorboard(self.run_dir.tensorboard)
                 if self.epoch >= cfg.epochs:
@@ -618,12 +620,17 @@ class Trainer:
         return class_masks(labels[:, 0], self.preset.scored_classes).movedim(0, 1)
 
     def log_epoch(self, record: dict[str, Any], val: dict[str, Any] | None, is_best: bool) -> None:
-        """Append the epoch's records to ``metrics.jsonl`` and TensorBoard; print the validation line."""
+        """Append the epoch's records to ``metrics.jsonl`` and TensorBoard; print the validation line.
+
+        Every write is fenced by the run's claim (:meth:`RunDir.check`), TensorBoard's too.
+        """
         self.run_dir.log(record)
+        if val is not None:
+            self.run_dir.log({"kind": "val", "epoch": self.epoch, "step": self.global_step, **val})
+        self.run_dir.check()
         _tb_log(self.writer, "train", record, self.global_step)
         if val is None:
             return
-        self.run_dir.log({"kind": "val", "epoch": self.epoch, "step": self.global_step, **val})
         _tb_log(self.writer, "val", {"dice_mean": val["dice_mean"], **{f"dice_{k}": v for k, v in val["dice"].items()}},
                 self.global_step)
         if self.progress:

@@ -104,6 +104,8 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
             return None
         claim.check()
         (run_dir / FAILED_FILE).unlink(missing_ok=True)
+        if taken:
+            RunDir(run_dir).remove_leftovers()  # of an earlier attempt that was killed mid-write
         started = time.time()
         try:
             if nnunet is not None:
@@ -129,10 +131,13 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
                 except LockLostError as lost:
                     raise lost from err
                 text = str(err) if isinstance(err, BesegError) else f"{type(err).__name__}: {err}"
-                atomic_write_text(run_dir / FAILED_FILE, json.dumps({
-                    "error": text.strip().splitlines()[0][:500] if text.strip() else type(err).__name__,
-                    "log": str(log_file) if log_file else None, "host": socket.gethostname(), "time": time.time()}),
-                    fence=claim.check)
+                try:
+                    atomic_write_text(run_dir / FAILED_FILE, json.dumps({
+                        "error": text.strip().splitlines()[0][:500] if text.strip() else type(err).__name__,
+                        "log": str(log_file) if log_file else None, "host": socket.gethostname(),
+                        "time": time.time()}), fence=claim.check)
+                except OSError:
+                    pass  # a full disk: the error itself still goes up, only --status will not show it
             raise
         finished = time.time()
         atomic_write_text(run_dir / RUN_RECORD, json.dumps({
