@@ -207,6 +207,17 @@ def ensure_in_thread(store: Store, case, **kwargs) -> tuple[threading.Thread, li
     return waiter, done
 
 
+def ensure_within(store: Store, case, seconds: float, hung: str) -> list[str]:
+    """``store.ensure(case)`` must build the case (once) within ``seconds``; returns the warnings it gave."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        waiter, done = ensure_in_thread(store, case)
+        waiter.join(seconds)
+    assert not waiter.is_alive(), hung
+    assert done == [True] and builds(store) == [case.id]
+    return [str(w.message) for w in said]
+
+
 def test_a_dead_builders_lock_is_taken_over(spleen, tmp_path):
     task = load_task(spleen)
     store = open_store(task, get_preset("phantom-spleen"), tmp_path / "cache")
@@ -253,13 +264,8 @@ def test_a_builders_lock_whose_pid_now_names_another_live_process_is_taken_over(
         lock.write_text(re.sub(rf'("pid": ){builder.pid}\b|^{builder.pid}(?= )', lambda m: (m.group(1) or "")
                                + str(sleeper.pid), text))
         assert str(sleeper.pid) in lock.read_text()
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            waiter, done = ensure_in_thread(store, case)
-            waiter.join(60)
-        assert not waiter.is_alive(), "waited for a lock of a process that no longer exists"
-        assert done == [True] and builds(store) == [case.id]
-        assert any(f"pid {sleeper.pid} now belongs to another process" in str(w.message) for w in said)
+        said = ensure_within(store, case, 60, "waited for a lock of a process that no longer exists")
+        assert any(f"pid {sleeper.pid} now belongs to another process" in text for text in said), said
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -277,14 +283,9 @@ def test_a_hung_builders_lock_whose_heartbeat_is_an_hour_old_is_taken_over(splee
         hour_ago = time.time() - 3600
         for path in store.root.glob(f"{case.id}.lock*"):
             os.utime(path, (hour_ago, hour_ago))
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            waiter, done = ensure_in_thread(store, case)
-            waiter.join(60)
-        assert not waiter.is_alive(), "waited for a lock that has not been refreshed for an hour"
-        assert done == [True] and builds(store) == [case.id]
-        assert any(re.search(rf"process {builder.pid} .*heartbeat has not changed for 3\d\d\d s", str(w.message))
-                   for w in said), [str(w.message) for w in said]
+        said = ensure_within(store, case, 60, "waited for a lock that has not been refreshed for an hour")
+        assert any(re.search(rf"process {builder.pid} .*heartbeat has not changed for 3\d\d\d s", text)
+                   for text in said), said
     finally:
         end(builder)
 
@@ -361,14 +362,18 @@ def _edit_label_in_place(path: Path) -> int:
     return int((data != 0).sum())
 
 
+def _stored_with_uncompressed_label(spleen: Path, tmp_path: Path):
+    """A task whose first case has an uncompressed label, and its store: ``(task, preset, store, label)``."""
+    label = _with_uncompressed_label(spleen, tmp_path / "data")
+    task = load_task(tmp_path / "data")
+    preset = get_preset("phantom-spleen")
+    return task, preset, prepare_store(task, preset, tmp_path / "cache"), label
+
+
 def test_an_in_place_edit_that_keeps_a_labels_size_rebuilds_its_case(spleen, tmp_path):
     """Fix 6: the store checked only source sizes, so a corrected label in an uncompressed .nii (same size) left
     the old label in the store for training and evaluation."""
-    data = tmp_path / "data"
-    label = _with_uncompressed_label(spleen, data)
-    task = load_task(data)
-    preset = get_preset("phantom-spleen")
-    store = prepare_store(task, preset, tmp_path / "cache")
+    task, preset, store, label = _stored_with_uncompressed_label(spleen, tmp_path)
     case = task.training[0]
     assert int(np.asarray(store.open(case.id).label).sum()) > 0
     size = label.stat().st_size
@@ -381,11 +386,7 @@ def test_an_in_place_edit_that_keeps_a_labels_size_rebuilds_its_case(spleen, tmp
 
 
 def test_content_decides_where_it_is_hashed_and_the_modification_time_elsewhere(spleen, tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    label = _with_uncompressed_label(spleen, data)
-    task = load_task(data)
-    preset = get_preset("phantom-spleen")
-    store = prepare_store(task, preset, tmp_path / "cache")
+    task, preset, store, label = _stored_with_uncompressed_label(spleen, tmp_path)
     case = task.training[0]
     stat = label.stat()
     # an edit that restores the modification time (cp -p, rsync -t of an edited copy): the hash sees it

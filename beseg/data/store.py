@@ -167,6 +167,7 @@ class Store:
         self.hash_limit = hash_limit
         self.timings = LockTimings.from_env("STORE_LOCK", HEARTBEAT_S, STALE_LOCK_S)
         self._digests: dict[tuple[str, int, int, int, int], str] = {}  # (path, size, times, inode) -> SHA-256
+        self._told_waiting = False
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -275,16 +276,15 @@ class Store:
                 written (a full disk; nothing half-written is left).
         """
         lock = self.case_lock(case.id)
-        told = False
         while not self.ready(case):
             try:
                 taken = lock.acquire()
             except LockBusyError as busy:
-                if not told:
+                if not self._told_waiting:  # once per store object: not a line per case of a big dataset
                     who = lock.describe(busy.holder) if busy.holder else "another process"
-                    print(f"store: waiting for case {case.id}, which {who} is building (lock {lock.path})",
-                          file=sys.stderr, flush=True)
-                    told = True
+                    print(f"store: waiting for case {case.id}, which {who} is building (lock {lock.path}); "
+                          "other processes' cases are waited for likewise", file=sys.stderr, flush=True)
+                    self._told_waiting = True
                 time.sleep(poll_s)
                 continue
             try:
@@ -294,9 +294,8 @@ class Store:
                     path.unlink(missing_ok=True)
                 self.build_case(case, lock)
                 return True
-            except LockLostError as lost:  # we were stopped past the limit and taken over: the new builder's
+            except LockLostError as lost:  # stopped past the limit and taken over: the new builder's case counts
                 print(f"store: {lost}", file=sys.stderr, flush=True)
-                told = True
             finally:
                 if taken:
                     lock.release()
@@ -387,8 +386,13 @@ class Store:
         audit = StoreAudit(self.root)
         known = {c.id: c for c in cases}
         busy: set[str] = set()
-        for case_id in sorted({m.group("case") for m in map(_CASE_FILE.match, _names(self.root)) if m}
-                              | {m.group("case") for m in map(_TEMP_FILE.match, _names(self.root)) if m}):
+        names = _names(self.root)
+        by_case: dict[str, list[str]] = {}
+        for name in names:
+            found = _CASE_FILE.match(name) or _TEMP_FILE.match(name)
+            if found:
+                by_case.setdefault(found.group("case"), []).append(name)
+        for case_id in sorted(by_case):
             lock = self.case_lock(case_id)
             held = lock.read()
             if held is not None:
@@ -399,15 +403,12 @@ class Store:
                     continue
                 audit.stale_locks.append((case_id, reason))
             if case_id not in known:
-                files = [self.root / n for n in _names(self.root)
-                         if (m := _CASE_FILE.match(n) or _TEMP_FILE.match(n)) and m.group("case") == case_id]
-                audit.orphans.append((case_id, sorted(files)))
+                audit.orphans.append((case_id, sorted(self.root / n for n in by_case[case_id])))
                 continue
             audit.leftovers += self.leftovers(case_id)
-            for name in _names(self.root):  # heartbeat and guard files of no current holder
+            for name in by_case[case_id]:  # heartbeat and guard files of no current holder
                 found = _CASE_FILE.match(name)
-                if found and found.group("case") == case_id and found.group("beat") \
-                        and found.group("beat")[1:] != (held or {}).get("token"):
+                if found and found.group("beat") and found.group("beat")[1:] != (held or {}).get("token"):
                     audit.leftovers.append(self.root / name)
         for case in cases:
             if case.id in busy:
@@ -450,7 +451,7 @@ class Store:
                 log(f"{self.path(case_id, 'lock')}: skipped, {lock.describe(busy.holder)} holds it now")
                 continue
             try:
-                mine = {lock.path, lock.beat_path(lock.token or ""), lock.guard_path}
+                mine = {lock.path, lock.beat_path(lock.token or "")}  # (a guard left now is a dead taker's)
                 for path in files:
                     if path not in mine and path.exists():
                         path.unlink()

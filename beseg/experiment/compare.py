@@ -431,7 +431,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
                 failure = _failed_elsewhere(run) or {}
                 total.failed[run.id] = (failure.get("error", "failed"), failure.get("log"))
         if ready:
-            outcome = _launch(layout, ready, launcher, data_dir, protocol, progress, log, nnunet_env)
+            outcome = _launch(layout, ready, launcher, data_dir, protocol, progress, log, nnunet_env, watchers)
             total.done += outcome.done
             total.failed.update(outcome.failed)
             total.jobs.update(outcome.jobs)
@@ -450,8 +450,10 @@ def _failed_elsewhere(run: PlannedRun) -> dict | None:
 
 
 def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_dir: Path, protocol: str, progress: bool,
-            log: Callable[[str], None], nnunet_env: dict | None = None) -> LaunchOutcome:
-    """One pass of ``launcher`` over ``runs`` (in this process when it is the in-process local launcher)."""
+            log: Callable[[str], None], nnunet_env: dict | None = None,
+            watchers: dict[str, Claim] | None = None) -> LaunchOutcome:
+    """One pass of ``launcher`` over ``runs`` (in this process when it is the in-process local launcher, which
+    claims each run with its watcher from :func:`_held_elsewhere`: what that saw of a silent holder counts)."""
     if not (isinstance(launcher, LocalLauncher) and launcher.in_process):
         return launcher.execute(layout, [r.id for r in runs], log)
     outcome = LaunchOutcome()
@@ -459,7 +461,8 @@ def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_di
         tick = time.perf_counter()
         try:
             summary = worker.execute_run(run.run_dir, run.config, data_dir, protocol, progress=progress, log=log,
-                                         label=run.name, nnunet=run.nnunet, nnunet_env=nnunet_env)
+                                         label=run.name, nnunet=run.nnunet, nnunet_env=nnunet_env,
+                                         claim=(watchers or {}).get(run.id))
         except RunLockedError:
             outcome.busy.append(run.id)
             log(f"{run.name}: another process holds it; waiting for it")

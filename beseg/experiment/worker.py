@@ -62,7 +62,7 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
                 log_file: str | Path | None = None, progress: bool = True,
                 log: Callable[[str], None] = print, label: str | None = None,
                 ranks: int = 1, nnunet: NNUNetSystem | None = None,
-                nnunet_env: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+                nnunet_env: Mapping[str, Any] | None = None, claim: Claim | None = None) -> dict[str, Any] | None:
     """Train (fresh or resumed) and evaluate one run, holding its claim throughout.
 
     Args:
@@ -80,6 +80,8 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
         nnunet: the trainer of an nnU-Net run (:mod:`beseg.experiment.nnunet_runs`); its results
             folder is where ``config.data.split_file`` is.
         nnunet_env: ``{"python", "version"}`` of the nnU-Net environment (plan.json's ``nnunet``).
+        claim: the run's :class:`Claim` object to take (one that has watched the holder's heartbeat, so what it
+            saw counts); default a new one.
 
     Returns:
         The evaluation summary, or None when the run was found finished already (nothing done).
@@ -93,7 +95,7 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
 
     run_dir = Path(run_dir)
     label = label or str(run_dir)
-    claim = Claim(RunDir(run_dir).lock)
+    claim = claim or Claim(RunDir(run_dir).lock)
     taken = claim.acquire()
     try:
         if nnunet is not None:

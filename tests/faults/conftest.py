@@ -159,18 +159,35 @@ def wait_for_marker(proc: subprocess.Popen, marker: Path, timeout: float = 300, 
     return int(marker.read_text())
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (``R``, ``S``, ``T`` stopped, ``Z`` zombie...), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2]
+
+
 def wait_stopped(pid: int, timeout: float = 60) -> None:
-    """Wait until process ``pid`` is stopped (state T)."""
+    """Wait until process ``pid`` is stopped (SIGSTOP)."""
+    _wait_state(pid, lambda state: state is not None and state in "Tt", "stop", timeout)
+
+
+def wait_ended(pid: int, timeout: float = 120) -> None:
+    """Wait until process ``pid`` has ended (gone, or a zombie its parent has not reaped yet)."""
+    _wait_state(pid, lambda state: state in (None, "Z"), "end", timeout)
+
+
+def _wait_state(pid: int, reached, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            pytest.fail(f"process {pid} ended instead of stopping")
-        if stat[stat.rfind(")") + 2] in "Tt":
+        state = process_state(pid)
+        if reached(state):
             return
+        if state is None:
+            pytest.fail(f"process {pid} ended instead of reaching {what}")
         time.sleep(0.02)
-    pytest.fail(f"process {pid} did not stop")
+    pytest.fail(f"process {pid} did not {what} within {timeout:.0f} s")
 
 
 def kill_group(proc: subprocess.Popen) -> None:

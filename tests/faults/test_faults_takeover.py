@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import time
 
 import pytest
 from conftest import (
@@ -22,6 +21,7 @@ from conftest import (
     output,
     per_case_rows,
     tree_state,
+    wait_ended,
     wait_for_marker,
     wait_stopped,
 )
@@ -30,19 +30,6 @@ from conftest import (
 FAST_CLAIMS = {"BESEG_CLAIM_HEARTBEAT_S": "0.2", "BESEG_CLAIM_STALE_S": "3", "BESEG_LOCK_SKEW_S": "0.5"}
 #: Each process stops itself (SIGSTOP) right after its first epoch's record is in metrics.jsonl.
 STOP_AFTER_FIRST_EPOCH = {"target": "beseg.engine.rundir:RunDir.log", "call": 1, "when": "after", "action": "stop"}
-
-
-def _gone(pid: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            stat = open(f"/proc/{pid}/stat").read()
-        except OSError:
-            return
-        if stat[stat.rfind(")") + 2] == "Z":
-            return
-        time.sleep(0.05)
-    pytest.fail(f"process {pid} did not end")
 
 
 def _written(run) -> dict:
@@ -72,7 +59,7 @@ def test_a_stopped_run_taken_over_by_a_second_compare_stops_without_writing_and_
 
         before = _written(run)
         os.kill(worker, signal.SIGCONT)  # the first holder goes on, while the second is stopped
-        _gone(worker)
+        wait_ended(worker)
         assert _written(run) == before  # it wrote nothing more
 
         os.kill(taker, signal.SIGCONT)
