@@ -243,7 +243,8 @@ class SlurmLauncher:
                 state, code = _ended_job(job)
                 if failure is None and code.split(":")[0] in (str(EXIT_BUSY), str(EXIT_CLAIM_LOST)):
                     outcome.busy.append(run_id)
-                    log(f"{run_id}: another process holds it; left to that process")
+                    log(f"{run_id}: another process " + ("took it over" if code.startswith(f"{EXIT_CLAIM_LOST}:")
+                                                         else "holds it") + "; left to that process")
                     continue
                 error = (failure or {}).get("error") or f"SLURM job {job} ended ({state}, exit code {code or '?'}) " \
                                                         "before the run finished"

@@ -18,9 +18,10 @@ HANG = {"when": "before", "call": 1, "action": "hang"}
 
 
 def _give_pid(record, dead: int, alive: int) -> None:
+    """Replace the pid in a lock record (JSON, or the ``"<pid> <host>"`` of older beseg versions)."""
     text = record.read_text()
-    record.write_text(re.sub(rf'("pid": ){dead}\b', rf"\g<1>{alive}", text))
-    assert f'"pid": {alive}' in record.read_text()
+    record.write_text(re.sub(rf'("pid": ){dead}\b|^{dead}(?= )', lambda m: (m.group(1) or "") + str(alive), text))
+    assert record.read_text() != text and str(alive) in record.read_text()
 
 
 def test_a_store_lock_and_a_run_claim_whose_pid_was_reused_are_taken_over_with_a_message(tiny_data, tmp_path):
