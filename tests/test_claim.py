@@ -164,6 +164,9 @@ def test_a_claim_of_an_earlier_start_of_the_same_slurm_job_is_taken_over(tmp_pat
 def test_two_live_processes_of_one_slurm_allocation_do_not_take_a_run_from_each_other(tmp_path, monkeypatch):
     """Fix 3: every step and task of an allocation has the same SLURM_JOB_ID. A claim of a live process with this
     job id (another job step, a second compare in one salloc) is that process's, not an earlier start's."""
+    import beseg.fileio
+
+    monkeypatch.setattr(beseg.fileio, "slurm_job_running", lambda job: True)  # the allocation runs (squeue agrees)
     path = tmp_path / ".claim"
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_STEP_ID", "0")

@@ -108,7 +108,7 @@ def _check_store(args: argparse.Namespace) -> int:
         print(line)
     print(audit.summary())
     if args.fix and audit.problems:
-        removed = store.fix(audit)
+        removed = store.fix(audit, task.training)
         audit = store.audit(task.training)
         print(f"removed {removed} file(s); now: {audit.summary()}")
     elif audit.problems:

@@ -422,16 +422,23 @@ class Store:
                 audit.stale.append((case.id, why))
         return audit
 
-    def fix(self, audit: "StoreAudit", log: Callable[[str], None] = print) -> int:
+    def fix(self, audit: "StoreAudit", cases: Sequence[Case] = (), log: Callable[[str], None] = print) -> int:
         """Remove what ``audit`` found: stale cases' and orphans' files, leftovers, gone builders' locks.
 
-        Each case is cleaned holding its lock, so a case a live process builds is left alone.
+        Each case is cleaned holding its lock, so a case a live process builds is left alone, and a stale
+        case that was rebuilt since the audit is kept.
+
+        Args:
+            audit: from :meth:`audit`.
+            cases: the cases audited (to look at a stale case again under its lock).
+            log: receives one line per case skipped and per lock taken over.
 
         Returns:
             The number of files removed.
         """
         removed = 0
         targets: dict[str, list[Path]] = {}
+        rebuilt = {c.id: c for c in cases}
         for case_id, _ in audit.stale:
             targets.setdefault(case_id, []).extend(
                 self.path(case_id, w) for w in ("image", "label", "locations", "json"))
@@ -451,6 +458,8 @@ class Store:
                 log(f"{self.path(case_id, 'lock')}: skipped, {lock.describe(busy.holder)} holds it now")
                 continue
             try:
+                if case_id in rebuilt and self.ready(rebuilt[case_id]):  # rebuilt since the audit: keep its arrays
+                    files = [p for p in files if not _CASE_FILE.match(p.name) or _CASE_FILE.match(p.name)["beat"]]
                 mine = {lock.path, lock.beat_path(lock.token or "")}  # (a guard left now is a dead taker's)
                 for path in files:
                     if path not in mine and path.exists():

@@ -213,7 +213,8 @@ def run_to_end(argv: Sequence[str | Path], env: Mapping[str, str], timeout: floa
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        pytest.fail(f"beseg {' '.join(map(str, argv))} did not end within {timeout:.0f} s")
+        said = proc.communicate()[0].decode(errors="replace")[-4000:]
+        pytest.fail(f"beseg {' '.join(map(str, argv))} did not end within {timeout:.0f} s; it said:\n{said}")
     return proc.returncode, out.decode(errors="replace")
 
 

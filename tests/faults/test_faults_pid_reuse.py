@@ -24,8 +24,13 @@ def _give_pid(record, dead: int, alive: int) -> None:
     assert record.read_text() != text and str(alive) in record.read_text()
 
 
+def _sleeper() -> subprocess.Popen:
+    """The pid's new owner: a live process started after the holder died (as a reused pid's is)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+
 def test_a_store_lock_and_a_run_claim_whose_pid_was_reused_are_taken_over_with_a_message(tiny_data, tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the pid's new owner
+    sleepers = []
     try:
         # a store build killed while it held a case's lock
         cache = tmp_path / "cache"
@@ -34,12 +39,13 @@ def test_a_store_lock_and_a_run_claim_whose_pid_was_reused_are_taken_over_with_a
         proc = beseg(prepare, fault_env(tmp_path, {**HANG, "target": "numpy:save", "marker": str(tmp_path / "s")}))
         builder = wait_for_marker(proc, tmp_path / "s", what="the store build")
         kill_group(proc)
+        sleepers.append(_sleeper())
         lock = next(cache.glob("store-*/*.lock"))
-        _give_pid(lock, builder, sleeper.pid)
+        _give_pid(lock, builder, sleepers[-1].pid)
         code, out = run_to_end(prepare, fault_env(tmp_path), timeout=300)
         assert code == 0, out
-        assert f"taking over the lock of process {sleeper.pid}" in out
-        assert f"pid {sleeper.pid} now belongs to another process" in out
+        assert f"taking over the lock of process {sleepers[-1].pid}" in out
+        assert f"pid {sleepers[-1].pid} now belongs to another process" in out
 
         # a training killed while it held its run folder's claim
         config = tiny_train_config(tmp_path, train={"epochs": 1})
@@ -49,12 +55,14 @@ def test_a_store_lock_and_a_run_claim_whose_pid_was_reused_are_taken_over_with_a
                                                  "marker": str(tmp_path / "t")}))
         trainer = wait_for_marker(proc, tmp_path / "t", what="training")
         kill_group(proc)
-        _give_pid(run / ".claim", trainer, sleeper.pid)
+        sleepers.append(_sleeper())
+        _give_pid(run / ".claim", trainer, sleepers[-1].pid)
         code, out = run_to_end(train, fault_env(tmp_path), timeout=300)
         assert code == 0, out
-        assert f"taking over the claim of process {sleeper.pid}" in out
-        assert f"pid {sleeper.pid} now belongs to another process" in out
+        assert f"taking over the claim of process {sleepers[-1].pid}" in out
+        assert f"pid {sleepers[-1].pid} now belongs to another process" in out
         assert not list(run.glob(".claim*"))
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
