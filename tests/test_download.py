@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from beseg.data.download import (
     MARKER, MSD_ARCHIVES, archive_url, data_root, download_archive, install_task, safe_extract,
 )
 from beseg.errors import DataError
+from beseg.fileio import process_identity, process_start_time
 
 from conftest import TINY_COMPARE, tree_state
 
@@ -86,7 +88,10 @@ class ArchiveServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading (a full disk, a refusal): as a real server, carry on
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.httpd.server_address[1]
@@ -501,7 +506,10 @@ def test_a_folder_being_downloaded_by_a_live_process_is_refused(server, msd_tar,
     root.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (root / f".{FOLDER}.lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        # the lock record a live downloader in another process holds
+        record = {**process_identity(), "pid": holder.pid, "start": process_start_time(holder.pid), "token": "1" * 32,
+                  "started": time.time(), "heartbeat": time.time()}
+        (root / f".{FOLDER}.lock").write_text(json.dumps(record))
         assert main(["data", "download", "task09", "--to", str(root), "--url", server.url(PATH), "--md5",
                      msd_tar[1], "--no-progress"]) == 1
         assert f"is being downloaded or extracted by process {holder.pid}" in _one_line_error(capsys)

@@ -171,8 +171,8 @@ def test_interrupted_training_resumes_where_it_stopped(tiny_data, tmp_path, monk
     overrides = [*_tiny(tmp_path), "train.epochs=2"]
     real_save = trainer_module.atomic_save
 
-    def save_then_interrupt(state, path):
-        real_save(state, path)
+    def save_then_interrupt(state, path, **kwargs):
+        real_save(state, path, **kwargs)
         if Path(path).name == "last.pt" and state["epoch"] == 1:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1
 

@@ -137,3 +137,44 @@ def test_local_slots_take_runs_in_order_by_the_first_free_slot():
     assert pool_wall([3, 1, 1, 1], 2) == 3  # the 3 on one slot, the three 1s on the other
     assert pool_wall([1, 1, 1, 3], 2) == 4  # the 3 comes last, after a 1
     assert pool_wall([2, 2, 2], 1) == 6 and pool_wall([], 4) == 0
+
+
+def test_a_slurm_job_whose_worker_lost_its_claim_or_found_the_run_busy_is_left_to_the_other_process(
+        tmp_path, monkeypatch):
+    """The worker's exit codes 75 (busy) and 76 (its claim was taken over) mean "another process has the run":
+    not a failure of the run."""
+    import beseg.experiment.slurm as slurm
+
+    results = ResultsLayout(tmp_path / "results")
+    exit_codes = {"a/seed0": "76:0", "b/seed0": "75:0", "c/seed0": "1:0"}
+    jobs = {run: str(100 + i) for i, run in enumerate(exit_codes)}
+    monkeypatch.setattr(slurm.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(SlurmLauncher, "queued_jobs", lambda self, log=None: {})
+    monkeypatch.setattr(SlurmLauncher, "_recorded_job", lambda self, results, run, queued: None)
+    monkeypatch.setattr(SlurmLauncher, "submit", lambda self, results, run, log=None: jobs[run])
+    monkeypatch.setattr(slurm, "job_states", lambda ids, *args: {})  # every job has ended
+    by_job = {job: exit_codes[run] for run, job in jobs.items()}
+    monkeypatch.setattr(slurm, "_ended_job", lambda job, *args: ("COMPLETED", by_job[job]))
+    lines: list[str] = []
+    outcome = SlurmLauncher(poll_s=0).execute(results, list(exit_codes), lines.append)
+    assert sorted(outcome.busy) == ["a/seed0", "b/seed0"] and list(outcome.failed) == ["c/seed0"]
+    assert "a/seed0: another process took it over; left to that process" in lines
+    assert "b/seed0: another process holds it; left to that process" in lines
+
+
+def test_a_run_whose_claim_was_taken_over_in_this_process_is_left_to_the_other_process(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from beseg.experiment import compare, worker
+    from beseg.fileio import LockLostError
+
+    def taken_over(run_dir, *args, **kwargs):
+        raise LockLostError(f"{run_dir}: claim lost to node3/42; stopping without writing")
+
+    monkeypatch.setattr(worker, "execute_run", taken_over)
+    run = SimpleNamespace(id="a/seed0", name="a seed 0", run_dir=tmp_path / "a" / "seed0", config=None, nnunet=None)
+    lines: list[str] = []
+    outcome = compare._launch(ResultsLayout(tmp_path), [run], LocalLauncher(), tmp_path, "heldout", False,
+                              lines.append)
+    assert outcome.busy == ["a/seed0"] and not outcome.failed and not outcome.done
+    assert lines == [f"{run.run_dir}: claim lost to node3/42; stopping without writing; waiting for that process"]

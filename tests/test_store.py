@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -140,38 +147,308 @@ def test_a_truncated_case_file_is_detected_and_rebuilt(spleen, tmp_path):
     assert not store.ready(case)
 
 
+STALL_MID_WRITE = textwrap.dedent("""
+    import sys, time
+    import numpy
+    from beseg.data import get_preset, load_task
+    from beseg.data.store import open_store
+    root, cache, case_id = sys.argv[1:4]
+    save = numpy.save
+    def stalling_save(f, *args, **kwargs):  # killed between writing an array and renaming it
+        save(f, *args, **kwargs)
+        f.flush()
+        print("building", flush=True)
+        time.sleep(600)
+    numpy.save = stalling_save
+    task = load_task(root)
+    open_store(task, get_preset("phantom-spleen"), cache).ensure(task.case(case_id))
+""")
+
+
+def _stall_before_build(store: Store, case, ready) -> None:
+    def build_case(case, lock=None):
+        ready.put("building")
+        time.sleep(600)
+
+    store.build_case = build_case  # (in the forked builder only)
+    store.ensure(case)
+
+
+def hold_case_lock(store: Store, case, where: str = "before-build"):
+    """A real builder of ``case`` holding its lock: stalled before building (a forked process, quick to start), or
+    between writing an array to its temporary file and renaming it (a fresh interpreter). Returns the process
+    (``.pid``, ``.kill()``)."""
+    if where == "mid-write":
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        task_root = Path(case.image).parent.parent
+        proc = subprocess.Popen([sys.executable, "-c", STALL_MID_WRITE, str(task_root), str(store.root.parent),
+                                 case.id], stdout=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout.readline().strip() == "building"
+        return proc
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=_stall_before_build, args=(store, case, ready), daemon=True)
+    proc.start()
+    assert ready.get(timeout=60) == "building"
+    return proc
+
+
+def end(proc) -> None:
+    """SIGCONT (if stopped), then SIGKILL, and reap it (a zombie's pid would still exist)."""
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.kill()
+    proc.wait() if isinstance(proc, subprocess.Popen) else proc.join()
+
+
+def ensure_in_thread(store: Store, case, **kwargs) -> tuple[threading.Thread, list]:
+    done: list = []
+    waiter = threading.Thread(target=lambda: done.append(store.ensure(case, poll_s=0.05, **kwargs)), daemon=True)
+    waiter.start()
+    return waiter, done
+
+
+def ensure_within(store: Store, case, seconds: float, hung: str) -> list[str]:
+    """``store.ensure(case)`` must build the case (once) within ``seconds``; returns the warnings it gave."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        waiter, done = ensure_in_thread(store, case)
+        waiter.join(seconds)
+    assert not waiter.is_alive(), hung
+    assert done == [True] and builds(store) == [case.id]
+    return [str(w.message) for w in said]
+
+
 def test_a_dead_builders_lock_is_taken_over(spleen, tmp_path):
     task = load_task(spleen)
     store = open_store(task, get_preset("phantom-spleen"), tmp_path / "cache")
     case = task.training[0]
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    import socket
+    builder = hold_case_lock(store, case)
+    end(builder)  # SIGKILL: its lock stays
+    assert store.path(case.id, "lock").exists()
+    with pytest.warns(RuntimeWarning, match=f"process {builder.pid} on {socket.gethostname()} no longer exists"):
+        assert store.ensure(case) and store.ready(case)
+    assert builds(store) == [case.id]
+    assert not list(store.root.glob(f"{case.id}.lock*"))
 
-    store.path(case.id, "lock").write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")
-    assert store.ensure(case) and store.ready(case)
-    assert not store.path(case.id, "lock").exists()
 
-
-def test_a_live_builders_lock_is_waited_for_not_built_over(spleen, tmp_path):
-    import socket
-    import threading
-
+def test_a_live_builders_lock_is_waited_for_not_built_over(spleen, tmp_path, capfd):
     task = load_task(spleen)
     store = open_store(task, get_preset("phantom-spleen"), tmp_path / "cache")
     case = task.training[0]
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = hold_case_lock(store, case)
     try:
-        store.path(case.id, "lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
-        done = []
-        waiter = threading.Thread(target=lambda: done.append(store.ensure(case, poll_s=0.05)))
-        waiter.start()
+        waiter, done = ensure_in_thread(store, case)
         waiter.join(1.0)
         assert waiter.is_alive() and not store.ready(case) and builds(store) == []  # waits, builds nothing
+        # and says once whom it waits for
+        assert capfd.readouterr().err.count(f"store: waiting for case {case.id}, which process {holder.pid} on "
+                                            f"{socket.gethostname()} is building") == 1
     finally:
-        holder.kill()
-        holder.wait()
+        end(holder)
     waiter.join(30)  # the holder died without finishing: its lock is taken over and the case built once
     assert done == [True] and store.ready(case) and builds(store) == [case.id]
+
+
+def test_a_builders_lock_whose_pid_now_names_another_live_process_is_taken_over(spleen, tmp_path):
+    """Fix 5: after a container restart the dead builder's pid belongs to a live process; the record's start
+    time tells them apart, so the lock is taken over with a message, not waited for forever."""
+    task = load_task(spleen)
+    store = open_store(task, get_preset("phantom-spleen"), tmp_path / "cache")
+    case = task.training[0]
+    builder = hold_case_lock(store, case)
+    end(builder)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = store.path(case.id, "lock")
+        text = lock.read_text()
+        lock.write_text(re.sub(rf'("pid": ){builder.pid}\b|^{builder.pid}(?= )', lambda m: (m.group(1) or "")
+                               + str(sleeper.pid), text))
+        assert str(sleeper.pid) in lock.read_text()
+        said = ensure_within(store, case, 60, "waited for a lock of a process that no longer exists")
+        assert any(f"pid {sleeper.pid} now belongs to another process" in text for text in said), said
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_hung_builders_lock_whose_heartbeat_is_an_hour_old_is_taken_over(spleen, tmp_path):
+    """Fix 5: a builder on this host that is alive but has not refreshed its lock for an hour (hung, stopped) is
+    judged by its heartbeat like any other; the pid check alone kept its lock forever."""
+    task = load_task(spleen)
+    store = open_store(task, get_preset("phantom-spleen"), tmp_path / "cache")
+    case = task.training[0]
+    builder = hold_case_lock(store, case)
+    try:
+        os.kill(builder.pid, signal.SIGSTOP)
+        hour_ago = time.time() - 3600
+        for path in store.root.glob(f"{case.id}.lock*"):
+            os.utime(path, (hour_ago, hour_ago))
+        said = ensure_within(store, case, 60, "waited for a lock that has not been refreshed for an hour")
+        assert any(re.search(rf"process {builder.pid} .*heartbeat has not changed for 3\d\d\d s", text)
+                   for text in said), said
+    finally:
+        end(builder)
+
+
+def test_an_empty_lock_file_is_not_stale_after_a_second(spleen, tmp_path, monkeypatch):
+    """Suspicion (confirmed on 1580cec): an empty lock file (on NFS a reader may see a just-created lock empty for
+    a while) counted as stale after 1 s, so a second process built the case too. It counts as stale only once it
+    has been seen unchanged for the stale limit."""
+    monkeypatch.setenv("BESEG_STORE_LOCK_STALE_S", "4")
+    monkeypatch.setenv("BESEG_STORE_LOCK_HEARTBEAT_S", "1")
+    monkeypatch.setenv("BESEG_LOCK_SKEW_S", "0")
+    task = load_task(spleen)
+    store = open_store(task, get_preset("phantom-spleen"), tmp_path / "cache")
+    case = task.training[0]
+    lock = store.path(case.id, "lock")
+    lock.touch()
+    time.sleep(1.2)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        waiter, done = ensure_in_thread(store, case)
+        waiter.join(1.5)
+        assert waiter.is_alive() and builds(store) == []  # 2.7 s old: still somebody's lock
+        waiter.join(30)
+    assert done == [True] and builds(store) == [case.id]  # unchanged for the limit: taken over, built once
+    assert any("is unreadable and has not changed for" in str(w.message) for w in said)
+
+
+@pytest.mark.slow
+def test_a_killed_builders_temporary_files_are_removed_by_the_next_builder(spleen, tmp_path):
+    """Suspicion (confirmed on 1580cec): a builder killed between writing and renaming leaves .<case>.*.tmp files
+    (up to a whole resampled case) that nothing removed."""
+    task = load_task(spleen)
+    store = open_store(task, get_preset("phantom-spleen"), tmp_path / "cache")
+    case = task.training[0]
+    builder = hold_case_lock(store, case, where="mid-write")
+    end(builder)
+    left = list(store.root.glob(f".{case.id}.*.tmp"))
+    assert len(left) == 1 and left[0].stat().st_size > 0  # the killed builder's half-stored array
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert store.ensure(case)
+    assert not list(store.root.glob(".*.tmp")) and store.ready(case)
+
+
+def _with_uncompressed_label(src: Path, dst: Path, case_index: int = 0) -> Path:
+    """A copy of the task whose case ``case_index`` has an uncompressed ``.nii`` label (an in-place edit keeps
+    its size)."""
+    import nibabel as nib
+    import shutil
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "dataset.json").read_text())
+    entry = meta["training"][case_index]
+    gz = dst / entry["label"]
+    nii = gz.with_name(gz.name.removesuffix(".gz"))
+    nib.save(nib.load(str(gz)), str(nii))
+    gz.unlink()
+    entry["label"] = entry["label"].removesuffix(".gz")
+    (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return nii
+
+
+def _edit_label_in_place(path: Path) -> int:
+    """Erase every foreground voxel of an uncompressed label, writing over its bytes (size unchanged); returns
+    the voxels erased."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    offset = int(image.dataobj.offset)
+    data = np.asarray(image.dataobj).copy()  # a copy: the proxy of an uncompressed file maps the bytes rewritten below
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.zeros_like(data).tobytes(order="F"))
+    return int((data != 0).sum())
+
+
+def _stored_with_uncompressed_label(spleen: Path, tmp_path: Path):
+    """A task whose first case has an uncompressed label, and its store: ``(task, preset, store, label)``."""
+    label = _with_uncompressed_label(spleen, tmp_path / "data")
+    task = load_task(tmp_path / "data")
+    preset = get_preset("phantom-spleen")
+    return task, preset, prepare_store(task, preset, tmp_path / "cache"), label
+
+
+def test_an_in_place_edit_that_keeps_a_labels_size_rebuilds_its_case(spleen, tmp_path):
+    """Fix 6: the store checked only source sizes, so a corrected label in an uncompressed .nii (same size) left
+    the old label in the store for training and evaluation."""
+    task, preset, store, label = _stored_with_uncompressed_label(spleen, tmp_path)
+    case = task.training[0]
+    assert int(np.asarray(store.open(case.id).label).sum()) > 0
+    size = label.stat().st_size
+    assert _edit_label_in_place(label) > 0 and label.stat().st_size == size
+    assert not store.ready(case)
+    assert store.state(case)[1] == f"source label {label} changed content (SHA-256) since it was stored"
+    prepare_store(task, preset, tmp_path / "cache")
+    assert builds(store).count(case.id) == 2 and builds(store).count(task.training[1].id) == 1
+    assert int(np.asarray(store.open(case.id).label).sum()) == 0  # the corrected label is what training reads
+
+
+def test_content_decides_where_it_is_hashed_and_the_modification_time_elsewhere(spleen, tmp_path, monkeypatch):
+    task, preset, store, label = _stored_with_uncompressed_label(spleen, tmp_path)
+    case = task.training[0]
+    stat = label.stat()
+    # an edit that restores the modification time (cp -p, rsync -t of an edited copy): the hash sees it
+    _edit_label_in_place(label)
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not store.ready(case)
+    prepare_store(task, preset, tmp_path / "cache")
+    # a new modification time with the same content (a copy, a touch): still current, nothing rebuilt
+    os.utime(label)
+    assert store.ready(case)
+    # files above the hash limit are compared by modification time
+    monkeypatch.setenv("BESEG_STORE_HASH_MB", "0")
+    unhashed = open_store(task, preset, tmp_path / "cache")
+    assert not unhashed.ready(case) and unhashed.state(case)[1].endswith("was modified since it was stored")
+    assert unhashed.ready(task.training[1])
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_data_check_store_lists_stale_orphaned_and_leftover_files_and_fix_removes_them(spleen, tmp_path, capsys):
+    data = tmp_path / "data"
+    label = _with_uncompressed_label(spleen, data)
+    config = ["--config", "phantom_spleen_segresnet_be", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert _cli(capsys, "data", "check", data, "--store", *config)[1].strip().endswith("not prepared yet (nothing to check)")
+    assert not (tmp_path / "cache").exists()  # checking creates nothing
+    assert _cli(capsys, "data", "prepare", data, *config, "--no-progress")[0] == 0
+    task = load_task(data)
+    store = open_store(task, get_preset("phantom-spleen"), tmp_path / "cache")
+    code, out, _ = _cli(capsys, "data", "check", data, "--store", *config)
+    assert code == 0 and "4 current, 0 not built, 0 stale, 0 orphaned case(s); 0 leftover file(s), 0 stale lock(s)" in out
+
+    _edit_label_in_place(label)  # stale: its label changed
+    stale = task.training[0].id
+    for what in ("image", "label", "locations", "json"):  # orphaned: a case the dataset no longer lists
+        (store.root / f"gone_case{store.path('x', what).name[1:]}").write_bytes(b"x")
+    leftover = store.root / f".{task.training[1].id}.image.npy.k1ll3d.tmp"  # a killed builder's
+    leftover.write_bytes(b"\0" * 1000)
+    store.path(task.training[2].id, "json").unlink()  # being rebuilt...
+    dead = hold_case_lock(store, task.training[2])
+    end(dead)  # ... by a builder that was killed: its lock is left
+    code, out, _ = _cli(capsys, "data", "check", data, "--store", *config)
+    assert code == 1
+    assert f"stale: case {stale}: source label {label} changed content (SHA-256) since it was stored" in out
+    assert "orphaned: case gone_case is not in the dataset (4 file(s): gone_case.image.npy" in out
+    assert f"leftover: {leftover} (0.0 MB)" in out
+    assert f"stale lock: case {task.training[2].id}: process {dead.pid} on {socket.gethostname()} no longer exists" in out
+    assert "2 current, 1 not built, 1 stale, 1 orphaned case(s); 1 leftover file(s), 1 stale lock(s)" in out
+    assert "run again with --fix" in out
+
+    code, out, _ = _cli(capsys, "data", "check", data, "--store", *config, "--fix")
+    assert code == 0, out
+    assert "now: store" in out and "2 current, 2 not built, 0 stale, 0 orphaned case(s); 0 leftover file(s), 0 stale lock(s)" in out
+    assert not list(store.root.glob("gone_case*")) and not leftover.exists()
+    assert not list(store.root.glob("*.lock*")) and not store.path(stale, "image").exists()
+    assert store.ready(task.training[1]) and store.ready(task.training[3])  # current cases kept
+    # wrong use is one line
+    assert "only apply with --store" in _cli(capsys, "data", "check", data, "--fix")[2]
+    assert "--store needs --config" in _cli(capsys, "data", "check", data, "--store")[2]
 
 
 BUILD_AND_READ = textwrap.dedent("""

@@ -13,10 +13,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from beseg.data.phantom import PHANTOM_GEOMETRIES
 
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="WHAT")
-    check = sub.add_parser("check", help="validate an MSD task folder; exits 1 listing every problem")
+    check = sub.add_parser(
+        "check", help="validate an MSD task folder (or, with --store, its preprocessed store); exits 1 listing every "
+                      "problem",
+        description="Validate an MSD task folder, listing every problem. With --store and --config (as for `beseg data "
+                    "prepare`): check the config's preprocessed store instead, listing stale cases (source changed, "
+                    "files truncated), orphaned cases (not in the dataset), temporary files of killed builders and "
+                    "locks of gone builders; --fix removes them (cases being built are left alone).")
     check.add_argument("dir", metavar="DIR", help="task folder containing dataset.json")
+    check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (with --store), e.g. "
+                                                                         "data.cache_dir=/scratch/c")
     check.add_argument("--affine-tol", type=float, default=1e-3,
                        help="largest allowed image/label affine difference (mm)")
+    check.add_argument("--store", action="store_true", help="check the preprocessed store of --config instead")
+    check.add_argument("--config", metavar="CONFIG", help="with --store: the preset name or YAML file whose store")
+    check.add_argument("--fix", action="store_true", help="with --store: remove stale and orphaned cases' files, "
+                                                          "leftover temporary files and gone builders' locks")
+    check.add_argument("--hash", action="store_true", help="with --store: compare every source file by SHA-256 "
+                                                           "(default: files up to 8 MB; larger ones by mtime)")
     check.set_defaults(func=_check)
     download = sub.add_parser(
         "download", help="download an MSD task (resumable, MD5-checked, safely unpacked), then check it",
@@ -74,6 +88,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from beseg.errors import ConfigError
+
+    if args.store:
+        return _check_store(args)
+    given = [name for name, value in (("--config", args.config), ("--fix", args.fix), ("--hash", args.hash),
+                                      ("KEY=VALUE", args.overrides)) if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only apply with --store.")
     return _print_check(args.dir, affine_tol=args.affine_tol)
 
 
@@ -106,6 +128,36 @@ def _download(args: argparse.Namespace) -> int:
     else:
         print(f"unpacked {result.task_dir} (the downloaded archive was removed); checking it")
     return _print_check(result.task_dir, progress=None if progress else False, remember=True)
+
+
+def _check_store(args: argparse.Namespace) -> int:
+    from beseg.data import get_preset, load_task
+    from beseg.data.store import open_store, store_root
+    from beseg.engine.config import load_config
+    from beseg.errors import ConfigError
+
+    if not args.config:
+        raise ConfigError("--store needs --config CONFIG: the preset or YAML file whose store to check "
+                          "(as for `beseg data prepare`).")
+    config, _ = load_config(args.config, args.overrides)
+    preset = get_preset(config.data.task)
+    task = load_task(args.dir, check_files=False)  # a missing source file makes its case stale, not the check fail
+    root = store_root(task, preset, config.data.cache_path)
+    if not root.is_dir():
+        print(f"store {root}: not prepared yet (nothing to check)")
+        return 0
+    store = open_store(task, preset, config.data.cache_path, hash_all=args.hash)
+    audit = store.audit(task.training)
+    for line in audit.lines():
+        print(line)
+    print(audit.summary())
+    if args.fix and audit.problems:
+        removed = store.fix(audit, task.training)
+        audit = store.audit(task.training)
+        print(f"removed {removed} file(s); now: {audit.summary()}")
+    elif audit.problems:
+        print("run again with --fix to remove them (stale cases are rebuilt by the next `beseg data prepare` or training)")
+    return EXIT_FAILURE if audit.problems else 0
 
 
 def _phantom(args: argparse.Namespace) -> int:

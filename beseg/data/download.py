@@ -59,7 +59,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from beseg.errors import ConfigError, DataError
-from beseg.fileio import atomic_write_text, lock_holder, release_lock, touch_lock, try_lock
+from beseg.fileio import FileLock, LockBusyError, LockTimings, atomic_write_text
 
 __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES", "DEFAULT_MIRROR", "MARKER", "MSD_ARCHIVES", "MSD_LICENCE", "InstallResult",
@@ -103,7 +103,8 @@ MSD_LICENCE = ("the Medical Segmentation Decathlon data (medicaldecathlon.com) a
 MARKER = ".beseg-download.json"
 #: Members larger than this are refused (the largest file of an MSD archive is far below it).
 DEFAULT_MAX_MEMBER_BYTES = 4 * 1024 ** 3
-#: A lock of another machine not refreshed for this long belongs to a process that died.
+#: How often a downloader's lock beats, and how long a silent heartbeat marks its holder gone (seconds).
+HEARTBEAT_S = 30.0
 STALE_LOCK_S = 600.0
 _CHUNK = 1 << 20
 
@@ -154,47 +155,34 @@ def _size(n: float) -> str:
 
 
 class _Lock:
-    """A lock file beside the target, held for the whole call and refreshed as work progresses.
-
-    Uses :func:`beseg.fileio.try_lock` (``O_CREAT | O_EXCL``, atomic on NFS). A holder on this
-    machine whose process is gone, or one elsewhere that did not refresh the file for
-    :data:`STALE_LOCK_S`, is taken over.
+    """One download or extraction per task folder: a :class:`beseg.fileio.FileLock` beside the target, held
+    for the whole call (its own thread keeps its heartbeat). A holder whose process is gone, or whose
+    heartbeat stayed silent for :data:`STALE_LOCK_S`, is taken over with a note; a live one is refused in
+    one line.
     """
 
     def __init__(self, path: Path, what: str, log: Callable[[str], None]) -> None:
-        self.path, self.what, self.log, self._last = path, what, log, 0.0
+        self.what = what
+        self.lock = FileLock(path, LockTimings.from_env("DOWNLOAD_LOCK", HEARTBEAT_S, STALE_LOCK_S), label=what,
+                             on_takeover=lambda message: log(f"note: {message}"))
 
     def __enter__(self) -> _Lock:
-        for _ in range(3):
-            if try_lock(self.path):
-                self._last = time.monotonic()
-                return self
-            try:
-                seen = self.path.read_text()
-            except OSError:
-                continue  # released in between: try again
-            holder = lock_holder(self.path, STALE_LOCK_S)
-            if holder is not None:
-                pid, host = holder
-                raise DataError(f"{self.what} is being downloaded or extracted by process {pid} on {host} (lock "
-                                f"{self.path}); wait for it to finish, then run the same command again")
-            try:
-                if self.path.read_text() == seen:  # unchanged since judged stale: nobody took it over first
-                    self.path.unlink()
-                    self.log(f"note: taking over the lock {self.path} of a process that is gone")
-            except OSError:
-                pass
-        raise DataError(f"could not take the lock {self.path}; remove it if no beseg is running on {self.what}")
+        try:
+            self.lock.acquire()
+        except LockBusyError as err:
+            holder = err.holder or {}
+            raise DataError(f"{self.what} is being downloaded or extracted by process {holder.get('pid', '?')} on "
+                            f"{holder.get('host', '?')} (lock {self.lock.path}); wait for it to finish, then run the "
+                            "same command again") from None
+        return self
 
     def beat(self) -> None:
-        """Refresh the lock (at most every 30 s), so that other machines see its holder alive."""
-        now = time.monotonic()
-        if now - self._last > 30.0:
-            touch_lock(self.path)
-            self._last = now
+        """The fence, called as work progresses: a holder stopped so long that another process took the lock
+        over stops here instead of writing beside it (:class:`beseg.fileio.LockLostError`)."""
+        self.lock.check()
 
     def __exit__(self, *exc) -> None:
-        release_lock(self.path)
+        self.lock.release()
 
 
 # ----------------------------------------------------------------------------------------------

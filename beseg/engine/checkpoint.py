@@ -22,6 +22,7 @@ import os
 import pickle
 import random
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +43,27 @@ class CheckpointError(BesegError):
     """A checkpoint is missing, unreadable, unsafe, or does not fit the model."""
 
 
-def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
+def atomic_save(obj: dict[str, Any], path: str | Path, fence: Callable[[], None] | None = None) -> Path:
     """``torch.save`` to ``path`` atomically (temporary file, fsync, rename).
+
+    Args:
+        obj: the checkpoint.
+        path: where it goes.
+        fence: called just before the rename (the run folder's claim check); if it raises, the
+            previous file stays and the temporary one is removed.
 
     Raises:
         CheckpointError: the file cannot be written (e.g. the disk is full); the previous file at
             ``path``, if any, is left intact and no temporary file remains.
+        LockLostError: from ``fence``.
     """
     path = Path(path)
     try:
-        with atomic_output(path) as tmp, open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with atomic_output(path, fence=fence) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as err:
         raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; the previous file is intact.") from None
     return path

@@ -27,6 +27,7 @@ records how the numbers were made (:func:`protocol_fields`): ``protocol`` (``hel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from beseg.data.store import Store, open_store
 from beseg.engine.rundir import RunDir
 from beseg.engine.predict import LoadedModel, ensemble_labels, load_model, predict_image, write_label
 from beseg.errors import BesegError, DataError
+from beseg.fileio import LockLostError
 from beseg.metrics import BRATS_DISTANCE_PENALTY_MM, label_map_metrics
 from beseg.score import summarize, write_scores
 from beseg_runtime.geometry import grid_of, to_input_grid
@@ -193,7 +195,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
              protocol: str | None = None,
              distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
              affine_tol_mm: float = AFFINE_TOL_MM, split_file: str | Path | None = None,
-             from_store: bool | None = None) -> EvalSummary:
+             from_store: bool | None = None, fence: Callable[[], None] | None = None) -> EvalSummary:
     """Score a trained model on the ``split`` cases of ``data_dir``.
 
     Args:
@@ -217,6 +219,8 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
         from_store: read each case's image from the run's preprocessed store (building the case there
             first if missing) instead of its NIfTI file; ``None``: when the run's ``data.cache`` is the
             store. Both give the same labels; the label is always read from its NIfTI file.
+        fence: called before every file written (the run's claim check, :meth:`beseg.engine.rundir.RunDir.check`):
+            a run taken over by another process stops without writing.
 
     Returns:
         An :class:`EvalSummary`; cases that could not be read, whose label is not an integer label
@@ -225,6 +229,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     Raises:
         CheckpointError, DataError, ConfigError: the model or the dataset cannot be used at all,
             the run's split file is missing, or ``split="test"`` on a two-way split (no test cases).
+        LockLostError: from ``fence``: the run was taken over; nothing more was written.
         ValueError: an unknown split or protocol, or a protocol that contradicts the split.
     """
     from tqdm.auto import tqdm
@@ -270,9 +275,13 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
                                 "label", "image")
                 # The label is on the image's grid (checked): its header carries the prediction.
                 labels, ref = predict_stored(loaded, store, case), nib.load(str(case.label))
+            if fence is not None:
+                fence()
             write_label(labels, ref, out_dir / "predictions" / f"{cid}.nii.gz")
             scores = label_map_metrics(labels, truth, loaded.preset.scored_classes, truth_header.spacing,
                                        nsd_tolerance_mm, distance_penalty_mm=distance_penalty_mm)
+        except LockLostError:
+            raise
         except (BesegError, OSError, ValueError) as err:
             result.failed.append((cid, str(err)))
             continue
@@ -281,5 +290,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     result.summary = summarize(result.rows, names, result.failed, nsd_tolerance_mm, distance_penalty_mm,
                                task=loaded.preset.name, system=loaded.config.system, checkpoint=str(loaded.checkpoint),
                                epoch=loaded.epoch, **fields, case_ids=list(chosen))
+    if fence is not None:
+        fence()
     write_scores(out_dir, result.rows, result.summary)
     return result

@@ -80,6 +80,7 @@ from beseg.engine.networks import build_network, window_multiple
 from beseg.engine.rundir import RunDir
 from beseg.engine.sampling import EpochSampler, SeededDataset
 from beseg.errors import BesegError, ConfigError
+from beseg.fileio import LockLostError
 from beseg.engine.losses import build_loss
 
 __all__ = [
@@ -253,11 +254,14 @@ class Trainer:
             if self.dist.is_main:
                 # The run records the cases it trained, validated and is tested on: split.json in the run
                 # folder, and the split file it used in config.yaml (and every checkpoint).
+                self.run_dir.check()
                 save_split(self.data.split, self.run_dir.split)
                 if self.config.data.split_file is None and self.data.split_file is not None:
                     self.config.data.split_file = str(Path(self.data.split_file).resolve())
                 self.run_dir.write_config(config_to_dict(self.config))
-                if self.checkpoint is not None:
+                # Records of epochs after the checkpoint (all of them when training from scratch) come from an
+                # attempt that was killed before its next checkpoint; they are redone, and logged once.
+                if self.run_dir.metrics.exists():
                     self.run_dir.truncate_metrics(self.epoch)
                 self.writer = _tensorboard(self.run_dir.tensorboard)
                 if self.epoch >= cfg.epochs:
@@ -616,12 +620,17 @@ class Trainer:
         return class_masks(labels[:, 0], self.preset.scored_classes).movedim(0, 1)
 
     def log_epoch(self, record: dict[str, Any], val: dict[str, Any] | None, is_best: bool) -> None:
-        """Append the epoch's records to ``metrics.jsonl`` and TensorBoard; print the validation line."""
+        """Append the epoch's records to ``metrics.jsonl`` and TensorBoard; print the validation line.
+
+        Every write is fenced by the run's claim (:meth:`RunDir.check`), TensorBoard's too.
+        """
         self.run_dir.log(record)
+        if val is not None:
+            self.run_dir.log({"kind": "val", "epoch": self.epoch, "step": self.global_step, **val})
+        self.run_dir.check()
         _tb_log(self.writer, "train", record, self.global_step)
         if val is None:
             return
-        self.run_dir.log({"kind": "val", "epoch": self.epoch, "step": self.global_step, **val})
         _tb_log(self.writer, "val", {"dice_mean": val["dice_mean"], **{f"dice_{k}": v for k, v in val["dice"].items()}},
                 self.global_step)
         if self.progress:
@@ -643,16 +652,17 @@ class Trainer:
         }
 
     def save_checkpoint(self, best: bool, last: bool) -> None:
-        """Write ``best.pt`` and/or ``last.pt`` atomically (called on rank 0 only).
+        """Write ``best.pt`` and/or ``last.pt`` atomically (called on rank 0 only), fenced by the run's claim.
 
         Raises:
             CheckpointError: a file cannot be written; the previous one is intact.
+            LockLostError: another process took the run over; nothing was written.
         """
         state = self.checkpoint_state()
         if best:
-            atomic_save(state, self.run_dir.best)
+            atomic_save(state, self.run_dir.best, fence=self.run_dir.check)
         if last:
-            atomic_save(state, self.run_dir.last)
+            atomic_save(state, self.run_dir.last, fence=self.run_dir.check)
 
     # ------------------------------------------------------------------------------------------
     # collective decisions
@@ -692,6 +702,8 @@ class Trainer:
         failed = [(rank, text) for rank, text in enumerate(texts) if text is not None]
         rank, text = failed[0]
         others = ", ".join(str(r) for r, _ in failed[1:])
+        if isinstance(failure, LockLostError):
+            raise failure  # this rank's process exits as one whose claim was taken over, not as a failure
         if failure is not None and not isinstance(failure, (BesegError, OSError)):
             traceback.print_exception(failure, file=sys.stderr)  # a bug: keep its traceback on its own rank
         raise TrainingError(

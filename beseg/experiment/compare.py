@@ -72,7 +72,7 @@ from beseg.experiment.plan import (
     preset_prefix, resolve_system, write_plan_json, _check_prefix,
 )
 from beseg.experiment.primary import declare_primary, default_baseline, read_primary
-from beseg.fileio import atomic_write_text
+from beseg.fileio import LockLostError, atomic_write_text
 from beseg.score import Summary
 
 __all__ = [
@@ -455,9 +455,15 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     return result
 
 
-def _held_elsewhere(run: PlannedRun) -> bool:
-    """Another live process (here or on another host) holds the run's claim."""
-    claim = Claim(RunDir(run.run_dir).lock)
+def _held_elsewhere(run: PlannedRun, watchers: dict[str, Claim]) -> bool:
+    """Another live process (here or on another host) holds the run's claim.
+
+    Args:
+        run: the run.
+        watchers: one :class:`Claim` per run, kept across the waiting loop's rounds: each remembers how long
+            it has seen the holder's heartbeat unchanged (judged on this process's clock, not the holder's).
+    """
+    claim = watchers.setdefault(run.id, Claim(RunDir(run.run_dir).lock))
     held = claim.holder()
     return held is not None and not claim.is_mine(held) and claim.stale_reason(held) is None
 
@@ -475,6 +481,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
     for i, run in enumerate(planned, start=1):
         log(f"[{i}/{len(planned)}] {run.name}: {run.describe()}")
     first = True
+    watchers: dict[str, Claim] = {}
     while todo:
         if not first:
             time.sleep(wait_s)
@@ -484,7 +491,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
             state, run.epoch = run.current_state()
             if state == "done":
                 total.done.append(run.id)
-            elif _held_elsewhere(run):
+            elif _held_elsewhere(run, watchers):
                 waiting.append(run)
             elif not total.failed.get(run.id) and (first or _failed_elsewhere(run) is None):
                 ready.append(run)
@@ -492,7 +499,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
                 failure = _failed_elsewhere(run) or {}
                 total.failed[run.id] = (failure.get("error", "failed"), failure.get("log"))
         if ready:
-            outcome = _launch(layout, ready, launcher, data_dir, protocol, progress, log, nnunet_env)
+            outcome = _launch(layout, ready, launcher, data_dir, protocol, progress, log, nnunet_env, watchers)
             total.done += outcome.done
             total.failed.update(outcome.failed)
             total.jobs.update(outcome.jobs)
@@ -511,8 +518,10 @@ def _failed_elsewhere(run: PlannedRun) -> dict | None:
 
 
 def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_dir: Path, protocol: str, progress: bool,
-            log: Callable[[str], None], nnunet_env: dict | None = None) -> LaunchOutcome:
-    """One pass of ``launcher`` over ``runs`` (in this process when it is the in-process local launcher)."""
+            log: Callable[[str], None], nnunet_env: dict | None = None,
+            watchers: dict[str, Claim] | None = None) -> LaunchOutcome:
+    """One pass of ``launcher`` over ``runs`` (in this process when it is the in-process local launcher, which
+    claims each run with its watcher from :func:`_held_elsewhere`: what that saw of a silent holder counts)."""
     if not (isinstance(launcher, LocalLauncher) and launcher.in_process):
         return launcher.execute(layout, [r.id for r in runs], log)
     outcome = LaunchOutcome()
@@ -520,10 +529,15 @@ def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_di
         tick = time.perf_counter()
         try:
             summary = worker.execute_run(run.run_dir, run.config, data_dir, protocol, progress=progress, log=log,
-                                         label=run.name, nnunet=run.nnunet, nnunet_env=nnunet_env)
+                                         label=run.name, nnunet=run.nnunet, nnunet_env=nnunet_env,
+                                         claim=(watchers or {}).get(run.id))
         except RunLockedError:
             outcome.busy.append(run.id)
             log(f"{run.name}: another process holds it; waiting for it")
+            continue
+        except LockLostError as err:
+            outcome.busy.append(run.id)
+            log(f"{err}; waiting for that process")
             continue
         except Exception as err:  # noqa: BLE001 - a failing run must not stop the others
             outcome.failed[run.id] = (str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,

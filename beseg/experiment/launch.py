@@ -9,7 +9,8 @@
 
 Each process runs ``python -m beseg.experiment.worker RESULTS RUN_ID`` with its output in
 ``RESULTS/logs/<run>.log``. A failing run does not stop the others. A run another process holds
-(a second ``beseg compare`` on the same folder, another node) is left to it.
+(a second ``beseg compare`` on the same folder, another node), or took over while this one was
+stopped (the worker's exit code :data:`~beseg.experiment.worker.EXIT_CLAIM_LOST`), is left to it.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class LocalLauncher:
         Returns:
             The :class:`LaunchOutcome`.
         """
-        from beseg.experiment.worker import EXIT_BUSY, read_failure
+        from beseg.experiment.worker import EXIT_BUSY, EXIT_CLAIM_LOST, read_failure
 
         outcome = LaunchOutcome()
         queue = list(run_ids)
@@ -133,9 +134,10 @@ class LocalLauncher:
                 log_path = results.log(run_id)
                 if code == 0:
                     outcome.done.append(run_id)
-                elif code == EXIT_BUSY:
+                elif code in (EXIT_BUSY, EXIT_CLAIM_LOST):
                     outcome.busy.append(run_id)
-                    log(f"{run_id}: another process holds it; left to that process")
+                    log(f"{run_id}: another process " + ("holds it" if code == EXIT_BUSY else "took it over") +
+                        "; left to that process")
                 else:
                     failure = read_failure(results.root / run_id) or {}
                     error = failure.get("error") or f"the worker exited with code {code}"

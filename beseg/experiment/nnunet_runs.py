@@ -594,7 +594,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
             split_file: str | Path, protocol: str, python: str, task: str, classes: ClassSpec | None = None,
             device: str = "auto", ranks: int = 1,
             version: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
-            label: str | None = None) -> dict[str, Any]:
+            label: str | None = None, fence: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train, predict and score one nnU-Net run (the caller holds the run's claim).
 
     Args:
@@ -615,6 +615,8 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
         progress: a progress bar while scoring.
         log: progress lines.
         label: the run's name in them (default its folder).
+        fence: the claim check, called before each stage that writes the run folder (nnU-Net's own
+            processes write between them, unfenced).
 
     Returns:
         The run's ``eval/summary.json`` object.
@@ -631,6 +633,8 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
     splits = ({f: load_split(p) for f, p in layout.split_files(split.folds).items()} if protocol == "cv"
               else {None: split})
     info = prepare_dataset(layout, data_dir, splits, protocol, [system.configuration], python, log)
+    fence = fence or (lambda: None)
+    fence()
     atomic_write_text(run_dir / _RUN_RECORD, json.dumps({"system": system.to_dict(), "fold": fold,
                                                          "dataset": info["dataset"], "python": python}))
     dataset = info["dataset"]
@@ -646,9 +650,11 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
         args = [dataset, system.configuration, str(fold), "-tr", system.trainer, "-p", system.plans, "-device", dev]
         if ranks > 1:
             args += ["-num_gpus", str(ranks)]
+        fence()
         _nnunet(python, "nnUNetv2_train", args + (["--c"] if state == "resume" else []), env, log_file)
     if not (fold_dir / "checkpoint_final.pth").is_file():
         raise NNUNetError(f"nnUNetv2_train left no {fold_dir / 'checkpoint_final.pth'} (output in {log_file}).")
+    fence()
     _write_training_record(python, env, fold_dir, run_dir, system, fold, version)
 
     # The cases the protocol scores, predicted by this fold's final model from nnU-Net's converted images.
@@ -668,6 +674,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
             _link(path, inputs / path.name)
         _link(msd.case(case).label, labels / f"{case}.nii.gz")
     predictions = run_dir / "eval" / "predictions"
+    fence()
     _remove_tree(run_dir / "eval")
     log(f"{label}: nnUNetv2_predict {len(cases)} case(s) with checkpoint_final.pth")
     _nnunet(python, "nnUNetv2_predict", ["-i", str(inputs), "-o", str(predictions), "-d", dataset, "-c",
@@ -678,6 +685,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
         raise NNUNetError(f"nnUNetv2_predict wrote no prediction of case(s) {', '.join(unpredicted)} into {predictions} "
                           f"(output in {log_file}).")
     parts = split if split.folds else None
+    fence()
     result = score_predictions(
         predictions, labels, run_dir / "eval", classes=classes, dataset_json=Path(data_dir) / "dataset.json",
         name=system.name, workers=1,

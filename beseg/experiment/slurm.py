@@ -415,7 +415,7 @@ class SlurmLauncher:
     def _wait(self, results: ResultsLayout, waiting: dict[str, str], outcome: LaunchOutcome, progress: Progress,
               log: Callable[[str], None]) -> None:
         """Poll ``squeue`` until every job in ``waiting`` (``{run id: job id}``) has ended; file each run's outcome."""
-        from beseg.experiment.worker import EXIT_BUSY, read_failure
+        from beseg.experiment.worker import EXIT_BUSY, EXIT_CLAIM_LOST, read_failure
 
         while waiting:
             states = job_states(list(waiting.values()), self.retry, log)
@@ -429,9 +429,10 @@ class SlurmLauncher:
                     continue
                 failure = read_failure(run_dir)
                 state, code = _ended_job(job, self.retry, log)
-                if failure is None and code.startswith(f"{EXIT_BUSY}:"):
+                if failure is None and code.split(":")[0] in (str(EXIT_BUSY), str(EXIT_CLAIM_LOST)):
                     outcome.busy.append(run_id)
-                    log(f"{run_id}: another process holds it; left to that process")
+                    log(f"{run_id}: another process " + ("took it over" if code.startswith(f"{EXIT_CLAIM_LOST}:")
+                                                         else "holds it") + "; left to that process")
                     continue
                 error = (failure or {}).get("error") or f"SLURM job {job} ended ({state}, exit code {code or '?'}) " \
                                                         "before the run finished"

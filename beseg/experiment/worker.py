@@ -5,8 +5,11 @@ time) or starts ``python -m beseg.experiment.worker RESULTS RUN_ID`` per run (de
 and a SLURM job script runs the same command. The worker reads the run from ``RESULTS/plan.json``.
 
 A run that raises leaves ``RUN_DIR/.failed`` (the error and the log file) for ``--status`` and the
-final listing; it is removed when the run is tried again. Exit codes of the module: 0 done (or found
-done), 1 failed, :data:`EXIT_BUSY` another live process holds the run.
+final listing; it is removed when the run is tried again. Every write to the run folder is fenced by
+the claim: a worker whose claim was taken over (it was stopped past the stale limit) stops without
+writing, ``.failed`` included. Exit codes of the module: 0 done (or found done), 1 failed,
+:data:`EXIT_BUSY` another live process holds the run, :data:`EXIT_CLAIM_LOST` another process took the
+run over while this one worked on it.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from beseg.engine.trainer import train
 from beseg.errors import BesegError
 from beseg.experiment import nnunet_runs
 from beseg.experiment.nnunet_runs import NNUNetSystem
-from beseg.fileio import atomic_write_text
+from beseg.fileio import EXIT_LOCK_LOST, LockLostError, atomic_write_text
 
-__all__ = ["EXIT_BUSY", "FAILED_FILE", "RUN_RECORD", "execute_run", "read_failure", "main"]
+__all__ = ["EXIT_BUSY", "EXIT_CLAIM_LOST", "FAILED_FILE", "RUN_RECORD", "execute_run", "read_failure", "main"]
 
 #: Exit code of the worker when another live process holds the run (sysexits' EX_TEMPFAIL).
 EXIT_BUSY = 75
+#: Exit code of the worker when another process took the run over while it worked (it wrote nothing since).
+EXIT_CLAIM_LOST = EXIT_LOCK_LOST
 #: Marker of a run whose last attempt failed (JSON: error, log, host, time).
 FAILED_FILE = ".failed"
 #: Record of the attempt that finished the run (JSON: host, pid, job_id, started, finished, seconds).
@@ -57,7 +62,7 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
                 log_file: str | Path | None = None, progress: bool = True,
                 log: Callable[[str], None] = print, label: str | None = None,
                 ranks: int = 1, nnunet: NNUNetSystem | None = None,
-                nnunet_env: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+                nnunet_env: Mapping[str, Any] | None = None, claim: Claim | None = None) -> dict[str, Any] | None:
     """Train (fresh or resumed) and evaluate one run, holding its claim throughout.
 
     Args:
@@ -75,19 +80,22 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
         nnunet: the trainer of an nnU-Net run (:mod:`beseg.experiment.nnunet_runs`); its results
             folder is where ``config.data.split_file`` is.
         nnunet_env: ``{"python", "version"}`` of the nnU-Net environment (plan.json's ``nnunet``).
+        claim: the run's :class:`Claim` object to take (one that has watched the holder's heartbeat, so what it
+            saw counts); default a new one.
 
     Returns:
         The evaluation summary, or None when the run was found finished already (nothing done).
 
     Raises:
         RunLockedError: another live process holds the run.
+        LockLostError: another process took the run over meanwhile; nothing was written since.
         Exception: whatever training or evaluation raised (``.failed`` records it first).
     """
     from beseg.experiment.plan import run_state  # the plan's state rules, shared with planning
 
     run_dir = Path(run_dir)
     label = label or str(run_dir)
-    claim = Claim(RunDir(run_dir).lock)
+    claim = claim or Claim(RunDir(run_dir).lock)
     taken = claim.acquire()
     try:
         if nnunet is not None:
@@ -96,32 +104,47 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
             state, _ = run_state(run_dir, config)
         if state == "done":
             return None
+        claim.check()
         (run_dir / FAILED_FILE).unlink(missing_ok=True)
+        if taken:
+            RunDir(run_dir).remove_leftovers()  # of an earlier attempt that was killed mid-write
         started = time.time()
         try:
             if nnunet is not None:
                 summary = _execute_nnunet(run_dir, config, data_dir, protocol, nnunet, nnunet_env or {}, ranks,
-                                          progress, log, label)
+                                          progress, log, label, claim.check)
             elif state in ("fresh", "resume") and ranks > 1:
-                _train_with_srun(config, data_dir, run_dir, state == "resume", ranks, claim.token)
+                _train_with_srun(config, data_dir, run_dir, state == "resume", ranks, claim)
             elif state == "fresh":
                 train(config, data_dir, run_dir, progress=progress)
             elif state == "resume":
                 train(config, data_dir, run_dir, resume=True, progress=progress)
             if nnunet is None:
                 evaluated = evaluate(run_dir, data_dir, split=get_protocol(protocol).eval_split, progress=progress,
-                                     protocol=protocol, device=config.train.device, split_file=config.data.split_file)
+                                     protocol=protocol, device=config.train.device, split_file=config.data.split_file,
+                                     fence=claim.check)
                 summary = evaluated.summary
         except Exception as err:
-            text = str(err) if isinstance(err, BesegError) else f"{type(err).__name__}: {err}"
-            atomic_write_text(run_dir / FAILED_FILE, json.dumps({
-                "error": text.strip().splitlines()[0][:500] if text.strip() else type(err).__name__,
-                "log": str(log_file) if log_file else None, "host": socket.gethostname(), "time": time.time()}))
+            if not isinstance(err, LockLostError):
+                # A failure of a process that lost the run meanwhile (a DDP step under srun stops with its own
+                # error) is the loss, not a failure of the run: nothing is recorded.
+                try:
+                    claim.check()
+                except LockLostError as lost:
+                    raise lost from err
+                text = str(err) if isinstance(err, BesegError) else f"{type(err).__name__}: {err}"
+                try:
+                    atomic_write_text(run_dir / FAILED_FILE, json.dumps({
+                        "error": text.strip().splitlines()[0][:500] if text.strip() else type(err).__name__,
+                        "log": str(log_file) if log_file else None, "host": socket.gethostname(),
+                        "time": time.time()}), fence=claim.check)
+                except OSError:
+                    pass  # a full disk: the error itself still goes up, only --status will not show it
             raise
         finished = time.time()
         atomic_write_text(run_dir / RUN_RECORD, json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(), "job_id": slurm_job_id(), "started": started,
-            "finished": finished, "seconds": finished - started, "state": state}))
+            "finished": finished, "seconds": finished - started, "state": state}), fence=claim.check)
         for failure in summary.get("failed", []):
             log(f"warning: {label}: case {failure['case']} could not be evaluated: {failure['reason']}")
         return summary
@@ -139,7 +162,7 @@ def _fold_of(config: Config) -> int:
 
 def _execute_nnunet(run_dir: Path, config: Config, data_dir: str | Path, protocol: str, system: NNUNetSystem,
                     env: Mapping[str, Any], ranks: int, progress: bool, log: Callable[[str], None],
-                    label: str) -> dict[str, Any]:
+                    label: str, fence: Callable[[], None]) -> dict[str, Any]:
     """One nnU-Net run: its results folder is the split file's folder; its classes are the task preset's (a dataset
     without a preset: its ``dataset.json``'s, as ``beseg score`` reads them)."""
     from beseg.data.presets import PRESETS
@@ -152,11 +175,11 @@ def _execute_nnunet(run_dir: Path, config: Config, data_dir: str | Path, protoco
     return nnunet_runs.execute(run_dir, system, _fold_of(config), ResultsLayout(split_file.parent), data_dir,
                                split_file, protocol, python, config.data.task,
                                preset.scored_classes if preset is not None else None, device=device, ranks=ranks,
-                               version=env.get("version"), progress=progress, log=log, label=label)
+                               version=env.get("version"), progress=progress, log=log, label=label, fence=fence)
 
 
 def _train_with_srun(config: Config, data_dir: str | Path, run_dir: Path, resume: bool, ranks: int,
-                     token: str | None) -> None:
+                     claim: Claim) -> None:
     """``srun -n ranks beseg train ...``: one DDP run inside this job (ranks find their rank through SLURM's variables).
 
     The ranks inherit this process's claim (``BESEG_CLAIM_TOKEN``), so rank 0 does not see it as someone else's.
@@ -177,10 +200,12 @@ def _train_with_srun(config: Config, data_dir: str | Path, run_dir: Path, resume
         cmd += ["--resume", str(run_dir)]
     else:
         request = run_dir / ".requested-config.yaml"
-        atomic_write_text(request, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        atomic_write_text(request, yaml.safe_dump(config_to_dict(config), sort_keys=False), fence=claim.check)
         cmd += [str(request), "--out", str(run_dir)]
-    env = {**os.environ, "BESEG_CLAIM_TOKEN": token or ""}
+    env = {**os.environ, "BESEG_CLAIM_TOKEN": claim.token or ""}
     code = subprocess.run(cmd, env=env).returncode
+    if code == EXIT_LOCK_LOST:
+        claim.check()  # rank 0 found the claim taken over: say so, as this process's own loss
     if code != 0:
         raise TrainingError(f"`srun -n {ranks} beseg train` exited with code {code}; its output is above in this log.")
 
@@ -234,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunLockedError as err:
         print(f"worker: {err}", file=sys.stderr)
         return EXIT_BUSY
+    except LockLostError as err:
+        print(f"worker: {err}", file=sys.stderr)
+        return EXIT_CLAIM_LOST
     except Exception as err:  # the run failed: its .failed says so; the traceback goes to its log
         traceback.print_exc()
         print(f"worker: {args.run_id} failed: {err}", file=sys.stderr)

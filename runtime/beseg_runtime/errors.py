@@ -78,7 +78,8 @@ def run_reporting_errors(prog: str, body: Callable[[], int], debug: bool = False
 
     ``beseg`` and ``beseg-predict`` both run their commands through this, so they report errors alike:
     a :class:`BesegError` (its message names the file or argument) or an ``OSError`` (a missing file, a
-    full disk) is ``PROG: error: MESSAGE``, exit :data:`EXIT_FAILURE`; Ctrl-C is ``PROG: interrupted``,
+    full disk) is ``PROG: error: MESSAGE``, exit :data:`EXIT_FAILURE` (or the error's own ``exit_code``,
+    e.g. beseg's claim-lost code, which launchers read as "another process has the run"); Ctrl-C is ``PROG: interrupted``,
     exit :data:`EXIT_INTERRUPTED`; anything else is a bug: its traceback, ``PROG: internal error: ...``
     and :data:`BUG_REPORT`, exit :data:`EXIT_BUG`.
 
@@ -96,7 +97,7 @@ def run_reporting_errors(prog: str, body: Callable[[], int], debug: bool = False
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+        return getattr(err, "exit_code", EXIT_FAILURE)  # an error may carry its own (a run claim taken over)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
