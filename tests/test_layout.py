@@ -17,21 +17,27 @@ import beseg
 PACKAGE = Path(beseg.__file__).parent
 
 
-def _beseg_imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every ``beseg...`` import in a source file, relative imports resolved."""
+def _beseg_imports(path: Path, package: Path | None = None, names: bool = False) -> list[tuple[int, str]]:
+    """(line, module) of every ``beseg...`` import in a source file, relative imports resolved.
+
+    Args:
+        path: the source file.
+        package: the ``beseg`` folder it belongs to (default the installed package).
+        names: name what ``from X import name`` takes as ``X.name`` (it may be a submodule), not ``X``.
+    """
+    package = PACKAGE if package is None else package
     tree = ast.parse(path.read_text(), filename=str(path))
-    package = ".".join(("beseg", *path.relative_to(PACKAGE).parent.parts))
+    base_parts = ("beseg", *path.relative_to(package).parent.parts)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
+                module = ".".join([*base_parts[: len(base_parts) - node.level + 1], *([node.module] if node.module else [])])
             else:
                 module = node.module or ""
-            found.append((node.lineno, module))
+            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names] if names else [(node.lineno, module)]
     return [(line, m) for line, m in found if m == "beseg" or m.startswith("beseg.")]
 
 
@@ -89,30 +95,12 @@ def _module_graph(package: Path) -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         targets = set()
-        for _, imported in _beseg_imports_of(path, package):
+        for _, imported in _beseg_imports(path, package, names=True):
             target = owner(imported)
             if target and target != name:
                 targets.add(target)
         graph[name] = targets
     return graph
-
-
-def _beseg_imports_of(path: Path, package: Path) -> list[tuple[int, str]]:
-    """As :func:`_beseg_imports`, also naming what ``from X import name`` takes (it may be a submodule)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    base_parts = ("beseg", *path.relative_to(package).parent.parts)
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = list(base_parts[: len(base_parts) - node.level + 1])
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
-    return [(line, m) for line, m in found if m == "beseg" or m.startswith("beseg.")]
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
