@@ -129,7 +129,7 @@ def test_a_resumed_run_counts_only_what_is_left(results):
 def test_slurm_time_auto_follows_the_plan_and_the_partitions_max_time(results, monkeypatch, max_time, limit,
                                                                       requeues):
     monkeypatch.setattr("beseg.experiment.slurm.partition_limits",
-                        lambda partition=None: PartitionLimits(partition or "debug", max_time, None))
+                        lambda partition=None, retry=None: PartitionLimits(partition or "debug", max_time, None))
     launcher = SlurmLauncher(partition="short", time_limit="auto")
     result = _dry(results, launcher)
     runs = result.cost["runs"]
@@ -147,7 +147,7 @@ def test_slurm_time_auto_follows_the_plan_and_the_partitions_max_time(results, m
 @pytest.mark.slow  # the module's dry run measures for ~20 s once
 def test_slurm_time_auto_refuses_a_max_time_too_short_for_one_checkpoint_interval(results, monkeypatch):
     monkeypatch.setattr("beseg.experiment.slurm.partition_limits",
-                        lambda partition=None: PartitionLimits("short", 60, None))
+                        lambda partition=None, retry=None: PartitionLimits("short", 60, None))
     results["overrides"] = [*results["overrides"], "train.checkpoint_every=3"]  # 72 s between checkpoints
     with pytest.raises(ConfigError, match=r"cannot finish one checkpoint interval .* longer MaxTime than 1 min"):
         _dry(results, SlurmLauncher(time_limit="auto"), time_margin=1.0)
@@ -156,7 +156,7 @@ def test_slurm_time_auto_refuses_a_max_time_too_short_for_one_checkpoint_interva
 @pytest.mark.slow  # the module's dry run measures for ~20 s once
 def test_an_explicit_slurm_time_is_checked_against_the_plan(results, monkeypatch):
     monkeypatch.setattr("beseg.experiment.slurm.partition_limits",
-                        lambda partition=None: PartitionLimits("debug", 7200, None))
+                        lambda partition=None, retry=None: PartitionLimits("debug", 7200, None))
     cost = _dry(results, SlurmLauncher(time_limit="0:01:00")).cost
     assert [r["slurm"]["requeues"] for r in cost["runs"]] == [5, 5]  # as the 60 s case above
     cost = _dry(results, SlurmLauncher(time_limit="3:00:00")).cost
