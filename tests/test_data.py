@@ -551,15 +551,16 @@ def test_require_valid_task_remembers_a_pass_until_a_file_changes(tmp_path, monk
 
     root = make_phantom(tmp_path / "ph", cases=2, test_cases=0, size=(12, 12, 8), progress=False)
     calls = []
-    real = check_module.check_task
-    monkeypatch.setattr(check_module, "check_task", lambda *a, **k: calls.append(1) or real(*a, **k))
-    require_valid_task(root, tmp_path / "cache")
-    require_valid_task(root, tmp_path / "cache")
+    real = check_module._check_files
+    monkeypatch.setattr(check_module, "_check_files", lambda *a, **k: calls.append(1) or real(*a, **k))
+    task = load_task(root)
+    require_valid_task(task, tmp_path / "cache")
+    require_valid_task(task, tmp_path / "cache")
     assert len(calls) == 1  # the second call trusts the recorded pass
     image = root / "imagesTr" / "phantom_spleen_000.nii.gz"
     image.write_bytes(image.read_bytes()[:200])  # truncated: size and mtime change
     with pytest.raises(DataError, match="phantom_spleen_000.nii.gz"):
-        require_valid_task(root, tmp_path / "cache")
+        require_valid_task(task, tmp_path / "cache")
     assert len(calls) == 2
 
 
