@@ -174,7 +174,7 @@ def test_a_run_whose_claim_was_taken_over_in_this_process_is_left_to_the_other_p
     monkeypatch.setattr(worker, "execute_run", taken_over)
     run = SimpleNamespace(id="a/seed0", name="a seed 0", run_dir=tmp_path / "a" / "seed0", config=None, nnunet=None)
     lines: list[str] = []
-    outcome = compare._launch(ResultsLayout(tmp_path), [run], LocalLauncher(), tmp_path, "heldout", False,
+    outcome = compare._launch(ResultsLayout(tmp_path), [run], LocalLauncher(), None, "heldout", False,
                               lines.append)
     assert outcome.busy == ["a/seed0"] and not outcome.failed and not outcome.done
     assert lines == [f"{run.run_dir}: claim lost to node3/42; stopping without writing; waiting for that process"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from beseg.cli import main
+from beseg.data import DatasetIdentity
 from beseg.errors import ConfigError
 from beseg.experiment import worker
 from beseg.experiment.compare import run_compare, split_config
@@ -75,7 +76,7 @@ def _plan(tmp_path: Path) -> Path:
     out = tmp_path / "results"
     out.mkdir()
     runs = plan_runs([resolve_system("dice", "phantom_spleen")], [0], out, overrides=tiny_compare(tmp_path))
-    write_plan_json(out, runs, "heldout", None, tmp_path / "data")
+    write_plan_json(out, runs, "heldout", None, DatasetIdentity(tmp_path / "data", "0" * 64, ("a", "b"), ()))
     return out
 
 
