@@ -224,3 +224,13 @@ def test_a_dataset_edited_between_planning_and_a_workers_start_fails_the_run_in_
     assert read_failure(out / "segresnet_dice" / "seed0")["error"] == stop
     assert f"worker: segresnet_dice/seed0 failed: {stop}" in log.read_text()
     assert not (out / "segresnet_dice" / "seed0" / "checkpoints").exists()  # nothing trained
+    # What the line says to do: the same command plans anew on the dataset as it is now, and the run trains.
+    monkeypatch.setattr(compare, "_execute", execute)
+    lines.clear()
+    again = compare.run_compare(data, ["dice"], 1, out, overrides=tiny_compare(tmp_path), progress=False,
+                                log=lines.append, report=False)
+    assert not again.failed, "\n".join(lines)
+    assert (out / "segresnet_dice" / "seed0" / "eval" / "summary.json").is_file()
+    assert any(line.startswith(f"note: the dataset changed since {out / 'plan.json'} was last written (Task09_Spleen/"
+                               "dataset.json: 10 -> 11 training cases (added phantom_spleen_new)") for line in lines)
+    assert json.loads((out / "plan.json").read_text())["data"]["dataset_json_sha256"] == after

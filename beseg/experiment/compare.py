@@ -493,7 +493,6 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, tas
     while todo:
         if not first:
             time.sleep(wait_s)
-        first = False
         ready, waiting = [], []
         for run in todo:
             state, run.epoch = run.current_state()
@@ -516,6 +515,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, tas
                 return total
             waiting += [run for run in ready if run.id in outcome.busy]
         todo = [run for run in waiting if run.id not in total.failed]
+        first = False  # the first pass retries runs that failed before; later ones list another process's failure
         if todo:
             log(f"waiting for {len(todo)} run(s) that other processes hold: " + ", ".join(r.id for r in todo))
     return total
