@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from beseg.cli import main
+from beseg.data import load_task
 from beseg.errors import ConfigError
 from beseg.experiment.compare import run_compare
 from beseg.experiment.cost import auto_time_limit, format_cost_plan, plan_cost, requeues_needed
@@ -113,7 +114,7 @@ def test_a_resumed_run_counts_only_what_is_left(results):
     first, second = results["runs"]
     first.state, first.epoch = "resume", 2  # epoch 3 left: 2 steps, the final validation, last.pt and best.pt
     second.state = "done"
-    cost = plan_cost([first, second], results["data"], results["out"], "heldout", measure=False, log=QUIET)
+    cost = plan_cost([first, second], load_task(results["data"]), results["out"], "heldout", measure=False, log=QUIET)
     left = 2 * 1.0 + 1 * 2 * 10.0 + 1 * 2 * 2.0 + 2 * 0.2 + 2 * 3.0
     assert [(r["state"], r["total_s"]) for r in cost.to_dict()["runs"]] == [("resume", pytest.approx(left)),
                                                                           ("done", 0.0)]

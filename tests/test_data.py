@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +17,8 @@ from monai.transforms import Compose
 
 from beseg.cli import main
 from beseg.data import (
+    DatasetChangedError,
+    DatasetIdentity,
     build_task_data,
     check_task,
     foreground_percentiles,
@@ -27,6 +31,7 @@ from beseg.data import (
     make_split,
     msd_brats_regions,
     preset_for_task,
+    reload_task,
     save_split,
 )
 from beseg.data import intensity as intensity_mod
@@ -525,6 +530,63 @@ def test_check_corrupt_and_wrong_channel_files(tmp_path):
     assert any("case_2.nii.gz: 1 channel(s) but dataset.json 'modality' declares 2" in p for p in probs)
 
 
+# --------------------------------------------------------------------------- the task's identity
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_loaded_task_knows_the_bytes_it_was_parsed_from_and_its_cases(tmp_path):
+    root = make_task(tmp_path / "Task09_Spleen", n=3, extra={"test": ["./imagesTs/t_0.nii.gz"]})
+    write_nii(root / "imagesTs" / "t_0.nii.gz", np.zeros((8, 8, 6), np.float32))
+    digest = _sha(root / "dataset.json")
+    task = load_task(root)
+    assert task.identity == DatasetIdentity(root.resolve(), digest, ("case_0", "case_1", "case_2"),
+                                            ("imagesTs/t_0.nii.gz",))
+    assert task.meta["numTraining"] == 3  # the whole parsed file travels with the task
+    assert DatasetIdentity.from_dict(json.loads(json.dumps(task.identity.to_dict()))) == task.identity
+    # Recorded when the file was read, not looked up again: an edit afterwards does not change the object.
+    edit_json(root, lambda m: m.update(description="edited"))
+    assert task.sha256 == digest and load_task(root).sha256 == _sha(root / "dataset.json") != digest
+
+
+def _add_case(root: Path, meta: dict) -> None:
+    for sub in ("imagesTr", "labelsTr"):
+        shutil.copy(root / sub / "case_0.nii.gz", root / sub / "case_9.nii.gz")
+    meta["training"].append({"image": "./imagesTr/case_9.nii.gz", "label": "./labelsTr/case_9.nii.gz"})
+    meta["numTraining"] += 1
+
+
+def _drop_case(root: Path, meta: dict) -> None:
+    meta["training"].pop(1)
+    meta["numTraining"] -= 1
+
+
+def _other_label(root: Path, meta: dict) -> None:
+    shutil.copy(root / "labelsTr" / "case_0.nii.gz", root / "labelsTr" / "other.nii.gz")
+    meta["training"][0]["label"] = "./labelsTr/other.nii.gz"
+
+
+@pytest.mark.parametrize("edit, change", [
+    (_add_case, "3 -> 4 training cases (added case_9)"),
+    (_drop_case, "3 -> 2 training cases (removed case_1)"),
+    (_other_label, "the same cases, other content (a path, a label or another key)"),
+])
+def test_reload_task_refuses_a_dataset_json_changed_since_the_identity_naming_what_changed(tmp_path, edit, change):
+    root = make_task(tmp_path / "Task09_Spleen", n=3)
+    identity = load_task(root).identity
+    assert reload_task(identity) == load_task(root)  # unchanged: the same task
+    before = _sha(root / "dataset.json")
+    edit_json(root, lambda meta: edit(root, meta))
+    with pytest.raises(DatasetChangedError) as info:
+        reload_task(identity)
+    after = _sha(root / "dataset.json")
+    expected = f"Task09_Spleen/dataset.json: {change}, SHA-256 {before[:12]}... -> {after[:12]}..."
+    assert str(info.value) == info.value.change == expected
+    assert identity.changes(load_task(root).identity) == expected
+
+
 def test_cli_data_check(tmp_path, capsys):
     root = make_task(tmp_path / "T")
     assert main(["data", "check", str(root)]) == 0
@@ -551,15 +613,16 @@ def test_require_valid_task_remembers_a_pass_until_a_file_changes(tmp_path, monk
 
     root = make_phantom(tmp_path / "ph", cases=2, test_cases=0, size=(12, 12, 8), progress=False)
     calls = []
-    real = check_module.check_task
-    monkeypatch.setattr(check_module, "check_task", lambda *a, **k: calls.append(1) or real(*a, **k))
-    require_valid_task(root, tmp_path / "cache")
-    require_valid_task(root, tmp_path / "cache")
+    real = check_module._check_files
+    monkeypatch.setattr(check_module, "_check_files", lambda *a, **k: calls.append(1) or real(*a, **k))
+    task = load_task(root)
+    require_valid_task(task, tmp_path / "cache")
+    require_valid_task(task, tmp_path / "cache")
     assert len(calls) == 1  # the second call trusts the recorded pass
     image = root / "imagesTr" / "phantom_spleen_000.nii.gz"
     image.write_bytes(image.read_bytes()[:200])  # truncated: size and mtime change
     with pytest.raises(DataError, match="phantom_spleen_000.nii.gz"):
-        require_valid_task(root, tmp_path / "cache")
+        require_valid_task(task, tmp_path / "cache")
     assert len(calls) == 2
 
 

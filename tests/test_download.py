@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from beseg.cli import main
-from beseg.data import check_task, make_phantom
+from beseg.data import check_task, load_task, make_phantom
 from beseg.data.download import (
     MARKER, MSD_ARCHIVES, archive_url, data_root, download_archive, install_task, safe_extract,
 )
@@ -238,12 +238,12 @@ def test_training_does_not_check_a_downloaded_folder_again(server, msd_tar, tmp_
     def reads_every_voxel(*args, **kwargs):
         raise AssertionError("the full check ran again")
 
-    monkeypatch.setattr(check, "check_task", reads_every_voxel)
+    monkeypatch.setattr(check, "_check_files", reads_every_voxel)
     monkeypatch.chdir(root)
-    check.require_valid_task(FOLDER)  # the pass is found, also under another spelling of the folder
+    check.require_valid_task(load_task(FOLDER))  # the pass is found, also under another spelling of the folder
     (root / FOLDER / "dataset.json").touch()  # a changed file: checked again
     with pytest.raises(AssertionError, match="the full check ran again"):
-        check.require_valid_task(root / FOLDER)
+        check.require_valid_task(load_task(root / FOLDER))
 
 
 def test_a_verified_archive_is_not_fetched_again(server, msd_tar, tmp_path):

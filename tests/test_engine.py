@@ -503,15 +503,15 @@ def test_train_step_is_fixed_and_the_error_names_the_hooks():
                 return 0.0
 
 
-def test_on_nonfinite_must_return_a_decision(tmp_path):
+def test_on_nonfinite_must_return_a_decision(tmp_path, phantom):
     class Undecided(Trainer):
         def on_nonfinite(self, what, rank):
             return None
 
-    trainer = Undecided(load_config(tiny_config(tmp_path))[0], tmp_path, tmp_path / "run", progress=False)
+    trainer = Undecided(load_config(tiny_config(tmp_path))[0], phantom, tmp_path / "run", progress=False)
     with pytest.raises(TypeError, match="on_nonfinite must return 'skip' or 'stop', got None"):
         trainer._act_on_nonfinite("loss nan", None)
-    default = Trainer(load_config(tiny_config(tmp_path, train={"on_nonfinite": "skip"}))[0], tmp_path, tmp_path / "run")
+    default = Trainer(load_config(tiny_config(tmp_path, train={"on_nonfinite": "skip"}))[0], phantom, tmp_path / "run")
     assert default.on_nonfinite("loss nan", None) == "skip" and default._act_on_nonfinite("loss nan", None) is None
 
 

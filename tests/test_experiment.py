@@ -7,6 +7,7 @@ chose best.pt) and k-fold cross-validation (out-of-fold, every case once, merged
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+import beseg.data.msd as msd_module
 import beseg.engine.trainer as trainer_module
 import beseg.experiment.worker as worker_module
 from beseg.cli import main
@@ -45,18 +47,81 @@ def _tiny(tmp: Path) -> list[str]:
     return tiny_compare(tmp)
 
 
+class DatasetReads:
+    """Every parse of a ``dataset.json`` by the data layer while installed, named by the function outside the
+    loaders (beseg.data.msd, beseg.data.check) that asked for it."""
+
+    def __init__(self, mp: pytest.MonkeyPatch) -> None:
+        self.askers: list[str] = []
+        real = msd_module._read_meta
+
+        def counting(*args, **kwargs):
+            frame = sys._getframe(1)
+            while frame.f_globals.get("__name__") in ("beseg.data.msd", "beseg.data.check"):
+                frame = frame.f_back
+            self.askers.append(f"{frame.f_globals.get('__name__')}.{frame.f_code.co_qualname}")
+            return real(*args, **kwargs)
+
+        mp.setattr(msd_module, "_read_meta", counting)
+
+
 @pytest.fixture(scope="module")
-def compared(tiny_data, tmp_path_factory) -> Path:
-    """A finished tiny comparison: 2 systems x 2 seeds."""
+def compared_command(tiny_data, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A finished tiny comparison made by ``beseg compare`` (2 systems x 2 seeds, in this process), and who read
+    ``dataset.json`` meanwhile (:class:`DatasetReads`)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("BESEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "beseg-cache"))
+    reads = DatasetReads(mp)
     out = tmp_path_factory.mktemp("compare") / "results"
     try:
-        run_compare(tiny_data, ["dice", "dice_be"], 2, out, overrides=_tiny(out.parent), progress=False,
-                    log=lambda _: None)
+        code = main(["compare", "--data", str(tiny_data), "--systems", "dice,dice_be", "--seeds", "2", "--out",
+                     str(out), "--no-progress", *TINY_COMPARE, "--set", f"data.cache_dir={out.parent / 'cache'}"])
     finally:
         mp.undo()
-    return out
+    assert code == 0
+    return out, reads.askers
+
+
+@pytest.fixture(scope="module")
+def compared(compared_command) -> Path:
+    """A finished tiny comparison: 2 systems x 2 seeds."""
+    return compared_command[0]
+
+
+@pytest.mark.slow
+def test_one_compare_command_reads_dataset_json_once_and_hands_the_task_down(compared_command, tiny_data):
+    """Planning, splits, data check, four trainings and evaluations and the report: one read, at the entry."""
+    results, askers = compared_command
+    assert askers == ["beseg.experiment.compare.run_compare"]
+    recorded = json.loads((results / "plan.json").read_text())["data"]
+    meta = json.loads((tiny_data / "dataset.json").read_text())
+    assert recorded == {"folder": str(tiny_data.resolve()),
+                        "dataset_json_sha256": hashlib.sha256((tiny_data / "dataset.json").read_bytes()).hexdigest(),
+                        "training": [Path(e["image"]).name.removesuffix(".nii.gz") for e in meta["training"]],
+                        "test": []}
+
+
+def test_the_read_count_sees_a_layer_that_loads_the_dataset_again(tiny_data, tmp_path, monkeypatch):
+    """The counter can fail: a step below the entry that loads the folder again (as the data check did) is seen,
+    although its module imported load_task by name."""
+    from beseg.experiment import compare
+
+    monkeypatch.setenv("BESEG_CACHE_DIR", str(tmp_path / "cache"))
+    reads = DatasetReads(monkeypatch)
+
+    class Planted(Exception):
+        pass
+
+    def check_data_loading_again(task, *args, **kwargs):
+        load_task(task.root, check_files=False)
+        raise Planted  # stop before anything trains
+
+    monkeypatch.setattr(compare, "_check_data", check_data_loading_again)
+    with pytest.raises(Planted):
+        run_compare(tiny_data, ["dice"], 1, tmp_path / "r", overrides=_tiny(tmp_path), log=lambda _: None)
+    assert reads.askers == ["beseg.experiment.compare.run_compare",
+                            f"{__name__}.test_the_read_count_sees_a_layer_that_loads_the_dataset_again.<locals>."
+                            "check_data_loading_again"]
 
 
 def _per_case_mean(run: Path, metric: str = "dice") -> float:

@@ -174,7 +174,63 @@ def test_a_run_whose_claim_was_taken_over_in_this_process_is_left_to_the_other_p
     monkeypatch.setattr(worker, "execute_run", taken_over)
     run = SimpleNamespace(id="a/seed0", name="a seed 0", run_dir=tmp_path / "a" / "seed0", config=None, nnunet=None)
     lines: list[str] = []
-    outcome = compare._launch(ResultsLayout(tmp_path), [run], LocalLauncher(), tmp_path, "heldout", False,
+    outcome = compare._launch(ResultsLayout(tmp_path), [run], LocalLauncher(), None, "heldout", False,
                               lines.append)
     assert outcome.busy == ["a/seed0"] and not outcome.failed and not outcome.done
     assert lines == [f"{run.run_dir}: claim lost to node3/42; stopping without writing; waiting for that process"]
+
+
+def test_a_dataset_edited_between_planning_and_a_workers_start_fails_the_run_in_one_line(tiny_data, tmp_path,
+                                                                                         monkeypatch):
+    """``--jobs 2``: plan.json is written, then dataset.json gains a case before the worker process starts; the worker
+    loads the dataset again from plan.json's identity, and the run fails with one line that the launcher lists."""
+    import hashlib
+    import json
+    import shutil
+
+    from conftest import tiny_compare
+    from beseg.experiment import compare
+    from beseg.experiment.worker import read_failure
+
+    monkeypatch.setenv("BESEG_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "Task09_Spleen"
+    shutil.copytree(tiny_data, data)
+    before = hashlib.sha256((data / "dataset.json").read_bytes()).hexdigest()
+    execute = compare._execute
+
+    def edit_then_execute(layout, *args, **kwargs):
+        assert (layout.root / "plan.json").is_file()  # planned: the workers read it
+        meta = json.loads((data / "dataset.json").read_text())
+        for sub in ("imagesTr", "labelsTr"):
+            shutil.copy(data / sub / "phantom_spleen_000.nii.gz", data / sub / "phantom_spleen_new.nii.gz")
+        meta["training"].append({"image": "./imagesTr/phantom_spleen_new.nii.gz",
+                                 "label": "./labelsTr/phantom_spleen_new.nii.gz"})
+        meta["numTraining"] = len(meta["training"])
+        (data / "dataset.json").write_text(json.dumps(meta))
+        return execute(layout, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "_execute", edit_then_execute)
+    out = tmp_path / "results"
+    lines: list[str] = []
+    result = compare.run_compare(data, ["dice"], 1, out, overrides=tiny_compare(tmp_path), progress=False,
+                                 log=lines.append, launcher=LocalLauncher(jobs=2))
+    after = hashlib.sha256((data / "dataset.json").read_bytes()).hexdigest()
+    stop = (f"{out.resolve() / 'plan.json'}: the dataset changed since this comparison was planned (Task09_Spleen/"
+            f"dataset.json: 10 -> 11 training cases (added phantom_spleen_new), SHA-256 {before[:12]}... -> "
+            f"{after[:12]}...); run the same beseg compare command again to plan it anew")
+    log = out.resolve() / "logs" / "segresnet_dice.seed0.log"
+    assert result.failed == {"segresnet_dice/seed0": (stop, log)}
+    assert f"  segresnet_dice/seed0: {stop} (log: {log})" in lines and result.report is None
+    assert read_failure(out / "segresnet_dice" / "seed0")["error"] == stop
+    assert f"worker: segresnet_dice/seed0 failed: {stop}" in log.read_text()
+    assert not (out / "segresnet_dice" / "seed0" / "checkpoints").exists()  # nothing trained
+    # What the line says to do: the same command plans anew on the dataset as it is now, and the run trains.
+    monkeypatch.setattr(compare, "_execute", execute)
+    lines.clear()
+    again = compare.run_compare(data, ["dice"], 1, out, overrides=tiny_compare(tmp_path), progress=False,
+                                log=lines.append, report=False)
+    assert not again.failed, "\n".join(lines)
+    assert (out / "segresnet_dice" / "seed0" / "eval" / "summary.json").is_file()
+    assert any(line.startswith(f"note: the dataset changed since {out / 'plan.json'} was last written (Task09_Spleen/"
+                               "dataset.json: 10 -> 11 training cases (added phantom_spleen_new)") for line in lines)
+    assert json.loads((out / "plan.json").read_text())["data"]["dataset_json_sha256"] == after

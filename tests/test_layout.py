@@ -150,3 +150,69 @@ def test_the_cycle_check_finds_a_planted_cycle(tmp_path):
                                                 "    from beseg.engine.config import LossConfig\n")
     (fake / "engine" / "other.py").write_text("from beseg.engine import config\n")
     assert _cycles(_module_graph(fake)) == [["beseg.engine.config", "beseg.engine.losses"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# the dataset is loaded at the entry points only
+
+#: The functions that read a task folder's dataset.json (beseg.data.msd, beseg.data.check).
+LOADERS = frozenset({"load_task", "parse_task", "reload_task", "as_task", "check_task"})
+#: Who may call them: the loaders themselves, every CLI command, and the library's documented entry points, which
+#: take a folder or the task and hand the task down (everything they call takes the MSDTask).
+LOADING_ALLOWED = {
+    "beseg/data/msd.py": {"load_task", "reload_task"},
+    "beseg/data/check.py": {"check_task", "as_task"},
+    "beseg/engine/trainer.py": {"Trainer.__init__"},
+    "beseg/engine/evaluate.py": {"evaluate"},
+    "beseg/experiment/compare.py": {"run_compare"},
+    # the dataset of a plan, loaded again by a worker process or by `beseg train --plan` under srun, checked
+    "beseg/experiment/plan.py": {"planned_task"},
+    # the benchmark's own phantom, made and loaded there
+    "beseg/bench/data.py": {"run_data_benchmark"},
+}
+
+
+def _loader_calls(package: Path) -> list[str]:
+    """``path:line function calls loader`` for every call of a loader outside :data:`LOADING_ALLOWED`."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package.parent).as_posix()
+        if rel.startswith("beseg/commands/"):
+            continue  # the CLI: each command loads its data once and hands it on
+        tree = ast.parse(path.read_text(), filename=str(path))
+
+        def visit(node: ast.AST, scope: tuple[str, ...]) -> None:
+            for child in ast.iter_child_nodes(node):
+                inner = scope + (child.name,) if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                    ast.ClassDef)) else scope
+                if isinstance(child, ast.Call):
+                    func = child.func
+                    name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) \
+                        else None
+                    where = ".".join(scope) or "<module>"
+                    if name in LOADERS and where not in LOADING_ALLOWED.get(rel, ()):
+                        found.append(f"{rel}:{child.lineno} {where} calls {name}")
+                visit(child, inner)
+
+        visit(tree, ())
+    return found
+
+
+def test_only_the_entry_points_load_the_dataset():
+    assert _loader_calls(PACKAGE) == []
+
+
+def test_the_loading_check_sees_a_planted_load(tmp_path):
+    fake = tmp_path / "beseg"
+    for folder in ("report", "engine", "commands"):
+        (fake / folder).mkdir(parents=True)
+    (fake / "report" / "figures.py").write_text(
+        "from beseg.data import load_task\n\ndef overlay(folder):\n    return load_task(folder).training\n")
+    (fake / "engine" / "trainer.py").write_text(
+        "import beseg.data.check as check\n\nclass Trainer:\n    def __init__(self, data):\n"
+        "        self.task = check.as_task(data)\n\n    def setup_data(self):\n"
+        "        self.task = check.as_task(self.task.root)\n")
+    (fake / "commands" / "train.py").write_text("from beseg.data import load_task\n\ndef run(args):\n"
+                                                "    return load_task(args.data)\n")
+    assert _loader_calls(fake) == ["beseg/engine/trainer.py:8 Trainer.setup_data calls as_task",
+                                   "beseg/report/figures.py:4 overlay calls load_task"]

@@ -114,7 +114,8 @@ def test_nnunet_runs_are_planned_as_repeats_with_the_tasks_data_settings(tiny_da
     assert nn[0].config.data.val_frac == 0.3 and nn[0].config.train.epochs != 2
     beseg_run = next(r for r in runs if r.nnunet is None)
     assert beseg_run.id == "segresnet_dice/seed0" and beseg_run.config.train.epochs == 2
-    write_plan_json(out, runs, "heldout", None, tiny_data, nnunet={"python": "/env/bin/python", "version": "2.8.1"})
+    write_plan_json(out, runs, "heldout", None, load_task(tiny_data).identity,
+                    nnunet={"python": "/env/bin/python", "version": "2.8.1"})
     plan = read_plan_json(out)
     entry = next(e for e in plan["runs"] if e["id"] == "nnUNetTrainerBE/repeat1")
     assert entry["kind"] == "nnunet" and entry["seed"] == 1
@@ -177,7 +178,7 @@ def test_the_nnunet_dataset_takes_the_msd_number_and_a_name_nnunets_converter_ac
     folder.mkdir()
     (folder / "dataset.json").write_text(json.dumps({"name": name.partition("_")[2] or name, "modality": {"0": "CT"},
                                                       "labels": {"0": "background"}, "training": [], "test": []}))
-    assert nnunet_runs._dataset_identity(load_task(folder, check_files=False)) == (number, dataset)
+    assert nnunet_runs._nnunet_number_and_name(load_task(folder, check_files=False)) == (number, dataset)
 
 
 @pytest.mark.parametrize("names, expected", [
@@ -195,10 +196,10 @@ def test_nnunet_runs_on_a_dataset_without_a_preset_carry_only_its_data_settings(
     assert [s.config for s in specs] == ["", ""]
     with pytest.raises(ConfigError, match="'dice' needs one of beseg's task presets"):
         resolve_system("dice", None)
-    runs = plan_runs(specs, [0], out, overrides=["data.val_frac=0.3", "train.epochs=7"], task="sparse_organs")
+    runs = plan_runs(specs, [0], out, overrides=["data.val_frac=0.3", "train.epochs=7"], task_id="sparse_organs")
     assert [r.config.data.task for r in runs] == ["sparse_organs", "sparse_organs"]
     assert runs[0].config.data.val_frac == 0.3 and runs[0].config.data.split_file == str(out.resolve() / "split.json")
-    write_plan_json(out, runs, "heldout", None, tiny_data)
+    write_plan_json(out, runs, "heldout", None, load_task(tiny_data).identity)
     resolved = [e["resolved"] for e in read_plan_json(out)["runs"]]
     assert [c.data.task for c in resolved] == ["sparse_organs", "sparse_organs"] and resolved[0].data.val_frac == 0.3
     with pytest.raises(ConfigError, match="unknown data.task 'sparse_organs'"):  # beseg's own configs still need one
@@ -228,7 +229,7 @@ def test_uncompressed_nifti_is_named_before_nnunets_converter_runs(tmp_path):
         "training": [{"image": f"./imagesTr/{c}.nii", "label": f"./labelsTr/{c}.nii"} for c in ids]}))
     split = make_split(ids, val_frac=0.2, test_frac=0.2, seed=0)
     with pytest.raises(NNUNetError, match=r"c0\.nii: nnU-Net's MSD converter reads \.nii\.gz files only"):
-        nnunet_runs.prepare_dataset(ResultsLayout(tmp_path / "results"), data, {None: split}, "heldout",
+        nnunet_runs.prepare_dataset(ResultsLayout(tmp_path / "results"), load_task(data), {None: split}, "heldout",
                                     ["3d_fullres"], str(tmp_path / "no-python"), log=lambda _: None)
 
 

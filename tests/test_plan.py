@@ -8,18 +8,21 @@ would put runs outside the results folder, or where the report never looks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from beseg.cli import main
+from beseg.data import DatasetIdentity, load_task
 from beseg.errors import ConfigError
 from beseg.experiment import worker
 from beseg.experiment.compare import run_compare, split_config
 from beseg.experiment.layout import RESERVED_NAMES, run_id_problem, system_name_problem
-from beseg.experiment.plan import plan_runs, read_plan_json, resolve_system, write_plan_json
+from beseg.experiment.plan import planned_task, plan_runs, read_plan_json, resolve_system, write_plan_json
 from conftest import tiny_compare
 
 BAD_NAMES = ["../escaped", "a/b", "/tmp/absolute", "report", "logs", "slurm", "nnunet", "Report", "two words", "",
@@ -75,7 +78,7 @@ def _plan(tmp_path: Path) -> Path:
     out = tmp_path / "results"
     out.mkdir()
     runs = plan_runs([resolve_system("dice", "phantom_spleen")], [0], out, overrides=tiny_compare(tmp_path))
-    write_plan_json(out, runs, "heldout", None, tmp_path / "data")
+    write_plan_json(out, runs, "heldout", None, DatasetIdentity(tmp_path / "data", "0" * 64, ("a", "b"), ()))
     return out
 
 
@@ -127,3 +130,85 @@ def test_systems_that_disagree_on_the_split_are_refused_naming_both(tiny_data, t
     runs = plan_runs([resolve_system("dice", "phantom_spleen"), resolve_system(str(mine), "phantom_spleen")], [0], out,
                      overrides=["data.val_frac=0.3"])
     assert split_config(runs).data.val_frac == 0.3 and not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the dataset's identity in plan.json
+
+
+def _planned_on_a_copy(tiny_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(results folder, dataset folder): a plan.json of one run on a copy of the tiny dataset."""
+    data = tmp_path / "Task09_Spleen"
+    shutil.copytree(tiny_data, data)
+    out = tmp_path / "results"
+    out.mkdir()
+    runs = plan_runs([resolve_system("dice", "phantom_spleen")], [0], out, overrides=tiny_compare(tmp_path))
+    write_plan_json(out, runs, "heldout", None, load_task(data).identity)
+    return out, data
+
+
+def _add_a_case(data: Path) -> None:
+    """dataset.json lists one more training case (a copy of the first case's files)."""
+    meta = json.loads((data / "dataset.json").read_text())
+    first = meta["training"][0]
+    for key in ("image", "label"):
+        shutil.copy(data / first[key], data / first[key].replace(".nii.gz", "_copy.nii.gz"))
+    meta["training"].append({k: v.replace(".nii.gz", "_copy.nii.gz") for k, v in first.items()})
+    meta["numTraining"] = len(meta["training"])
+    (data / "dataset.json").write_text(json.dumps(meta, indent=2))
+
+
+def test_plan_json_records_the_folder_the_dataset_json_sha256_and_the_case_list(tiny_data, tmp_path):
+    out, data = _planned_on_a_copy(tiny_data, tmp_path)
+    meta = json.loads((data / "dataset.json").read_text())
+    recorded = json.loads((out / "plan.json").read_text())["data"]
+    assert recorded == {
+        "folder": str(data.resolve()),
+        "dataset_json_sha256": hashlib.sha256((data / "dataset.json").read_bytes()).hexdigest(),
+        "training": [Path(e["image"]).name.removesuffix(".nii.gz") for e in meta["training"]],
+        "test": [str(Path(p)) for p in meta.get("test", [])],
+    }
+    assert planned_task(read_plan_json(out)) == load_task(data)
+
+
+def test_beseg_train_under_srun_stops_in_one_line_when_the_dataset_changed_since_planning(tiny_data, tmp_path, capsys):
+    out, data = _planned_on_a_copy(tiny_data, tmp_path)
+    before = hashlib.sha256((data / "dataset.json").read_bytes()).hexdigest()
+    _add_a_case(data)
+    after = hashlib.sha256((data / "dataset.json").read_bytes()).hexdigest()
+    run = tmp_path / "run"
+    # What each rank of a multi-rank run executes (worker._train_with_srun).
+    code = main(["train", "--plan", str(out / "plan.json"), "phantom_spleen_segresnet_dice", "--out", str(run),
+                 "--no-progress", *tiny_compare(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.strip() == (
+        f"beseg train: error: {out.resolve() / 'plan.json'}: the dataset changed since this comparison was planned "
+        f"(Task09_Spleen/dataset.json: 10 -> 11 training cases (added phantom_spleen_000_copy), SHA-256 "
+        f"{before[:12]}... -> {after[:12]}...); run the same beseg compare command again to plan it anew")
+    assert not run.exists()
+
+
+def test_a_plan_json_with_the_folder_alone_is_read_and_its_dataset_loaded_unchecked(tiny_data, tmp_path):
+    out, data = _planned_on_a_copy(tiny_data, tmp_path)
+    plan = json.loads((out / "plan.json").read_text())
+    plan["data"] = str(data)  # as beseg wrote it before plan.json recorded the dataset's identity
+    (out / "plan.json").write_text(json.dumps(plan))
+    _add_a_case(data)
+    read = read_plan_json(out)
+    assert read["identity"] is None
+    lines: list[str] = []
+    task = planned_task(read, log=lines.append)
+    assert len(task.training) == 11  # nothing to check it against: the folder as it is now
+    assert lines == [f"{out.resolve() / 'plan.json'}: no identity of the dataset recorded (written by an older beseg); "
+                     f"{data} is loaded unchecked. Run the compare command again to record it."]
+
+
+def test_a_damaged_dataset_identity_in_plan_json_is_refused_in_one_line(tiny_data, tmp_path):
+    out, _ = _planned_on_a_copy(tiny_data, tmp_path)
+    plan = json.loads((out / "plan.json").read_text())
+    del plan["data"]["dataset_json_sha256"]
+    (out / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ConfigError, match=r"plan\.json: cannot read it \('data' must hold a folder, a "
+                                          r"dataset_json_sha256 and the training and test lists\); run the compare"):
+        read_plan_json(out)

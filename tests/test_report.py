@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from beseg.data import MSDTask, load_task
 from beseg.errors import ReportError
 from beseg.metrics import METRIC_NAMES
 from beseg.report import collect_results, write_report
@@ -42,8 +43,8 @@ def _ellipsoid(centre: tuple[float, float, float], radius_mm: float) -> np.ndarr
     return (d2 <= radius_mm**2).astype(np.uint8)
 
 
-def make_dataset(root: Path) -> Path:
-    """An MSD-like task folder: dataset.json, imagesTr/, labelsTr/ with 4 small cases."""
+def make_dataset(root: Path) -> MSDTask:
+    """An MSD-like task folder (dataset.json, imagesTr/, labelsTr/ with 4 small cases), loaded."""
     rng = np.random.default_rng(0)
     training = []
     for i, case in enumerate(CASES):
@@ -54,7 +55,7 @@ def make_dataset(root: Path) -> Path:
         training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
     (root / "dataset.json").write_text(json.dumps({"name": "Spleen", "labels": {"0": "background", "1": "spleen"},
                                                    "modality": {"0": "CT"}, "training": training}))
-    return root
+    return load_task(root)
 
 
 #: How the fake runs were evaluated (the keys `beseg evaluate` records in summary.json).
@@ -110,7 +111,7 @@ def make_results(root: Path, task: str = "task09", fields: dict | None = HELDOUT
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(results folder, dataset folder, report.html) written once for the module."""
+    """(results folder, dataset, report.html) written once for the module."""
     tmp = tmp_path_factory.mktemp("report")
     data = make_dataset(tmp / "data")
     results = make_results(tmp / "results")

@@ -1,6 +1,6 @@
 """``beseg bench data``: can the loader feed the training step it serves?
 
-On a task folder (``--data DIR``, default a generated phantom spleen) with a config's data settings,
+On a task (``--data DIR``, loaded by the command; default a generated phantom spleen) with a config's data settings,
 it prepares (or reuses) the preprocessed store (:mod:`beseg.data.store`) and measures, side by side
 in one run:
 
@@ -34,7 +34,7 @@ from monai.data import DataLoader, list_data_collate
 from torch.utils.data import RandomSampler
 
 from beseg.data.datasets import build_task_data
-from beseg.data.msd import load_task
+from beseg.data.msd import MSDTask, load_task
 from beseg.data.phantom import make_phantom
 from beseg.data.presets import get_preset
 
@@ -118,18 +118,18 @@ def step_time(config, preset, batch: dict, steps: int) -> float:
     return statistics.median(times)
 
 
-def run_data_benchmark(data_dir: str | Path | None = None, config: str = "phantom_spleen_segresnet_be",
+def run_data_benchmark(task: MSDTask | None = None, config: str = "phantom_spleen_segresnet_be",
                        overrides: Sequence[str] = (), cases: int = 12, workers: int = 2, items: int = 20,
                        steps: int = 3, threads: int = 2, baseline: bool = False, seed: int = 0,
                        patch_size: Sequence[int] | None = None) -> dict[str, Any]:
     """Run the benchmark and print a report.
 
     Args:
-        data_dir: MSD task folder; ``None`` generates a phantom spleen of ``cases`` cases in a
-            temporary folder (with a temporary cache).
+        task: the task to read (:func:`beseg.data.load_task`); ``None`` generates a phantom spleen of ``cases``
+            cases in a temporary folder (with a temporary cache) and loads it.
         config: preset name or YAML file whose ``data`` and ``model`` settings are used.
         overrides: ``KEY=VALUE`` config overrides (e.g. ``data.cache_dir=...``).
-        cases: phantom cases when ``data_dir`` is ``None``.
+        cases: phantom cases when ``task`` is ``None``.
         workers: the N of the N-worker timing (1 worker is always timed).
         items: timed loader items (each ``data.num_samples`` patches) per timing.
         steps: timed training steps (0: no step timing).
@@ -152,13 +152,12 @@ def run_data_benchmark(data_dir: str | Path | None = None, config: str = "phanto
     d = cfg.data
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="beseg-bench-data-") as tmp:
-        if data_dir is None:
-            data_dir = make_phantom(Path(tmp) / "task", task="spleen", cases=cases, test_cases=0, seed=seed,
-                                    progress=False)
+        if task is None:  # the benchmark's own dataset, made and loaded here
+            task = load_task(make_phantom(Path(tmp) / "task", task="spleen", cases=cases, test_cases=0, seed=seed,
+                                          progress=False))
             cache_dir: Path | None = Path(tmp) / "cache"
         else:
             cache_dir = d.cache_path
-        task = load_task(data_dir)
         # A private split file: the benchmark never creates the split a later training would use.
         split = Path(d.split_file) if d.split_file else Path(tmp) / "split.json"
         start = time.perf_counter()
@@ -246,7 +245,7 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return total, count
 
 
-def training_memory(data_dir: str | Path, config: str, overrides: Sequence[str] = (), steps: int = 3,
+def training_memory(task: MSDTask, config: str, overrides: Sequence[str] = (), steps: int = 3,
                     interval_s: float = 0.1) -> dict[str, float]:
     """Peak PSS of a short ``beseg train`` (process tree, loader workers included).
 
@@ -267,7 +266,8 @@ def training_memory(data_dir: str | Path, config: str, overrides: Sequence[str] 
     import sys
 
     with tempfile.TemporaryDirectory(prefix="beseg-bench-mem-") as tmp:
-        args = [sys.executable, "-c", _SHORT_TRAINING, config, str(data_dir), str(Path(tmp) / "run"),
+        # The child is a command of its own: it loads the task folder once (its Trainer).
+        args = [sys.executable, "-c", _SHORT_TRAINING, config, str(task.root), str(Path(tmp) / "run"),
                 *overrides, "train.epochs=1", f"train.steps_per_epoch={steps}"]
         err_path = Path(tmp) / "stderr"
         with open(err_path, "w") as err:

@@ -134,20 +134,22 @@ def _verdict(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from beseg.bench.data import run_data_benchmark
+    from beseg.data import load_task
     from beseg.errors import ConfigError
 
     if args.workers < 1 or args.items < 1 or args.steps < 0:
         raise ConfigError("--workers and --items must be at least 1, --steps at least 0.")
+    if args.train_memory is not None and not args.data:
+        raise ConfigError("--train-memory needs --data DIR.")
+    task = load_task(args.data) if args.data else None
     if args.train_memory is not None:
         from beseg.bench.data import training_memory
 
-        if not args.data:
-            raise ConfigError("--train-memory needs --data DIR.")
-        res = training_memory(args.data, args.config, args.overrides, steps=args.train_memory)
+        res = training_memory(task, args.config, args.overrides, steps=args.train_memory)
         print(f"short training ({args.train_memory} steps, {args.config} on {args.data}): peak PSS "
               f"{res['peak_pss_gb']:.2f} GB over {res['processes']} process(es), {res['seconds']:.0f} s")
         return 0
-    run_data_benchmark(args.data, args.config, args.overrides, cases=args.cases, workers=args.workers,
+    run_data_benchmark(task, args.config, args.overrides, cases=args.cases, workers=args.workers,
                        items=args.items, steps=args.steps, threads=args.threads, baseline=args.baseline,
                        patch_size=tuple(args.patch) if args.patch else None)
     return 0

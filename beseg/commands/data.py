@@ -193,7 +193,7 @@ def _prepare(args: argparse.Namespace) -> int:
     task = load_task(args.dir)
     preset.validate(task)
     cache_dir = config.data.cache_path
-    require_valid_task(task.root, cache_dir, progress=not args.no_progress)
+    require_valid_task(task, cache_dir, progress=not args.no_progress)
     store = prepare_store(task, preset, cache_dir, workers=args.workers, progress=not args.no_progress)
     size = store.size_bytes()
     print(f"store {store.root}: {len(task.training)} case(s), {size / 1e9:.2f} GB "

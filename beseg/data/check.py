@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from beseg.data.msd import BadEntry, MSDTask, is_apple_double, load_task, parse_task
+from beseg.data.msd import BadEntry, Case, MSDTask, is_apple_double, load_task, parse_task
 from beseg.data.nifti import NiftiHeader, read_array
 from beseg.errors import DataError
 from beseg.fileio import atomic_write_text
 
-__all__ = ["CaseReport", "CheckReport", "check_task", "remember_pass", "require_valid_task"]
+__all__ = ["AFFINE_TOL", "CaseReport", "CheckReport", "as_task", "check_task", "remember_pass", "require_valid_task"]
+
+#: Default largest difference between an image's and its label's affine entries (mm; mm/voxel).
+AFFINE_TOL = 1e-3
 
 
 @dataclass
@@ -191,8 +194,11 @@ def _check_case(rep: CaseReport, image: Path | None, label: Path | None, task: M
     return rep
 
 
-def check_task(root: str | Path, affine_tol: float = 1e-3, progress: bool | None = None) -> CheckReport:
-    """Check every training case and test image of an MSD task folder.
+def check_task(root: str | Path, affine_tol: float = AFFINE_TOL, progress: bool | None = None) -> CheckReport:
+    """Check every training case and test image of an MSD task folder (``beseg data check``).
+
+    Unlike :func:`load_task`, it reads a ``dataset.json`` with bad entries too, and lists them with the
+    problems of every other case.
 
     Args:
         root: the task folder.
@@ -215,8 +221,16 @@ def check_task(root: str | Path, affine_tol: float = 1e-3, progress: bool | None
     report.problems.extend(parsed.problems)
     report.ignored = sum(1 for sub in ("imagesTr", "labelsTr", "imagesTs") if (task.root / sub).is_dir()
                          for p in (task.root / sub).iterdir() if is_apple_double(p))
+    return _check_files(report, parsed.entries, affine_tol, progress)
+
+
+def _check_files(report: CheckReport, entries: list[Case | BadEntry], affine_tol: float,
+                 progress: bool | None) -> CheckReport:
+    """Read every entry's files and every test image of ``report.task`` into ``report``."""
+    task = report.task
+    assert task is not None
     disable = None if progress is None else not progress  # None: tqdm decides (a bar on a terminal only)
-    for entry in tqdm(parsed.entries, desc="checking", unit="case", disable=disable):
+    for entry in tqdm(entries, desc="checking", unit="case", disable=disable):
         if isinstance(entry, BadEntry):
             # The entry's own problems, then whatever its files that do resolve inside the folder show.
             rep = CaseReport(entry.case, problems=list(entry.problems))
@@ -232,23 +246,22 @@ def check_task(root: str | Path, affine_tol: float = 1e-3, progress: bool | None
     return report
 
 
-def _pass_marker(root: Path, cache_dir: str | Path | None) -> Path | None:
-    """The file that records a passed check of ``root``: named by every listed file's path, size and
-    modification time, so any change to the data (or to ``dataset.json``) checks again. None when the
-    folder cannot be listed (the full check then says exactly what is wrong)."""
+def _pass_marker(task: MSDTask, cache_dir: str | Path | None) -> Path | None:
+    """The file that records a passed check of ``task``: named by every listed file's path, size and
+    modification time, so any change to the data (or to ``dataset.json``) checks again. None when a
+    file cannot be looked at (the full check then says exactly what is wrong)."""
     import hashlib
 
     from beseg.data.intensity import default_cache_dir
 
-    root = Path(root).expanduser().resolve()  # one key for every spelling of the folder (check_task reports it resolved)
+    root = task.root  # resolved: one key for every spelling of the folder
     try:
-        task = load_task(root, check_files=False)
         files = [root / "dataset.json", *(p for c in task.training for p in (c.image, c.label)), *task.test]
-        h = hashlib.sha1(f"check v2 {root.resolve()}".encode())  # v2: entries checked one by one
+        h = hashlib.sha1(f"check v2 {root}".encode())  # v2: entries checked one by one
         for path in files:
             st = path.stat()
             h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    except (DataError, OSError):
+    except OSError:
         return None
     return Path(cache_dir or default_cache_dir(root)) / f"check-{h.hexdigest()[:16]}.ok"
 
@@ -256,7 +269,7 @@ def _pass_marker(root: Path, cache_dir: str | Path | None) -> Path | None:
 def remember_pass(report: CheckReport, cache_dir: str | Path | None = None) -> None:
     """Record a passed :func:`check_task` so that :func:`require_valid_task` does not read every voxel again
     (``beseg data download`` shows the full check, then training starts without repeating it)."""
-    marker = _pass_marker(report.root, cache_dir) if report.ok else None
+    marker = _pass_marker(report.task, cache_dir) if report.ok and report.task is not None else None
     if marker is not None:
         try:
             atomic_write_text(marker, "passed\n")
@@ -264,20 +277,51 @@ def remember_pass(report: CheckReport, cache_dir: str | Path | None = None) -> N
             pass  # a read-only cache only costs a re-check next time
 
 
-def require_valid_task(root: str | Path, cache_dir: str | Path | None = None, progress: bool = False) -> None:
-    """Raise unless :func:`check_task` passes; a pass is remembered until a file changes.
+def require_valid_task(task: MSDTask, cache_dir: str | Path | None = None, progress: bool = False) -> None:
+    """Raise unless every file ``task`` lists passes the check; a pass is remembered until a file changes.
 
     Checking reads every voxel, which takes minutes on Task01; a training run, and each of the
     runs of a comparison, would otherwise repeat it. A pass is recorded in ``cache_dir`` under a
     key made of every listed file's path, size and modification time, so any change to the data
     (or to ``dataset.json``) checks again. Failures are never cached.
 
+    Args:
+        task: the loaded task (:func:`beseg.data.load_task`); its cases and test images are checked.
+        cache_dir: where passes are recorded (default :func:`beseg.data.default_cache_dir` of the task).
+        progress: a progress bar.
+
     Raises:
         DataError: the folder has problems; the message lists every one, each naming its file.
     """
-    marker = _pass_marker(Path(root), cache_dir)
+    marker = _pass_marker(task, cache_dir)
     if marker is not None and marker.is_file():
         return
-    report = check_task(root, progress=progress)
+    report = _check_files(CheckReport(task.root, task), list(task.training), AFFINE_TOL, progress)
     report.raise_for_problems()
     remember_pass(report, cache_dir)
+
+
+def as_task(data: MSDTask | str | Path, progress: bool = False) -> MSDTask:
+    """The task of a library entry point that takes a task or its folder: the task itself, or the folder loaded once.
+
+    For :func:`beseg.engine.trainer.train`, :func:`beseg.engine.evaluate.evaluate` and
+    :func:`beseg.experiment.compare.run_compare`, which a user may call with a folder; everything they call
+    takes the :class:`MSDTask`. The listed files are not checked here (:func:`require_valid_task` does).
+
+    Args:
+        data: the task, or its folder.
+        progress: a progress bar while a folder with bad entries is checked in full.
+
+    Raises:
+        DataError: as :func:`beseg.data.load_task`; when ``dataset.json`` has bad entries, one error listing
+            them with every other case's problems too (:func:`check_task`), so one run names every bad case.
+    """
+    if isinstance(data, MSDTask):
+        return data
+    try:
+        return load_task(data, check_files=False)
+    except DataError:
+        report = check_task(data, progress=progress)
+        if report.task is not None:  # dataset.json was read: its bad entries, and every other case's problems
+            report.raise_for_problems()
+        raise

@@ -11,19 +11,29 @@ stopping, so ``beseg data check`` can list every bad case in one run; only a fil
 read as a task at all (no folder, invalid JSON, a required key missing or of the wrong type)
 raises. :func:`load_task` raises one :class:`beseg.errors.DataError` listing every problem.
 The parser raises nothing but ``DataError``, whatever the file contains.
+
+One object per command. A command loads its task once (:func:`load_task`; the library's entry points
+that also take a folder, through :func:`beseg.data.check.as_task`) and hands the :class:`MSDTask` down: splits, data
+check, training, evaluation, cost plan, nnU-Net preparation and report all read that object, never
+``dataset.json`` again. The task knows where it came from (:attr:`MSDTask.identity`: the folder, the
+SHA-256 of the ``dataset.json`` bytes it was parsed from, its training ids and test images); a
+process that must load the folder again (a comparison's worker) loads it with :func:`reload_task`,
+which refuses a dataset that is no longer the one recorded. A new dataset format is a new loader
+returning an :class:`MSDTask` with the same identity; nothing below the loaders reads the files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from beseg.errors import DataError
 
-__all__ = ["BadEntry", "Case", "MSDTask", "ParsedTask", "load_task", "parse_task", "is_apple_double", "list_nifti",
-           "case_id"]
+__all__ = ["BadEntry", "Case", "DatasetChangedError", "DatasetIdentity", "MSDTask", "ParsedTask", "load_task", "parse_task", "reload_task", "is_apple_double", "list_nifti", "case_id"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -70,9 +80,95 @@ class Case:
         return {"image": str(self.image), "label": str(self.label), "id": self.id}
 
 
+def _few(ids: Sequence[str], at_most: int = 3) -> str:
+    """``a, b, c and 4 more``: a few names of a longer list, for one-line messages."""
+    shown = ", ".join(ids[:at_most])
+    return shown + (f" and {len(ids) - at_most} more" if len(ids) > at_most else "")
+
+
+def _changed_list(before: Sequence[str], after: Sequence[str], what: str) -> str | None:
+    """``41 -> 42 training cases (added spleen_50)``; ``None`` when the lists are equal."""
+    if tuple(before) == tuple(after):
+        return None
+    added = [x for x in after if x not in set(before)]
+    removed = [x for x in before if x not in set(after)]
+    details = [f"added {_few(added)}"] if added else []
+    details += [f"removed {_few(removed)}"] if removed else []
+    return f"{len(before)} -> {len(after)} {what} ({'; '.join(details) or 'reordered'})"
+
+
+@dataclass(frozen=True)
+class DatasetIdentity:
+    """Which dataset a task is: what ``plan.json`` records (its ``data``) so that a process loading the folder
+    again can tell whether it is still the dataset the comparison was planned on.
+
+    Attributes:
+        folder: the task folder (resolved).
+        sha256: SHA-256 (hex) of the ``dataset.json`` bytes the task was parsed from, taken when they were read.
+        training: the training case ids, in ``dataset.json`` order.
+        test: the test images, relative to the folder (``imagesTs/spleen_1.nii.gz``).
+    """
+
+    folder: Path
+    sha256: str
+    training: tuple[str, ...]
+    test: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"folder", "dataset_json_sha256", "training", "test"}``, as ``plan.json`` holds it."""
+        return {"folder": str(self.folder), "dataset_json_sha256": self.sha256, "training": list(self.training),
+                "test": list(self.test)}
+
+    @classmethod
+    def from_dict(cls, value: Any) -> DatasetIdentity:
+        """The identity :meth:`to_dict` wrote.
+
+        Raises:
+            ValueError: ``value`` is not such a dict (a damaged file).
+        """
+        if not isinstance(value, Mapping):
+            raise ValueError(f"'data' must be an object, got {type(value).__name__}")
+        folder, digest = value.get("folder"), value.get("dataset_json_sha256")
+        training, test = value.get("training"), value.get("test")
+        if not isinstance(folder, str) or not folder or not isinstance(digest, str) or not (
+                isinstance(training, list) and isinstance(test, list)
+                and all(isinstance(x, str) for x in [*training, *test])):
+            raise ValueError("'data' must hold a folder, a dataset_json_sha256 and the training and test lists")
+        return cls(Path(folder), digest, tuple(training), tuple(test))
+
+    def changes(self, now: DatasetIdentity) -> str | None:
+        """What differs in ``now`` from this identity, in one phrase; ``None`` when nothing does.
+
+        ``Task09_Spleen/dataset.json: 41 -> 42 training cases (added spleen_50), SHA-256 3f2a9c01b7e4... ->
+        9d04c2e8a1f3...``; a change that keeps the case lists (a label path, another key) says so.
+        """
+        if now == self:
+            return None
+        parts = [p for p in (_changed_list(self.training, now.training, "training cases"),
+                             _changed_list(self.test, now.test, "test images")) if p]
+        if now.folder != self.folder:
+            parts.insert(0, f"folder {self.folder} -> {now.folder}")
+        if not parts:
+            parts.append("the same cases, other content (a path, a label or another key)")
+        return (f"{self.folder.name}/dataset.json: {', '.join(parts)}, SHA-256 {self.sha256[:12]}... -> "
+                f"{now.sha256[:12]}...")
+
+
+class DatasetChangedError(DataError):
+    """The task folder no longer holds the dataset an identity recorded (:func:`reload_task`).
+
+    Attributes:
+        change: what differs (:meth:`DatasetIdentity.changes`).
+    """
+
+    def __init__(self, message: str, change: str) -> None:
+        super().__init__(message)
+        self.change = change
+
+
 @dataclass(frozen=True)
 class MSDTask:
-    """A parsed MSD task folder.
+    """A parsed MSD task folder: the one object a command loads and hands down.
 
     Attributes:
         root: the task folder (resolved).
@@ -81,6 +177,9 @@ class MSDTask:
         labels: label value -> name, e.g. ``{0: "background", 1: "spleen"}``.
         training: the labelled cases, in ``dataset.json`` order.
         test: unlabelled test images.
+        sha256: SHA-256 (hex) of the ``dataset.json`` bytes this task was parsed from.
+        meta: the whole ``dataset.json`` object as parsed (``description``, ``licence``... too), for a tool
+            that takes the file's other keys on (nnU-Net's converter); read it, never change it.
     """
 
     root: Path
@@ -89,11 +188,19 @@ class MSDTask:
     labels: dict[int, str]
     training: list[Case] = field(default_factory=list)
     test: list[Path] = field(default_factory=list)
+    sha256: str = ""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_channels(self) -> int:
         """Number of image channels declared by ``modality``."""
         return len(self.modality)
+
+    @property
+    def identity(self) -> DatasetIdentity:
+        """The folder, the ``dataset.json`` SHA-256 and the case list (:class:`DatasetIdentity`)."""
+        return DatasetIdentity(self.root, self.sha256, tuple(c.id for c in self.training),
+                               tuple(p.relative_to(self.root).as_posix() for p in self.test))
 
     def case(self, cid: str) -> Case:
         """The training case called ``cid``.
@@ -199,9 +306,11 @@ class ParsedTask:
         return [*self.problems, *(p for e in self.bad_entries for p in e.problems)]
 
 
-def _read_meta(root: Path, where: str) -> dict:
+def _read_meta(root: Path, where: str) -> tuple[dict, str]:
+    """``dataset.json`` as a dict, and the SHA-256 of the bytes it was parsed from: the one read of the file."""
     try:
-        text = (root / "dataset.json").read_text(encoding="utf-8")
+        raw = (root / "dataset.json").read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"{where}: file not found; an MSD task folder must contain dataset.json") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -214,7 +323,7 @@ def _read_meta(root: Path, where: str) -> dict:
         raise DataError(f"{where}: invalid JSON: nested too deeply") from None
     if not isinstance(meta, dict):
         raise DataError(f"{where}: top level must be a JSON object, got {type(meta).__name__}")
-    return meta
+    return meta, hashlib.sha256(raw).hexdigest()
 
 
 def _training_entry(root: Path, entry: Any, ewhere: str, seen: dict[str, str]) -> Case | BadEntry:
@@ -261,7 +370,7 @@ def parse_task(root: str | Path) -> ParsedTask:
         raise DataError(f"{root}: task folder not found")
     root = root.resolve()
     where = str(root / "dataset.json")
-    meta = _read_meta(root, where)
+    meta, digest = _read_meta(root, where)
 
     name = _expect(meta, "name", str, where)
     modality = _int_keyed(_expect(meta, "modality", dict, where), "modality", where)
@@ -301,7 +410,7 @@ def parse_task(root: str | Path) -> ParsedTask:
         except DataError as err:
             problems.append(str(err))
 
-    task = MSDTask(root, name, modality, labels, [e for e in entries if isinstance(e, Case)], test)
+    task = MSDTask(root, name, modality, labels, [e for e in entries if isinstance(e, Case)], test, digest, meta)
     return ParsedTask(task, entries, problems, test_index)
 
 
@@ -349,3 +458,21 @@ def load_task(root: str | Path, check_files: bool = True) -> MSDTask:
         raise DataError(f"{where}: {len(problems)} problems: "
                         + "; ".join(p.removeprefix(f"{where}: ") for p in problems))
     return parsed.task
+
+
+def reload_task(identity: DatasetIdentity) -> MSDTask:
+    """Load the task folder an identity names again, refusing it unless it is still that dataset.
+
+    For a process that was handed the identity instead of the task (a comparison's worker reads it from
+    ``plan.json``). The listed files are not checked (the data check does that, with its cache).
+
+    Raises:
+        DatasetChangedError: ``dataset.json`` differs from the recorded one (its bytes, its cases); the
+            message says what changed (:meth:`DatasetIdentity.changes`).
+        DataError: the folder or its ``dataset.json`` cannot be read as a task any more.
+    """
+    task = load_task(identity.folder, check_files=False)
+    change = identity.changes(task.identity)
+    if change is not None:
+        raise DatasetChangedError(change, change)
+    return task

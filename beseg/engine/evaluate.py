@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from beseg.data import Split, default_cache_dir, load_split, load_task
+from beseg.data import Split, as_task, default_cache_dir, load_split
 from beseg.data.splits import PROTOCOLS as PROTOCOL_SPECS
 from beseg.data.splits import get_protocol
 from beseg.data.classes import class_masks
@@ -190,17 +190,17 @@ def stored_header(case: Case, props: dict[str, Any]) -> NiftiHeader:
                        tuple(props["original_spacing"]), np.dtype(np.float32))  # type: ignore[arg-type]
 
 
-def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", out: str | Path | None = None,
+def evaluate(checkpoint: str | Path, data: MSDTask | str | Path, split: str = "test", out: str | Path | None = None,
              nsd_tolerance_mm: float = 1.0, device: str = "auto", progress: bool = True,
              protocol: str | None = None,
              distance_penalty_mm: float | None = BRATS_DISTANCE_PENALTY_MM,
              affine_tol_mm: float = AFFINE_TOL_MM, split_file: str | Path | None = None,
              from_store: bool | None = None, fence: Callable[[], None] | None = None) -> EvalSummary:
-    """Score a trained model on the ``split`` cases of ``data_dir``.
+    """Score a trained model on the ``split`` cases of the task ``data``.
 
     Args:
         checkpoint: checkpoint file, or run folder (its best checkpoint).
-        data_dir: the MSD-layout task folder trained on.
+        data: the task trained on (:func:`beseg.data.load_task`), or its MSD-layout folder, loaded here once.
         split: ``test`` (the held-out cases of the run's split file, the default), ``val`` (the
             cases that chose ``best.pt``: optimistic), ``train`` or ``all`` (every labelled case).
         out: output folder; default ``<run folder>/eval``.
@@ -237,7 +237,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     if split not in EVAL_SPLITS:
         raise ValueError(f"--split must be {', '.join(EVAL_SPLITS[:-1])} or {EVAL_SPLITS[-1]}, got {split!r}.")
     loaded = load_model(checkpoint, device)
-    task = load_task(data_dir, check_files=False)  # a missing file fails its case, not the run
+    task = as_task(data)  # a listed file that is missing fails its case, not the run
     ids = [c.id for c in task.training]
     parts: Split | None = None
     if split == "all":

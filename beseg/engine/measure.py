@@ -351,7 +351,7 @@ def measure_training(config: Config, store: Store, case: Case, task: MSDTask, pr
         the network...), its ``error`` says where and why, and the figures measured before stay.
     """
     cost = TrainingCost(warmup_steps=warmup, threads=torch.get_num_threads())
-    trainer = Trainer(config, task.root, scratch / "run", progress=False)
+    trainer = Trainer(config, task, scratch / "run", progress=False)
     trainer.dist = DistInfo(0, 1, 0, device)
     patch = trainer.patch
     d = config.data

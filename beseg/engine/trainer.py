@@ -55,7 +55,7 @@ from monai.metrics import compute_dice
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from beseg.data import TaskData, TaskPreset, build_task_data, get_preset, load_task, require_valid_task, save_split
+from beseg.data import MSDTask, TaskData, TaskPreset, as_task, build_task_data, get_preset, require_valid_task, save_split
 from beseg.data.classes import class_masks
 from beseg.engine.checkpoint import (
     FORMAT_VERSION,
@@ -113,14 +113,14 @@ def load_resume_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     return load_checkpoint(last)
 
 
-def train(config: Config | None, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
+def train(config: Config | None, data: MSDTask | str | Path, run_dir: str | Path, resume: bool = False,
           progress: bool = True) -> TrainResult:
-    """Train ``config`` on the task folder ``data_dir`` into ``run_dir`` with the default :class:`Trainer`.
+    """Train ``config`` on the task ``data`` into ``run_dir`` with the default :class:`Trainer`.
 
     Args:
         config: the configuration; with ``resume`` the checkpoint's is used, and only the runtime
             settings of ``config`` (if given) replace its own (:data:`beseg.engine.config.RUNTIME_KEYS`).
-        data_dir: MSD-layout task folder.
+        data: the task (:func:`beseg.data.load_task`), or its MSD-layout folder, loaded here once.
         run_dir: run folder (see :mod:`beseg.engine.rundir`); created if needed.
         resume: continue from ``run_dir/checkpoints/last.pt``.
         progress: show progress bars (rank 0 only).
@@ -132,7 +132,7 @@ def train(config: Config | None, data_dir: str | Path, run_dir: str | Path, resu
         ConfigError, DataError, CheckpointError, TrainingError, RunLockedError, DistributedError:
             with a message naming the file, setting or rank at fault.
     """
-    return Trainer(config, data_dir, run_dir, resume=resume, progress=progress).run()
+    return Trainer(config, data, run_dir, resume=resume, progress=progress).run()
 
 
 class Trainer:
@@ -141,7 +141,7 @@ class Trainer:
     Args:
         config: the configuration; with ``resume`` the checkpoint's is used, and only the runtime
             settings of ``config`` (if given) replace its own (:data:`beseg.engine.config.RUNTIME_KEYS`).
-        data_dir: MSD-layout task folder.
+        data: the task (:func:`beseg.data.load_task`), or its MSD-layout folder, loaded here once (``task``).
         run_dir: run folder; created if needed.
         resume: continue from ``run_dir/checkpoints/last.pt``.
         progress: show progress bars and a line per validation (rank 0 only).
@@ -149,7 +149,9 @@ class Trainer:
     Raises:
         ConfigError: no config, or an invalid patch size for the network.
         CheckpointError: ``resume`` without a readable ``last.pt``.
+        DataError: ``data`` is a folder whose ``dataset.json`` cannot be loaded.
 
+    Attributes: ``task`` (the :class:`~beseg.data.MSDTask` trained on), ``config``, ``preset``, ``run_dir``.
     Attributes set by :meth:`run` (for overriding methods): ``dist`` (:class:`DistInfo`),
     ``data`` (:class:`~beseg.data.TaskData`), ``loader``, ``sampler``, ``steps`` (per epoch),
     ``model`` (DDP-wrapped under torchrun), ``loss_fn``, ``optimizer``, ``scheduler``, ``scaler``,
@@ -169,10 +171,10 @@ class Trainer:
                 f"times the loss); override one of its hooks instead: {', '.join(Trainer.STEP_HOOKS)} (docs/engine.md)."
             )
 
-    def __init__(self, config: Config | None, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
+    def __init__(self, config: Config | None, data: MSDTask | str | Path, run_dir: str | Path, resume: bool = False,
                  progress: bool = True) -> None:
         self.run_dir = RunDir(run_dir)
-        self.data_dir = Path(data_dir)
+        self.task = as_task(data, progress)  # the listed files are checked by setup_data (require_valid_task)
         self.progress = progress
         self.checkpoint: dict[str, Any] | None = load_resume_checkpoint(run_dir) if resume else None
         if self.checkpoint is not None:
@@ -281,7 +283,7 @@ class Trainer:
         with self.all_ranks("checking the task folder and preparing the data"):
             if self.dist.is_main:
                 # Fail before any compute on a folder with bad files, listing every problem at once.
-                require_valid_task(self.data_dir, self.config.data.cache_path, progress=self.progress)
+                require_valid_task(self.task, self.config.data.cache_path, progress=self.progress)
                 if self.dist.distributed:
                     # Once: split.json, the statistics and (with the store) every missing case. The
                     # store's case locks would also let all ranks build at once; this keeps their
@@ -300,10 +302,10 @@ class Trainer:
         )
 
     def build_data(self, cache: str) -> TaskData:
-        """Split, statistics and datasets of the task folder (see :func:`beseg.data.build_task_data`)."""
+        """Split, statistics and datasets of the task (see :func:`beseg.data.build_task_data`)."""
         d = self.config.data
         return build_task_data(
-            load_task(self.data_dir), self.preset, split_file=d.split_file, cache_dir=self.config.data.cache_path,
+            self.task, self.preset, split_file=d.split_file, cache_dir=self.config.data.cache_path,
             patch_size=self.patch, cache=cache, val_frac=d.val_frac,
             test_frac=d.test_frac, seed=d.split_seed, num_samples=d.num_samples, pos=d.pos, neg=d.neg,
             progress=self.progress and self.dist.is_main,

@@ -15,6 +15,12 @@ Protocols (``protocol=``, ``--protocol``; ``--folds K`` for cross-validation):
   selection saw the reported cases, by different amounts per system. Kept to compare with the
   paper's Table 1.
 
+The dataset is loaded once. :func:`run_compare` takes the task (:class:`beseg.data.MSDTask`), or loads its
+folder once, and hands that object to every step: the splits, the data check, the runs, the cost plan,
+the nnU-Net preparation and the report. ``plan.json`` records its identity (folder, ``dataset.json``
+SHA-256, case list); a worker process loads the folder again from it and stops its run when
+``dataset.json`` has changed since planning (:mod:`beseg.experiment.worker`).
+
 Plan, execute, collect. :func:`run_compare` checks the request and the data, pins the split(s)
 in the results folder, plans every (system, seed[, fold]) run (:mod:`beseg.experiment.plan`,
 written to ``RESULTS/plan.json``), has a launcher (:mod:`beseg.experiment.launch`,
@@ -49,11 +55,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from beseg.data import (
-    Split, get_preset, load_split, load_task, make_folds, make_split, preset_for_task, require_valid_task, save_split,
+    DatasetIdentity, MSDTask, Split, as_task, get_preset, load_split, make_folds, make_split, preset_for_task, require_valid_task,
+    save_split,
 )
 from beseg.data.splits import get_protocol
 from beseg.engine.claim import Claim, RunLockedError
@@ -156,13 +164,13 @@ def split_config(runs: Sequence[PlannedRun]) -> Config:
     return first.config
 
 
-def prepare_splits(results_dir: str | Path, data_dir: str | Path, protocol: str, folds: int | None,
+def prepare_splits(results_dir: str | Path, task: MSDTask, protocol: str, folds: int | None,
                    config: Config) -> dict[int | None, Split]:
     """Make the comparison's split file(s) in ``results_dir`` before any run trains, or check existing ones.
 
     Args:
         results_dir: the results folder.
-        data_dir: the task folder (its case ids).
+        task: the comparison's dataset (its case ids).
         protocol: ``heldout``, ``paper`` or ``cv``.
         folds: K for ``cv``.
         config: the runs' config (:func:`split_config`); its ``data.val_frac``, ``data.test_frac`` and
@@ -177,7 +185,7 @@ def prepare_splits(results_dir: str | Path, data_dir: str | Path, protocol: str,
         ValueError: the task has too few cases for the requested split.
     """
     results_dir = Path(results_dir)
-    ids = [c.id for c in load_task(data_dir, check_files=False).training]
+    ids = [c.id for c in task.training]
     paths = ResultsLayout(results_dir).split_files(folds)
 
     def fresh(key: int | None) -> Split:
@@ -218,15 +226,14 @@ def prepare_splits(results_dir: str | Path, data_dir: str | Path, protocol: str,
 # running
 
 
-def _check_data(data_dir: Path, task_names: set[str], cache_dir: str | None = None) -> None:
-    """Fail before any training when the folder is unusable or is not the configs' task (the pass is
+def _check_data(task: MSDTask, task_names: set[str], cache_dir: str | None = None) -> None:
+    """Fail before any training when the task's files are unusable or it is not the configs' task (the pass is
     remembered in the runs' ``data.cache_dir``, where their training looks for it).
 
     Raises:
         DataError: listing every problem in the folder, or naming the mismatched task.
     """
-    require_valid_task(data_dir, cache_dir)
-    task = load_task(data_dir, check_files=False)
+    require_valid_task(task, cache_dir)
     for name in sorted(task_names & set(PRESETS)):  # a dataset without a preset (nnU-Net systems) has no preset rules
         get_preset(name).validate(task)
 
@@ -276,7 +283,7 @@ def _describe_protocol(protocol: str, splits: dict[int | None, Split]) -> str:
             "cases; best.pt is chosen on the validation cases, every reported number is on the test cases")
 
 
-def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Sequence[int], results_dir: str | Path,
+def run_compare(data: MSDTask | str | Path, systems: Sequence[str], seeds: int | Sequence[int], results_dir: str | Path,
                 overrides: Sequence[str] = (), prefix: str | None = None, progress: bool = True,
                 report: bool = True, log: Callable[[str], None] = print, protocol: str = "heldout",
                 folds: int | None = None, launcher=None, wait_s: float = 5.0, nnunet_python: str | None = None,
@@ -288,7 +295,8 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     the same command again after an interruption continues where it stopped.
 
     Args:
-        data_dir: MSD-layout task folder.
+        data: the dataset (:func:`beseg.data.load_task`), or its MSD-layout folder, loaded here once; every
+            step below (splits, data check, runs, cost plan, nnU-Net preparation, report) takes that object.
         systems: ``--systems`` entries (see :func:`resolve_system`).
         seeds: number of seeds (``0..n-1``) or the seeds themselves.
         results_dir: where the run folders and the report go.
@@ -334,12 +342,11 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         ReportError: the runs were not scored on the comparison's cases.
     """
     start = time.perf_counter()
-    data_dir = Path(data_dir)
-    if not (data_dir / "dataset.json").is_file():
-        raise DataError(f"{data_dir}: no dataset.json; --data must be an MSD task folder (see `beseg data check`).")
+    if not isinstance(data, MSDTask) and not (Path(data) / "dataset.json").is_file():
+        raise DataError(f"{data}: no dataset.json; --data must be an MSD task folder (see `beseg data check`).")
+    task = as_task(data)  # the one load of dataset.json in this command: everything below takes the object
     task_id = None
     if prefix is None:
-        task = load_task(data_dir, check_files=False)
         try:
             prefix = preset_prefix(preset_for_task(task).name)
         except DataError as err:
@@ -363,22 +370,23 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
     if baseline not in names:
         raise ConfigError(f"--baseline {baseline!r} is not one of the systems ({', '.join(names)}).")
     results_dir = Path(results_dir)
-    nnunet_env = None
+    nnunet_install = None
     nnunet_systems = [s.nnunet for s in specs if s.nnunet is not None]
     if nnunet_systems:  # a missing nnU-Net or an unknown trainer fails here, before anything trains
         python = nnunet_runs.resolve_python(nnunet_python)
         version = nnunet_runs.check_environment(
             python, nnunet_systems, nnunet_runs.nnunet_env(ResultsLayout(results_dir.absolute()).nnunet))
-        nnunet_env = {"python": python, "version": version}
+        nnunet_install = {"python": python, "version": version}
     auto_time = getattr(launcher, "time_limit", None) == "auto"
     if measure is False and not (dry_run or auto_time):
         raise ConfigError("--no-measure applies only with --dry-run or --slurm-time auto (it makes the cost plan "
                           "from the cached timings).")
     _check_plan(results_dir, protocol, folds)
+    _note_changed_dataset(results_dir, task, log)
     planned = plan_runs(specs, seed_list, results_dir, overrides, "heldout" if protocol == "cv" else protocol, folds,
-                        task=task_id)
+                        task_id=task_id)
     split_settings = split_config(planned)  # the systems agree on the split before anything is written
-    _check_data(data_dir, {p.config.data.task.lower() for p in planned}, planned[0].config.data.cache_dir)
+    _check_data(task, {p.config.data.task.lower() for p in planned}, planned[0].config.data.cache_dir)
     declared = declare_primary(recorded, primary, names, baseline, replan, sum(p.state == "done" for p in planned),
                                len(planned), ResultsLayout(results_dir).plan)
     declared_json = declared.to_dict() if declared is not None else None
@@ -386,26 +394,26 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         log(f"primary comparison changed with --replan: {declared.describe()} (was {recorded.describe()}, "
             f"{declared.runs_done} of {declared.runs_total} runs finished); the report will say so")
     results_dir.mkdir(parents=True, exist_ok=True)
-    splits = prepare_splits(results_dir, data_dir, protocol, folds, split_settings)
-    _write_plan(results_dir, data_dir, specs, seed_list, overrides, protocol, folds)
+    splits = prepare_splits(results_dir, task, protocol, folds, split_settings)
+    _write_plan(results_dir, task.root, specs, seed_list, overrides, protocol, folds)
 
     cost = _previous_cost(results_dir)  # a dry run's plan stays in plan.json until a new one is made
-    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env,
+    write_plan_json(results_dir, planned, protocol, folds, task.identity, nnunet=nnunet_install,
                     primary=declared_json, cost=cost)
 
     result = CompareResult(results_dir, planned, protocol=protocol, folds=folds)
     todo = sum(p.state != "done" for p in planned)
     log(f"compare: {len(specs)} system(s) x {len(seed_list)} seed(s)" + (f" x {folds} folds" if folds else "")
-        + f" on {data_dir} -> {results_dir} ({len(planned) - todo} finished already, {todo} to run)")
+        + f" on {task.root} -> {results_dir} ({len(planned) - todo} finished already, {todo} to run)")
     log(_describe_protocol(protocol, splits))
     if dry_run or auto_time:
         from beseg.experiment.cost import DEFAULT_MARGIN, format_cost_plan, plan_cost
 
-        cost_plan = plan_cost(planned, data_dir, results_dir, protocol, launcher,
+        cost_plan = plan_cost(planned, task, results_dir, protocol, launcher,
                               measure=(measure is not False) if dry_run else measure,
                               margin=DEFAULT_MARGIN if time_margin is None else time_margin, log=log)
         cost = cost_plan.to_dict()
-        write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), nnunet=nnunet_env,
+        write_plan_json(results_dir, planned, protocol, folds, task.identity, nnunet=nnunet_install,
                         primary=declared_json, cost=cost)
         result.cost = cost
         if dry_run:
@@ -416,15 +424,15 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         for line in format_cost_plan(cost):
             log(line)
     launcher = launcher if launcher is not None else LocalLauncher()
-    outcome = _execute(ResultsLayout(results_dir.resolve()), planned, launcher, data_dir, protocol, progress, log, wait_s,
-                       nnunet_env)
+    outcome = _execute(ResultsLayout(results_dir.resolve()), planned, launcher, task, protocol, progress, log, wait_s,
+                       nnunet_install)
     result.failed, result.jobs = outcome.failed, outcome.jobs
     if getattr(launcher, "detach", False) and outcome.busy:
         result.detached = True
         result.seconds = time.perf_counter() - start
         return result
     states = {run.id: ("failed" if run.id in outcome.failed else "done") for run in planned}
-    write_plan_json(results_dir, planned, protocol, folds, data_dir.resolve(), states, nnunet=nnunet_env,
+    write_plan_json(results_dir, planned, protocol, folds, task.identity, states, nnunet=nnunet_install,
                     primary=declared_json, cost=cost)
     if result.failed:
         log(f"{len(result.failed)} run(s) failed; no report until they finish (rerun the same command to retry):")
@@ -450,7 +458,7 @@ def run_compare(data_dir: str | Path, systems: Sequence[str], seeds: int | Seque
         from beseg.report import write_report  # rendering: the last step, after every run is in
 
         log("writing the report...")
-        result.report = write_report(results_dir, data_dir)  # baseline and primary: from plan.json
+        result.report = write_report(results_dir, task)  # baseline and primary: from plan.json
     result.seconds = time.perf_counter() - start
     return result
 
@@ -468,8 +476,8 @@ def _held_elsewhere(run: PlannedRun, watchers: dict[str, Claim]) -> bool:
     return held is not None and not claim.is_mine(held) and claim.stale_reason(held) is None
 
 
-def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, data_dir: Path, protocol: str, progress: bool,
-             log: Callable[[str], None], wait_s: float, nnunet_env: dict | None = None) -> LaunchOutcome:
+def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, task: MSDTask, protocol: str, progress: bool,
+             log: Callable[[str], None], wait_s: float, nnunet_install: dict | None = None) -> LaunchOutcome:
     """Execute the unfinished runs through ``launcher``; then wait for the runs other processes hold,
     taking over any whose holder is gone, until every run is done or failed.
 
@@ -485,7 +493,6 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
     while todo:
         if not first:
             time.sleep(wait_s)
-        first = False
         ready, waiting = [], []
         for run in todo:
             state, run.epoch = run.current_state()
@@ -499,7 +506,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
                 failure = _failed_elsewhere(run) or {}
                 total.failed[run.id] = (failure.get("error", "failed"), failure.get("log"))
         if ready:
-            outcome = _launch(layout, ready, launcher, data_dir, protocol, progress, log, nnunet_env, watchers)
+            outcome = _launch(layout, ready, launcher, task, protocol, progress, log, nnunet_install, watchers)
             total.done += outcome.done
             total.failed.update(outcome.failed)
             total.jobs.update(outcome.jobs)
@@ -508,6 +515,7 @@ def _execute(layout: ResultsLayout, planned: Sequence[PlannedRun], launcher, dat
                 return total
             waiting += [run for run in ready if run.id in outcome.busy]
         todo = [run for run in waiting if run.id not in total.failed]
+        first = False  # the first pass retries runs that failed before; later ones list another process's failure
         if todo:
             log(f"waiting for {len(todo)} run(s) that other processes hold: " + ", ".join(r.id for r in todo))
     return total
@@ -517,8 +525,8 @@ def _failed_elsewhere(run: PlannedRun) -> dict | None:
     return worker.read_failure(run.run_dir)
 
 
-def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_dir: Path, protocol: str, progress: bool,
-            log: Callable[[str], None], nnunet_env: dict | None = None,
+def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, task: MSDTask, protocol: str, progress: bool,
+            log: Callable[[str], None], nnunet_install: dict | None = None,
             watchers: dict[str, Claim] | None = None) -> LaunchOutcome:
     """One pass of ``launcher`` over ``runs`` (in this process when it is the in-process local launcher, which
     claims each run with its watcher from :func:`_held_elsewhere`: what that saw of a silent holder counts)."""
@@ -528,8 +536,8 @@ def _launch(layout: ResultsLayout, runs: Sequence[PlannedRun], launcher, data_di
     for i, run in enumerate(runs, start=1):
         tick = time.perf_counter()
         try:
-            summary = worker.execute_run(run.run_dir, run.config, data_dir, protocol, progress=progress, log=log,
-                                         label=run.name, nnunet=run.nnunet, nnunet_env=nnunet_env,
+            summary = worker.execute_run(run.run_dir, run.config, task, protocol, progress=progress, log=log,
+                                         label=run.name, nnunet=run.nnunet, nnunet_install=nnunet_install,
                                          claim=(watchers or {}).get(run.id))
         except RunLockedError:
             outcome.busy.append(run.id)
@@ -578,20 +586,37 @@ def _check_plan(results_dir: Path, protocol: str, folds: int | None) -> None:
                           "repeat the original protocol.")
 
 
-def _previous_cost(results_dir: Path) -> dict | None:
-    """The cost plan an earlier command left in ``plan.json`` (``None`` when there is none or it is unreadable)."""
+def _previous(results_dir: Path, key: str) -> Any:
+    """``key`` of the ``plan.json`` an earlier command left (``None`` when there is none or it is unreadable)."""
     try:
-        cost = json.loads(ResultsLayout(results_dir).plan.read_text(encoding="utf-8")).get("cost")
+        return json.loads(ResultsLayout(results_dir).plan.read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _previous_cost(results_dir: Path) -> dict | None:
+    """The cost plan an earlier command left in ``plan.json`` (``None`` when there is none or it is unreadable)."""
+    cost = _previous(results_dir, "cost")
     return cost if isinstance(cost, dict) else None
 
 
-def _write_plan(results_dir: Path, data_dir: Path, specs: Sequence[SystemSpec], seeds: Sequence[int],
+def _note_changed_dataset(results_dir: Path, task: MSDTask, log: Callable[[str], None]) -> None:
+    """Say so when the folder's previous plan was made on another ``dataset.json`` (the plan is made anew on this one)."""
+    try:
+        before = DatasetIdentity.from_dict(_previous(results_dir, "data"))
+    except ValueError:  # no plan yet, or one written before identities were recorded
+        return
+    change = before.changes(task.identity)
+    if change is not None:
+        log(f"note: the dataset changed since {ResultsLayout(results_dir).plan} was last written ({change}); planned "
+            "anew on it. Runs finished before keep their results; delete a run's folder to redo it.")
+
+
+def _write_plan(results_dir: Path, folder: Path, specs: Sequence[SystemSpec], seeds: Sequence[int],
                 overrides: Sequence[str], protocol: str, folds: int | None) -> None:
-    """Record what was asked, so a results folder says how to reproduce it."""
+    """Record what was asked (``folder``: the task folder, resolved), so a results folder says how to reproduce it."""
     plan = {
-        "data": str(data_dir.resolve()), "systems": {s.name: s.config for s in specs}, "seeds": list(seeds),
+        "data": str(folder), "systems": {s.name: s.config for s in specs}, "seeds": list(seeds),
         "overrides": list(overrides), "protocol": protocol, "folds": folds,
     }
     atomic_write_text(results_dir / "compare.yaml", yaml.safe_dump(plan, sort_keys=False))

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from beseg.data import default_cache_dir, get_preset, load_split, load_task
+from beseg.data import MSDTask, default_cache_dir, get_preset, load_split
 from beseg.data.intensity import foreground_percentiles
 from beseg.data.nifti import read_header
 from beseg.data.splits import get_protocol
@@ -272,7 +272,7 @@ class CostPlan:
         return list(self.data.get("warnings", []))
 
 
-def _case_volumes(task: Any, preset: Any, ids: Sequence[str]) -> dict[str, tuple[float, int]]:
+def _case_volumes(task: MSDTask, preset: Any, ids: Sequence[str]) -> dict[str, tuple[float, int]]:
     """``{case: (voxels at the preset's spacing, original voxels)}`` from the NIfTI headers (estimates for scaling)."""
     import warnings
 
@@ -322,7 +322,7 @@ def _measure_device(target: Target) -> Any:
     return torch.device("cuda", index)
 
 
-def _figures(runs: Sequence[PlannedRun], target: Target, data_dir: Path, split: Any, layout: ResultsLayout,
+def _figures(runs: Sequence[PlannedRun], target: Target, task: MSDTask, split: Any, layout: ResultsLayout,
              measure: bool | None, log: Callable[[str], None]) -> dict[str, Any]:
     """Measure (or read from the cache) every figure the runs need.
 
@@ -357,7 +357,6 @@ def _figures(runs: Sequence[PlannedRun], target: Target, data_dir: Path, split: 
             "then this command uses its figures" if target.kind == "cuda" else f"no timings in {cache.folder}")
     device_dict = here or doc["device"]
     preset = get_preset(runs[0].config.data.task)
-    task = load_task(data_dir, check_files=False)
     per_system: dict[str, tuple[Config, str, str, int]] = {}
     for run in runs:
         threads = run.config.train.threads or target.threads
@@ -488,14 +487,14 @@ def pool_wall(durations: Sequence[float], slots: int) -> float:
     return max(free) if durations else 0.0
 
 
-def plan_cost(planned: Sequence[PlannedRun], data_dir: str | Path, results_dir: str | Path, protocol: str,
+def plan_cost(planned: Sequence[PlannedRun], task: MSDTask, results_dir: str | Path, protocol: str,
               launcher: Any = None, measure: bool | None = True, margin: float = DEFAULT_MARGIN,
               log: Callable[[str], None] = print) -> CostPlan:
     """Build the cost plan of ``planned`` (see the module docstring).
 
     Args:
         planned: the comparison's runs (:func:`beseg.experiment.plan.plan_runs`), their split files written.
-        data_dir: the task folder.
+        task: the comparison's dataset (its case sizes, the case measured).
         results_dir: the results folder (its ``cost/`` holds the cached figures).
         protocol: ``heldout``, ``cv`` or ``paper`` (which cases each run's evaluation scores).
         launcher: where the runs execute (default: one after another in this process).
@@ -515,7 +514,6 @@ def plan_cost(planned: Sequence[PlannedRun], data_dir: str | Path, results_dir: 
     if not margin >= 1.0:
         raise ConfigError(f"--slurm-time-margin must be at least 1 (a multiple of the projected time), got {margin}.")
     layout = ResultsLayout(Path(results_dir).resolve())
-    data_dir = Path(data_dir)
     runs = [r for r in planned if r.nnunet is None]
     others = [r for r in planned if r.nnunet is not None]
     target = target_of(launcher, planned[0].config, len([r for r in planned if r.state != "done"]))
@@ -535,14 +533,13 @@ def plan_cost(planned: Sequence[PlannedRun], data_dir: str | Path, results_dir: 
         if path not in splits:
             splits[path] = load_split(path)
     first_split = splits[runs[0].config.data.split_file]
-    figures = _figures(runs, target, data_dir, first_split, layout, measure, log)
+    figures = _figures(runs, target, task, first_split, layout, measure, log)
     plan["device"] = figures["device"]
     plan["figures"] = {name: entry for name, entry in figures["systems"].items()}
     plan["data_figures"] = figures["data"]
     plan["startup"] = figures["startup"]
     plan["notes"] += figures["notes"]
     # Every case the runs store (training, validation; test cases when evaluated), and which are stored already.
-    task = load_task(data_dir, check_files=False)
     preset = get_preset(runs[0].config.data.task)
     all_ids = sorted({c for s in splits.values() for c in s.cases("all")})
     volumes = _case_volumes(task, preset, sorted(set(all_ids) | {figures["data"]["figures"]["case"]}))
@@ -595,7 +592,7 @@ def plan_cost(planned: Sequence[PlannedRun], data_dir: str | Path, results_dir: 
     return CostPlan(plan, limits)
 
 
-def _store_work(runs: Sequence[PlannedRun], task: Any, preset: Any, ids: Sequence[str],
+def _store_work(runs: Sequence[PlannedRun], task: MSDTask, preset: Any, ids: Sequence[str],
                 volumes: dict[str, tuple[float, int]], data_fig: dict[str, Any]) -> tuple[float, int]:
     """``(seconds, cases)`` of the store build still to do (nothing is created to find out)."""
     cfg = runs[0].config.data

@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from beseg.data import MSDTask, Split, load_split, load_task
+from beseg.data import MSDTask, Split, load_split
 from beseg.data.classes import ClassSpec
 from beseg.data.splits import get_protocol
 from beseg.engine.claim import Claim, RunLockedError
@@ -285,7 +285,7 @@ def _nnunet(python: str, command: str, args: Sequence[str], env: Mapping[str, st
 # the dataset, once per results folder
 
 
-def _dataset_identity(task: MSDTask) -> tuple[int, str]:
+def _nnunet_number_and_name(task: MSDTask) -> tuple[int, str]:
     """The MSD task's number (folder ``Task09_Spleen`` -> 9; 500 otherwise) and its ``dataset.json`` name (else the
     folder's) without ``_`` (nnU-Net's converter splits the folder name at its one underscore)."""
     match = re.match(r"Task(\d+)_", task.root.name)
@@ -317,7 +317,7 @@ def _link(src: Path, dst: Path) -> None:
     dst.symlink_to(src.absolute())
 
 
-def prepare_dataset(layout: ResultsLayout, data_dir: str | Path, splits: Mapping[int | None, Split], protocol: str,
+def prepare_dataset(layout: ResultsLayout, task: MSDTask, splits: Mapping[int | None, Split], protocol: str,
                     configurations: Sequence[str], python: str, log: Callable[[str], None] = print,
                     wait_s: float = 10.0) -> dict[str, Any]:
     """Convert, plan and preprocess the task for nnU-Net once, and write beseg's split as ``splits_final.json``.
@@ -327,7 +327,7 @@ def prepare_dataset(layout: ResultsLayout, data_dir: str | Path, splits: Mapping
 
     Args:
         layout: the results folder.
-        data_dir: the MSD task folder.
+        task: the comparison's dataset (MSD layout): its cases are converted, its ``dataset.json`` keys kept.
         splits: the comparison's split(s): ``{None: split}`` or ``{fold: split}``.
         protocol: ``heldout``, ``paper`` or ``cv``: which cases nnU-Net's training set holds.
         configurations: nnU-Net configurations to preprocess.
@@ -362,13 +362,13 @@ def prepare_dataset(layout: ResultsLayout, data_dir: str | Path, splits: Mapping
             time.sleep(wait_s)
             continue
         try:
-            return _prepare_locked(folder, Path(data_dir), splits, splits_json, protocol, wanted, python, log)
+            return _prepare_locked(folder, task, splits, splits_json, protocol, wanted, python, log)
         finally:
             if taken:
                 claim.release()
 
 
-def _prepare_locked(folder: Path, data_dir: Path, splits: Mapping[int | None, Split], splits_json: list,
+def _prepare_locked(folder: Path, task: MSDTask, splits: Mapping[int | None, Split], splits_json: list,
                     protocol: str, wanted: list[str], python: str, log: Callable[[str], None]) -> dict[str, Any]:
     marker = folder / _PREPARED
     info = _read_json(marker) or {}
@@ -378,8 +378,7 @@ def _prepare_locked(folder: Path, data_dir: Path, splits: Mapping[int | None, Sp
         # 0 (augmentation in the training process) is valid for training, but nnU-Net's planner also passes it
         # to torch.set_num_threads, which refuses 0.
         del env["nnUNet_n_proc_DA"]
-    task = load_task(data_dir, check_files=False)
-    number, name = _dataset_identity(task)
+    number, name = _nnunet_number_and_name(task)
     dataset = f"Dataset{number:03d}_{name}"
     held_out = sorted(splits[None].test) if protocol != "cv" else []
     training = sorted(c.id for c in task.training if c.id not in set(held_out))
@@ -404,10 +403,10 @@ def _prepare_locked(folder: Path, data_dir: Path, splits: Mapping[int | None, Sp
             else:
                 _link(case.image, view / "imagesTr" / f"{case.id}.nii.gz")
                 _link(case.label, view / "labelsTr" / f"{case.id}.nii.gz")
-        msd = json.loads((data_dir / "dataset.json").read_text(encoding="utf-8"))
-        msd["training"] = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in training]
-        msd["test"] = [f"./imagesTs/{c}.nii.gz" for c in held_out]
-        msd["numTraining"], msd["numTest"] = len(training), len(held_out)
+        msd = {**task.meta,  # the other keys (description, licence...) as the task's dataset.json has them
+               "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in training],
+               "test": [f"./imagesTs/{c}.nii.gz" for c in held_out], "numTraining": len(training),
+               "numTest": len(held_out)}
         atomic_write_text(view / "dataset.json", json.dumps(msd, indent=1))
         for sub in ("raw", "preprocessed"):
             _remove_tree(folder / sub / dataset)  # a partial earlier attempt, or another split's dataset
@@ -590,8 +589,8 @@ def _device(device: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: ResultsLayout, data_dir: str | Path,
-            split_file: str | Path, protocol: str, python: str, task: str, classes: ClassSpec | None = None,
+def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: ResultsLayout, task: MSDTask,
+            split_file: str | Path, protocol: str, python: str, task_id: str, classes: ClassSpec | None = None,
             device: str = "auto", ranks: int = 1,
             version: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
             label: str | None = None, fence: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -602,11 +601,11 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
         system: the trainer, configuration and plans.
         fold: nnU-Net's fold: 0, or the cross-validation fold.
         layout: the results folder (its ``nnunet/`` dataset is prepared first if needed).
-        data_dir: the MSD task folder.
+        task: the comparison's dataset (MSD layout).
         split_file: this run's beseg split file (its protocol's scored cases are predicted).
         protocol: ``heldout``, ``paper`` or ``cv``.
         python: the nnU-Net environment's interpreter.
-        task: the task's name in the summary (its preset, ``task09``; or the dataset's id).
+        task_id: the task's name in the summary (its preset, ``task09``; or the dataset's id, :func:`dataset_task_id`).
         classes: the scored classes (the task preset's, so that nnU-Net and beseg systems score the same
             classes); None: the ``dataset.json``'s, its ignore label excluded, as ``beseg score`` reads them.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -632,7 +631,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
     split = load_split(split_file)
     splits = ({f: load_split(p) for f, p in layout.split_files(split.folds).items()} if protocol == "cv"
               else {None: split})
-    info = prepare_dataset(layout, data_dir, splits, protocol, [system.configuration], python, log)
+    info = prepare_dataset(layout, task, splits, protocol, [system.configuration], python, log)
     fence = fence or (lambda: None)
     fence()
     atomic_write_text(run_dir / _RUN_RECORD, json.dumps({"system": system.to_dict(), "fold": fold,
@@ -661,7 +660,6 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
     cases = sorted(split.cases(get_protocol(protocol).eval_split))
     raw = layout.nnunet / "raw" / dataset
     inputs, labels = run_dir / "nnunet_input", run_dir / "nnunet_labels"
-    msd = load_task(data_dir, check_files=False)
     for folder in (inputs, labels):
         _remove_tree(folder)
         folder.mkdir(parents=True)
@@ -672,7 +670,7 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
             raise NNUNetError(f"{raw}: no converted image of case {case}; delete {layout.nnunet} and rerun.")
         for path in channels:
             _link(path, inputs / path.name)
-        _link(msd.case(case).label, labels / f"{case}.nii.gz")
+        _link(task.case(case).label, labels / f"{case}.nii.gz")
     predictions = run_dir / "eval" / "predictions"
     fence()
     _remove_tree(run_dir / "eval")
@@ -687,10 +685,10 @@ def execute(run_dir: str | Path, system: NNUNetSystem, fold: int, layout: Result
     parts = split if split.folds else None
     fence()
     result = score_predictions(
-        predictions, labels, run_dir / "eval", classes=classes, dataset_json=Path(data_dir) / "dataset.json",
+        predictions, labels, run_dir / "eval", classes=classes, dataset_json=task.root / "dataset.json",
         name=system.name, workers=1,
         progress=progress,
-        fields={"task": task, "system": system.name, "kind": KIND, "protocol": protocol,
+        fields={"task": task_id, "system": system.name, "kind": KIND, "protocol": protocol,
                 "split": get_protocol(protocol).eval_split, "folds": parts.folds if parts else None,
                 "fold": parts.fold if parts else None, "selection": SELECTION, "case_ids": cases,
                 "nnunet": {**system.to_dict(), "dataset": dataset, "fold": fold}})

@@ -7,7 +7,10 @@ that sees the results folder.
 
 ``RESULTS/plan.json`` lists every run::
 
-    {"version": 1, "protocol": "heldout", "folds": null, "data": "/data/Task09_Spleen", "runs": [
+    {"version": 1, "protocol": "heldout", "folds": null,
+     "data": {"folder": "/data/Task09_Spleen", "dataset_json_sha256": "3f2a...", "training": ["spleen_2", ...],
+              "test": ["imagesTs/spleen_1.nii.gz", ...]},
+     "runs": [
       {"id": "segresnet_be/seed0", "kind": "beseg", "system": "segresnet_be", "seed": 0, "fold": null,
        "run_dir": "segresnet_be/seed0", "state": "pending", "config": {...}},
       {"id": "nnUNetTrainerBE/repeat0", "kind": "nnunet", "system": "nnUNetTrainerBE", "seed": 0, ...,
@@ -16,6 +19,13 @@ that sees the results folder.
      "nnunet": {"python": "/envs/nnunet/bin/python", "version": "2.8.1"},
      "primary": {"system": "segresnet_be", "baseline": "segresnet_dice", "metric": "dice", ...},
      "cost": {...}}
+
+``data`` is the dataset's identity (:class:`beseg.data.DatasetIdentity`): its folder, the SHA-256 of the
+``dataset.json`` bytes the comparison loaded, and its training ids and test images. A worker process
+loads the dataset again from it (:func:`planned_task`) and stops its run, in one line, when the file is
+no longer that one; the same compare command plans anew. A ``plan.json`` written before identities were
+recorded holds the folder alone (``"data": "/data/Task09_Spleen"``): its workers load that folder
+unchecked, and say so in their log; the next compare command records the identity.
 
 ``primary`` is the comparison the report answers first, declared here before any run trains
 (:mod:`beseg.experiment.primary`). ``cost`` is the cost plan of ``--dry-run`` or ``--slurm-time auto``
@@ -42,9 +52,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from beseg.data.msd import DatasetChangedError, DatasetIdentity, MSDTask, load_task, reload_task
 from beseg.data.splits import PROTOCOLS as PROTOCOL_SPECS
 from beseg.engine.checkpoint import load_checkpoint
 from beseg.engine.config import (
@@ -60,7 +71,7 @@ from beseg.fileio import atomic_write_text
 __all__ = [
     "TABLE1_SYSTEMS", "ALIASES", "PROTOCOLS", "PAPER_VAL_FRAC", "RUNTIME_KEYS", "SystemSpec", "PlannedRun",
     "preset_prefix", "resolve_system", "check_protocol", "plan_runs", "run_state", "run_unit", "write_plan_json",
-    "read_plan_json",
+    "read_plan_json", "planned_task",
 ]
 
 #: The paper's Table 1 rows, in the paper's order.
@@ -322,7 +333,7 @@ def check_protocol(protocol: str, folds: int | None) -> str:
 
 def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: str | Path,
               overrides: Sequence[str] = (), protocol: str = "heldout", folds: int | None = None,
-              task: str | None = None) -> list[PlannedRun]:
+              task_id: str | None = None) -> list[PlannedRun]:
     """Resolve every (system, seed[, fold]) config and find how far each run already got.
 
     Args:
@@ -334,7 +345,7 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
             either); an nnU-Net run takes only the ``data.`` ones (its trainer sets the rest).
         protocol: ``heldout`` or ``paper``.
         folds: K for k-fold cross-validation (with ``heldout``).
-        task: the dataset's task id, for nnU-Net systems on a dataset without a beseg preset.
+        task_id: the dataset's task id, for nnU-Net systems on a dataset without a beseg preset.
 
     Returns:
         The runs, system by system, seed by seed (fold by fold).
@@ -366,7 +377,7 @@ def plan_runs(systems: Sequence[SystemSpec], seeds: Sequence[int], results_dir: 
                 if spec.config:
                     config, _ = load_config(spec.config, pins)
                 else:  # an nnU-Net system on a dataset without a preset: only the data settings exist
-                    raw = {"data": {"task": task}, "model": {"network": "segresnet"}, "loss": {"name": "dice"}}
+                    raw = {"data": {"task": task_id}, "model": {"network": "segresnet"}, "loss": {"name": "dice"}}
                     config = config_from_dict(merge_config(raw, parse_overrides(pins)), known_task=False)
                 config.system = spec.name
                 run_dir = layout.run_dir(spec.name, seed, fold, run_unit(spec.nnunet))
@@ -385,20 +396,21 @@ PLAN_VERSION = 1
 
 
 def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protocol: str, folds: int | None,
-                    data_dir: str | Path, states: dict[str, str] | None = None,
+                    dataset: DatasetIdentity, states: dict[str, str] | None = None,
                     nnunet: dict[str, Any] | None = None, primary: dict[str, Any] | None = None,
                     cost: dict[str, Any] | None = None) -> Path:
     """Write ``RESULTS/plan.json`` atomically: every run, its config and its state.
 
     Paths inside are relative to the results folder (``run_dir``, the config's ``data.split_file``),
-    so the plan stays valid when the folder moves; ``data`` is the task folder as given.
+    so the plan stays valid when the folder moves; ``data`` is the dataset's identity (its folder, absolute).
 
     Args:
         results_dir: the results folder.
         runs: the planned runs.
         protocol: ``heldout``, ``cv`` or ``paper``.
         folds: K in cross-validation.
-        data_dir: the task folder the runs train on (workers on other hosts read it from here).
+        dataset: the identity of the task the runs train on (:attr:`beseg.data.MSDTask.identity`); workers on
+            other hosts load the task from it, checked (:func:`planned_task`).
         states: ``{run id: state}`` to record (default: ``done`` for finished runs, else ``pending``).
         nnunet: the nnU-Net environment of the nnU-Net runs: ``{"python", "version"}``.
         primary: the primary comparison, declared before training (:mod:`beseg.experiment.primary`).
@@ -420,7 +432,7 @@ def write_plan_json(results_dir: str | Path, runs: Sequence[PlannedRun], protoco
         if run.nnunet is not None:
             entry["nnunet"] = run.nnunet.to_dict()
         entries.append(entry)
-    text = json.dumps({"version": PLAN_VERSION, "protocol": protocol, "folds": folds, "data": str(data_dir),
+    text = json.dumps({"version": PLAN_VERSION, "protocol": protocol, "folds": folds, "data": dataset.to_dict(),
                        "runs": entries, **({"nnunet": dict(nnunet)} if nnunet else {}),
                        **({"primary": dict(primary)} if primary else {}), **({"cost": cost} if cost else {})},
                       indent=1)
@@ -432,7 +444,9 @@ def read_plan_json(results_dir: str | Path) -> dict[str, Any]:
 
     Returns:
         The plan; each entry of ``runs`` gains ``path`` (its run folder) and ``resolved``
-        (a :class:`~beseg.engine.config.Config` whose ``data.split_file`` is an absolute path).
+        (a :class:`~beseg.engine.config.Config` whose ``data.split_file`` is an absolute path), and the plan
+        gains ``file`` (the ``plan.json`` read) and ``identity`` (the dataset's :class:`~beseg.data.DatasetIdentity`;
+        ``None`` in a plan written before identities were recorded, whose ``data`` is the folder alone).
 
     Raises:
         ConfigError: no ``plan.json`` (the folder was not made by ``beseg compare``), or an unreadable one.
@@ -440,6 +454,8 @@ def read_plan_json(results_dir: str | Path) -> dict[str, Any]:
     layout = ResultsLayout(Path(results_dir).resolve())
     try:
         plan = json.loads(layout.plan.read_text(encoding="utf-8"))
+        plan["file"] = layout.plan
+        plan["identity"] = None if isinstance(plan["data"], str) else DatasetIdentity.from_dict(plan["data"])
         for entry in plan["runs"]:
             _check_entry(layout, entry)
             entry["path"] = layout.root / entry["run_dir"]
@@ -452,6 +468,35 @@ def read_plan_json(results_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{layout.plan}: cannot read it ({err}); run the compare command again to rewrite it.") from None
     return plan
+
+
+def planned_task(plan: dict[str, Any], log: Callable[[str], None] = print) -> MSDTask:
+    """The dataset of a plan (:func:`read_plan_json`), loaded again by a process that was not handed it (a
+    comparison's worker; ``beseg train`` under ``srun``), and refused unless it is the one planned.
+
+    Args:
+        plan: from :func:`read_plan_json`.
+        log: where the note about a plan without an identity goes.
+
+    Returns:
+        The task.
+
+    Raises:
+        DatasetChangedError: ``dataset.json`` changed since planning: one line naming ``plan.json``, what
+            changed (cases added or removed, the SHA-256 before and now) and what to do.
+        DataError: the folder cannot be loaded as a task any more.
+    """
+    identity: DatasetIdentity | None = plan["identity"]
+    if identity is None:  # written before plan.json recorded identities: the folder alone
+        log(f"{plan['file']}: no identity of the dataset recorded (written by an older beseg); {plan['data']} is "
+            "loaded unchecked. Run the compare command again to record it.")
+        return load_task(plan["data"], check_files=False)
+    try:
+        return reload_task(identity)
+    except DatasetChangedError as err:
+        raise DatasetChangedError(
+            f"{plan['file']}: the dataset changed since this comparison was planned ({err.change}); run the same beseg "
+            "compare command again to plan it anew", err.change) from None
 
 
 def _check_entry(layout: ResultsLayout, entry: dict[str, Any]) -> None:

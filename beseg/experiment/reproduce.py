@@ -10,10 +10,11 @@ are then reported), which makes its numbers comparable to the paper's Table 1 an
 says so when it starts, and the report marks them. ``protocol="heldout"`` (or ``folds=K``) gives
 numbers on cases no selection saw, as :func:`run_compare` does by default.
 
-Data: ``data_dir`` is the MSD task folder. With ``download=True`` it is first put in place by
+Data: ``data`` is the MSD task folder (or the task, loaded). With ``download=True`` it is first put in place by
 :func:`beseg.data.download.install_task` (resumable, MD5-checked, safely unpacked) unless it is there
-already, at ``data_dir`` or, without one, at :func:`beseg.data.download.data_root` ``/ TaskNN_Name``;
-the same call again resumes an interrupted download and skips what is done.
+already, at ``data`` or, without one, at :func:`beseg.data.download.data_root` ``/ TaskNN_Name``;
+the same call again resumes an interrupted download and skips what is done. :func:`run_compare` loads it
+once and hands the task down.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from beseg.data.download import MSD_ARCHIVES
+from beseg.data.msd import MSDTask
 from beseg.errors import ConfigError
 from beseg.experiment.compare import TABLE1_SYSTEMS, CompareResult, run_compare
 
@@ -31,7 +33,7 @@ __all__ = ["PAPER_TASKS", "run_reproduce"]
 PAPER_TASKS: dict[str, str] = {task: archive.folder for task, archive in MSD_ARCHIVES.items()}
 
 
-def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: str | Path | None = None,
+def run_reproduce(task: str, data: MSDTask | str | Path | None, seeds: int = 3, out: str | Path | None = None,
                   systems: Sequence[str] = TABLE1_SYSTEMS, overrides: Sequence[str] = (), cpu_ok: bool = False,
                   progress: bool = True, log: Callable[[str], None] = print, protocol: str = "paper",
                   folds: int | None = None, launcher=None, download: bool = False, url: str | None = None,
@@ -41,8 +43,9 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
 
     Args:
         task: ``task01`` or ``task09``.
-        data_dir: the MSD task folder (e.g. ``Task09_Spleen``), checked before any training; with
-            ``download``, where it is put (default :func:`beseg.data.download.data_root` ``/ TaskNN_Name``).
+        data: the MSD task folder (e.g. ``Task09_Spleen``) or the task loaded from it, checked before any
+            training; with ``download``, the folder where it is put (default
+            :func:`beseg.data.download.data_root` ``/ TaskNN_Name``).
         seeds: seeds per system.
         out: results folder; default ``results-<task>``.
         systems: rows to run (default all six).
@@ -77,7 +80,7 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
         raise ConfigError(f"--task must be one of {', '.join(PAPER_TASKS)}, got {task!r}.")
     if (url or md5) and not download:
         raise ConfigError("--url and --md5 go with --download.")
-    if data_dir is None and not download:
+    if data is None and not download:
         raise ConfigError(f"--data DIR is required: the MSD {PAPER_TASKS[key]} folder (holding dataset.json, "
                           "imagesTr/, labelsTr/); check it with `beseg data check DIR`. Or --download to fetch it.")
     if not torch.cuda.is_available() and getattr(launcher, "name", "local") == "local" and not dry_run:
@@ -90,12 +93,12 @@ def run_reproduce(task: str, data_dir: str | Path | None, seeds: int = 3, out: s
         log("note: the paper's protocol: best.pt is chosen on the validation cases that are then reported, so the "
             "numbers are optimistic (comparable to the paper's Table 1, not held out); --protocol heldout or --folds K "
             "for held-out numbers.")
-    if download:  # after the GPU check: nothing is fetched for a run that would be refused
+    if download and not isinstance(data, MSDTask):  # after the GPU check: nothing is fetched for a refused run
         from beseg.data.download import data_root, install_task
 
-        target = Path(data_dir) if data_dir else data_root() / PAPER_TASKS[key]
-        data_dir = install_task(key, target, url=url, md5=md5, progress=progress, log=log).task_dir
-        log(f"data: {data_dir}")
-    return run_compare(data_dir, systems, seeds, out or f"results-{key}", overrides=overrides, prefix=key,
+        target = Path(data) if data else data_root() / PAPER_TASKS[key]
+        data = install_task(key, target, url=url, md5=md5, progress=progress, log=log).task_dir
+        log(f"data: {data}")
+    return run_compare(data, systems, seeds, out or f"results-{key}", overrides=overrides, prefix=key,
                        progress=progress, log=log, protocol=protocol, folds=folds, launcher=launcher, primary=primary,
                        replan=replan, dry_run=dry_run, measure=measure, time_margin=time_margin)

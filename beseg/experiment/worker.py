@@ -2,7 +2,14 @@
 
 Every launcher ends here: the local one calls :func:`execute_run` in its own process (one run at a
 time) or starts ``python -m beseg.experiment.worker RESULTS RUN_ID`` per run (devices, ``--jobs``),
-and a SLURM job script runs the same command. The worker reads the run from ``RESULTS/plan.json``.
+and a SLURM job script runs the same command. The worker reads the run from ``RESULTS/plan.json``, and
+the dataset too: it loads the task folder again from the identity the plan recorded
+(:func:`beseg.experiment.plan.planned_task`), once it holds the run's claim and knows the run is
+unfinished. A dataset whose ``dataset.json`` changed since planning fails the run in one line (in
+``.failed``, which the launchers list) and nothing trains; so does each rank of a multi-rank run, which
+``srun`` starts as ``beseg train --plan``. :func:`execute_run` called in the planning process (the
+local launcher without devices or jobs) is handed the task that process loaded: the run sees the
+dataset the comparison was planned on, and nothing reads ``dataset.json`` again.
 
 A run that raises leaves ``RUN_DIR/.failed`` (the error and the log file) for ``--status`` and the
 final listing; it is removed when the run is tried again. Every write to the run folder is fenced by
@@ -26,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from beseg.data.msd import MSDTask
 from beseg.data.splits import get_protocol
 from beseg.engine.claim import Claim, RunLockedError, slurm_job_id
 from beseg.engine.config import Config
@@ -58,17 +66,20 @@ def read_failure(run_dir: str | Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, protocol: str,
+def execute_run(run_dir: str | Path, config: Config, task: MSDTask | Callable[[], MSDTask], protocol: str,
                 log_file: str | Path | None = None, progress: bool = True,
                 log: Callable[[str], None] = print, label: str | None = None,
                 ranks: int = 1, nnunet: NNUNetSystem | None = None,
-                nnunet_env: Mapping[str, Any] | None = None, claim: Claim | None = None) -> dict[str, Any] | None:
+                nnunet_install: Mapping[str, Any] | None = None, claim: Claim | None = None) -> dict[str, Any] | None:
     """Train (fresh or resumed) and evaluate one run, holding its claim throughout.
 
     Args:
         run_dir: the run folder.
         config: the run's config (its ``data.split_file`` where the split file is now).
-        data_dir: the task folder.
+        task: the comparison's dataset; or (a worker process) the function that loads it again from
+            ``plan.json`` and checks it is the planned one (:func:`beseg.experiment.plan.planned_task`): it is
+            called under the claim, once the run is known to be unfinished, so what it raises (a dataset
+            changed since planning) is this run's failure, recorded in ``.failed``, and nothing trains.
         protocol: ``heldout``, ``cv`` or ``paper``: what is evaluated (its ``eval_split``).
         log_file: where this run's output goes, recorded in ``.failed`` when it fails.
         progress: progress bars.
@@ -79,7 +90,8 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
             this many GPUs (``-num_gpus``).
         nnunet: the trainer of an nnU-Net run (:mod:`beseg.experiment.nnunet_runs`); its results
             folder is where ``config.data.split_file`` is.
-        nnunet_env: ``{"python", "version"}`` of the nnU-Net environment (plan.json's ``nnunet``).
+        nnunet_install: ``{"python", "version"}``: the nnU-Net installation that runs an nnU-Net run
+            (plan.json's ``nnunet``).
         claim: the run's :class:`Claim` object to take (one that has watched the holder's heartbeat, so what it
             saw counts); default a new one.
 
@@ -110,17 +122,19 @@ def execute_run(run_dir: str | Path, config: Config, data_dir: str | Path, proto
             RunDir(run_dir).remove_leftovers()  # of an earlier attempt that was killed mid-write
         started = time.time()
         try:
+            if not isinstance(task, MSDTask):
+                task = task()
             if nnunet is not None:
-                summary = _execute_nnunet(run_dir, config, data_dir, protocol, nnunet, nnunet_env or {}, ranks,
+                summary = _execute_nnunet(run_dir, config, task, protocol, nnunet, nnunet_install or {}, ranks,
                                           progress, log, label, claim.check)
             elif state in ("fresh", "resume") and ranks > 1:
-                _train_with_srun(config, data_dir, run_dir, state == "resume", ranks, claim)
+                _train_with_srun(config, run_dir, state == "resume", ranks, claim)
             elif state == "fresh":
-                train(config, data_dir, run_dir, progress=progress)
+                train(config, task, run_dir, progress=progress)
             elif state == "resume":
-                train(config, data_dir, run_dir, resume=True, progress=progress)
+                train(config, task, run_dir, resume=True, progress=progress)
             if nnunet is None:
-                evaluated = evaluate(run_dir, data_dir, split=get_protocol(protocol).eval_split, progress=progress,
+                evaluated = evaluate(run_dir, task, split=get_protocol(protocol).eval_split, progress=progress,
                                      protocol=protocol, device=config.train.device, split_file=config.data.split_file,
                                      fence=claim.check)
                 summary = evaluated.summary
@@ -160,8 +174,8 @@ def _fold_of(config: Config) -> int:
     return load_split(config.data.split_file).fold or 0
 
 
-def _execute_nnunet(run_dir: Path, config: Config, data_dir: str | Path, protocol: str, system: NNUNetSystem,
-                    env: Mapping[str, Any], ranks: int, progress: bool, log: Callable[[str], None],
+def _execute_nnunet(run_dir: Path, config: Config, task: MSDTask, protocol: str, system: NNUNetSystem,
+                    install: Mapping[str, Any], ranks: int, progress: bool, log: Callable[[str], None],
                     label: str, fence: Callable[[], None]) -> dict[str, Any]:
     """One nnU-Net run: its results folder is the split file's folder; its classes are the task preset's (a dataset
     without a preset: its ``dataset.json``'s, as ``beseg score`` reads them)."""
@@ -169,20 +183,22 @@ def _execute_nnunet(run_dir: Path, config: Config, data_dir: str | Path, protoco
     from beseg.experiment.layout import ResultsLayout
 
     split_file = Path(config.data.split_file)
-    python = env.get("python") or nnunet_runs.resolve_python()
+    python = install.get("python") or nnunet_runs.resolve_python()
     device = os.environ.get("BESEG_RUN_DEVICE") or config.train.device
     preset = PRESETS.get(config.data.task)
-    return nnunet_runs.execute(run_dir, system, _fold_of(config), ResultsLayout(split_file.parent), data_dir,
+    return nnunet_runs.execute(run_dir, system, _fold_of(config), ResultsLayout(split_file.parent), task,
                                split_file, protocol, python, config.data.task,
                                preset.scored_classes if preset is not None else None, device=device, ranks=ranks,
-                               version=env.get("version"), progress=progress, log=log, label=label, fence=fence)
+                               version=install.get("version"), progress=progress, log=log, label=label, fence=fence)
 
 
-def _train_with_srun(config: Config, data_dir: str | Path, run_dir: Path, resume: bool, ranks: int,
-                     claim: Claim) -> None:
-    """``srun -n ranks beseg train ...``: one DDP run inside this job (ranks find their rank through SLURM's variables).
+def _train_with_srun(config: Config, run_dir: Path, resume: bool, ranks: int, claim: Claim) -> None:
+    """``srun -n ranks beseg train --plan RESULTS/plan.json ...``: one DDP run inside this job (ranks find their rank
+    through SLURM's variables).
 
-    The ranks inherit this process's claim (``BESEG_CLAIM_TOKEN``), so rank 0 does not see it as someone else's.
+    Each rank loads the dataset from the plan, checked as this worker's was (:func:`~beseg.experiment.plan.planned_task`;
+    the plan is the one beside the run's split file). The ranks inherit this process's claim
+    (``BESEG_CLAIM_TOKEN``), so rank 0 does not see it as someone else's.
 
     Raises:
         TrainingError: the training step failed (its output is in this run's log).
@@ -193,9 +209,11 @@ def _train_with_srun(config: Config, data_dir: str | Path, run_dir: Path, resume
 
     from beseg.engine.config import config_to_dict
     from beseg.engine.trainer import TrainingError
+    from beseg.experiment.layout import ResultsLayout
 
+    plan = ResultsLayout(Path(config.data.split_file).parent).plan
     cmd = ["srun", "-n", str(ranks), "--kill-on-bad-exit=1", sys.executable, "-m", "beseg.cli", "train",
-           "--no-progress", "--data", str(data_dir)]
+           "--no-progress", "--plan", str(plan)]
     if resume:
         cmd += ["--resume", str(run_dir)]
     else:
@@ -217,7 +235,7 @@ def _terminated(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m beseg.experiment.worker RESULTS RUN_ID``: execute one run of a plan."""
     from beseg.experiment.layout import ResultsLayout
-    from beseg.experiment.plan import read_plan_json
+    from beseg.experiment.plan import planned_task, read_plan_json
 
     parser = argparse.ArgumentParser(prog="python -m beseg.experiment.worker",
                                      description="execute one run of RESULTS/plan.json")
@@ -253,9 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"worker: {args.run_id} on {socket.gethostname()} (pid {os.getpid()}"
               + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "") + ")",
               flush=True)
-        summary = execute_run(entry["path"], config, plan["data"], plan["protocol"], layout.log(args.run_id),
-                              progress=not args.no_progress, label=args.run_id, ranks=args.ranks, nnunet=nnunet,
-                              nnunet_env=plan.get("nnunet"))
+        summary = execute_run(entry["path"], config, lambda: planned_task(plan), plan["protocol"],
+                              layout.log(args.run_id), progress=not args.no_progress, label=args.run_id,
+                              ranks=args.ranks, nnunet=nnunet, nnunet_install=plan.get("nnunet"))
     except RunLockedError as err:
         print(f"worker: {err}", file=sys.stderr)
         return EXIT_BUSY

@@ -3,7 +3,8 @@
 Two sources, one report:
 
 * :func:`write_report` reads the run folders of a ``beseg compare`` results directory (see
-  :mod:`beseg.report.collect` for the exact files) and the dataset folder (for figure images).
+  :mod:`beseg.report.collect` for the exact files) and takes the comparison's dataset (the
+  :class:`~beseg.data.MSDTask` it loaded) for the figure images.
 * :func:`compare_predictions` scores two or more prediction folders against the same labels
   (:func:`beseg.score.score_predictions`) and reports them the same way (``beseg score A B``):
   how an nnU-Net user compares ``nnUNetTrainer`` with ``nnUNetTrainerBE``.
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from beseg.data.msd import case_id, list_nifti
+from beseg.data.msd import MSDTask, case_id, list_nifti
 from beseg.errors import ReportError
 from beseg.experiment.primary import Primary, be_counterpart, default_baseline, parse_primary, read_primary
 from beseg.fileio import atomic_write_text
@@ -65,7 +66,7 @@ def report_primary(results: Results, declared: Primary | None = None, baseline: 
 
 def write_report(
     results_dir: str | Path,
-    data_dir: str | Path | None,
+    task: MSDTask | None,
     out_dir: str | Path | None = None,
     baseline: str | None = None,
     seed: int = 0,
@@ -74,8 +75,8 @@ def write_report(
 
     Args:
         results_dir: folder with ``<system>/seed<k>/`` run folders (and ``plan.json``).
-        data_dir: the dataset folder (MSD layout: ``dataset.json``, ``imagesTr/``, ``labelsTr/``) the
-            runs used, for the figures' images and labels; None leaves Figure 1 out.
+        task: the dataset the runs used (:func:`beseg.data.load_task`), for the figures' images and labels;
+            None leaves Figure 1 out.
         out_dir: where to write; default ``results_dir/report``.
         baseline: the system every other one is compared with (paired per case); default the
             baseline of the primary comparison ``plan.json`` declares, else
@@ -95,7 +96,7 @@ def write_report(
     primary = report_primary(results, read_primary(results_dir), baseline)
     out = Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    blocks = build_document(results, data_dir, out / "figures", primary, seed=seed)
+    blocks = build_document(results, task, out / "figures", primary, seed=seed)
     return _write(blocks, out, f"beseg comparison report: {results.task}")
 
 

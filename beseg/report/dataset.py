@@ -1,28 +1,25 @@
-"""Where a case's image and label live in an MSD-layout dataset folder, for the report's figures."""
+"""Where a case's image and label live in the comparison's dataset, for the report's figures."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from beseg.data.msd import load_task
+from beseg.data.msd import MSDTask
 
 __all__ = ["case_files"]
 
 
-def case_files(data_dir: str | Path) -> dict[str, tuple[Path, Path]]:
-    """Map each training case id to its (image, label) paths, read by the data layer.
+def case_files(task: MSDTask) -> dict[str, tuple[Path, Path]]:
+    """Map each training case id to its (image, label) paths, as the task lists them.
 
     The case id is the image file name without ``.nii.gz``, as in the runs' ``per_case.csv``.
-    Paths are checked as for training (nothing outside the task folder is ever opened), but the
-    files are not required to exist: a missing one only costs its figure.
+    The paths were checked when the task was loaded (nothing outside the task folder is ever opened),
+    but the files are not required to exist: a missing one only costs its figure.
 
     Args:
-        data_dir: MSD task folder holding ``dataset.json``.
+        task: the dataset the runs used (:func:`beseg.data.load_task`, by the command).
 
     Returns:
         ``{case_id: (image_path, label_path)}`` with absolute paths.
-
-    Raises:
-        DataError: ``dataset.json`` is missing or invalid (see :func:`beseg.data.load_task`).
     """
-    return {c.id: (c.image, c.label) for c in load_task(data_dir, check_files=False).training}
+    return {c.id: (c.image, c.label) for c in task.training}

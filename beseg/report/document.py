@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from beseg.data.msd import MSDTask
 from beseg.errors import BesegError
 from beseg.experiment.layout import RUN_UNITS
 from beseg.experiment.primary import Primary
@@ -649,7 +650,7 @@ def _overlay_cases(results: Results, data: CaseFiles, baseline: str, be_system: 
     return out
 
 
-def _figure_blocks(results: Results, data_dir: Path | None, cases: CaseFiles | None, fig_dir: Path, baseline: str,
+def _figure_blocks(results: Results, task: MSDTask | None, cases: CaseFiles | None, fig_dir: Path, baseline: str,
                    be_system: str, notes: list[str]) -> list[Block]:
     blocks: list[Block] = [Heading("Figures")]
     if results.kind == "runs":
@@ -665,12 +666,12 @@ def _figure_blocks(results: Results, data_dir: Path | None, cases: CaseFiles | N
             blocks.append(Figure(figures.learning_curve_figure(results, fig_dir / "learning_curves.png"), caption))
         except (OSError, ValueError) as exc:
             notes.append(f"learning curves not drawn: {exc}")
-    if cases is None and data_dir is None:
+    if cases is None and task is None:
         notes.append("no dataset folder given: Figure 1 panels not drawn")
         return blocks
     try:
-        data = dict(cases) if cases is not None else case_files(data_dir)
-        where = "the labels folder" if cases is not None else str(Path(data_dir) / "dataset.json")
+        data = dict(cases) if cases is not None else case_files(task)
+        where = "the labels folder" if cases is not None else str(task.root / "dataset.json")
         scored = sorted({row["case"] for r in results.runs for row in r.per_case} & set(data))
         if not scored:
             raise ValueError(f"none of the evaluated cases is listed in {where}")
@@ -716,19 +717,19 @@ def primary_row(results: Results, primary: Primary, rows: list[tables.Comparison
     return tables.comparison(results, primary.system, primary.baseline, column, primary.metric, seed, flips)
 
 
-def build_document(results: Results, data_dir: str | Path | None, fig_dir: str | Path, primary: Primary,
+def build_document(results: Results, task: MSDTask | None, fig_dir: str | Path, primary: Primary,
                    seed: int = 0, cases: CaseFiles | None = None) -> list[Block]:
     """The whole report as blocks, drawing the figures into ``fig_dir`` on the way.
 
     Args:
         results: the collected runs (or scored prediction folders).
-        data_dir: the dataset folder (MSD layout) for the figure images; None skips Figure 1
-            unless ``cases`` is given.
+        task: the dataset the runs used (:func:`beseg.data.load_task`), for the figure images; None skips
+            Figure 1 unless ``cases`` is given.
         fig_dir: folder for the PNG figures (created).
         primary: the primary comparison; its baseline is the one every system is compared with, and
             its system is shown beside the baseline in the contour figure.
         seed: seed of the tests' random sign patterns.
-        cases: ``{case: (image or None, label)}`` for the figures, instead of ``data_dir``.
+        cases: ``{case: (image or None, label)}`` for the figures, instead of ``task``.
 
     Returns:
         The blocks, ready for :mod:`beseg.report.render`. Problems drawing a figure become notes in
@@ -752,7 +753,7 @@ def build_document(results: Results, data_dir: str | Path | None, fig_dir: str |
     body += _comparison_blocks(results, first, family, primary_call, calls, baseline, seed)
     if results.kind == "runs":
         body += _cost_blocks(results)
-    body += _figure_blocks(results, Path(data_dir) if data_dir is not None else None, cases, Path(fig_dir),
+    body += _figure_blocks(results, task, cases, Path(fig_dir),
                            baseline, primary.system, notes)
     if results.kind == "runs":
         what = (f"Results folder {results.root}; {len(results.runs)} runs of {len(results.systems)} systems; "
