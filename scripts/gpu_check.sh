@@ -79,7 +79,8 @@ PY
 
 cuda_tests() {
     local report="$work/pytest.txt"
-    "$py" -m pytest -q -m cuda -p no:cacheprovider tests >"$report" 2>&1
+    # -o addopts=: one process (the CUDA tests share one GPU), and no pytest-xdist needed on the node
+    "$py" -m pytest -q -m cuda -p no:cacheprovider -o addopts= tests >"$report" 2>&1
     local rc=$?
     cat "$report"
     grep -Eq "[0-9]+ passed" "$report" || return 1  # nothing collected is a failure too

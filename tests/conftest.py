@@ -13,6 +13,31 @@ import yaml
 from beseg.data import make_phantom
 
 
+#: Test files that submit jobs to the one-node SLURM cluster: one pytest-xdist worker runs them all, one after
+#: another, so that no test waits behind another test's jobs (their timeouts assume an idle cluster).
+SLURM_FILES = {"test_slurm.py", "test_slurm_calls.py", "test_faults_slurm_commands.py"}
+
+
+#: The longest groups (about 7 and 8 minutes of CI's 2 cores), started first: a worker left alone with one of them
+#: at the end would leave the other core idle for minutes.
+LONGEST_FIRST = ("slurm", "tests/test_nnunet.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group tests by file for ``pytest -n 2 --dist loadgroup`` (pyproject.toml's addopts), longest groups first.
+
+    A file's tests share module-scoped fixtures (a measured dry run, a trained run), which a worker
+    builds once when it runs the whole file; the SLURM files share one worker (:data:`SLURM_FILES`).
+    """
+    groups = {}
+    for item in items:
+        group = "slurm" if item.path.name in SLURM_FILES else item.path.relative_to(config.rootpath).as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
+        groups[item.nodeid] = group
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))  # stable: file order otherwise
+
+
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory) -> Path:
     """A 6-case (+2 test images) 32x32x12 phantom spleen task; read-only, copy it before changing it."""

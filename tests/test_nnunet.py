@@ -227,7 +227,9 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> str:
 def test_trainer_losses_match_nnunet_default_plus_1000_be_in_the_nnunet_venv():
     python = nnunet_python()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    _run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HELPERS / "venv_checks.py")], env)
+    # -o addopts=: one process, whatever pyproject.toml asks of the main suite
+    _run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", str(HELPERS / "venv_checks.py")],
+         env)
 
 
 @pytest.mark.slow
