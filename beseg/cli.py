@@ -24,7 +24,7 @@ from beseg.errors import EXIT_BUG, EXIT_FAILURE, run_reporting_errors  # noqa: F
 #: command -> one-line help; the command's code is ``beseg.commands.<command>``.
 COMMANDS: dict[str, str] = {
     "demo": "the main command: Dice vs Dice + BE on the phantom spleen, scored on 16 held-out test cases, report in "
-            "./beseg-demo/ (about 6 min on 2 CPU cores)",
+            "./beseg-demo/ (about 5 min on 2 CPU cores)",
     "train": "train a config preset or YAML file on a task folder",
     "evaluate": "Dice, HD95, ASD and NSD per case of a trained model",
     "predict": "segment NIfTI images into label maps in their own geometry (several runs: an ensemble)",

@@ -10,7 +10,7 @@ rm -rf "$out" && mkdir -p "$out"
 export BESEG_CACHE_DIR="$out/cache"
 data="$out/phantom"
 beseg data phantom "$data" --cases 24 --test-cases 0 >/dev/null
-# The phantom_spleen presets (40^3 patches, batch 2, SegResNet 16 filters) on a shorter schedule, at 1 thread.
+# The phantom_spleen presets (32^3 patches, batch 2, SegResNet 16 filters) on a shorter schedule, at 1 thread.
 settings=(train.epochs=2 train.steps_per_epoch=8 train.val_every=2 train.threads=1 data.num_workers=0 "$@")
 run() {  # NAME ARGS...: one comparison, its wall time in seconds
     local name="$1"; shift

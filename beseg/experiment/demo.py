@@ -35,11 +35,11 @@ def demo_overrides(epochs: int | None = None, steps: int | None = None, patch: i
     """Config overrides of the demo: its split shares (:data:`DEMO_SPLIT`), plus what shrinks it
     (tests make it tiny).
 
-    The demo's schedule is the ``phantom_spleen_*`` presets' own (``_phantom_spleen.yaml``: 40^3
-    patches, batch 2, 12 epochs x 28 steps, validation every 4 epochs), so ``beseg demo`` and
+    The demo's schedule is the ``phantom_spleen_*`` presets' own (``_phantom_spleen.yaml``: 32^3
+    patches, batch 2, 12 epochs x 20 steps, validation every 4 epochs), so ``beseg demo`` and
     ``beseg train phantom_spleen_segresnet_be`` train the same thing. A step of SegResNet
-    (init_filters 16) on two 40^3 patches takes about 0.4 s on the 2-core development VM: each system
-    trains and is evaluated in about 3 minutes (docs/benchmarks.md, "Demo").
+    (init_filters 16) on two 32^3 patches takes about 0.45 s on the 2-core development VM: each system
+    trains and is evaluated in about 2.5 minutes (docs/benchmarks.md, "Demo").
 
     Args:
         epochs, steps, patch, init_filters, val_every: replace the preset's value when given.
