@@ -23,19 +23,22 @@ SLURM_FILES = {"test_slurm.py", "test_slurm_calls.py", "test_faults_slurm_comman
 LONGEST_FIRST = ("slurm", "tests/test_nnunet.py")
 
 
+def _xdist_group(item: pytest.Item, root: Path) -> str:
+    """The worker group of a test: ``slurm`` for :data:`SLURM_FILES`, else its file's path."""
+    return "slurm" if item.path.name in SLURM_FILES else item.path.relative_to(root).as_posix()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group tests by file for ``pytest -n 2 --dist loadgroup`` (pyproject.toml's addopts), longest groups first.
 
     A file's tests share module-scoped fixtures (a measured dry run, a trained run), which a worker
     builds once when it runs the whole file; the SLURM files share one worker (:data:`SLURM_FILES`).
     """
-    groups = {}
     for item in items:
-        group = "slurm" if item.path.name in SLURM_FILES else item.path.relative_to(config.rootpath).as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
-        groups[item.nodeid] = group
+        item.add_marker(pytest.mark.xdist_group(_xdist_group(item, config.rootpath)))
     rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))  # stable: file order otherwise
+    # Stable: file order otherwise.
+    items.sort(key=lambda item: rank.get(_xdist_group(item, config.rootpath), len(rank)))
 
 
 @pytest.fixture(scope="session")
